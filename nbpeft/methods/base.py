@@ -1,0 +1,238 @@
+"""The method registry and the pieces every PEFT method shares.
+
+A method is a config dataclass plus a class that implements :class:`Method`.
+Adding a method means writing one module and calling :func:`register` once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class ConfigError(ValueError):
+    """A bad option: the message is one line that says what to do."""
+
+
+def option(default: Any, help: str, *, choices: tuple | None = None, **meta: Any) -> Any:
+    """A config field with its help text (shown by ``methods()``, magics and panels)."""
+    metadata = {"help": help, **meta}
+    if choices is not None:
+        metadata["choices"] = choices
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class MethodConfig:
+    """Base class of every method's config: type checks and choices are validated here."""
+
+    method: ClassVar[str] = ""
+    # names other tools use for our options, pointed at in "did you mean" hints
+    aliases: ClassVar[dict[str, str]] = {}
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            _check_type(self.method, f.name, value, hints[f.name])
+            choices = f.metadata.get("choices")
+            if choices is not None and value not in choices:
+                allowed = ", ".join(repr(c) for c in choices)
+                raise ConfigError(f"{self.method}: {f.name}={value!r} is not allowed; use one of {allowed}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Method-specific checks; raise ConfigError with a one-line message."""
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> "MethodConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in options if k not in known]
+        if unknown:
+            import difflib
+
+            hints = []
+            for key in unknown:
+                close = [cls.aliases[key]] if key in cls.aliases else difflib.get_close_matches(key, known, n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(
+                f"{cls.method}: unknown option {', '.join(hints)}; options are {', '.join(sorted(known))}"
+            )
+        return cls(**options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    if tp is Any:
+        return True
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        return any(_matches(value, arg) for arg in typing.get_args(tp))
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if origin in (list, tuple):
+        (item, *_rest) = typing.get_args(tp) or (Any,)
+        return isinstance(value, (list, tuple)) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _check_type(method: str, name: str, value: Any, tp: Any) -> None:
+    if not _matches(value, tp):
+        raise ConfigError(
+            f"{method}: {name}={value!r} has the wrong type; expected {_type_name(tp)}"
+        )
+
+
+class Method:
+    """What a PEFT method provides to the core.
+
+    ``select`` decides which modules the method adapts, ``wrap`` turns one of them into
+    its adapted form (adding the named adapter), and the wrapper classes implement
+    :class:`AdapterLayer`.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]]
+    peft_type: ClassVar[str]
+
+    def select(self, model: nn.Module, config: MethodConfig) -> list[str]:
+        raise NotImplementedError
+
+    # Optional model-level hooks, for methods that act on the whole model (prompt and
+    # prefix tuning) or keep their tensors under other names in the checkpoint.
+    def on_attach(self, model: nn.Module, name: str, config: MethodConfig) -> None:
+        """Called after the layers are wrapped; an error here rolls the attach back."""
+
+    def on_detach(self, model: nn.Module, name: str) -> None:
+        """Called before the adapter's layers are removed: undo ``on_attach``."""
+
+    def to_peft_config(self, config: MethodConfig, model: nn.Module, targets: list[str]) -> dict[str, Any]:
+        """The method's fields of adapter_config.json (besides peft_type, task_type, ...)."""
+        return config.to_dict()
+
+    def from_peft_config(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        """attach() options from an adapter_config.json written by us or the reference."""
+        fields = {f.name for f in dataclasses.fields(self.config_class)}
+        return {k: v for k, v in cfg.items() if k in fields}
+
+    def checkpoint_tensors(self, model: nn.Module, name: str, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+        """Tensors to save, keyed as in the file; ``params`` are keyed ``<module path>.<suffix>``."""
+        return {"base_model.model." + key: p.detach() for key, p in params.items()}
+
+    def from_checkpoint(self, model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The file's tensors keyed like ``params`` above (the inverse of ``checkpoint_tensors``)."""
+        prefix = "base_model.model."
+        bad = [k for k in tensors if not k.startswith(prefix)]
+        if bad:
+            raise ConfigError(f"load_adapter(): key {bad[0]!r} does not start with {prefix!r}")
+        return {k[len(prefix):]: v for k, v in tensors.items()}
+
+
+class AdapterLayer(nn.Module):
+    """A module that wraps ``base_layer`` and holds one or more named adapters.
+
+    Subclasses keep per-adapter parameters in ``nn.ModuleDict``/``nn.ParameterDict``
+    keyed by adapter name, and implement ``add``, ``remove``, ``adapter_parameters``
+    and, if the math allows, ``merge``/``unmerge``.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active: tuple[str, ...] = ()
+        self.merged: list[str] = []
+        self.disabled = False
+
+    @property
+    def adapter_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def remove(self, name: str) -> None:
+        raise NotImplementedError
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        raise NotImplementedError
+
+    def merge(self, name: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged")
+
+    def unmerge(self, name: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot be unmerged")
+
+
+@dataclass
+class MethodInfo:
+    name: str
+    description: str
+    options: dict[str, dict[str, Any]]
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v['default']!r}" for k, v in self.options.items())
+        return f"{self.name}: {self.description} ({opts})"
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    _REGISTRY[method.name] = method
+    return method
+
+
+def registered() -> list[Method]:
+    return list(_REGISTRY.values())
+
+
+def get_method(name: str) -> Method:
+    if name not in _REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown method {name!r}{hint} Available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def method_options(config_class: type[MethodConfig]) -> dict[str, dict[str, Any]]:
+    """Every option of a config class: default, type, help text and choices."""
+    hints = typing.get_type_hints(config_class)
+    out = {}
+    for f in dataclasses.fields(config_class):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out[f.name] = {
+            "default": default,
+            "type": _type_name(hints[f.name]),
+            "help": f.metadata.get("help", ""),
+            **({"choices": f.metadata["choices"]} if "choices" in f.metadata else {}),
+        }
+    return out
+
+
+def methods() -> list[MethodInfo]:
+    """The registry: each method's name, one-line description and options with defaults."""
+    return [
+        MethodInfo(m.name, m.description, method_options(m.config_class))
+        for m in sorted(_REGISTRY.values(), key=lambda m: m.name)
+    ]

@@ -1,0 +1,107 @@
+"""Shared fixtures: tiny random models (milliseconds) and the two bundled real models."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import transformers
+
+import nbpeft
+
+# Two cores: keep torch from oversubscribing them when tests run beside other work.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> transformers.GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def tiny_bert(seed: int = 0, num_labels: int = 2) -> transformers.BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64, num_labels=num_labels,
+    )
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def tokens(batch: int = 2, length: int = 6, vocab: int = 128) -> torch.Tensor:
+    return torch.arange(batch * length).reshape(batch, length) % vocab
+
+
+def logits(model: torch.nn.Module, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens() if input_ids is None else input_ids).logits
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    """Everything a failed call must leave alone: weights, module types, requires_grad."""
+    return {
+        "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "types": [(n, type(m)) for n, m in model.named_modules()],
+        "grads": {n: p.requires_grad for n, p in model.named_parameters()},
+    }
+
+
+def assert_same(before: dict, after: dict) -> None:
+    assert before["types"] == after["types"]
+    assert before["grads"] == after["grads"]
+    assert before["weights"].keys() == after["weights"].keys()
+    for key, value in before["weights"].items():
+        assert torch.equal(value, after["weights"][key]), key
+
+
+@pytest.fixture
+def llama() -> transformers.LlamaForCausalLM:
+    return tiny_llama()
+
+
+@pytest.fixture
+def gpt2() -> transformers.GPT2LMHeadModel:
+    return tiny_gpt2()
+
+
+@pytest.fixture
+def bert() -> transformers.BertForSequenceClassification:
+    return tiny_bert()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M and its tokenizer (converted once, then seconds to load)."""
+    return nbpeft.load_model("smollm2-135m")
+
+
+@pytest.fixture
+def smol(smollm2):
+    """The session's SmolLM2 with every adapter removed again after the test."""
+    model, tokenizer = smollm2
+    yield model, tokenizer
+    if getattr(model, "_nbpeft", None) is not None:
+        nbpeft.detach(model)
+
+
+@pytest.fixture(scope="session")
+def minilm_classifier():
+    return nbpeft.load_model("minilm-l6", task="classification", num_labels=2)
+
+
+@pytest.fixture
+def minilm(minilm_classifier):
+    model, tokenizer = minilm_classifier
+    yield model, tokenizer
+    if getattr(model, "_nbpeft", None) is not None:
+        nbpeft.detach(model)

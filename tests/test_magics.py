@@ -1,0 +1,387 @@
+"""The IPython magics map onto the Python API: same models, one-line errors, help, unload."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from IPython.core.error import UsageError
+from IPython.testing.globalipapp import start_ipython
+from IPython.utils.capture import capture_output
+
+import nbpeft
+from nbpeft.core import state
+from nbpeft.magics import PeftMagics, parse_options
+
+MAGICS = ("peft_attach", "peft_summary", "peft_detach", "peft_merge", "peft_unmerge", "peft_save", "peft_load", "peft_train")
+
+
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.arange(12).reshape(2, 6)).logits
+
+
+def snapshot(model: torch.nn.Module) -> tuple:
+    """Everything a failed magic must leave alone: weights, module types, requires_grad, adapters."""
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    types = [(n, type(m)) for n, m in model.named_modules()]
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    return weights, types, grads, list(state(model).adapters)
+
+
+def same_snapshot(a: tuple, b: tuple) -> bool:
+    (wa, *rest_a), (wb, *rest_b) = a, b
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa) and rest_a == rest_b
+
+
+def run(shell, code: str):
+    """Run a cell as a notebook would; return its result and what it printed and displayed."""
+    with capture_output() as captured:
+        result = shell.run_cell(code)
+    return result, captured
+
+
+@pytest.fixture(scope="module")
+def ip():
+    return start_ipython()
+
+
+@pytest.fixture
+def shell(ip):
+    if "nbpeft" not in ip.extension_manager.loaded:
+        ip.run_line_magic("load_ext", "nbpeft")
+    ip.user_ns["model"] = tiny_model()
+    yield ip
+    for name in ("model", "other", "fresh", "data", "val", "tokenizer", "_peft_result", "res"):
+        ip.user_ns.pop(name, None)
+
+
+@pytest.fixture
+def fake_train(monkeypatch):
+    """A recording stand-in with the documented signature of nbpeft.train."""
+    calls = []
+
+    def train(model, data, *, tokenizer=None, steps=None, epochs=None, lr=2e-4, batch_size=8, grad_accum=1,
+              max_length=512, eval_data=None, eval_every=None, device="auto", precision="auto",
+              gradient_checkpointing=False, live=True, seed=0):
+        calls.append(dict(locals()))
+        return f"result {len(calls)}"
+
+    monkeypatch.setattr(nbpeft, "train", train, raising=False)
+    return calls
+
+
+# parse_options -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("r=8 alpha=16.5 dropout=0.1 lr=2e-4 shift=-1", {"r": 8, "alpha": 16.5, "dropout": 0.1, "lr": 2e-4, "shift": -1}),
+    ("targets=q_proj,v_proj", {"targets": ["q_proj", "v_proj"]}),
+    ("targets=q_proj, v_proj", {"targets": ["q_proj", "v_proj"]}),
+    ("targets=[q_proj, v_proj]", {"targets": ["q_proj", "v_proj"]}),
+    ("targets=['q_proj', 'v_proj']", {"targets": ["q_proj", "v_proj"]}),
+    ("sizes=1,2", {"sizes": [1, 2]}),
+    ("pair=(1, 2) table={'a': 1}", {"pair": (1, 2), "table": {"a": 1}}),
+    ("a=true b=FALSE c=None d=True", {"a": True, "b": False, "c": None, "d": True}),
+    ("init=gaussian targets=all-linear", {"init": "gaussian", "targets": "all-linear"}),
+    ("name='my adapter' pattern='.*\\.q_proj' path=\"a b/c\"", {"name": "my adapter", "pattern": ".*\\.q_proj", "path": "a b/c"}),
+    ("pattern=.*(q|v)_proj", {"pattern": ".*(q|v)_proj"}),
+    ("r = 8", {"r": 8}),
+    ("eval-every=10", {"eval_every": 10}),
+    ("r: 8\n# a comment\n\nalpha: 32  # why 32\ntargets: q_proj, v_proj\nrslora=true", {
+        "r": 8, "alpha": 32, "targets": ["q_proj", "v_proj"], "rslora": True}),
+    ("   \n# only comments\n", {}),
+])
+def test_parse_options(text, expected):
+    assert parse_options(text) == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ("r", "expected key=value, got 'r'"),
+    ("r=8 r=4", "option 'r' is given twice"),
+    ("r=", "option 'r' has no value"),
+    ("targets=[q_proj", "unbalanced"),
+    ("name='open", "unbalanced"),
+])
+def test_parse_options_errors(text, message):
+    with pytest.raises(UsageError, match=message) as err:
+        parse_options(text)
+    assert str(err.value).startswith("nbpeft: ")
+
+
+# attach ----------------------------------------------------------------------------------
+
+def assert_same_adapter(magic_model, api_model, name="default"):
+    assert magic_model.state_dict().keys() == api_model.state_dict().keys()
+    assert [type(m) for m in magic_model.modules()] == [type(m) for m in api_model.modules()]
+    assert state(magic_model).adapters[name].config == state(api_model).adapters[name].config
+    for (key, a), b in zip(magic_model.state_dict().items(), api_model.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+def test_line_attach_matches_api(shell):
+    torch.manual_seed(1)
+    result, out = run(shell, "%peft_attach lora r=4 alpha=8 targets=q_proj,v_proj rslora=true")
+    assert result.success
+    expected = tiny_model()
+    torch.manual_seed(1)
+    nbpeft.attach(expected, "lora", r=4, alpha=8, targets=["q_proj", "v_proj"], rslora=True)
+    assert_same_adapter(shell.user_ns["model"], expected)
+    assert "Adapter 'default': lora on 4 modules" in out.outputs[0].data["text/plain"]
+
+
+def test_cell_attach_matches_line_attach(shell):
+    torch.manual_seed(2)
+    result, _ = run(shell, "%%peft_attach lora r=4\nalpha: 8\n# the attention projections\n\ntargets = q_proj, v_proj\nrslora: true\n")
+    assert result.success
+    shell.user_ns["other"] = tiny_model()
+    torch.manual_seed(2)
+    run(shell, "%peft_attach lora --model other r=4 alpha=8 targets=q_proj,v_proj rslora=true")
+    assert_same_adapter(shell.user_ns["model"], shell.user_ns["other"])
+
+
+def test_a_single_bare_target_is_a_module_name_not_a_regex(shell):
+    run(shell, "%peft_attach lora targets=q_proj modules_to_save=lm_head")
+    config = state(shell.user_ns["model"]).adapters["default"].config
+    assert config.targets == ["q_proj"] and config.modules_to_save == ["lm_head"]
+    run(shell, "%peft_attach lora targets=all-linear --name wide")
+    assert state(shell.user_ns["model"]).adapters["wide"].config.targets == "all-linear"
+
+
+def test_model_and_name_flags(shell):
+    shell.user_ns["other"] = tiny_model()
+    result, _ = run(shell, "%peft_attach lora --model other --name sql r=2")
+    assert result.success
+    assert list(state(shell.user_ns["other"]).adapters) == ["sql"]
+    assert not state(shell.user_ns["model"]).adapters
+    run(shell, "%peft_attach lora --name=chat --model=other")
+    assert list(state(shell.user_ns["other"]).adapters) == ["sql", "chat"]
+
+
+def test_magics_raise_usage_error_when_called_directly(shell):
+    with pytest.raises(UsageError, match="^nbpeft: lora: r=0 must be a positive integer"):
+        shell.run_line_magic("peft_attach", "lora r=0")
+
+
+# summary, detach, merge, unmerge ----------------------------------------------------------
+
+def test_summary(shell, monkeypatch):
+    monkeypatch.setattr(shell.display_formatter, "active_types", ["text/plain", "text/html"])  # as in Jupyter
+    run(shell, "%peft_attach lora r=4")
+    _, out = run(shell, "%peft_summary")
+    data = out.outputs[0].data
+    assert "<table>" in data["text/html"] and "default" in data["text/html"]
+    assert data["text/plain"] == repr(nbpeft.summary(shell.user_ns["model"]))
+    shell.user_ns["other"] = tiny_model()
+    _, out = run(shell, "%peft_summary other")
+    assert "no adapters attached" in out.outputs[0].data["text/plain"]
+    _, out = run(shell, "%peft_summary --model other")
+    assert "no adapters attached" in out.outputs[0].data["text/plain"]
+
+
+def test_merge_unmerge_detach(shell):
+    model = shell.user_ns["model"]
+    before = snapshot(model)
+    run(shell, "%peft_attach lora r=4 init=random")
+    run(shell, "%peft_attach lora r=2 init=random --name other")
+    adapted = logits(model)
+    q_weight = model.model.layers[0].self_attn.q_proj.base_layer.weight.clone()
+
+    _, out = run(shell, "%peft_merge")
+    assert out.stdout.strip() == "merged 'other'"  # the active adapter
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.base_layer.weight, q_weight)
+    _, out = run(shell, "%peft_unmerge")
+    assert out.stdout.strip() == "unmerged 'other'"
+    assert torch.allclose(model.model.layers[0].self_attn.q_proj.base_layer.weight, q_weight, atol=1e-6)
+    assert torch.allclose(logits(model), adapted, atol=1e-5)
+
+    _, out = run(shell, "%peft_merge --name default")
+    assert out.stdout.strip() == "merged 'default'"
+    assert state(model).adapters["default"].merged
+    run(shell, "%peft_unmerge --name default")
+    _, out = run(shell, "%peft_detach --name other")
+    assert out.stdout.strip() == "detached 'other'"
+    assert list(state(model).adapters) == ["default"]
+    _, out = run(shell, "%peft_detach")
+    assert out.stdout.strip() == "detached 'default'"
+    after = snapshot(model)
+    assert after[0].keys() == before[0].keys() and after[1:] == before[1:]
+
+
+# save and load ----------------------------------------------------------------------------
+
+def test_save_then_load_into_a_fresh_model(shell, tmp_path):
+    run(shell, "%peft_attach lora r=4 init=random")
+    run(shell, "%peft_attach lora r=2 init=random targets=all-linear --name sql")
+    _, out = run(shell, f"%peft_save '{tmp_path / 'my adapter'}' --name default")
+    assert out.stdout.startswith(f"saved {tmp_path / 'my adapter'}/") and " KB)" in out.stdout
+    _, out = run(shell, f"%peft_save {tmp_path / 'all'}")
+    assert len(out.stdout.strip().splitlines()) == 2 and str(tmp_path / "all" / "sql") in out.stdout
+
+    shell.user_ns["fresh"] = tiny_model()
+    result, out = run(shell, f"%peft_load '{tmp_path / 'my adapter'}' --model fresh")
+    assert result.success
+    assert "Adapter 'default': lora" in out.outputs[0].data["text/plain"]
+    nbpeft.set_adapter(shell.user_ns["model"], "default")
+    assert torch.allclose(logits(shell.user_ns["fresh"]), logits(shell.user_ns["model"]), atol=1e-6)
+
+    shell.user_ns["other"] = tiny_model()
+    run(shell, f"%peft_load {tmp_path / 'all'} --name sql --model other")
+    assert list(state(shell.user_ns["other"]).adapters) == ["sql"]
+    nbpeft.set_adapter(shell.user_ns["model"], "sql")
+    assert torch.allclose(logits(shell.user_ns["other"]), logits(shell.user_ns["model"]), atol=1e-6)
+
+
+# train ---------------------------------------------------------------------------------
+
+def test_train_maps_options_and_stores_the_result(shell, fake_train):
+    shell.user_ns.update(data=["a", "b"], tokenizer="tok")
+    result, out = run(shell, "%%peft_train steps=5 lr=1e-3\nbatch_size: 4\n# quiet in tests\nlive: false\n")
+    assert result.success, out.stderr
+    (call,) = fake_train
+    assert call["model"] is shell.user_ns["model"] and call["data"] is shell.user_ns["data"]
+    assert call["tokenizer"] == "tok"
+    assert (call["steps"], call["lr"], call["batch_size"], call["live"]) == (5, 1e-3, 4, False)
+    assert call["eval_data"] is None and call["epochs"] is None
+    assert shell.user_ns["_peft_result"] == "result 1"
+    assert out.stdout.strip() == "result in _peft_result"
+
+
+def test_train_flags(shell, fake_train):
+    shell.user_ns.update(other=tiny_model(), data=["unused"], res=None, val=["v"])
+    shell.user_ns["mine"] = ["x"]
+    try:
+        run(shell, "%peft_train --model other --data mine --eval-data val --out res epochs=2 eval_every=3")
+    finally:
+        shell.user_ns.pop("mine")
+    (call,) = fake_train
+    assert call["model"] is shell.user_ns["other"] and call["data"] == ["x"] and call["eval_data"] == ["v"]
+    assert call["tokenizer"] is None  # no 'tokenizer' in the notebook
+    assert (call["epochs"], call["eval_every"]) == (2, 3)
+    assert shell.user_ns["res"] == "result 1" and "_peft_result" not in shell.user_ns
+
+
+@pytest.mark.parametrize("code, message", [
+    ("%peft_train lrr=1e-3", "nbpeft: train: unknown option 'lrr' (did you mean 'lr'?)"),
+    ("%%peft_train\nsteps=5\nepoch: 2\n", "nbpeft: train: unknown option 'epoch' (did you mean 'epochs'?)"),
+    ("%peft_train --data nope", "nbpeft: no variable 'nope' in the notebook"),
+    ("%peft_train --tokenizer nope", "nbpeft: no variable 'nope' in the notebook"),
+    ("%peft_train --out 1x", "nbpeft: --out '1x' must be a variable name"),
+])
+def test_train_errors(shell, fake_train, code, message):
+    shell.user_ns["data"] = ["a"]
+    result, out = run(shell, code)
+    assert isinstance(result.error_in_exec, UsageError)
+    assert out.stderr.strip().startswith(f"UsageError: {message}")
+    assert not fake_train
+
+
+def test_train_help_lists_its_options(shell, fake_train):
+    run(shell, "%unload_ext nbpeft")
+    run(shell, "%load_ext nbpeft")
+    doc = shell.find_cell_magic("peft_train").__doc__
+    assert "--eval-data VAR" in doc and "steps=None" in doc and "gradient_checkpointing=False" in doc
+
+
+# errors ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("code, message", [
+    ("%peft_attach lorra r=8", "nbpeft: unknown method 'lorra'; did you mean 'lora'?"),
+    ("%peft_attach", "nbpeft: which method? one of lora"),
+    ("%peft_attach lora rank=8", "nbpeft: lora: unknown option 'rank' (did you mean 'r'?)"),
+    ("%%peft_attach lora\nr: 8\nalpah: 32\n", "nbpeft: lora: unknown option 'alpah' (did you mean 'alpha'?)"),
+    ("%peft_attach lora r=0", "nbpeft: lora: r=0 must be a positive integer"),
+    ("%peft_attach lora r=eight", "nbpeft: lora: r='eight' has the wrong type; expected int"),
+    ("%peft_attach lora init=normal", "nbpeft: lora: init='normal' is not allowed"),
+    ("%peft_attach lora targets=qproj", "nbpeft: lora: no module matched targets=['qproj']; did you mean 'q_proj'"),
+    ("%peft_attach lora --name existing", "nbpeft: attach(): an adapter named 'existing' is already attached"),
+    ("%peft_attach lora r", "nbpeft: expected key=value, got 'r'"),
+    ("%peft_attach lora r=8 r=4", "nbpeft: option 'r' is given twice"),
+    ("%%peft_attach lora r=8\nr: 4\n", "nbpeft: option 'r' is given twice"),
+    ("%peft_attach lora --modle other", "nbpeft: unknown flag --modle (flags: --model, --name)"),
+    ("%peft_attach lora --model", "nbpeft: --model needs a value"),
+    ("%peft_attach lora --model nope", "nbpeft: no variable 'nope' in the notebook; load one with"),
+    ("%peft_attach lora --model data", "nbpeft: 'data' holds a list, not a torch model"),
+    ("%peft_attach lora extra", "nbpeft: expected key=value, got 'extra'"),
+    ("%peft_summary --model nope", "nbpeft: no variable 'nope' in the notebook"),
+    ("%peft_merge --name nope", "nbpeft: merge(): no adapter named 'nope'; attached: existing"),
+    ("%peft_unmerge --name nope", "nbpeft: unmerge(): no adapter named 'nope'"),
+    ("%peft_detach --name nope", "nbpeft: detach(): no adapter named 'nope'"),
+    ("%peft_detach r=1", "nbpeft: unknown option 'r=1'"),
+    ("%peft_save", "nbpeft: where to?"),
+    ("%peft_save out --name nope", "nbpeft: save_adapter(): no adapter named 'nope'"),
+    ("%peft_load /nonexistent/adapter", "nbpeft: load_adapter(): no adapter_config.json in /nonexistent/adapter"),
+])
+def test_errors_are_one_line_and_leave_the_model_untouched(shell, code, message):
+    shell.user_ns["data"] = ["not a model"]
+    nbpeft.attach(shell.user_ns["model"], "lora", name="existing")
+    before = snapshot(shell.user_ns["model"])
+    result, out = run(shell, code)
+    assert isinstance(result.error_in_exec, UsageError)
+    assert out.stderr.strip().startswith(f"UsageError: {message}"), out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr + out.stdout
+    assert not out.outputs
+    assert same_snapshot(snapshot(shell.user_ns["model"]), before)
+
+
+def test_detach_on_a_model_without_adapters(shell):
+    before = snapshot(shell.user_ns["model"])
+    result, out = run(shell, "%peft_detach")
+    assert out.stderr.strip() == (
+        "UsageError: nbpeft: detach(): this model has no adapter; attach one first with nbpeft.attach(model, 'lora')"
+    )
+    assert same_snapshot(snapshot(shell.user_ns["model"]), before)
+
+
+def test_missing_model_variable(shell):
+    del shell.user_ns["model"]
+    for code in ("%peft_attach lora", "%peft_summary", "%peft_merge", "%peft_save out", "%peft_train"):
+        result, out = run(shell, code)
+        assert out.stderr.strip() == (
+            "UsageError: nbpeft: no variable 'model' in the notebook; load one with  "
+            'model, tokenizer = nbpeft.load_model("smollm2-135m")  or pass --model NAME'
+        ), code
+
+
+# help and extension lifecycle --------------------------------------------------------------
+
+def test_attach_help_lists_every_option_of_every_method(shell):
+    doc = shell.find_line_magic("peft_attach").__doc__
+    assert doc.startswith("Attach an adapter:  %peft_attach METHOD key=value ... [--model VAR] [--name NAME]")
+    for info in nbpeft.methods():
+        assert f"{info.name}: {info.description}" in doc
+        for key, option in info.options.items():
+            assert f"    {key}={option['default']!r} ({option['type']}): {option['help']}" in doc
+    _, out = run(shell, "%peft_attach?")
+    for key in ("r", "alpha", "dropout", "targets", "rslora", "init", "modules_to_save"):
+        assert f"    {key}=" in out.stdout
+
+
+@pytest.mark.parametrize("name", MAGICS)
+def test_every_magic_documents_its_usage(shell, name):
+    magic = shell.find_line_magic(name) or shell.find_cell_magic(name)
+    assert f"%{name}" in magic.__doc__.splitlines()[0]
+
+
+def test_unload_removes_the_magics_and_load_brings_them_back(shell):
+    run(shell, "%unload_ext nbpeft")
+    manager = shell.magics_manager
+    for name in MAGICS:
+        assert name not in manager.magics["line"] and name not in manager.magics["cell"]
+    assert PeftMagics.__name__ not in manager.registry
+    result, out = run(shell, "%peft_summary")
+    assert result.error_in_exec is not None and "not found" in out.stderr
+
+    result, out = run(shell, "%load_ext nbpeft")
+    assert result.success
+    assert set(MAGICS) <= set(manager.magics["line"])
+    assert {"peft_attach", "peft_train"} <= set(manager.magics["cell"])
+    result, out = run(shell, "%peft_summary")
+    assert result.success and "no adapters attached" in out.outputs[0].data["text/plain"]
