@@ -71,6 +71,7 @@ class Adapter:
     num_params: int = 0
     model_params: int = 0
     merged: bool = False
+    notes: list[str] = field(default_factory=list)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -86,9 +87,10 @@ class Adapter:
     def __repr__(self) -> str:
         pct = 100.0 * self.num_params / max(self.model_params, 1)
         extra = f"; also trains {', '.join(self.saved_modules)}" if self.saved_modules else ""
+        notes = "".join(f"; {note}" for note in self.notes)
         return (
             f"Adapter {self.name!r}: {self.method} on {len(self.targets)} modules ({self._target_text()}){extra}; "
-            f"{self.num_params:,} trainable parameters ({pct:.3f}% of {self.model_params:,})"
+            f"{self.num_params:,} trainable parameters ({pct:.3f}% of {self.model_params:,}){notes}"
         )
 
 
@@ -196,7 +198,8 @@ def attach(model: nn.Module, method: str, *, name: str = "default", **options: A
         st.base_requires_grad = {
             _base_path(n): p.requires_grad for n, p in model.named_parameters() if id(p) not in owners
         }
-    adapter = Adapter(name=name, method=spec.name, config=config, targets=chosen, saved_modules=list(saved))
+    adapter = Adapter(name=name, method=spec.name, config=config, targets=chosen, saved_modules=list(saved),
+                      notes=spec.notes(model, config, chosen))
     st.adapters[name] = adapter
     model._nbpeft = st
     set_adapter(model, name)

@@ -18,6 +18,7 @@ class AdapterRow:
     modules: int
     active: bool
     merged: bool
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Summary:
         rows = []
         for a in self.adapters:
             status = ("active" if a.active else "inactive") + (", merged" if a.merged else "")
+            status += "".join(f"; {note}" for note in a.notes)
             pct = 100.0 * a.params / max(self.base, 1)
             rows.append((a.name, a.method, f"{a.modules}", f"{a.params:,}", f"{pct:.3f}%", status))
         return rows
@@ -86,7 +88,7 @@ def summary(model: nn.Module) -> Summary:
         if id(p) in owners:
             per_adapter[owners[id(p)]] = per_adapter.get(owners[id(p)], 0) + p.numel()
     rows = [
-        AdapterRow(n, a.method, per_adapter.get(n, 0), len(a.targets), n in st.active, a.merged)
+        AdapterRow(n, a.method, per_adapter.get(n, 0), len(a.targets), n in st.active, a.merged, list(a.notes))
         for n, a in st.adapters.items()
     ]
     return Summary(

@@ -125,6 +125,10 @@ class Method:
     def on_attach(self, model: nn.Module, name: str, config: MethodConfig) -> None:
         """Called after the layers are wrapped; an error here rolls the attach back."""
 
+    def notes(self, model: nn.Module, config: MethodConfig, targets: list[str]) -> list[str]:
+        """Short remarks shown with the adapter and in the summary (e.g. 'added zero biases')."""
+        return []
+
     def on_detach(self, model: nn.Module, name: str) -> None:
         """Called before the adapter's layers are removed: undo ``on_attach``."""
 
