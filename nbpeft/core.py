@@ -183,6 +183,7 @@ def attach(model: nn.Module, method: str, *, name: str = "default", **options: A
                 _set(model, path, layer)
                 undo.append(("wrap", path, current))
             layer.add(name, config)
+            layer.train(current.training)  # new adapter modules follow the model's train/eval mode
             undo.append(("add", layer, name))
         spec.on_attach(model, name, config)
     except Exception:
@@ -205,8 +206,13 @@ def attach(model: nn.Module, method: str, *, name: str = "default", **options: A
     set_adapter(model, name)
     adapter.num_params = sum(p.numel() for p in adapter_parameters(model, name).values())
     owners = _adapter_owners(model)
-    adapter.model_params = sum(p.numel() for p in model.parameters() if id(p) not in owners)
+    adapter.model_params = sum(p.numel() for p in model.parameters() if id(p) not in owners) + packed_weights(model)
     return adapter
+
+
+def packed_weights(model: nn.Module) -> int:
+    """Weights a module keeps in packed buffers instead of parameters (e.g. NF4): they still count."""
+    return sum(getattr(m, "packed_weight_numel", 0) for m in model.modules())
 
 
 def _adapter_owners(model: nn.Module) -> dict[int, str]:
@@ -248,6 +254,7 @@ def detach(model: nn.Module, name: str | None = None) -> None:
     """Remove one adapter (or all) and restore the original modules exactly."""
     names = _adapter_names(model, name, "detach")
     st = state(model)
+    names = _detach_order(st, names)
     for n in names:
         get_method(st.adapters[n].method).on_detach(model, n)
         for path, layer in list(adapter_layers(model)):
@@ -266,6 +273,16 @@ def detach(model: nn.Module, name: str | None = None) -> None:
         for param_name, param in model.named_parameters():
             param.requires_grad = st.base_requires_grad.get(param_name, param.requires_grad)
         del model._nbpeft
+
+
+def _detach_order(st: PeftState, names: list[str]) -> list[str]:
+    """Adapters that use others (a fusion) go first; one still in use by a staying adapter is refused."""
+    users = {n: get_method(a.method).uses(a.config) for n, a in st.adapters.items()}
+    for n in names:
+        staying = [u for u, used in users.items() if n in used and u not in names]
+        if staying:
+            raise ConfigError(f"detach(): adapter {n!r} is used by {staying[0]!r}; detach {staying[0]!r} first")
+    return sorted(names, key=lambda n: not users[n])
 
 
 def merge(model: nn.Module, name: str | list[str] | None = None) -> None:

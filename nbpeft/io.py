@@ -90,10 +90,12 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None) ->
     path = Path(path)
     if name is not None and (path / name / CONFIG_FILE).exists():
         folders = {name: path / name}
-    elif (path / CONFIG_FILE).exists():
-        folders = {name or "default": path}
+    elif name is not None and (path / CONFIG_FILE).exists():
+        folders = {name: path}
     else:
-        folders = {p.name: p for p in sorted(path.glob(f"*/{CONFIG_FILE}")) for p in [p.parent]}
+        # "default" lives in the folder itself, every other adapter in a subfolder
+        folders = {"default": path} if (path / CONFIG_FILE).exists() else {}
+        folders.update({p.name: p for p in sorted(path.glob(f"*/{CONFIG_FILE}")) for p in [p.parent]})
         if not folders:
             raise ConfigError(f"load_adapter(): no {CONFIG_FILE} in {path} (or its subfolders); save one with save_adapter()")
     loaded = []
@@ -108,7 +110,7 @@ def _load_one(model: nn.Module, folder: Path, name: str) -> core.Adapter:
     by_type = _method_by_peft_type()
     if peft_type not in by_type:
         raise ConfigError(f"load_adapter(): {folder} holds a {peft_type} adapter; nbpeft loads {', '.join(sorted(by_type))}")
-    spec = get_method(by_type[peft_type])
+    spec = next((m for m in registered() if m.peft_type == peft_type and m.accepts(cfg)), get_method(by_type[peft_type]))
     weights_path = folder / WEIGHTS_FILE
     if not weights_path.exists():
         alt = "adapter_model.bin" if (folder / "adapter_model.bin").exists() else None

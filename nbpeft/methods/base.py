@@ -132,6 +132,14 @@ class Method:
     def on_detach(self, model: nn.Module, name: str) -> None:
         """Called before the adapter's layers are removed: undo ``on_attach``."""
 
+    def uses(self, config: MethodConfig) -> list[str]:
+        """Names of other adapters this one computes with (AdapterFusion); detach removes it first."""
+        return []
+
+    def accepts(self, cfg: dict[str, Any]) -> bool:
+        """Whether this method reads an adapter_config.json of its peft_type (a LORA file is lora or dora)."""
+        return True
+
     def to_peft_config(self, config: MethodConfig, model: nn.Module, targets: list[str]) -> dict[str, Any]:
         """The method's fields of adapter_config.json (besides peft_type, task_type, ...)."""
         return config.to_dict()
@@ -181,6 +189,20 @@ class AdapterLayer(nn.Module):
 
     def merge(self, name: str) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot be merged")
+
+    # W + Δ - Δ is not W in floating point: a CPU copy of the weight taken at the first
+    # merge is put back when the last merged adapter is unmerged, so detach is bit-exact.
+    @torch.no_grad()
+    def keep_original_weight(self) -> None:
+        if not self.merged:
+            self._original_weight = self.base_layer.weight.detach().to("cpu", copy=True)
+
+    @torch.no_grad()
+    def restore_original_weight(self) -> None:
+        original = getattr(self, "_original_weight", None)
+        if not self.merged and original is not None:
+            self.base_layer.weight.copy_(original)
+            self._original_weight = None
 
     def unmerge(self, name: str) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot be unmerged")

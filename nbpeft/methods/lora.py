@@ -72,13 +72,13 @@ class LoraConfig(MethodConfig):
 
     def validate(self) -> None:
         if self.r < 1:
-            raise ConfigError(f"lora: r={self.r} must be a positive integer, e.g. r=8")
+            raise ConfigError(f"{self.method}: r={self.r} must be a positive integer, e.g. r=8")
         if self.alpha <= 0:
-            raise ConfigError(f"lora: alpha={self.alpha} must be positive, e.g. alpha=16")
+            raise ConfigError(f"{self.method}: alpha={self.alpha} must be positive, e.g. alpha=16")
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora: dropout={self.dropout} must be in [0, 1)")
+            raise ConfigError(f"{self.method}: dropout={self.dropout} must be in [0, 1)")
         if isinstance(self.targets, list) and not self.targets:
-            raise ConfigError("lora: targets=[] is empty; name at least one module, e.g. targets=['q_proj']")
+            raise ConfigError(f"{self.method}: targets=[] is empty; name at least one module, e.g. targets=['q_proj']")
 
     @property
     def scaling(self) -> float:
@@ -154,6 +154,7 @@ class LoRALinear(AdapterLayer):
     @torch.no_grad()
     def merge(self, name: str) -> None:
         if name not in self.merged:
+            self.keep_original_weight()
             self.base_layer.weight += self.delta_weight(name)
             self.merged.append(name)
 
@@ -162,6 +163,7 @@ class LoRALinear(AdapterLayer):
         if name in self.merged:
             self.base_layer.weight -= self.delta_weight(name)
             self.merged.remove(name)
+            self.restore_original_weight()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -209,6 +211,9 @@ class LoRA(Method):
             "rank_pattern": {},
             "alpha_pattern": {},
         }
+
+    def accepts(self, cfg: dict[str, Any]) -> bool:
+        return not cfg.get("use_dora")  # a LORA file with use_dora loads as dora
 
     def from_peft_config(self, cfg: dict[str, Any]) -> dict[str, Any]:
         unsupported = {
