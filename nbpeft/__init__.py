@@ -14,6 +14,7 @@ from .models import load_model
 from .summary import Summary, summary
 from .train import TrainResult, train
 from .generate import generate
+from .compare import Comparison, compare
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,8 @@ __all__ = [
     "summary",
     "Summary",
     "unmerge",
+    "compare",
+    "Comparison",
 ]
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .core import _adapter_owners, state
+from .core import _adapter_owners, packed_weights, state
 
 
 @dataclass
@@ -83,6 +83,7 @@ def summary(model: nn.Module) -> Summary:
     st = state(model)
     owners = _adapter_owners(model)
     params = list(model.parameters())
+    packed = packed_weights(model)
     per_adapter: dict[str, int] = {}
     for p in params:
         if id(p) in owners:
@@ -93,8 +94,8 @@ def summary(model: nn.Module) -> Summary:
     ]
     return Summary(
         model_name=type(model).__name__,
-        total=sum(p.numel() for p in params),
+        total=sum(p.numel() for p in params) + packed,
         trainable=sum(p.numel() for p in params if p.requires_grad),
-        base=sum(p.numel() for p in params if id(p) not in owners),
+        base=sum(p.numel() for p in params if id(p) not in owners) + packed,
         adapters=rows,
     )
