@@ -15,6 +15,7 @@ from .summary import Summary, summary
 from .train import TrainResult, train
 from .generate import generate
 from .compare import Comparison, compare
+from .tfew import choice_accuracy, choice_batches, predict_choices, tfew_loss
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,10 @@ __all__ = [
     "unmerge",
     "compare",
     "Comparison",
+    "choice_accuracy",
+    "choice_batches",
+    "predict_choices",
+    "tfew_loss",
 ]
 
 
