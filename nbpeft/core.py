@@ -290,12 +290,17 @@ def merge(model: nn.Module, name: str | list[str] | None = None) -> None:
     names = _adapter_names(model, name if name is not None else state(model).active, "merge")
     layers = list(adapter_layers(model))
     for n in names:
+        done = []
         for _, layer in layers:
-            if n in layer.adapter_names:
+            if n in layer.adapter_names and n not in layer.merged:
                 try:
                     layer.merge(n)
-                except NotImplementedError:
-                    raise ConfigError(f"merge(): the {state(model).adapters[n].method} adapter {n!r} cannot be merged") from None
+                except NotImplementedError as err:
+                    for merged_layer in reversed(done):  # all or nothing
+                        merged_layer.unmerge(n)
+                    why = f": {err}" if str(err) else ""
+                    raise ConfigError(f"merge(): the {state(model).adapters[n].method} adapter {n!r} cannot be merged{why}") from None
+                done.append(layer)
         state(model).adapters[n].merged = True
 
 

@@ -283,3 +283,18 @@ def test_summary_counts(llama):
     html = s._repr_html_()
     assert "<table>" in html and f"{a:,}" in html
     assert f"{b:,} trainable" in repr(s)
+
+
+@pytest.mark.parametrize("first", ["ia3", "bitfit"])
+def test_lora_over_another_methods_layer(llama, first):
+    before = snapshot(llama)
+    nbpeft.attach(llama, first, name="x")
+    nbpeft.attach(llama, "lora", name="y", init="random", targets=["v_proj", "k_proj"])
+    nbpeft.set_adapter(llama, ["x", "y"])
+    out = logits(llama)
+    with pytest.raises(nbpeft.ConfigError, match="cannot be merged: LoRA over another adapter's layer"):
+        nbpeft.merge(llama, "y")
+    assert not state(llama).adapters["y"].merged
+    assert torch.equal(logits(llama), out)  # nothing stayed half-merged
+    nbpeft.detach(llama)
+    assert_same(before, snapshot(llama))

@@ -100,8 +100,9 @@ class LoRALinear(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.in_features, self.out_features = _features(base_layer)
-        self.fan_in_fan_out = _is_conv1d(base_layer)
+        inner = targeting._unwrap(base_layer)  # another method's layer may sit in between
+        self.in_features, self.out_features = _features(inner)
+        self.fan_in_fan_out = _is_conv1d(inner)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -112,7 +113,7 @@ class LoRALinear(AdapterLayer):
         return list(self.lora_A)
 
     def add(self, name: str, config: LoraConfig) -> None:
-        weight = self.base_layer.weight
+        weight = targeting._unwrap(self.base_layer).weight
         # Low-precision bases keep fp32 adapters: their updates are too small for bf16.
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         factory = {"device": weight.device, "dtype": dtype}
@@ -153,6 +154,8 @@ class LoRALinear(AdapterLayer):
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
+        if isinstance(self.base_layer, AdapterLayer):
+            raise NotImplementedError("LoRA over another adapter's layer cannot be folded into the base weight")
         if name not in self.merged:
             self.keep_original_weight()
             self.base_layer.weight += self.delta_weight(name)
