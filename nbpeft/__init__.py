@@ -7,15 +7,15 @@
 """
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
+from .compare import Comparison, compare
 from .core import Adapter, attach, detach, disable_adapters, merge, set_adapter, unmerge
+from .generate import generate
 from .io import load_adapter, save_adapter
 from .methods.base import ConfigError, methods
 from .models import load_model
 from .summary import Summary, summary
-from .train import TrainResult, train
-from .generate import generate
-from .compare import Comparison, compare
 from .tfew import choice_accuracy, choice_batches, predict_choices, tfew_loss
+from .train import TrainResult, train
 
 __version__ = "0.1.0"
 
@@ -32,6 +32,7 @@ __all__ = [
     "load_model",
     "merge",
     "methods",
+    "panel",
     "save_adapter",
     "set_adapter",
     "summary",
@@ -56,3 +57,10 @@ def unload_ipython_extension(ipython):  # pragma: no cover
     from .magics import unload_ipython_extension as _unload
 
     _unload(ipython)
+
+
+def panel(model, tokenizer=None, **kwargs):
+    """Attach, train and manage adapters from a tabbed ipywidgets panel (see :mod:`nbpeft.widgets`)."""
+    from .widgets import panel as _panel
+
+    return _panel(model, tokenizer, **kwargs)

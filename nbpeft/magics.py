@@ -1,8 +1,10 @@
 """IPython magics: a thin text front-end over the Python API.
 
     %load_ext nbpeft
+    %peft_methods
     %peft_attach lora r=8 targets=q_proj,v_proj
     %peft_summary
+    %peft_panel
 
 Each magic parses its line (and cell body) into the keyword arguments a Python user
 would pass, makes one API call and shows the result. Every mistake is one line on
@@ -17,8 +19,9 @@ import difflib
 import functools
 import inspect
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
@@ -31,7 +34,7 @@ from .io import WEIGHTS_FILE
 from .methods.base import get_method, method_options
 
 _WORDS = {"true": True, "false": False, "none": None}
-_OPTION = re.compile(r"([A-Za-z_][\w-]*)\s*[=:]\s*(.*)", re.S)
+_OPTION = re.compile(r"([A-Za-z_][\w-]*)\s*[=:]\s*(.*)", re.DOTALL)
 _NAME_LIKE = re.compile(r"[A-Za-z_][\w.]*")
 # train() arguments that name notebook variables: they come from --flags, not key=value.
 _TRAIN_VARIABLES = ("model", "data", "tokenizer", "eval_data")
@@ -179,7 +182,8 @@ def _size(num_bytes: int) -> str:
 
 @magics_class
 class PeftMagics(Magics):
-    """%peft_attach, %peft_summary, %peft_detach, %peft_merge, %peft_unmerge, %peft_save, %peft_load, %%peft_train."""
+    """%peft_methods, %peft_attach, %peft_summary, %peft_use, %peft_detach, %peft_merge, %peft_unmerge,
+    %peft_save, %peft_load, %%peft_train, %peft_compare, %peft_panel."""
 
     def _var(self, name: str, hint: str) -> Any:
         if name not in self.shell.user_ns:
@@ -314,6 +318,119 @@ class PeftMagics(Magics):
         self.shell.user_ns[out] = train(model, data, **options)
         print(f"result in {out}")
 
+    @line_magic
+    @_friendly
+    def peft_methods(self, line: str) -> None:
+        """The PEFT methods and their options:  %peft_methods [METHOD]
+
+        Same as ``nbpeft.methods()``, shown as a table; with METHOD, that method's
+        options with their defaults, types and help.
+        """
+        usage = "%peft_methods [METHOD]"
+        words, _, _ = _split_line(line, (), usage, positional=1, options=False)
+        if words:
+            get_method(words[0])  # unknown names fail with a did-you-mean hint
+        display(MethodTable([info for info in nbpeft.methods() if not words or info.name == words[0]], detail=bool(words)))
+
+    @line_magic
+    @_friendly
+    def peft_use(self, line: str) -> None:
+        """Make adapters active (used in forward and trained):  %peft_use NAME[,NAME...] [--model VAR]
+
+        Same as ``nbpeft.set_adapter(model, NAME)``; several names activate several adapters.
+        """
+        usage = "%peft_use NAME[,NAME...] [--model VAR]"
+        words, flags, _ = _split_line(line, ("model",), usage, positional=1, options=False)
+        model = self._model(flags.get("model"))
+        if not words:
+            attached = ", ".join(row.name for row in nbpeft.summary(model).adapters) or "none"
+            _fail(f"which adapter? attached: {attached}; usage: {usage}")
+        names = [n.strip() for n in words[0].split(",") if n.strip()]
+        nbpeft.set_adapter(model, names if len(names) > 1 else names[0])
+        print(f"active: {', '.join(repr(n) for n in names)}")
+
+    @line_magic
+    @_friendly
+    def peft_compare(self, line: str) -> None:
+        """Compare methods on one model:  %peft_compare [methods=a,b] [METHOD={'key': value}] ... [--model VAR] [--out VAR]
+
+        Same as ``VAR = nbpeft.compare(model, methods=[...], lora={'r': 16})`` with VAR
+        ``_peft_compare`` unless --out names another: the trainable parameters of each
+        method, side by side, without touching the model.
+        """
+        usage = "%peft_compare [methods=a,b] [METHOD={'key': value}] ... [--model VAR] [--out VAR]"
+        compare = getattr(nbpeft, "compare", None)
+        if compare is None:
+            _fail("this nbpeft has no compare(); upgrade nbpeft to compare methods")
+        _, flags, options = _split_line(line, ("model", "out"), usage)
+        out = flags.get("out", "_peft_compare")
+        if not out.isidentifier():
+            _fail(f"--out {out!r} must be a variable name")
+        if isinstance(options.get("methods"), str):
+            options["methods"] = [options["methods"]]
+        model = self._model(flags.get("model"))
+        try:
+            table = compare(model, **options)
+        except TypeError as err:
+            _fail(f"compare: {err}; usage: {usage}")
+        self.shell.user_ns[out] = table
+        display(table)
+
+    @line_magic
+    @_friendly
+    def peft_panel(self, line: str) -> None:
+        """Attach, train and manage adapters in a panel:  %peft_panel [VAR] [--tokenizer VAR]
+
+        Same as ``_peft_panel = nbpeft.panel(model, tokenizer)``; the panel stays in
+        ``_peft_panel`` so cells can drive it.
+        """
+        usage = "%peft_panel [VAR] [--tokenizer VAR]"
+        words, flags, _ = _split_line(line, ("model", "tokenizer"), usage, positional=1, options=False)
+        model = self._model(words[0] if words else flags.get("model"))
+        if "tokenizer" in flags:
+            tokenizer = self._var(flags["tokenizer"], "pass --tokenizer NAME")
+        else:
+            tokenizer = self.shell.user_ns.get("tokenizer")
+        panel = nbpeft.panel(model, tokenizer, namespace=self.shell.user_ns)
+        self.shell.user_ns["_peft_panel"] = panel
+        display(panel)
+
+
+class MethodTable:
+    """``nbpeft.methods()`` as a table: one row per method, or one per option with ``detail``."""
+
+    def __init__(self, infos: list[Any], detail: bool = False) -> None:
+        self.infos, self.detail = infos, detail
+
+    def _rows(self) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+        if self.detail:
+            head = ("method", "option", "default", "type", "help")
+            return head, [
+                (info.name, key, repr(opt["default"]), opt["type"],
+                 opt["help"] + (f" (one of {', '.join(map(repr, opt['choices']))})" if "choices" in opt else ""))
+                for info in self.infos for key, opt in info.options.items()
+            ]
+        head = ("method", "description", "options (default)")
+        return head, [
+            (info.name, info.description, ", ".join(f"{k}={v['default']!r}" for k, v in info.options.items()))
+            for info in self.infos
+        ]
+
+    def __repr__(self) -> str:
+        _, rows = self._rows()
+        if self.detail:
+            return "\n".join(f"{r[0]} {r[1]}={r[2]} ({r[3]}): {r[4]}" for r in rows)
+        width = max([len(r[0]) for r in rows] + [6])
+        return "\n".join(f"{r[0]:<{width}}  {r[1]}\n{'':<{width}}  options: {r[2]}" for r in rows)
+
+    def _repr_html_(self) -> str:
+        import html
+
+        head, rows = self._rows()
+        cells = "".join(f"<th>{h}</th>" for h in head)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+        return f"<table><tr>{cells}</tr>{body}</table>"
+
 
 def _attach_help() -> str:
     lines = ["", "Methods and their options (key=default (type): help):"]
@@ -325,32 +442,175 @@ def _attach_help() -> str:
     return "\n".join(lines)
 
 
-def _train_help() -> str:
-    train = getattr(nbpeft, "train", None)
-    if train is None:
+def _signature_help(fn: Callable | None, skip: tuple[str, ...]) -> str:
+    if fn is None:
         return ""
-    params = inspect.signature(train).parameters.values()
+    params = inspect.signature(fn).parameters.values()
+    shown = [p for p in params if p.name not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     return "\n\nOptions (key=default): " + ", ".join(
-        f"{p.name}={p.default!r}" for p in params if p.name not in _TRAIN_VARIABLES
+        f"{p.name}={p.default!r}" if p.default is not p.empty else p.name for p in shown
     )
+
+
+def _train_help() -> str:
+    return _signature_help(getattr(nbpeft, "train", None), _TRAIN_VARIABLES)
+
+
+def _compare_help() -> str:
+    compare = getattr(nbpeft, "compare", None)
+    if compare is None:
+        return "\n\nThis nbpeft has no compare()."
+    names = [m.name for m in nbpeft.methods()]
+    return _signature_help(compare, ("model",)) + (
+        "\nMETHOD={'key': value} sets that method's options, with METHOD one of " + ", ".join(names)
+    )
+
+
+# Completion: the words each magic takes, for the notebook's Tab key. ----------------------
+
+_FLAGS = {
+    "peft_methods": (), "peft_attach": ("--model", "--name"), "peft_summary": ("--model",), "peft_use": ("--model",),
+    "peft_detach": ("--model", "--name"), "peft_merge": ("--model", "--name"), "peft_unmerge": ("--model", "--name"),
+    "peft_save": ("--model", "--name"), "peft_load": ("--model", "--name"), "peft_panel": ("--tokenizer",),
+    "peft_train": ("--model", "--data", "--eval-data", "--tokenizer", "--out"),
+    "peft_compare": ("--model", "--out"),
+}
+_MAGIC_LINE = re.compile(r"\s*%%?(peft_\w+)(.*)", re.DOTALL)
+
+
+def _option_keys(magic: str, method: str | None) -> dict[str, dict[str, Any]]:
+    """Option keys a magic takes as key=value, with their info (choices, type)."""
+    if magic == "peft_attach" and method:
+        try:
+            return method_options(get_method(method).config_class)
+        except ValueError:
+            return {}
+    fn = getattr(nbpeft, {"peft_train": "train", "peft_compare": "compare"}.get(magic, ""), None)
+    if fn is None:
+        return {}
+    skip = ("model",) + _TRAIN_VARIABLES[1:] + (("live",) if magic == "peft_train" else ())
+    params = inspect.signature(fn).parameters.values()
+    keys = {p.name: {"type": "bool" if isinstance(p.default, bool) else ""} for p in params
+            if p.name not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    if magic == "peft_compare":
+        keys.setdefault("methods", {"type": "list"})
+        keys.update({m.name: {"type": "dict"} for m in nbpeft.methods()})
+    return keys
+
+
+def _variables(shell: Any, kind: str) -> list[str]:
+    names = [n for n in shell.user_ns if not n.startswith("_") and n not in shell.user_ns_hidden]
+    if kind == "model":
+        return [n for n in names if isinstance(shell.user_ns[n], nn.Module)]
+    if kind in ("data", "eval-data"):
+        from .widgets.training import data_variables
+
+        return data_variables(shell.user_ns)
+    return names
+
+
+def _adapter_names(shell: Any, flags: dict[str, str]) -> list[str]:
+    model = shell.user_ns.get(flags.get("model", "model"))
+    return [row.name for row in nbpeft.summary(model).adapters] if isinstance(model, nn.Module) else []
+
+
+def completions(shell: Any, text: str) -> tuple[str, list[str]]:
+    """(the word being typed, its completions) for the text of a cell up to the cursor."""
+    found = _MAGIC_LINE.fullmatch(text)
+    if not found or found[1] not in _FLAGS:
+        return "", []
+    magic, rest = found[1], found[2]
+    if not rest[:1].isspace() and not rest.startswith("\n"):
+        return "", []
+    *done, typed = re.split(r"\s+", rest.lstrip()) if rest.strip() else [""]
+    if rest[-1:].isspace():
+        done, typed = done + [typed] if typed else done, ""
+    flags, positional, previous = {}, [], ""
+    for word in done:
+        if previous:
+            flags[previous[2:]], previous = word, ""
+        elif word.startswith("--"):
+            previous = "" if "=" in word else word
+        elif "=" not in word and ":" not in word:
+            positional.append(word)
+    if previous:  # the value of a --flag
+        kind = previous[2:]
+        names = {"name": _adapter_names(shell, flags), "out": []}.get(kind) or _variables(shell, kind)
+        return typed, [n for n in names if n.startswith(typed)]
+    method = positional[0] if positional else None
+    if typed.startswith("-"):
+        return typed, [f for f in _FLAGS[magic] if f.startswith(typed)]
+    if magic in ("peft_attach", "peft_methods") and not positional and "=" not in typed:
+        return typed, [m.name for m in nbpeft.methods() if m.name.startswith(typed)]
+    if magic in ("peft_summary", "peft_panel") and not positional:
+        return typed, [n for n in _variables(shell, "model") if n.startswith(typed)]
+    if magic == "peft_use" and not positional:
+        head, _, last = typed.rpartition(",")
+        prefix = head + "," if head else ""
+        chosen = head.split(",")
+        return typed, [prefix + n for n in _adapter_names(shell, flags) if n.startswith(last) and n not in chosen]
+    keys = _option_keys(magic, method)
+    if "=" in typed:
+        key, _, value = typed.partition("=")
+        info = keys.get(key, {})
+        if magic == "peft_compare" and key == "methods":
+            head, _, last = value.rpartition(",")
+            prefix = f"{key}={head}," if head else f"{key}="
+            return typed, [prefix + m.name for m in nbpeft.methods() if m.name.startswith(last)]
+        choices = [str(c) for c in info.get("choices", ())] or (["true", "false"] if info.get("type") == "bool" else [])
+        return typed, [f"{key}={c}" for c in choices if c.startswith(value)]
+    given = {w.partition("=")[0] for w in done if "=" in w}
+    return typed, [f"{k}=" for k in keys if k.startswith(typed) and k not in given] + [
+        f for f in _FLAGS[magic] if f.startswith(typed) and typed
+    ]
+
+
+def _matcher(shell: Any) -> Callable:
+    from IPython.core.completer import SimpleCompletion, context_matcher
+
+    @context_matcher(identifier="nbpeft")
+    def peft_matcher(context: Any) -> dict[str, Any]:
+        lines = context.full_text.split("\n")
+        upto = "\n".join(lines[: context.cursor_line] + [context.text_until_cursor])
+        if context.cursor_line:  # the body of a %%cell magic: options only, after the first line's words
+            first = lines[0]
+            upto = first + " " + context.text_until_cursor if first.lstrip().startswith("%%") else ""
+        fragment, words = completions(shell, upto) if upto else ("", [])
+        return {"completions": [SimpleCompletion(w, type="magic option") for w in words],
+                "matched_fragment": fragment, "suppress": bool(words), "ordered": True}
+
+    return peft_matcher
 
 
 _ATTACH_DOC = inspect.cleandoc(PeftMagics.peft_attach.__doc__)
 _TRAIN_DOC = inspect.cleandoc(PeftMagics.peft_train.__doc__)
+_COMPARE_DOC = inspect.cleandoc(PeftMagics.peft_compare.__doc__)
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """``%load_ext nbpeft``: register the magics, with help built from the method registry."""
+    """``%load_ext nbpeft``: register the magics (help built from the registry) and Tab completion."""
     PeftMagics.peft_attach.__doc__ = _ATTACH_DOC + _attach_help()
     PeftMagics.peft_train.__doc__ = _TRAIN_DOC + _train_help()
+    PeftMagics.peft_compare.__doc__ = _COMPARE_DOC + _compare_help()
     ipython.register_magics(PeftMagics)
+    completer = getattr(ipython, "Completer", None)
+    if completer is not None:
+        completer.custom_matchers[:] = [m for m in completer.custom_matchers if not _is_ours(m)]
+        completer.custom_matchers.append(_matcher(ipython))
+
+
+def _is_ours(matcher: Any) -> bool:
+    return getattr(matcher, "matcher_identifier", None) == "nbpeft"
 
 
 def unload_ipython_extension(ipython: Any) -> None:
     """``%unload_ext nbpeft``: IPython has no public unregister, so remove ours from its tables."""
     manager = ipython.magics_manager
     ours = manager.registry.pop(PeftMagics.__name__, None)
-    for kind, table in manager.magics.items():
+    for table in manager.magics.values():
         for name in list(table):
             if getattr(table[name], "__self__", None) is ours and ours is not None:
                 del table[name]
+    completer = getattr(ipython, "Completer", None)
+    if completer is not None:
+        completer.custom_matchers[:] = [m for m in completer.custom_matchers if not _is_ours(m)]

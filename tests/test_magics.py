@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from IPython import get_ipython
+from IPython.core.completer import provisionalcompleter
 from IPython.core.error import UsageError
 from IPython.testing.globalipapp import start_ipython
 from IPython.utils.capture import capture_output
@@ -13,7 +15,8 @@ import nbpeft
 from nbpeft.core import state
 from nbpeft.magics import PeftMagics, parse_options
 
-MAGICS = ("peft_attach", "peft_summary", "peft_detach", "peft_merge", "peft_unmerge", "peft_save", "peft_load", "peft_train")
+MAGICS = ("peft_methods", "peft_attach", "peft_summary", "peft_use", "peft_detach", "peft_merge", "peft_unmerge",
+          "peft_save", "peft_load", "peft_train", "peft_compare", "peft_panel")
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
@@ -51,7 +54,7 @@ def run(shell, code: str):
 
 @pytest.fixture(scope="module")
 def ip():
-    return start_ipython()
+    return start_ipython() or get_ipython()  # the shell is a process-wide singleton
 
 
 @pytest.fixture
@@ -60,7 +63,8 @@ def shell(ip):
         ip.run_line_magic("load_ext", "nbpeft")
     ip.user_ns["model"] = tiny_model()
     yield ip
-    for name in ("model", "other", "fresh", "data", "val", "tokenizer", "_peft_result", "res"):
+    for name in ("model", "other", "fresh", "data", "val", "tokenizer", "_peft_result", "res", "_peft_compare",
+                 "_peft_panel", "table"):
         ip.user_ns.pop(name, None)
 
 
@@ -294,7 +298,7 @@ def test_train_help_lists_its_options(shell, fake_train):
 
 @pytest.mark.parametrize("code, message", [
     ("%peft_attach lorra r=8", "nbpeft: unknown method 'lorra'; did you mean 'lora'?"),
-    ("%peft_attach", "nbpeft: which method? one of lora"),
+    ("%peft_attach", "nbpeft: which method? one of " + ", ".join(m.name for m in nbpeft.methods())),
     ("%peft_attach lora rank=8", "nbpeft: lora: unknown option 'rank' (did you mean 'r'?)"),
     ("%%peft_attach lora\nr: 8\nalpah: 32\n", "nbpeft: lora: unknown option 'alpah' (did you mean 'alpha'?)"),
     ("%peft_attach lora r=0", "nbpeft: lora: r=0 must be a positive integer"),
@@ -333,7 +337,7 @@ def test_errors_are_one_line_and_leave_the_model_untouched(shell, code, message)
 
 def test_detach_on_a_model_without_adapters(shell):
     before = snapshot(shell.user_ns["model"])
-    result, out = run(shell, "%peft_detach")
+    _, out = run(shell, "%peft_detach")
     assert out.stderr.strip() == (
         "UsageError: nbpeft: detach(): this model has no adapter; attach one first with nbpeft.attach(model, 'lora')"
     )
@@ -343,7 +347,7 @@ def test_detach_on_a_model_without_adapters(shell):
 def test_missing_model_variable(shell):
     del shell.user_ns["model"]
     for code in ("%peft_attach lora", "%peft_summary", "%peft_merge", "%peft_save out", "%peft_train"):
-        result, out = run(shell, code)
+        _, out = run(shell, code)
         assert out.stderr.strip() == (
             "UsageError: nbpeft: no variable 'model' in the notebook; load one with  "
             'model, tokenizer = nbpeft.load_model("smollm2-135m")  or pass --model NAME'
@@ -376,6 +380,8 @@ def test_unload_removes_the_magics_and_load_brings_them_back(shell):
     for name in MAGICS:
         assert name not in manager.magics["line"] and name not in manager.magics["cell"]
     assert PeftMagics.__name__ not in manager.registry
+    assert not [m for m in shell.Completer.custom_matchers if getattr(m, "matcher_identifier", "") == "nbpeft"]
+    assert "lora" not in complete(shell, "%peft_attach lo")
     result, out = run(shell, "%peft_summary")
     assert result.error_in_exec is not None and "not found" in out.stderr
 
@@ -385,3 +391,268 @@ def test_unload_removes_the_magics_and_load_brings_them_back(shell):
     assert {"peft_attach", "peft_train"} <= set(manager.magics["cell"])
     result, out = run(shell, "%peft_summary")
     assert result.success and "no adapters attached" in out.outputs[0].data["text/plain"]
+    assert complete(shell, "%peft_attach lo") == ["lora"]
+    run(shell, "%reload_ext nbpeft")
+    assert len([m for m in shell.Completer.custom_matchers if getattr(m, "matcher_identifier", "") == "nbpeft"]) == 1
+
+
+def test_lsmagic_lists_every_magic(shell):
+    text = repr(shell.run_line_magic("lsmagic", ""))
+    for name in MAGICS:
+        assert f"%{name}" in text
+    assert "%%peft_attach" in text and "%%peft_train" in text
+
+
+@pytest.mark.parametrize("name", MAGICS)
+def test_question_mark_shows_usage(shell, name):
+    _, out = run(shell, f"%{name}?")
+    first = (shell.find_line_magic(name) or shell.find_cell_magic(name)).__doc__.splitlines()[0]
+    assert first in out.stdout and f"%{name}" in out.stdout
+
+
+# %peft_methods -----------------------------------------------------------------------------
+
+def test_methods_table_lists_every_method(shell, monkeypatch):
+    monkeypatch.setattr(shell.display_formatter, "active_types", ["text/plain", "text/html"])
+    result, out = run(shell, "%peft_methods")
+    assert result.success
+    data = out.outputs[0].data
+    for info in nbpeft.methods():
+        assert info.name in data["text/plain"] and info.description in data["text/plain"]
+        assert f"<td>{info.name}</td>" in data["text/html"]
+    assert "r=8" in data["text/plain"]
+
+
+def test_methods_table_for_one_method_lists_its_options(shell):
+    _, out = run(shell, "%peft_methods lora")
+    text = out.outputs[0].data["text/plain"]
+    options = nbpeft.methods.__globals__["method_options"](nbpeft.methods.__globals__["get_method"]("lora").config_class)
+    assert len(text.splitlines()) == len(options)
+    assert "lora r=8 (int): rank of the update B·A" in text
+    assert "(one of 'default', 'gaussian', 'random')" in text
+
+
+@pytest.mark.parametrize("code, message", [
+    ("%peft_methods lorra", "nbpeft: unknown method 'lorra'; did you mean 'lora'?"),
+    ("%peft_methods lora ia3", "nbpeft: unexpected 'ia3'; usage: %peft_methods [METHOD]"),
+    ("%peft_methods r=8", "nbpeft: unknown option 'r=8'; usage: %peft_methods [METHOD]"),
+])
+def test_methods_errors(shell, code, message):
+    result, out = run(shell, code)
+    assert isinstance(result.error_in_exec, UsageError)
+    assert out.stderr.strip().startswith(f"UsageError: {message}") and len(out.stderr.strip().splitlines()) == 1
+
+
+# %peft_use ---------------------------------------------------------------------------------
+
+def test_use_switches_the_active_adapter(shell):
+    model = shell.user_ns["model"]
+    run(shell, "%peft_attach lora r=2 --name chat")
+    run(shell, "%peft_attach lora r=4 --name sql")
+    assert state(model).active == ["sql"]
+    _, out = run(shell, "%peft_use chat")
+    assert out.stdout.strip() == "active: 'chat'"
+    assert state(model).active == ["chat"]
+    assert all(p.requires_grad == ("lora_" in n and ".chat." in n) for n, p in model.named_parameters())
+    _, out = run(shell, "%peft_use chat,sql")
+    assert out.stdout.strip() == "active: 'chat', 'sql'" and state(model).active == ["chat", "sql"]
+    shell.user_ns["other"] = tiny_model()
+    nbpeft.attach(shell.user_ns["other"], "lora", name="a")
+    nbpeft.attach(shell.user_ns["other"], "lora", name="b")
+    run(shell, "%peft_use a --model other")
+    assert state(shell.user_ns["other"]).active == ["a"] and state(model).active == ["chat", "sql"]
+
+
+@pytest.mark.parametrize("code, message", [
+    ("%peft_use", "nbpeft: which adapter? attached: existing; usage: %peft_use NAME[,NAME...] [--model VAR]"),
+    ("%peft_use nope", "nbpeft: set_adapter(): no adapter named 'nope'; attached: existing"),
+    ("%peft_use existing,nope", "nbpeft: set_adapter(): no adapter named 'nope'; attached: existing"),
+    ("%peft_use existing --name x", "nbpeft: unknown flag --name (flags: --model)"),
+    ("%peft_use existing --model data", "nbpeft: 'data' holds a list, not a torch model"),
+])
+def test_use_errors(shell, code, message):
+    shell.user_ns["data"] = ["not a model"]
+    nbpeft.attach(shell.user_ns["model"], "lora", name="existing")
+    before = snapshot(shell.user_ns["model"])
+    result, out = run(shell, code)
+    assert isinstance(result.error_in_exec, UsageError)
+    assert out.stderr.strip().startswith(f"UsageError: {message}"), out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert same_snapshot(snapshot(shell.user_ns["model"]), before)
+
+
+def test_use_on_a_model_without_adapters(shell):
+    _, out = run(shell, "%peft_use x")
+    assert out.stderr.strip() == (
+        "UsageError: nbpeft: set_adapter(): this model has no adapter; attach one first with nbpeft.attach(model, 'lora')"
+    )
+
+
+# %peft_compare -----------------------------------------------------------------------------
+
+class FakeTable:
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __repr__(self):
+        return f"compared {len(self.rows)} methods"
+
+    def _repr_html_(self):
+        return "<table><tr><td>compared</td></tr></table>"
+
+
+@pytest.fixture
+def fake_compare(monkeypatch):
+    """A recording stand-in with the documented signature of nbpeft.compare."""
+    calls = []
+
+    def compare(model, methods=None, **options):
+        if options.get("boom"):
+            raise ValueError("compare(): boom is not allowed")
+        calls.append(dict(model=model, methods=methods, **options))
+        return FakeTable(methods or ["lora"])
+
+    monkeypatch.setattr(nbpeft, "compare", compare, raising=False)
+    return calls
+
+
+def test_compare_maps_options_and_stores_the_table(shell, fake_compare):
+    result, out = run(shell, "%peft_compare methods=lora,ia3 lora={'r': 4, 'alpha': 8}")
+    assert result.success, out.stderr
+    (call,) = fake_compare
+    assert call == {"model": shell.user_ns["model"], "methods": ["lora", "ia3"], "lora": {"r": 4, "alpha": 8}}
+    assert out.outputs[0].data["text/plain"] == "compared 2 methods"
+    assert shell.user_ns["_peft_compare"].rows == ["lora", "ia3"]
+    shell.user_ns["other"] = tiny_model()
+    run(shell, "%peft_compare methods=lora --model other --out table")
+    assert fake_compare[1] == {"model": shell.user_ns["other"], "methods": ["lora"]}
+    assert shell.user_ns["table"].rows == ["lora"]
+
+
+def test_compare_with_the_real_compare(shell, monkeypatch):
+    if not hasattr(nbpeft, "compare"):
+        pytest.skip("nbpeft.compare is not there")
+    monkeypatch.setattr(shell.display_formatter, "active_types", ["text/plain", "text/html"])
+    before = snapshot(shell.user_ns["model"])
+    result, out = run(shell, "%peft_compare methods=lora,ia3 lora={'r': 4}")
+    assert result.success, out.stderr
+    expected = nbpeft.compare(tiny_model(), methods=["lora", "ia3"], lora={"r": 4})
+    assert out.outputs[0].data["text/plain"] == repr(expected)
+    assert "<table>" in out.outputs[0].data["text/html"]
+    assert [row["trainable"] for row in shell.user_ns["_peft_compare"].rows] == [row["trainable"] for row in expected.rows]
+    assert same_snapshot(snapshot(shell.user_ns["model"]), before)
+    _, out = run(shell, "%peft_compare methods=lorra")
+    assert out.stderr.strip().startswith("UsageError: nbpeft: unknown method 'lorra'; did you mean 'lora'?")
+
+
+@pytest.mark.parametrize("code, message", [
+    ("%peft_compare --model nope", "nbpeft: no variable 'nope' in the notebook"),
+    ("%peft_compare --out 1x", "nbpeft: --out '1x' must be a variable name"),
+    ("%peft_compare --data x", "nbpeft: unknown flag --data (flags: --model, --out)"),
+    ("%peft_compare lora", "nbpeft: expected key=value, got 'lora'"),
+    ("%peft_compare boom=true", "nbpeft: compare(): boom is not allowed"),
+])
+def test_compare_errors(shell, fake_compare, code, message):
+    result, out = run(shell, code)
+    assert isinstance(result.error_in_exec, UsageError)
+    assert out.stderr.strip().startswith(f"UsageError: {message}"), out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and not fake_compare
+
+
+def test_compare_type_error_is_one_line(shell, monkeypatch):
+    monkeypatch.setattr(nbpeft, "compare", lambda model, methods=None: None, raising=False)
+    _, out = run(shell, "%peft_compare steps=3")
+    assert out.stderr.strip().startswith("UsageError: nbpeft: compare: ") and "steps" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_compare_without_compare_in_nbpeft(shell, monkeypatch):
+    monkeypatch.delattr(nbpeft, "compare", raising=False)
+    _, out = run(shell, "%peft_compare methods=lora")
+    assert out.stderr.strip() == "UsageError: nbpeft: this nbpeft has no compare(); upgrade nbpeft to compare methods"
+
+
+def test_compare_help_lists_its_options(shell):
+    doc = shell.find_line_magic("peft_compare").__doc__
+    assert doc.startswith("Compare methods on one model:  %peft_compare [methods=a,b]")
+    if hasattr(nbpeft, "compare"):
+        assert "methods=None" in doc and "METHOD={'key': value} sets that method's options" in doc
+        assert all(m.name in doc for m in nbpeft.methods())
+
+
+# %peft_panel -------------------------------------------------------------------------------
+
+def test_panel_shows_a_panel_on_the_model(shell):
+    from nbpeft.widgets import Panel
+
+    shell.user_ns["tokenizer"] = "tok"
+    result, out = run(shell, "%peft_panel")
+    assert result.success, out.stderr
+    panel = shell.user_ns["_peft_panel"]
+    assert isinstance(panel, Panel) and panel.model is shell.user_ns["model"]
+    assert panel.train_tab.tokenizer == "tok" and panel.train_tab.namespace is shell.user_ns
+    assert out.outputs[0].data["application/vnd.jupyter.widget-view+json"]["model_id"] == panel.model_id
+    shell.user_ns["other"] = tiny_model()
+    run(shell, "%peft_panel other --tokenizer tokenizer")
+    assert shell.user_ns["_peft_panel"].model is shell.user_ns["other"]
+
+
+@pytest.mark.parametrize("code, message", [
+    ("%peft_panel nope", "nbpeft: no variable 'nope' in the notebook; load one with"),
+    ("%peft_panel data", "nbpeft: 'data' holds a list, not a torch model"),
+    ("%peft_panel --tokenizer nope", "nbpeft: no variable 'nope' in the notebook; pass --tokenizer NAME"),
+    ("%peft_panel model r=8", "nbpeft: unknown option 'r=8'"),
+])
+def test_panel_errors(shell, code, message):
+    shell.user_ns["data"] = ["not a model"]
+    result, out = run(shell, code)
+    assert isinstance(result.error_in_exec, UsageError)
+    assert out.stderr.strip().startswith(f"UsageError: {message}"), out.stderr
+    assert "_peft_panel" not in shell.user_ns
+
+
+# Tab completion ----------------------------------------------------------------------------
+
+def complete(shell, text: str) -> list[str]:
+    with provisionalcompleter():
+        return [c.text for c in shell.Completer.completions(text, len(text))]
+
+
+def test_complete_method_names(shell):
+    names = [m.name for m in nbpeft.methods()]
+    assert complete(shell, "%peft_attach ") == names
+    assert complete(shell, "%peft_attach lo") == ["lora"]
+    assert complete(shell, "%%peft_attach lo") == ["lora"]
+    assert complete(shell, "%peft_methods ") == names
+
+
+def test_complete_option_keys_values_and_flags(shell):
+    options = list(nbpeft.methods.__globals__["method_options"](nbpeft.methods.__globals__["get_method"]("lora").config_class))
+    assert complete(shell, "%peft_attach lora ") == [f"{k}=" for k in options]
+    assert complete(shell, "%peft_attach lora r") == ["r=", "rslora="]
+    assert complete(shell, "%peft_attach lora r=4 r") == ["rslora="]  # r is given already
+    assert complete(shell, "%peft_attach lora init=") == ["init=default", "init=gaussian", "init=random"]
+    assert complete(shell, "%peft_attach lora init=g") == ["init=gaussian"]
+    assert complete(shell, "%peft_attach lora rslora=") == ["rslora=true", "rslora=false"]
+    assert complete(shell, "%peft_attach lora --") == ["--model", "--name"]
+    assert complete(shell, "%%peft_attach lora r=4\nal") == ["alpha="]  # a cell magic's body
+    assert complete(shell, "%peft_train st") == ["steps="]
+    assert complete(shell, "%peft_train --e") == ["--eval-data"]
+
+
+def test_complete_variables_and_adapter_names(shell):
+    shell.user_ns.update(data=["a", "b"], other=tiny_model())
+    nbpeft.attach(shell.user_ns["model"], "lora", name="chat")
+    nbpeft.attach(shell.user_ns["model"], "lora", name="sql")
+    assert complete(shell, "%peft_attach lora --model ") == ["model", "other"]
+    assert complete(shell, "%peft_train --data ") == ["data"]  # not IPython's own In
+    assert complete(shell, "%peft_use ") == ["chat", "sql"]
+    assert complete(shell, "%peft_use chat,") == ["chat,sql"]
+    assert complete(shell, "%peft_merge --name s") == ["sql"]
+    assert complete(shell, "%peft_panel o") == ["other"]
+
+
+def test_complete_compare_methods(shell, fake_compare):
+    assert complete(shell, "%peft_compare methods=lora,i") == ["methods=lora,ia3"]
+    assert complete(shell, "%peft_compare lo") == ["lora="]
+    assert complete(shell, "%peft_compare --") == ["--model", "--out"]

@@ -1,0 +1,69 @@
+"""ipywidgets panels: a thin front-end that reads widget values and calls the Python API.
+
+    p = nbpeft.panel(model, tokenizer)
+    p                       # tabs: Attach, Train, Adapters
+
+Everything a panel does is also drivable from code (``p.attach_tab.attach_button.click()``),
+so a notebook that uses it runs headless too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ipywidgets as widgets
+from torch import nn
+
+from ..methods.base import ConfigError
+from .adapters import AdaptersTab
+from .attach import AttachTab
+from .preview import Preview, preview
+from .training import TrainTab
+
+__all__ = ["AdaptersTab", "AttachTab", "Panel", "Preview", "TrainTab", "panel", "preview"]
+
+
+def _notebook_namespace() -> dict[str, Any]:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return {}
+    shell = get_ipython()
+    return shell.user_ns if shell is not None else {}
+
+
+class Panel(widgets.Tab):
+    """Three tabs over one model: attach an adapter, train it, manage the adapters."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None, namespace: dict[str, Any] | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"panel(): expected a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.namespace = namespace if namespace is not None else _notebook_namespace()
+        self.adapters_tab = AdaptersTab(model, on_change=self.refresh, busy=self._busy)
+        self.attach_tab = AttachTab(model, on_change=self.refresh, busy=self._busy, before=self.adapters_tab.enable)
+        self.train_tab = TrainTab(model, tokenizer, self.namespace, on_start=self.adapters_tab.enable)
+        super().__init__(children=[self.attach_tab, self.train_tab, self.adapters_tab],
+                         titles=("Attach", "Train", "Adapters"))
+        self.add_class("nbpeft-panel")
+
+    def _busy(self) -> str | None:
+        return "training is running; press Stop in the Train tab first" if self.train_tab.running else None
+
+    @property
+    def result(self) -> Any:
+        """The last training run's result (also in the notebook variable ``_peft_result``)."""
+        return self.train_tab.result
+
+    def refresh(self) -> None:
+        """Re-read the model after a change: adapter table and attach preview."""
+        self.adapters_tab.refresh()
+        self.attach_tab.refresh()
+
+
+def panel(model: nn.Module, tokenizer: Any = None, *, namespace: dict[str, Any] | None = None) -> Panel:
+    """Attach, train and manage adapters on ``model`` from a tabbed ipywidgets panel.
+
+    ``namespace`` holds the variables the Train tab offers as data (default: the notebook's).
+    """
+    return Panel(model, tokenizer, namespace)

@@ -1,0 +1,202 @@
+"""The panel in a real browser: JupyterLab runs notebooks/04_widgets.ipynb, the panel renders,
+changing r in the page changes the preview, and Stop ends a training run while it is running.
+
+Needs the ``browser`` extra (jupyterlab, playwright) and a Chromium binary (Debian's
+``chromium`` package; another path through NBPEFT_CHROMIUM). Without them the test is skipped
+with a message that says what to install. The screenshot goes to artifacts/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "04_widgets.ipynb"
+ARTIFACTS = ROOT / "artifacts"
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"]
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def chromium_path() -> str | None:
+    candidates = [os.environ.get("NBPEFT_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
+                  shutil.which("chromium-browser")]
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (the kernels a Jupyter server started, in their own sessions)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def kill_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(os.getpgid(pid), sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A JupyterLab server on 127.0.0.1 with a copy of the notebook; always stopped afterwards."""
+    pytest.importorskip("jupyterlab", reason="the browser test needs jupyterlab: pip install -e '.[browser]'")
+    pytest.importorskip("playwright", reason="the browser test needs playwright: pip install -e '.[browser]'")
+    if chromium_path() is None:
+        pytest.skip("the browser test needs Chromium: apt-get install -y chromium (or set NBPEFT_CHROMIUM)")
+    home = tmp_path_factory.mktemp("lab")
+    (home / "work").mkdir()
+    shutil.copy(NOTEBOOK, home / "work" / NOTEBOOK.name)  # the page saves into the copy, never the repo
+    port, token = free_port(), os.urandom(12).hex()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
+           "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"), "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces")}
+    news = home / "settings" / "@jupyterlab" / "apputils-extension"
+    news.mkdir(parents=True)
+    (news / "notification.jupyterlab-settings").write_text('{"fetchNews": "false", "checkForUpdates": false}')
+    command = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+               f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
+               f"--ServerApp.root_dir={home / 'work'}", "--LabApp.news_url=", "--ServerApp.open_browser=False"]
+    if os.geteuid() == 0:  # containers often run as root
+        command.append("--allow-root")
+    log = open(home / "server.log", "wb")
+    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    kernels: set[int] = set()
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("JupyterLab did not start:\n" + (home / "server.log").read_text()[-2000:])
+            time.sleep(0.5)
+        yield {"url": url, "token": token, "log": home / "server.log", "kernels": kernels, "server": server}
+    finally:
+        kernels.update(children(server.pid))
+        try:  # shut the kernels down through the server first, then stop everything that is left
+            request = urllib.request.Request(f"{url}/api/kernels?token={token}")
+            with urllib.request.urlopen(request, timeout=5) as response:
+                for kernel in json.load(response):
+                    urllib.request.urlopen(urllib.request.Request(
+                        f"{url}/api/kernels/{kernel['id']}?token={token}", method="DELETE"), timeout=10)
+        except OSError:
+            pass
+        kill_group(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            kill_group(server.pid, signal.SIGKILL)
+            server.wait(timeout=10)
+        for pid in kernels:
+            kill_group(pid, signal.SIGKILL)
+        log.close()
+
+
+def start_kernel(page, timeout_s: float = 120) -> None:
+    """Wait until the notebook's kernel is idle, accepting the kernel dialog JupyterLab sometimes opens."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        dialog = page.locator(".jp-Dialog .jp-mod-accept")
+        if dialog.count() and dialog.first.is_visible():
+            dialog.first.click()
+        elif page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count():
+            page.wait_for_timeout(1000)  # a dialog may still open right after the page settles
+            if not page.locator(".jp-Dialog").count():
+                return
+        page.wait_for_timeout(250)
+    raise TimeoutError("the notebook's kernel did not start")
+
+
+def preview_number(text: str) -> int:
+    found = re.search(r"would train ([\d,]+) trainable", text)
+    assert found, text
+    return int(found[1].replace(",", ""))
+
+
+def test_panel_in_jupyterlab(lab):
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{lab['url']}/lab/tree/{NOTEBOOK.name}?token={lab['token']}")
+            page.locator(".jp-Notebook").first.wait_for(timeout=120_000)
+            start_kernel(page)
+            lab["kernels"].update(children(lab["server"].pid))
+
+            page.get_by_role("menuitem", name="Run", exact=True).click()
+            page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+            panel = page.locator(".nbpeft-panel").first
+            panel.wait_for(timeout=90_000)
+            lab["kernels"].update(children(lab["server"].pid))
+            # the notebook's last cell lists the methods: every cell ran
+            expect(page.get_by_text("Bottleneck adapters").first).to_be_visible(timeout=400_000)
+
+            panel.locator(".lm-TabBar-tab", has_text="Attach").click()
+            preview = panel.locator(".nbpeft-preview")
+            expect(preview).to_contain_text("already attached")  # the notebook attached 'default'
+            name = panel.locator(".nbpeft-name input")
+            name.fill("extra")
+            name.press("Enter")
+            expect(preview).to_contain_text("would train", timeout=30_000)
+            before = preview_number(preview.inner_text())
+            r = panel.locator(".nbpeft-opt-r input")
+            r.fill("32")
+            r.press("Enter")
+            expect(preview).to_contain_text("1,843,200", timeout=30_000)  # 32 · (576+576 + 576+192) · 30 layers
+            after = preview_number(preview.inner_text())
+            assert before == 8 * 1920 * 30 and after == 32 * 1920 * 30
+            panel.screenshot(path=str(ARTIFACTS / "browser_panel.png"))
+
+            # Stop while a run is going: the kernel handles the click during training
+            panel.locator(".lm-TabBar-tab", has_text="Train").click()
+            steps = panel.locator(".nbpeft-train-steps input")
+            steps.fill("500")
+            steps.press("Enter")
+            panel.locator(".nbpeft-train-start").click()
+            status = panel.locator(".nbpeft-train-status")
+            expect(status).to_contain_text(re.compile(r"step [1-9]\d*/500"), timeout=120_000)
+            panel.locator(".nbpeft-train-stop").click()
+            expect(status).to_contain_text("stopped after step", timeout=120_000)
+            stopped_at = int(re.search(r"stopped after step (\d+) of 500", status.inner_text())[1])
+            assert 1 <= stopped_at < 20
+            page.screenshot(path=str(ARTIFACTS / "browser_notebook.png"), full_page=True)
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "browser_failure.png"))
+            raise
+        finally:
+            browser.close()

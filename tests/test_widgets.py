@@ -1,0 +1,417 @@
+"""The panels map onto the Python API: generated fields, exact previews, buttons, background training."""
+
+from __future__ import annotations
+
+import html
+import re
+import threading
+import time
+
+import ipywidgets as widgets
+import pytest
+import torch
+from IPython import get_ipython
+from IPython.testing.globalipapp import start_ipython
+from IPython.utils.capture import capture_output
+
+import nbpeft
+from nbpeft.core import state
+from nbpeft.methods.base import ConfigError, get_method, method_options
+from nbpeft.widgets import Panel, preview
+from nbpeft.widgets.attach import target_choices
+from nbpeft.widgets.fields import option_fields, read_options
+
+from conftest import assert_same, logits, snapshot, tiny_bert, tiny_llama, tokens
+
+METHODS = [info.name for info in nbpeft.methods()]
+
+
+def batches(n: int = 2) -> list[dict[str, torch.Tensor]]:
+    return [{"input_ids": tokens(), "labels": tokens()} for _ in range(n)]
+
+
+def text(widget: widgets.HTML) -> str:
+    """What a person reads in an HTML widget."""
+    return html.unescape(re.sub(r"<[^>]+>", " ", widget.value))
+
+
+def make_panel(model: torch.nn.Module, **namespace) -> Panel:
+    return nbpeft.panel(model, namespace=dict(namespace))
+
+
+def structure(model: torch.nn.Module) -> tuple:
+    """What must agree between two ways of attaching: module types, parameter names, shapes, flags."""
+    return ([(n, type(m)) for n, m in model.named_modules()],
+            [(n, tuple(p.shape), p.requires_grad) for n, p in model.named_parameters()])
+
+
+# generated fields ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fields_cover_every_option_with_its_default_and_help(method):
+    config_class = get_method(method).config_class
+    infos = method_options(config_class)
+    fields = option_fields(config_class)
+    assert list(fields) == list(infos)
+    for key, field in fields.items():
+        assert field.value == infos[key]["default"], key
+        assert field.widget.tooltip == infos[key]["help"]
+        assert infos[key]["help"] in text(field.row.children[1])
+        if "choices" in infos[key]:
+            assert isinstance(field.widget, widgets.Dropdown) and list(field.widget.options) == list(infos[key]["choices"])
+    assert read_options(fields) == {}
+
+
+def test_field_widgets_follow_the_option_types():
+    fields = option_fields(get_method("lora").config_class)
+    kinds = {key: type(field.widget) for key, field in fields.items()}
+    assert kinds == {"r": widgets.BoundedIntText, "alpha": widgets.FloatText, "dropout": widgets.FloatText,
+                     "targets": widgets.Text, "rslora": widgets.Checkbox, "init": widgets.Dropdown,
+                     "modules_to_save": widgets.Text}
+    fields["modules_to_save"].widget.value = "lm_head"
+    fields["targets"].widget.value = "q_proj, v_proj"
+    fields["r"].widget.value = 4
+    assert read_options(fields) == {"modules_to_save": ["lm_head"], "targets": ["q_proj", "v_proj"], "r": 4}
+    fields["targets"].widget.value = ".*q_proj"
+    assert fields["targets"].value == ".*q_proj"
+
+
+def test_target_choices_group_leaf_names_with_counts(llama):
+    choices = dict(target_choices(llama))
+    assert choices["q_proj ×2"] == "q_proj" and choices["down_proj ×2"] == "down_proj"
+    assert "lm_head ×1" in choices and "embed_tokens ×1" in choices
+    assert not any(label.startswith(("layers ", "mlp ", "self_attn ")) for label in choices)  # containers hold no weights
+
+
+# preview ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("make", [tiny_llama, tiny_bert])
+def test_preview_is_exactly_what_attach_gives(method, make):
+    model = make()
+    before = snapshot(model)
+    try:
+        expected = preview(model, method)
+    except ConfigError:
+        with pytest.raises(ConfigError):
+            nbpeft.attach(make(), method)
+        return
+    assert_same(before, snapshot(model))
+    adapter = nbpeft.attach(model, method)
+    counts = nbpeft.summary(model)
+    assert (expected.trainable, expected.total, expected.adapter_params) == (counts.trainable, counts.total, adapter.num_params)
+
+
+def test_preview_on_a_model_that_already_has_an_adapter(llama):
+    nbpeft.attach(llama, "lora", r=2, name="first")
+    expected = preview(llama, "lora", name="second", r=4, targets="all-linear")
+    nbpeft.attach(llama, "lora", name="second", r=4, targets="all-linear")
+    assert (expected.trainable, expected.total) == (nbpeft.summary(llama).trainable, nbpeft.summary(llama).total)
+    with pytest.raises(ConfigError, match="already attached"):
+        preview(llama, "lora", name="first")
+
+
+def test_panel_preview_updates_on_every_change_and_never_touches_the_model(llama):
+    before = snapshot(llama)
+    tab = make_panel(llama).attach_tab
+    seen = [tab.last_preview.trainable]
+    tab.fields["r"].widget.value = 4
+    seen.append(tab.last_preview.trainable)
+    tab.targets.value = ("q_proj", "k_proj", "v_proj")
+    seen.append(tab.last_preview.trainable)
+    tab.targets.value = ()
+    tab.regex.value = "all-linear"
+    seen.append(tab.last_preview.trainable)
+    tab.fields["modules_to_save"].widget.value = "lm_head"
+    seen.append(tab.last_preview.trainable)
+    # q: 32->32, k and v: 32->16 (2 KV heads of 8); r (in + out) per layer, two layers
+    assert seen[:3] == [8 * (32 + 32 + 32 + 16) * 2, 4 * (32 + 32 + 32 + 16) * 2, 4 * (64 + 48 + 48) * 2]
+    assert seen[3] == nbpeft.attach(tiny_llama(), "lora", r=4, targets="all-linear").num_params
+    assert seen[4] == seen[3] + 128 * 32
+    assert "would train" in text(tab.preview) and f"{seen[4]:,}" in text(tab.preview)
+    assert_same(before, snapshot(llama))
+
+
+@pytest.mark.slow
+def test_preview_on_smollm2_matches_attach(smol):
+    model, _ = smol
+    tab = make_panel(model).attach_tab
+    started = time.perf_counter()
+    tab.fields["r"].widget.value = 16
+    elapsed = time.perf_counter() - started
+    shown = tab.last_preview
+    assert shown.trainable == 16 * (576 + 576 + 576 + 192) * 30  # q_proj and v_proj (3 KV heads of 64)
+    assert f"{shown.trainable:,} trainable of {shown.total:,}" in text(tab.preview)
+    tab.attach_button.click()
+    counts = nbpeft.summary(model)
+    assert (counts.trainable, counts.total) == (shown.trainable, shown.total) == (921_600, 134_515_008 + 921_600)
+    assert elapsed < 2.0
+
+
+# attach and detach through the panel --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ip():
+    shell = start_ipython() or get_ipython()  # the shell is a process-wide singleton
+    if "nbpeft" not in shell.extension_manager.loaded:
+        shell.run_line_magic("load_ext", "nbpeft")
+    return shell
+
+
+@pytest.mark.parametrize("settings, line", [
+    ({"r": 4, "alpha": 8.0, "rslora": True, "init": "gaussian", "targets": ("q_proj", "v_proj")},
+     "lora r=4 alpha=8 rslora=true init=gaussian targets=q_proj,v_proj"),
+    ({"dropout": 0.1, "regex": r".*\.(q|o)_proj", "modules_to_save": "lm_head"},
+     r"lora dropout=0.1 targets='.*\.(q|o)_proj' modules_to_save=lm_head"),
+    ({"method": "ia3", "targets": ("k_proj", "down_proj"), "feedforward": "down_proj"},
+     "ia3 targets=k_proj,down_proj feedforward=down_proj"),
+    ({"method": "bitfit", "regex": "all-linear"}, "bitfit targets=all-linear"),
+])
+def test_panel_and_magic_give_identical_models(ip, settings, line):
+    settings = dict(settings)
+    panel_model, magic_model = tiny_llama(), tiny_llama()
+    tab = make_panel(panel_model).attach_tab
+    tab.method.value = settings.pop("method", "lora")
+    tab.targets.value = settings.pop("targets", ())
+    tab.regex.value = settings.pop("regex", "")
+    for key, value in settings.items():
+        tab.fields[key].widget.value = value
+    torch.manual_seed(0)
+    tab.attach_button.click()
+    assert "Adapter 'default'" in text(tab.message), tab.message.value
+    ip.user_ns["model"] = magic_model
+    try:
+        torch.manual_seed(0)
+        with capture_output():
+            result = ip.run_cell(f"%peft_attach {line}")
+    finally:
+        ip.user_ns.pop("model")
+    assert result.success
+    assert structure(panel_model) == structure(magic_model)
+    assert state(panel_model).adapters["default"].config == state(magic_model).adapters["default"].config
+    for (key, a), b in zip(panel_model.state_dict().items(), magic_model.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: setattr(t.fields["r"].widget, "value", 0), "lora: r=0 must be a positive integer"),
+    (lambda t: setattr(t.regex, "value", "qproj["), "lora: targets='qproj[' is not a valid regex"),
+    (lambda t: setattr(t.regex, "value", "nothing.*"), "lora: the regex targets='nothing.*' matched no module"),
+    (lambda t: setattr(t.fields["modules_to_save"].widget, "value", "head"),
+     "attach(): modules_to_save=['head'] not found in the model"),
+    (lambda t: setattr(t.name, "value", "not a name"), "attach(): name='not a name' must be a simple identifier"),
+    (lambda t: (setattr(t.targets, "value", ("q_proj",)), setattr(t.regex, "value", "all-linear")),
+     "lora: choose target modules or type a regex, not both"),
+])
+def test_errors_show_inline_and_leave_the_model_alone(llama, change, message):
+    before = snapshot(llama)
+    tab = make_panel(llama).attach_tab
+    change(tab)
+    assert tab.last_preview is None and message in text(tab.preview)
+    tab.attach_button.click()  # no exception escapes the button
+    assert message in text(tab.message) and "#b00020" in tab.message.value
+    assert_same(before, snapshot(llama))
+    assert not state(llama).adapters
+
+
+def test_attach_then_detach_buttons(llama):
+    before = snapshot(llama)
+    panel = make_panel(llama)
+    tab = panel.attach_tab
+    tab.name.value = "chat"
+    tab.attach_button.click()
+    assert list(state(llama).adapters) == ["chat"]
+    assert "<td>chat</td>" in panel.adapters_tab.table.value
+    assert "already attached" in text(tab.preview)  # the preview follows the model
+    tab.attach_button.click()
+    assert "an adapter named 'chat' is already attached" in text(tab.message)
+    tab.detach_button.click()
+    assert text(tab.message).strip() == "detached 'chat'"
+    assert_same(before, snapshot(llama))
+    tab.detach_button.click()
+    assert "this model has no adapter" in text(tab.message)
+
+
+def test_switching_method_rebuilds_the_fields(llama):
+    tab = make_panel(llama).attach_tab
+    tab.targets.value = ("q_proj",)
+    tab.method.value = "prompt"
+    assert list(tab.fields) == list(method_options(get_method("prompt").config_class))
+    assert tab.target_box.layout.display == "none" and tab.targets.value == ()
+    assert tab.last_preview.trainable == nbpeft.attach(tiny_llama(), "prompt").num_params
+    tab.method.value = "lora"
+    assert tab.target_box.layout.display is None and "r" in tab.fields
+
+
+def test_panel_rejects_what_is_not_a_model():
+    with pytest.raises(ConfigError, match="panel\\(\\): expected a torch.nn.Module, got str"):
+        nbpeft.panel("model")
+
+
+# training ----------------------------------------------------------------------------------------
+
+def test_train_tab_trains_in_the_background_and_keeps_the_result(llama):
+    namespace = {"data": batches(), "other": 3, "_hidden": [1]}
+    panel = nbpeft.panel(llama, namespace=namespace)
+    tab = panel.train_tab
+    assert list(tab.data.options) == ["data"] and tab.data.value == "data"
+    nbpeft.attach(llama, "lora", r=2)
+    tab.steps.value, tab.lr.value, tab.device.value = 3, 1e-2, "cpu"
+    before = llama.model.layers[0].self_attn.q_proj.lora_B["default"].weight.clone()
+    tab.start_button.click()
+    result = tab.wait(timeout=60)
+    assert result is not None and result.steps == 3 and not result.stopped
+    assert namespace["_peft_result"] is result and panel.result is result
+    assert not torch.equal(before, llama.model.layers[0].self_attn.q_proj.lora_B["default"].weight)
+    assert tab.progress.value == 3 and tab.progress.max == 3
+    assert "step 3/3" in tab.status.value and "tok/s" in tab.status.value and "peak RSS" in tab.status.value
+    assert tab.plot.value[:4] == b"\x89PNG"
+    assert "the result is in _peft_result" in text(tab.message)
+    assert not tab.start_button.disabled and tab.stop_button.disabled
+
+
+def test_stop_ends_a_background_run_after_the_current_step(llama):
+    nbpeft.attach(llama, "lora", r=2)
+    tab = nbpeft.panel(llama, namespace={"data": batches()}).train_tab
+    tab.steps.value = 100_000
+    tab.start_button.click()
+    deadline = time.monotonic() + 60
+    while tab.progress.value < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert tab.running and tab.stop_button.disabled is False
+    tab.stop_button.click()
+    last_shown = tab.progress.value  # the flag is set: the run checks it at this step's event or the next
+    result = tab.wait(timeout=60)
+    assert not tab.running
+    assert result.stopped == "stopped" and last_shown <= result.steps <= last_shown + 1
+    assert result.message == f"stopped after step {result.steps} of 100000; the adapter stays attached"
+    assert "stopped after step" in tab.status.value
+
+
+def test_other_buttons_wait_while_training_runs(llama):
+    nbpeft.attach(llama, "lora", r=2)
+    panel = nbpeft.panel(llama, namespace={"data": batches()})
+    release = threading.Event()
+    original = panel.train_tab._listen
+
+    def slow(event, payload):
+        original(event, payload)
+        if event == "step":
+            release.wait(30)
+
+    panel.train_tab._listen = slow
+    panel.train_tab.steps.value = 2
+    panel.train_tab.start_button.click()
+    try:
+        panel.attach_tab.name.value = "other"
+        panel.attach_tab.attach_button.click()
+        assert "training is running; press Stop in the Train tab first" in text(panel.attach_tab.message)
+        panel.adapters_tab.merge_button.click()
+        assert "training is running" in text(panel.adapters_tab.message)
+        panel.train_tab.start_button.click()
+        assert "training is already running" in text(panel.train_tab.message)
+        assert list(state(llama).adapters) == ["default"]
+    finally:
+        release.set()
+    assert panel.train_tab.wait(timeout=60).steps == 2
+
+
+@pytest.mark.parametrize("data, message", [
+    ("", "train: which data?"),
+    ("nope", "train: no variable 'nope' in the notebook"),
+    ("numbers", "train(): cannot read examples like"),
+])
+def test_train_errors_show_inline(llama, data, message):
+    nbpeft.attach(llama, "lora")
+    tab = nbpeft.panel(llama, namespace={"numbers": [[1, 2]]}).train_tab
+    tab.data.value = data
+    tab.start_button.click()
+    tab.wait(timeout=30)
+    assert message in text(tab.message) and tab.result is None
+
+
+def test_train_without_an_adapter_says_what_to_do(llama):
+    llama.requires_grad_(False)
+    tab = nbpeft.panel(llama, namespace={"data": batches()}).train_tab
+    tab.start_button.click()
+    tab.wait(timeout=30)
+    assert "the model has no trainable parameters; attach an adapter first" in text(tab.message)
+
+
+# the adapters tab --------------------------------------------------------------------------------
+
+def test_adapters_tab_calls_the_core_api(llama, tmp_path):
+    base = logits(llama)
+    nbpeft.attach(llama, "lora", r=2, init="random", name="chat")
+    nbpeft.attach(llama, "lora", r=4, init="random", name="sql")
+    panel = make_panel(llama)
+    tab = panel.adapters_tab
+    assert list(tab.adapter.options) == ["chat", "sql"] and tab.adapter.value == "sql"
+    assert "<td>chat</td>" in tab.table.value and "<td>inactive</td>" in tab.table.value
+    sql = logits(llama)
+
+    tab.adapter.value = "chat"
+    tab.activate_button.click()
+    assert state(llama).active == ["chat"] and "activate: 'chat'" in text(tab.message)
+    chat = logits(llama)
+    assert not torch.allclose(chat, sql)
+
+    tab.disable_button.click()
+    assert torch.allclose(logits(llama), base, atol=1e-6) and tab.disabled and "disabled" in tab.table.value
+    tab.disable_button.click()
+    assert torch.allclose(logits(llama), chat, atol=1e-6) and not tab.disabled
+
+    tab.merge_button.click()
+    assert state(llama).adapters["chat"].merged and "active, merged" in tab.table.value
+    assert torch.allclose(logits(llama), chat, atol=1e-5)
+    tab.unmerge_button.click()
+    assert not state(llama).adapters["chat"].merged
+
+    tab.path.value = str(tmp_path)
+    tab.save_button.click()
+    assert (tmp_path / "chat" / "adapter_config.json").exists() and "saved" in text(tab.message)
+    tab.delete_button.click()
+    assert list(state(llama).adapters) == ["sql"] and list(tab.adapter.options) == ["sql"]
+    tab.path.value, tab.load_name.value = str(tmp_path / "chat"), "chat"
+    tab.load_button.click()
+    assert "loaded 'chat'" in text(tab.message) and list(tab.adapter.options) == ["sql", "chat"]
+    nbpeft.set_adapter(llama, "chat")
+    assert torch.allclose(logits(llama), chat, atol=1e-6)
+    assert "<td>chat</td>" in panel.adapters_tab.table.value
+
+
+def test_disable_ends_before_any_other_action(llama):
+    nbpeft.attach(llama, "lora", init="random", name="chat")
+    adapted = logits(llama)
+    tab = make_panel(llama).adapters_tab
+    tab.disable_button.click()
+    tab.merge_button.click()
+    assert not tab.disabled and state(llama).adapters["chat"].merged
+    assert torch.allclose(logits(llama), adapted, atol=1e-5)
+
+
+@pytest.mark.parametrize("button, message", [
+    ("activate_button", "this model has no adapter; attach one in the first tab"),
+    ("delete_button", "this model has no adapter; attach one in the first tab"),
+    ("save_button", "save: type a folder in path first"),
+    ("load_button", "load: type the adapter's folder in path first"),
+])
+def test_adapters_tab_errors_show_inline(llama, button, message):
+    tab = make_panel(llama).adapters_tab
+    getattr(tab, button).click()
+    assert message in text(tab.message) and "#b00020" in tab.message.value
+
+
+def test_load_from_a_missing_folder(llama, tmp_path):
+    tab = make_panel(llama).adapters_tab
+    tab.path.value = str(tmp_path / "missing")
+    tab.load_button.click()
+    assert "load_adapter(): no adapter_config.json in" in text(tab.message)
+    assert not state(llama).adapters
+
+
+def test_merge_of_a_method_that_cannot_merge(llama):
+    nbpeft.attach(llama, "prompt")
+    tab = make_panel(llama).adapters_tab
+    tab.merge_button.click()
+    assert "#b00020" in tab.message.value and "merge" in text(tab.message)
