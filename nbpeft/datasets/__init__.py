@@ -1,12 +1,18 @@
 """Small instruction data sets that ship with nbpeft.
 
-Each data set is a JSON Lines file in this directory; every line is an object
-``{"prompt": ..., "response": ...}``.  The bundled sets are:
+Each data set is a JSON Lines file in this directory, one object per line:
+``{"prompt": ..., "response": ...}`` for instruction data, ``{"text": ..., "label": ...}``
+for classification.  The bundled sets are:
 
 * ``pirate_chat`` -- 160 everyday questions answered in a pirate's voice
   (every response starts with "Arr!"), for the quickstart LoRA tutorial.
 * ``pirate_eval`` -- 24 held-out questions in the same style, for evaluation
   loss and before/after comparisons.
+* ``reviews`` -- 240 one-sentence reviews (films, books, restaurants, hotels,
+  gadgets, ...) labelled 1 (positive) or 0 (negative), 120 of each, for the
+  sentence-classification tutorial.
+* ``reviews_test`` -- 80 held-out reviews in the same style, 40 of each label,
+  about things the training sentences do not describe.
 """
 
 from __future__ import annotations
