@@ -6,6 +6,7 @@ place; elsewhere it prints plain text lines.
 
 from __future__ import annotations
 
+import io
 import sys
 import time
 from typing import Any
@@ -69,6 +70,21 @@ class TextDisplay:
                   file=self.stream, flush=True)
 
 
+class _FigurePNG:
+    """A figure that renders as PNG by itself: a bare Figure shows only as text unless pyplot's inline backend is on."""
+
+    def __init__(self, figure: Any) -> None:
+        self.figure = figure
+
+    def __repr__(self) -> str:
+        return "<loss curve>"
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.figure.savefig(buffer, format="png")
+        return buffer.getvalue()
+
+
 class NotebookDisplay:
     """One figure (training and eval loss against step) and one progress line, updated in place."""
 
@@ -100,7 +116,7 @@ class NotebookDisplay:
         self.axes.legend(loc="upper right")
         self.axes.grid(alpha=0.3)
         self.figure.tight_layout()
-        self.plot_handle = display(self.figure, display_id=True)
+        self.plot_handle = display(_FigurePNG(self.figure), display_id=True)
         self.text_handle = display(HTML("starting…"), display_id=True)
 
     def _on_step(self, payload: dict[str, Any]) -> None:
@@ -133,5 +149,5 @@ class NotebookDisplay:
             self.eval_line.set_data(*zip(*self.eval_points))
         self.axes.relim()
         self.axes.autoscale_view(scalex=False)
-        self.plot_handle.update(self.figure)
+        self.plot_handle.update(_FigurePNG(self.figure))
         self.last_draw = time.monotonic()

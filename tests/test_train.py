@@ -250,8 +250,8 @@ def test_notebook_display_updates_one_figure_in_place(llama, monkeypatch):
     nbpeft.attach(llama, "lora", r=4)
     display = NotebookDisplay(min_interval_s=0.0)
     nbpeft.train(llama, random_batches(), steps=5, eval_data=random_batches(1), live=display)
-    assert shown == ["HTML", "Figure", "HTML"]
-    assert updates.count("Figure") == 6 and updates.count("HTML") == 6  # 5 steps + the end
+    assert shown == ["HTML", "_FigurePNG", "HTML"]
+    assert updates.count("_FigurePNG") == 6 and updates.count("HTML") == 6  # 5 steps + the end
     assert len(display.train_line.get_xdata()) == 5 and len(display.eval_line.get_xdata()) == 5
 
 
