@@ -117,8 +117,8 @@ def compare(model: nn.Module, methods: list[str] | None = None, **options: dict[
     return table
 
 
-def shapes_only_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model``'s base (adapters removed) whose every tensor is on the meta device."""
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` (adapters included) whose every tensor is on the meta device."""
     memo: dict[int, Any] = {}
     for module in _reachable_modules(model):
         tensors = [*module._parameters.values(), *module._buffers.values(),
@@ -126,7 +126,12 @@ def shapes_only_copy(model: nn.Module) -> nn.Module:
         for tensor in tensors:
             if tensor is not None and id(tensor) not in memo:
                 memo[id(tensor)] = _on_meta(tensor)
-    duplicate = copy.deepcopy(model, memo)
+    return copy.deepcopy(model, memo)
+
+
+def shapes_only_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s base (adapters removed) whose every tensor is on the meta device."""
+    duplicate = meta_copy(model)
     if core.state(duplicate).adapters:
         core.detach(duplicate)
     return duplicate

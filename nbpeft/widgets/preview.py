@@ -8,15 +8,14 @@ The numbers are exact because they come from the same ``attach`` and ``summary``
 from __future__ import annotations
 
 import copy
-import itertools
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 import nbpeft
 
+from ..compare import meta_copy
 from ..methods.base import ConfigError
 
 
@@ -37,21 +36,6 @@ class Preview:
     def __str__(self) -> str:
         where = f" on {self.modules} modules ({self.targets})" if self.modules else ""
         return f"{self.trainable:,} trainable of {self.total:,} parameters ({self.pct:.3f}%){where}"
-
-
-def meta_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose parameters and buffers are meta tensors (shapes only)."""
-    memo: dict[int, Any] = {}
-    for module in model.modules():
-        plain = (v for v in vars(module).values() if isinstance(v, torch.Tensor))  # e.g. weights set aside
-        for tensor in itertools.chain(module._parameters.values(), module._buffers.values(), plain):
-            if tensor is None or id(tensor) in memo:
-                continue
-            shadow = torch.empty_like(tensor, device="meta")
-            if isinstance(tensor, nn.Parameter):
-                shadow = nn.Parameter(shadow, requires_grad=tensor.requires_grad)
-            memo[id(tensor)] = shadow
-    return copy.deepcopy(model, memo)
 
 
 def preview(model: nn.Module, method: str, name: str = "default", **options: Any) -> Preview:
