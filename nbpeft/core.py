@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
-import torch
 from torch import nn
 
 from . import targeting
@@ -257,7 +257,7 @@ def detach(model: nn.Module, name: str | None = None) -> None:
     names = _detach_order(st, names)
     for n in names:
         get_method(st.adapters[n].method).on_detach(model, n)
-        for path, layer in list(adapter_layers(model)):
+        for _, layer in list(adapter_layers(model)):
             if n in layer.adapter_names:
                 layer.unmerge(n)
                 layer.remove(n)

@@ -7,7 +7,8 @@ iterable of already tokenised batches (dicts of tensors with ``input_ids``).
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 

@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import assert_same, logits, snapshot, tiny_bert, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file
 
 import nbpeft
 from nbpeft.methods.adapter import BottleneckAdapter
+
+from conftest import assert_same, logits, snapshot, tiny_bert, tiny_gpt2, tiny_llama
 
 MAKERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import assert_same, snapshot, tiny_llama
 
 import nbpeft
 from nbpeft.methods.base import registered
+
+from conftest import assert_same, snapshot, tiny_llama
 
 
 def needs(*names: str) -> None:

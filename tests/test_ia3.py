@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
-from conftest import assert_same, logits, snapshot, tiny_bert, tiny_gpt2, tiny_llama, tokens
 from safetensors.torch import load_file
 
 import nbpeft
 from nbpeft.core import adapter_parameters, state
 from nbpeft.methods.ia3 import IA3Layer
+
+from conftest import assert_same, logits, snapshot, tiny_bert, tiny_gpt2, tiny_llama, tokens
 
 TINY = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import assert_same, snapshot, tiny_bert, tiny_llama, tokens
 from safetensors.torch import load_file
 from torch import nn
 from transformers import DynamicCache
@@ -14,6 +13,8 @@ from transformers import DynamicCache
 import nbpeft
 from nbpeft.methods.base import ConfigError
 from nbpeft.methods.prefix import PrefixKV
+
+from conftest import assert_same, snapshot, tiny_bert, tiny_llama, tokens
 
 N = 3
 LEAD = torch.tensor([[17, 42, 99]])  # the tokens whose keys/values become the prefix

@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
-from conftest import assert_same, snapshot, tiny_bert, tiny_llama, tokens
 from safetensors.torch import load_file
 
 import nbpeft
 from nbpeft.methods.base import ConfigError
 from nbpeft.methods.prompt import PromptEmbedding
+
+from conftest import assert_same, snapshot, tiny_bert, tiny_llama, tokens
 
 N = 5
 

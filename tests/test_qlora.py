@@ -7,12 +7,13 @@ import math
 
 import pytest
 import torch
-from conftest import assert_same, logits, snapshot, tiny_llama, tokens
 from safetensors.torch import load_file
 
 import nbpeft
 from nbpeft import nf4
 from nbpeft.methods.qlora import QLoRALinear
+
+from conftest import assert_same, logits, snapshot, tiny_llama, tokens
 
 LEVELS = torch.tensor(nf4.NF4_LEVELS)
 NF4_HALF_GAP = (LEVELS[1:] - LEVELS[:-1]).max().item() / 2  # 0.1519, between -1 and -0.696

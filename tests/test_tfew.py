@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_llama
 
 import nbpeft
 from nbpeft import tfew
 from nbpeft.data import IGNORE
+
+from conftest import tiny_llama
 
 FRUITS = ["apple", "banana", "cherry", "grape", "mango", "peach"]
 TOOLS = ["hammer", "wrench", "saw", "drill", "chisel", "pliers"]

@@ -52,7 +52,7 @@ class MethodConfig:
         """Method-specific checks; raise ConfigError with a one-line message."""
 
     @classmethod
-    def from_options(cls, options: dict[str, Any]) -> "MethodConfig":
+    def from_options(cls, options: dict[str, Any]) -> MethodConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = [k for k in options if k not in known]
         if unknown:
