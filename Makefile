@@ -8,7 +8,7 @@ STAMP := $(VENV)/.nbpeft-installed
 # CPU build of torch: an unpinned torch pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test unit notebooks browser lint bench clean
+.PHONY: demo test unit notebooks browser lint bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ lint: $(STAMP)
 bench:
 	bash benchmarks/setup_ref_venv.sh
 	.venv-bench/bin/python benchmarks/lora_step.py
+	.venv-bench/bin/python benchmarks/scaling.py
+
+bench-gpu:
+	bash benchmarks/setup_ref_venv.sh
+	.venv-bench/bin/python benchmarks/gpu_llama1b.py
+	.venv-bench/bin/python benchmarks/nf4_dequant.py
 
 clean:
 	rm -rf $(VENV) artifacts

@@ -12,13 +12,14 @@ import math
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from . import core
+from . import core, fast
 from .data import Batches
 from .methods.base import ConfigError
 
@@ -151,11 +152,18 @@ def train(
     live: bool | Listener = True,
     seed: int = 0,
     loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
+    compile: bool | None = None,
 ) -> TrainResult:
     """Train the model's trainable parameters (its active adapter) on ``data``.
 
     ``loss_fn(model, batch)`` replaces the model's own loss (``model(**batch).loss``),
-    e.g. for the T-Few multiple-choice losses.
+    e.g. for the T-Few multiple-choice losses. Without it, causal LMs get the same loss
+    computed block by block from the hidden states (``nbpeft.fast``), never holding the
+    full fp32 logits.
+
+    ``compile=True`` compiles the repeated decoder block with ``torch.compile`` (faster
+    steps after a one-off compile); ``None`` (default) does so only for runs of at least
+    ``fast.COMPILE_AUTO_MIN_STEPS`` steps where a compiler is available.
 
     Stops cleanly on KeyboardInterrupt or a non-finite loss, returning the history so
     far; the adapter stays attached either way.
@@ -191,6 +199,11 @@ def train(
         raise ConfigError("train(): gradient_checkpointing=True needs a transformers model")
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if compile and not fast.can_compile(dev):
+        raise ConfigError(f"train(): compile=True needs a C++ compiler (CPU) or Triton (CUDA) on {dev.type}; use compile=False")
+    if compile is None:
+        compile = steps >= fast.COMPILE_AUTO_MIN_STEPS and not gradient_checkpointing and fast.can_compile(dev)
+    compiled = fast.compile_blocks(model) if compile else []
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
@@ -209,7 +222,7 @@ def train(
             for _ in range(grad_accum):
                 batch = {k: v.to(dev) for k, v in next(stream).items()}
                 with autocast:
-                    loss = (loss_fn(model, batch) if loss_fn else model(**batch, **use_cache).loss) / grad_accum
+                    loss = (loss_fn(model, batch) if loss_fn else fast.model_loss(model, batch, use_cache)) / grad_accum
                 if not torch.isfinite(loss):
                     optimizer.zero_grad(set_to_none=True)
                     result.stopped = "non-finite loss"
@@ -250,6 +263,7 @@ def train(
         model.eval()
         if gradient_checkpointing:
             model.gradient_checkpointing_disable()
+        fast.uncompile_blocks(compiled)
     result.seconds = time.perf_counter() - start
     _emit(listeners, "end", {"result": result})
     return result
@@ -261,11 +275,14 @@ def evaluate(model: nn.Module, batches: Batches, dev: torch.device, autocast: An
     """Mean loss over one pass of ``batches``."""
     model.eval()
     losses = []
-    for batch in batches.once():
-        batch = {k: v.to(dev) for k, v in batch.items()}
-        with autocast:
-            loss = loss_fn(model, batch) if loss_fn else model(**batch, **use_cache).loss
-            losses.append(loss.float().item())
+    # Compiled blocks were traced with gradients on; evaluation runs them eagerly rather than recompile.
+    eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else contextlib.nullcontext()
+    with eager:
+        for batch in batches.once():
+            batch = {k: v.to(dev) for k, v in batch.items()}
+            with autocast:
+                loss = loss_fn(model, batch) if loss_fn else fast.model_loss(model, batch, use_cache)
+                losses.append(loss.float().item())
     return sum(losses) / max(len(losses), 1)
 
 

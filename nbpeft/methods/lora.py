@@ -176,8 +176,11 @@ class LoRALinear(AdapterLayer):
             if name in self.merged or name not in self.lora_A:
                 continue
             A = self.lora_A[name]
+            # Under autocast the matmul runs in the autocast dtype anyway: an upcast copy of x
+            # would only cost bandwidth and a second saved activation.
+            x_in = x if torch.is_autocast_enabled(x.device.type) else x.to(A.weight.dtype)
             # Scale the rank-r activation, not the (much wider) output.
-            h = A(self.lora_dropout[name](x.to(A.weight.dtype))) * self.scaling[name]
+            h = A(self.lora_dropout[name](x_in)) * self.scaling[name]
             result = result + self.lora_B[name](h).to(result.dtype)
         return result
 

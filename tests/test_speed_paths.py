@@ -1,0 +1,151 @@
+"""The fast training paths give the plain path's loss and gradients (nbpeft.fast)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nbpeft
+from nbpeft import fast
+
+from conftest import tiny_bert, tiny_gpt2, tiny_llama
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def lora_model(make=tiny_llama, targets=("q_proj", "v_proj")) -> torch.nn.Module:
+    """A tiny model with a LoRA whose B is random, so every adapter gradient is non-zero."""
+    model = make()
+    nbpeft.attach(model, "lora", r=4, targets=list(targets), init="random")
+    return model.eval()  # eval: no dropout, so both paths see the same function
+
+
+def masked_batch(vocab: int = 128) -> dict[str, torch.Tensor]:
+    """Three rows: a masked prompt, a full row, and right padding."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab, (3, 10), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    labels = input_ids.clone()
+    labels[0, :5] = -100
+    attention_mask[2, 7:] = 0
+    labels[2, 7:] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def loss_and_grads(model: torch.nn.Module, loss: torch.Tensor) -> tuple[float, list[torch.Tensor]]:
+    return loss.item(), list(torch.autograd.grad(loss, trainable(model)))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_linear_cross_entropy_matches_cross_entropy_and_its_gradients(rows):
+    torch.manual_seed(0)
+    hidden = torch.randn(11, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(40, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 40, (11,))
+    ours = fast.linear_cross_entropy(hidden, weight, bias, targets, rows=rows)
+    plain = F.cross_entropy(hidden @ weight.T + bias, targets)
+    assert ours.item() == pytest.approx(plain.item(), rel=1e-12)
+    for a, b in zip(torch.autograd.grad(3.0 * ours, (hidden, weight, bias)),
+                    torch.autograd.grad(3.0 * plain, (hidden, weight, bias))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_linear_cross_entropy_passes_gradcheck():
+    torch.manual_seed(1)
+    hidden = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 7, (5,))
+    assert torch.autograd.gradcheck(lambda h, w: fast.linear_cross_entropy(h, w, None, targets, rows=2), (hidden, weight))
+
+
+def test_frozen_head_gets_no_gradient_and_no_weight_work():
+    hidden = torch.randn(6, 8, requires_grad=True)
+    weight = torch.randn(20, 8)
+    loss = fast.linear_cross_entropy(hidden, weight, None, torch.randint(0, 20, (6,)), rows=4)
+    loss.backward()
+    assert hidden.grad is not None and weight.grad is None
+
+
+@pytest.mark.parametrize("make,targets", [(tiny_llama, ("q_proj", "v_proj")), (tiny_gpt2, ("c_attn",))])
+def test_causal_lm_loss_equals_the_models_loss_and_gradients(make, targets):
+    model = lora_model(make, targets)
+    batch = masked_batch()
+    plain_loss, plain_grads = loss_and_grads(model, model(**batch).loss)
+    fast_loss, fast_grads = loss_and_grads(model, fast.causal_lm_loss(model, batch, rows=4))
+    assert fast_loss == pytest.approx(plain_loss, rel=1e-6)
+    for a, b in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_causal_lm_loss_skips_positions_without_a_label():
+    model = lora_model()
+    batch = masked_batch()
+    only_last = batch["labels"].clone()
+    only_last[:, :-1] = -100  # one labelled token per row: three rows of logits instead of 27
+    batch["labels"] = only_last
+    assert fast.causal_lm_loss(model, batch).item() == pytest.approx(model(**batch).loss.item(), rel=1e-6)
+
+
+def test_unsupported_models_and_batches_fall_back():
+    batch = masked_batch()
+    prompt_hooked = lora_model()
+    prompt_hooked.register_forward_pre_hook(lambda module, args: None)  # e.g. prompt tuning's model-level hook
+    head_adapted = tiny_llama()
+    nbpeft.attach(head_adapted, "lora", r=2, targets=["lm_head"])
+    classifier = tiny_bert()
+    for model in (prompt_hooked, head_adapted, classifier):
+        assert fast.causal_lm_loss(model, batch) is None
+    one_label_per_row = {"input_ids": batch["input_ids"], "labels": torch.tensor([1, 0, 1])}
+    assert fast.causal_lm_loss(lora_model(), one_label_per_row) is None
+    # the fallback is the model's own loss
+    torch.testing.assert_close(fast.model_loss(prompt_hooked, batch, {}), prompt_hooked(**batch).loss)
+
+
+def test_train_default_path_follows_the_plain_loss_curve():
+    """loss_fn= forces the model's own loss: both runs must give the same history."""
+    batches = [masked_batch() for _ in range(4)]
+    runs = []
+    for loss_fn in (None, lambda model, batch: model(**batch).loss):
+        model = lora_model()
+        runs.append(nbpeft.train(model, batches, steps=4, lr=1e-2, live=False, loss_fn=loss_fn, compile=False).losses)
+    assert runs[0] == pytest.approx(runs[1], rel=1e-5)
+
+
+def test_repeated_blocks_are_the_decoder_layers():
+    model = tiny_llama()
+    assert fast.repeated_blocks(model) == list(model.model.layers)
+
+
+def test_compile_auto_stays_off_for_short_runs_and_blocks_run_eagerly_after():
+    model = lora_model()
+    nbpeft.train(model, [masked_batch()], steps=2, lr=1e-3, live=False)
+    assert all(block._compiled_call_impl is None for block in fast.repeated_blocks(model))
+
+
+@pytest.mark.skipif(not fast.can_compile(torch.device("cpu")), reason="torch.compile needs a C++ compiler")
+def test_compiled_training_matches_eager_training():
+    batches = [masked_batch() for _ in range(2)]
+    runs = []
+    for compile in (False, True):
+        model = lora_model()
+        runs.append(nbpeft.train(model, batches, steps=2, lr=1e-2, live=False, compile=compile).losses)
+        assert all(block._compiled_call_impl is None for block in fast.repeated_blocks(model))
+    assert runs[1] == pytest.approx(runs[0], rel=1e-4)
+
+
+@cuda
+def test_causal_lm_loss_under_bf16_autocast_on_gpu():
+    model = lora_model().cuda()
+    batch = {k: v.cuda() for k, v in masked_batch().items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        plain = model(**batch).loss.float()
+        ours = fast.causal_lm_loss(model, batch)
+    assert ours.item() == pytest.approx(plain.item(), rel=2e-2)
+    ours.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable(model))
