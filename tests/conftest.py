@@ -42,6 +42,15 @@ def tokens(batch: int = 2, length: int = 6, vocab: int = 128) -> torch.Tensor:
     return torch.arange(batch * length).reshape(batch, length) % vocab
 
 
+TINY = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+
+
+def hidden(model: torch.nn.Module) -> torch.Tensor:
+    """Last hidden states: tiny BERT's random classifier hides small changes in its logits."""
+    with torch.no_grad():
+        return model(tokens(), output_hidden_states=True).hidden_states[-1]
+
+
 def logits(model: torch.nn.Module, input_ids: torch.Tensor | None = None) -> torch.Tensor:
     with torch.no_grad():
         return model(tokens() if input_ids is None else input_ids).logits

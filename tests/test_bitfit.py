@@ -11,14 +11,7 @@ from safetensors.torch import load_file
 import nbpeft
 from nbpeft.core import adapter_parameters
 
-from conftest import assert_same, logits, snapshot, tiny_bert, tiny_gpt2, tiny_llama, tokens
-
-TINY = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
-
-
-def hidden(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(tokens(), output_hidden_states=True).hidden_states[-1]
+from conftest import TINY, assert_same, hidden, logits, snapshot, tokens
 
 
 def perturb(model: torch.nn.Module, name: str = "default") -> None:

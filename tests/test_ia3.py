@@ -12,15 +12,7 @@ import nbpeft
 from nbpeft.core import adapter_parameters, state
 from nbpeft.methods.ia3 import IA3Layer
 
-from conftest import assert_same, logits, snapshot, tiny_bert, tiny_gpt2, tiny_llama, tokens
-
-TINY = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
-
-
-def hidden(model: torch.nn.Module) -> torch.Tensor:
-    """Last hidden states: tiny BERT's random classifier hides small changes in its logits."""
-    with torch.no_grad():
-        return model(tokens(), output_hidden_states=True).hidden_states[-1]
+from conftest import TINY, assert_same, hidden, logits, snapshot, tiny_gpt2, tiny_llama, tokens
 
 
 def randomise(model: torch.nn.Module, name: str = "default") -> None:
