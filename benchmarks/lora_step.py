@@ -37,6 +37,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,7 @@ def measure(impl: str, steps: int, warmup: int) -> dict[str, Any]:
         "last_loss": losses[-1],
         "losses": losses,
         "median_step_s": median,
+        "run_s": round(sum(times), 3),
         # time the warm-up steps took beyond steady-state steps: the compile time where there is one
         "warmup_extra_s": round(sum(times[:warmup]) - warmup * median, 2),
         "step_times_s": [round(t, 4) for t in times],
@@ -291,13 +293,15 @@ def print_table(results: dict[str, list[dict[str, Any]]]) -> None:
     for impl, label in LABELS.items():
         if not results.get(impl):
             continue
-        for what, key, fmt in (("step time (s)", "median_step_s", "{:.3f}"), ("peak memory (MiB)", "peak_mem_mib", "{:.0f}")):
+        for what, key, fmt in (("step time (s)", "median_step_s", "{:.3f}"), ("peak memory (MiB)", "peak_mem_mib", "{:.0f}"),
+                               (f"whole run of {ref[0]['steps']} steps (s)", "run_s", "{:.1f}")):
             reference, ours = median_of(ref, key), median_of(results[impl], key)
             ratio = ours / reference if reference else float("nan")
             print(f"| LoRA step, {label}: {what} | {fmt.format(reference)} | {fmt.format(ours)} | {ratio:.2f} | {device} |")
     if results.get("nbpeft-train-compile"):
         extra = median_of(results["nbpeft-train-compile"], "warmup_extra_s")
         print(f"| LoRA step, nbpeft.train(compile=True): one-off compile (s) | - | {extra:.1f} | - | {device} |")
+    print("(nbpeft.train's default compiles by itself once two timed steps show the remaining steps pay the compile back)")
 
 
 def check_losses(results: dict[str, dict[str, Any]]) -> bool:
@@ -318,7 +322,7 @@ def check_losses(results: dict[str, dict[str, Any]]) -> bool:
     return ok
 
 
-def run_parent(rounds: int, steps: int, warmup: int, impls: list[str], check_steps: int) -> int:
+def run_parent(rounds: int, steps: int, warmup: int, impls: list[str], check_steps: int, cold_compile: bool = False) -> int:
     print(f"LoRA r={LORA_R} alpha={LORA_ALPHA} dropout={LORA_DROPOUT} on {'+'.join(TARGETS)} of {MODEL}; "
           f"batch {BATCH_SIZE}x{SEQ_LEN}, AdamW lr {LR:g} (nbpeft.train's schedule and clipping), fp32, CPU")
     print(f"machine: {cpu_model()}, {device_label()}, torch {torch.__version__} "
@@ -332,12 +336,16 @@ def run_parent(rounds: int, steps: int, warmup: int, impls: list[str], check_ste
         check = {impl: run_child(impl, check_steps, 0, {"MKL_CBWR": "COMPATIBLE"}) for impl in impls}
         checked = check_losses(check)
         print()
-    print(f"timing: {rounds} round(s) x {steps} steps ({warmup} warm-up, excluded from step time); "
+    print(f"timing: {rounds} round(s) x {steps} steps{' (empty compile cache per run)' if cold_compile else ''} ({warmup} warm-up, excluded from step time); "
           f"each run in a fresh subprocess; order per round: {', '.join(impls)}")
     results: dict[str, list[dict[str, Any]]] = {impl: [] for impl in impls}
     for round_index in range(1, rounds + 1):
         for impl in impls:
-            run = run_child(impl, steps, warmup)
+            if cold_compile:
+                with tempfile.TemporaryDirectory() as cache:
+                    run = run_child(impl, steps, warmup, {"TORCHINDUCTOR_CACHE_DIR": cache})
+            else:
+                run = run_child(impl, steps, warmup)
             results[impl].append(run)
             print(f"round {round_index} {impl:<21} median step {run['median_step_s']:.3f} s, "
                   f"peak mem {run['peak_mem_mib']:.0f} MiB, warm-up extra {run['warmup_extra_s']:.1f} s, "
@@ -363,6 +371,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="parent: rounds of alternating runs")
     parser.add_argument("--check-steps", type=int, default=CHECK_STEPS, help="parent: steps of the loss check (0: skip)")
     parser.add_argument("--json", action="store_true", help="--impl: print one JSON line")
+    parser.add_argument("--cold-compile", action="store_true",
+                        help="parent: give every run an empty torch compile cache (first-use compile times)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 3 steps, 1 warm-up, 2-step check")
     args = parser.parse_args(argv)
     if args.quick:
@@ -379,7 +389,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.impl is None:
-        return run_parent(args.rounds, args.steps, args.warmup, args.impls, args.check_steps)
+        return run_parent(args.rounds, args.steps, args.warmup, args.impls, args.check_steps, args.cold_compile)
     result = measure(args.impl, args.steps, args.warmup)
     if args.json:
         print(json.dumps(result))

@@ -162,8 +162,9 @@ def train(
     full fp32 logits.
 
     ``compile=True`` compiles the repeated decoder block with ``torch.compile`` (faster
-    steps after a one-off compile); ``None`` (default) does so only for runs of at least
-    ``fast.COMPILE_AUTO_MIN_STEPS`` steps where a compiler is available.
+    steps after a one-off compile); ``None`` (default) times two eager steps and compiles
+    when the remaining steps would pay the compile back (``fast.compile_pays_off``), where
+    a compiler is available.
 
     Stops cleanly on KeyboardInterrupt or a non-finite loss, returning the history so
     far; the adapter stays attached either way.
@@ -201,8 +202,7 @@ def train(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if compile and not fast.can_compile(dev):
         raise ConfigError(f"train(): compile=True needs a C++ compiler (CPU) or Triton (CUDA) on {dev.type}; use compile=False")
-    if compile is None:
-        compile = steps >= fast.COMPILE_AUTO_MIN_STEPS and not gradient_checkpointing and fast.can_compile(dev)
+    decide_compile = compile is None and not gradient_checkpointing and fast.can_compile(dev)
     compiled = fast.compile_blocks(model) if compile else []
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -213,6 +213,7 @@ def train(
     stream = iter(batches)
     start = time.perf_counter()
     model.train()
+    restore_allocator = fast.steady_allocator(dev)
     try:
         for step in range(1, steps + 1):
             t0 = time.perf_counter()
@@ -245,6 +246,10 @@ def train(
                    "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "peak_mem_bytes": peak_memory(dev),
                    "elapsed_s": time.perf_counter() - start}
             result.history.append(row)
+            if decide_compile and step == 2:
+                decide_compile = False
+                if fast.compile_pays_off(dev, min(r["step_time_s"] for r in result.history), steps - step):
+                    compiled = fast.compile_blocks(model)
             if evals is not None and (step % eval_every == 0 or step == steps):
                 row["eval_loss"] = evaluate(model, evals, dev, autocast, use_cache, loss_fn)
                 model.train()
@@ -260,6 +265,7 @@ def train(
             "of the last completed step and is ready to use"
         )
     finally:
+        restore_allocator()
         model.eval()
         if gradient_checkpointing:
             model.gradient_checkpointing_disable()

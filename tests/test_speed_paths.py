@@ -122,6 +122,79 @@ def test_repeated_blocks_are_the_decoder_layers():
     assert fast.repeated_blocks(model) == list(model.model.layers)
 
 
+def test_block_rows_are_even_and_stay_under_the_budget():
+    cpu = torch.device("cpu")
+    # smollm2: 511 labelled rows x 49,152 words -> 4 even blocks of 128 rows (24 MiB of fp32 each)
+    assert fast.block_rows(511, 49152, cpu) == 128
+    assert fast.block_rows(511, 49152, cpu) * 49152 * 4 < 32 << 20
+    assert fast.block_rows(7, 100, cpu) == 7  # one block when it fits
+    assert fast.block_rows(0, 100, cpu) == 1
+    assert fast.block_rows(3, 10**9, cpu) == 1  # a vocabulary over the budget: one row at a time
+
+
+def test_linear_cross_entropy_is_stable_for_extreme_logits():
+    hidden = torch.tensor([[50.0, 0.0], [-50.0, 0.0]], requires_grad=True)
+    weight = torch.tensor([[4.0, 0.0], [-4.0, 0.0], [0.0, 1.0]])
+    targets = torch.tensor([1, 0])  # each target's logit is 400 below the row's best
+    ours = fast.linear_cross_entropy(hidden, weight, None, targets)
+    expected = F.cross_entropy(hidden @ weight.t(), targets)
+    torch.testing.assert_close(ours, expected)
+    assert torch.isfinite(ours) and ours.item() == pytest.approx(400.0)
+    ours.backward()
+    assert torch.isfinite(hidden.grad).all()
+
+
+def test_compile_pays_off_only_for_long_enough_runs():
+    cpu = torch.device("cpu")
+    assert not fast.compile_pays_off(cpu, step_seconds=1.0, steps_left=10)
+    assert fast.compile_pays_off(cpu, step_seconds=1.0, steps_left=10_000)
+    # slower steps pay the compile back sooner
+    assert fast.compile_pays_off(cpu, step_seconds=30.0, steps_left=100)
+    assert not fast.compile_pays_off(torch.device("meta"), step_seconds=30.0, steps_left=10**6)
+
+
+def test_compile_auto_decides_after_two_timed_steps(monkeypatch):
+    """compile=None times two eager steps, then asks compile_pays_off with the faster one."""
+    asked, compiled = [], []
+    monkeypatch.setattr(fast, "can_compile", lambda device: True)
+    monkeypatch.setattr(fast, "compile_pays_off", lambda device, seconds, left: asked.append((seconds, left)) or True)
+    monkeypatch.setattr(fast, "compile_blocks", lambda model: compiled.append(len(asked)) or [])
+    model = lora_model()
+    result = nbpeft.train(model, [masked_batch()], steps=5, lr=1e-3, live=False)
+    assert len(asked) == 1 and asked[0][1] == 3
+    assert asked[0][0] == min(row["step_time_s"] for row in result.history[:2])
+    assert compiled == [1]  # compiled once, after the question
+    asked.clear(), compiled.clear()
+    nbpeft.train(model, [masked_batch()], steps=5, lr=1e-3, live=False, compile=False)
+    assert asked == [] and compiled == []
+
+
+@pytest.mark.skipif(fast._glibc() is None, reason="glibc's allocator only")
+def test_steady_allocator_reuses_pages_between_steps_and_gives_them_back_after():
+    import resource
+
+    def rss_mib() -> float:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+    def step() -> None:  # one step's worth of activations: 40 x 3 MiB, all freed at the end
+        held = [torch.ones(3 << 18) for _ in range(40)]
+        del held
+
+    undo = fast.steady_allocator(torch.device("cpu"))
+    try:
+        step()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(3):
+            step()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        held_mib = rss_mib()
+    finally:
+        undo()
+    assert faults < 1000  # the default allocator takes ~30,000 per step here (fresh pages)
+    assert rss_mib() < held_mib - 60  # the undo handed the kept 120 MiB back
+
+
 def test_compile_auto_stays_off_for_short_runs_and_blocks_run_eagerly_after():
     model = lora_model()
     nbpeft.train(model, [masked_batch()], steps=2, lr=1e-3, live=False)
