@@ -6,6 +6,7 @@ place; elsewhere it prints plain text lines.
 
 from __future__ import annotations
 
+import html
 import io
 import sys
 import time
@@ -64,6 +65,8 @@ class TextDisplay:
             row, total = payload["row"], payload["total_steps"]
             if row["step"] % self.every == 0 or row["step"] == total or row.get("eval_loss") is not None:
                 print(progress_text(row, total, self.memory_label), file=self.stream, flush=True)
+        elif event == "note":
+            print(f"nbpeft: {payload['message']}", file=self.stream, flush=True)
         elif event == "end":
             result = payload["result"]
             print(f"nbpeft: {result.message or 'done'}" if result.stopped else f"nbpeft: done, {result!r}",
@@ -96,7 +99,9 @@ class NotebookDisplay:
         self.last_draw = 0.0
 
     def __call__(self, event: str, payload: dict[str, Any]) -> None:
-        getattr(self, f"_on_{event}")(payload)
+        handler = getattr(self, f"_on_{event}", None)
+        if handler is not None:
+            handler(payload)
 
     def _on_begin(self, payload: dict[str, Any]) -> None:
         from IPython.display import HTML, display
@@ -130,6 +135,11 @@ class NotebookDisplay:
         self.text_handle.update(HTML(progress_text(row, self.total, self.memory_label)))
         if time.monotonic() - self.last_draw >= self.min_interval_s:
             self._draw()
+
+    def _on_note(self, payload: dict[str, Any]) -> None:
+        from IPython.display import HTML
+
+        self.text_handle.update(HTML(html.escape(payload["message"]) + "…"))
 
     def _on_end(self, payload: dict[str, Any]) -> None:
         from IPython.display import HTML

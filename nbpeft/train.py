@@ -1,7 +1,9 @@
 """A small training loop for adapters, with the device and precision picked for you.
 
-The loop emits events (``begin``, ``step``, ``eval``, ``end``) to listeners; the live
-display in notebooks is one such listener, and the loop knows nothing of it.
+The loop emits events to listeners, each ``listener(event, payload)``: ``begin``, ``step``
+(one per optimizer step; its row holds the eval loss on eval steps), ``note`` (a message
+such as a one-off compile pause) and ``end``. The live display in notebooks is one such
+listener, and the loop knows nothing of it.
 """
 
 from __future__ import annotations
@@ -246,14 +248,16 @@ def train(
                    "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "peak_mem_bytes": peak_memory(dev),
                    "elapsed_s": time.perf_counter() - start}
             result.history.append(row)
-            if decide_compile and step == 2:
-                decide_compile = False
-                if fast.compile_pays_off(dev, min(r["step_time_s"] for r in result.history), steps - step):
-                    compiled = fast.compile_blocks(model)
             if evals is not None and (step % eval_every == 0 or step == steps):
                 row["eval_loss"] = evaluate(model, evals, dev, autocast, use_cache, loss_fn)
                 model.train()
             _emit(listeners, "step", {"row": row, "total_steps": steps})
+            if decide_compile and step == 2:
+                decide_compile = False
+                if fast.compile_pays_off(dev, min(r["step_time_s"] for r in result.history), steps - step):
+                    _emit(listeners, "note", {"message": "compiling the decoder block for faster steps "
+                                              "(a one-off pause; compile=False turns this off)"})
+                    compiled = fast.compile_blocks(model)
     except StopTraining:
         result.stopped = result.stopped or "stopped"
         result.message = result.message or f"stopped after step {len(result.history)} of {steps}; the adapter stays attached"

@@ -160,7 +160,12 @@ def test_compile_auto_decides_after_two_timed_steps(monkeypatch):
     monkeypatch.setattr(fast, "compile_pays_off", lambda device, seconds, left: asked.append((seconds, left)) or True)
     monkeypatch.setattr(fast, "compile_blocks", lambda model: compiled.append(len(asked)) or [])
     model = lora_model()
-    result = nbpeft.train(model, [masked_batch()], steps=5, lr=1e-3, live=False)
+    events = []
+    result = nbpeft.train(model, [masked_batch()], steps=5, lr=1e-3,
+                          live=lambda event, payload: events.append((event, len(compiled), payload)))
+    notes = [(count, payload["message"]) for event, count, payload in events if event == "note"]
+    assert len(notes) == 1 and notes[0][0] == 0 and "compiling" in notes[0][1]  # said before compiling
+    assert [e for e, _, _ in events] == ["begin", "step", "step", "note", "step", "step", "step", "end"]
     assert len(asked) == 1 and asked[0][1] == 3
     assert asked[0][0] == min(row["step_time_s"] for row in result.history[:2])
     assert compiled == [1]  # compiled once, after the question

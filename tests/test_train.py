@@ -229,6 +229,18 @@ def test_text_display_prints_a_few_lines(llama):
     assert "step 40/40" in lines[-2] and "tok/s" in lines[-2] and "peak RSS" in lines[-2]
 
 
+def test_displays_show_notes():
+    out = io.StringIO()
+    TextDisplay(out)("note", {"message": "compiling the decoder block"})
+    assert out.getvalue() == "nbpeft: compiling the decoder block\n"
+    display = NotebookDisplay()
+    updates = []
+    display.text_handle = type("Handle", (), {"update": lambda self, obj: updates.append(obj.data)})()
+    display("note", {"message": "a <b> note"})
+    assert updates == ["a &lt;b&gt; note…"]
+    display("an event from a later version", {})  # unknown events are ignored
+
+
 def test_notebook_display_updates_one_figure_in_place(llama, monkeypatch):
     """The figure is displayed once with a display id and then only updated."""
     import IPython.display

@@ -250,6 +250,15 @@ def test_panel_rejects_what_is_not_a_model():
 
 # training ----------------------------------------------------------------------------------------
 
+def test_train_tab_shows_notes_from_the_loop():
+    from nbpeft.widgets.training import PanelDisplay
+
+    status = widgets.HTML()
+    live = PanelDisplay(widgets.IntProgress(), status, widgets.Image())
+    live("note", {"message": "compiling <block>"})
+    assert status.value == "compiling &lt;block&gt;…"
+
+
 def test_train_tab_trains_in_the_background_and_keeps_the_result(llama):
     namespace = {"data": batches(), "other": 3, "_hidden": [1]}
     panel = nbpeft.panel(llama, namespace=namespace)

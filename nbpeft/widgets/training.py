@@ -8,6 +8,7 @@ current step.
 
 from __future__ import annotations
 
+import html
 import inspect
 import io
 import threading
@@ -79,6 +80,8 @@ class PanelDisplay:
             self.status.value = progress_text(row, self.total, self.memory_label)
             if time.monotonic() - self.last_draw >= self.min_interval_s:
                 self.draw()
+        elif event == "note":
+            self.status.value = html.escape(payload["message"]) + "…"
         elif event == "end":
             result: TrainResult = payload["result"]
             self.draw()
