@@ -298,3 +298,30 @@ def test_lora_over_another_methods_layer(llama, first):
     assert torch.equal(logits(llama), out)  # nothing stayed half-merged
     nbpeft.detach(llama)
     assert_same(before, snapshot(llama))
+
+
+def test_several_active_loras_run_as_one_with_the_same_outputs_and_gradients(llama, monkeypatch):
+    """Active adapters are stacked into one rank-sum(r) update; it must equal one-by-one."""
+    nbpeft.attach(llama, "lora", name="a", r=2, alpha=4, init="random", targets=["q_proj", "v_proj"])
+    nbpeft.attach(llama, "lora", name="b", r=4, alpha=4, init="random", targets=["v_proj"])
+    nbpeft.set_adapter(llama, ["a", "b"])
+    llama.train()  # dropout 0: stacking stays on in training
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        for p in llama.parameters():
+            p.grad = None
+        out = llama(input_ids=tokens()).logits
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in llama.parameters() if p.requires_grad]
+
+    calls = []
+    real = LoRALinear._stackable
+    monkeypatch.setattr(LoRALinear, "_stackable", lambda self, names: calls.append(len(names)) or real(self, names))
+    stacked, stacked_grads = run()
+    assert calls and set(calls) == {2}  # v_proj holds both adapters
+    monkeypatch.setattr(LoRALinear, "_stackable", lambda self, names: False)
+    plain, plain_grads = run()
+    torch.testing.assert_close(stacked, plain, rtol=1e-5, atol=1e-6)
+    assert len(stacked_grads) == len(plain_grads) == 2 * 2 * 2 + 2 * 2  # a: (q, v) x 2 layers x (A, B); b: v x 2 x (A, B)
+    for got, want in zip(stacked_grads, plain_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
