@@ -253,7 +253,6 @@ def train(
                 model.train()
             _emit(listeners, "step", {"row": row, "total_steps": steps})
             if decide_compile and step == 2:
-                decide_compile = False
                 if fast.compile_pays_off(dev, min(r["step_time_s"] for r in result.history), steps - step):
                     _emit(listeners, "note", {"message": "compiling the decoder block for faster steps "
                                               "(a one-off pause; compile=False turns this off)"})

@@ -52,6 +52,13 @@ def run(shell, code: str):
     return result, captured
 
 
+def assert_usage_error(result, out, message: str) -> None:
+    """The cell failed with IPython's UsageError: this one line, no traceback."""
+    assert isinstance(result.error_in_exec, UsageError)
+    assert out.stderr.strip().startswith(f"UsageError: {message}"), out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr + out.stdout
+
+
 @pytest.fixture(scope="module")
 def ip():
     return start_ipython() or get_ipython()  # the shell is a process-wide singleton
@@ -282,8 +289,7 @@ def test_train_flags(shell, fake_train):
 def test_train_errors(shell, fake_train, code, message):
     shell.user_ns["data"] = ["a"]
     result, out = run(shell, code)
-    assert isinstance(result.error_in_exec, UsageError)
-    assert out.stderr.strip().startswith(f"UsageError: {message}")
+    assert_usage_error(result, out, message)
     assert not fake_train
 
 
@@ -328,9 +334,7 @@ def test_errors_are_one_line_and_leave_the_model_untouched(shell, code, message)
     nbpeft.attach(shell.user_ns["model"], "lora", name="existing")
     before = snapshot(shell.user_ns["model"])
     result, out = run(shell, code)
-    assert isinstance(result.error_in_exec, UsageError)
-    assert out.stderr.strip().startswith(f"UsageError: {message}"), out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr + out.stdout
+    assert_usage_error(result, out, message)
     assert not out.outputs
     assert same_snapshot(snapshot(shell.user_ns["model"]), before)
 
@@ -439,8 +443,7 @@ def test_methods_table_for_one_method_lists_its_options(shell):
 ])
 def test_methods_errors(shell, code, message):
     result, out = run(shell, code)
-    assert isinstance(result.error_in_exec, UsageError)
-    assert out.stderr.strip().startswith(f"UsageError: {message}") and len(out.stderr.strip().splitlines()) == 1
+    assert_usage_error(result, out, message)
 
 
 # %peft_use ---------------------------------------------------------------------------------
@@ -475,9 +478,7 @@ def test_use_errors(shell, code, message):
     nbpeft.attach(shell.user_ns["model"], "lora", name="existing")
     before = snapshot(shell.user_ns["model"])
     result, out = run(shell, code)
-    assert isinstance(result.error_in_exec, UsageError)
-    assert out.stderr.strip().startswith(f"UsageError: {message}"), out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1
+    assert_usage_error(result, out, message)
     assert same_snapshot(snapshot(shell.user_ns["model"]), before)
 
 
@@ -554,9 +555,8 @@ def test_compare_with_the_real_compare(shell, monkeypatch):
 ])
 def test_compare_errors(shell, fake_compare, code, message):
     result, out = run(shell, code)
-    assert isinstance(result.error_in_exec, UsageError)
-    assert out.stderr.strip().startswith(f"UsageError: {message}"), out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1 and not fake_compare
+    assert_usage_error(result, out, message)
+    assert not fake_compare
 
 
 def test_compare_type_error_is_one_line(shell, monkeypatch):
@@ -606,8 +606,7 @@ def test_panel_shows_a_panel_on_the_model(shell):
 def test_panel_errors(shell, code, message):
     shell.user_ns["data"] = ["not a model"]
     result, out = run(shell, code)
-    assert isinstance(result.error_in_exec, UsageError)
-    assert out.stderr.strip().startswith(f"UsageError: {message}"), out.stderr
+    assert_usage_error(result, out, message)
     assert "_peft_panel" not in shell.user_ns
 
 

@@ -106,6 +106,15 @@ class AdaptersTab(widgets.VBox):
             raise ConfigError("this model has no adapter; attach one in the first tab")
         return self.adapter.value
 
+    def _folder(self, missing: str) -> str:
+        """The path box's folder, once the model is free; ``missing`` is the error when it is empty."""
+        self._idle()
+        self.enable()
+        folder = self.path.value.strip()
+        if not folder:
+            raise ConfigError(missing)
+        return folder
+
     def _do(self, verb: str, call: Callable[[str], Any]) -> bool:
         try:
             self._idle()
@@ -123,11 +132,8 @@ class AdaptersTab(widgets.VBox):
     def save(self, *_: Any) -> None:
         """``nbpeft.save_adapter(model, path, name=adapter)``."""
         try:
-            self._idle()
-            self.enable()
-            if not self.path.value.strip():
-                raise ConfigError("save: type a folder in path first")
-            folders = nbpeft.save_adapter(self.model, self.path.value.strip(), name=self._selected())
+            folder = self._folder("save: type a folder in path first")
+            folders = nbpeft.save_adapter(self.model, folder, name=self._selected())
         except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
             say(self.message, one_line(err), error=True)
             return
@@ -136,11 +142,8 @@ class AdaptersTab(widgets.VBox):
     def load(self, *_: Any) -> None:
         """``nbpeft.load_adapter(model, path, name=load as)``."""
         try:
-            self._idle()
-            self.enable()
-            if not self.path.value.strip():
-                raise ConfigError("load: type the adapter's folder in path first")
-            loaded = nbpeft.load_adapter(self.model, self.path.value.strip(), name=self.load_name.value.strip() or None)
+            folder = self._folder("load: type the adapter's folder in path first")
+            loaded = nbpeft.load_adapter(self.model, folder, name=self.load_name.value.strip() or None)
         except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
             say(self.message, one_line(err), error=True)
             return
