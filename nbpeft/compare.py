@@ -17,22 +17,8 @@ import torch
 from torch import nn
 
 from . import core
-from .methods.base import ConfigError, get_method, registered
-
-# Each method's usual setting (the rest are its defaults); options of compare() override them.
-COMMON: dict[str, dict[str, Any]] = {
-    "lora": {"r": 8},
-    "dora": {"r": 8},
-    "qlora": {"r": 8},
-    "ia3": {},
-    "bitfit": {},
-    "adapter": {"bottleneck": 64},
-    "prompt": {"num_virtual_tokens": 20},
-    "prefix": {"num_virtual_tokens": 20},
-}
-# Methods that combine adapters already trained: nothing to count on a bare model.
-NEEDS_OTHER_ADAPTERS = {"fusion": "combines trained bottleneck adapters; attach those first"}
-_ORDER = ["lora", "dora", "qlora", "ia3", "bitfit", "adapter", "prompt", "prefix", "fusion"]
+from .errors import ConfigError
+from .methods.base import get_method, registered
 
 
 @dataclass
@@ -83,9 +69,9 @@ def compare(model: nn.Module, methods: list[str] | None = None, **options: dict[
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"compare(): expected a torch.nn.Module, got {type(model).__name__}")
-    names = methods if methods is not None else sorted(
-        (m.name for m in registered()), key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n)
-    )
+    names = methods if methods is not None else [
+        m.name for m in sorted(registered(), key=lambda m: (m.listing_order, m.name))
+    ]
     for name in [*names, *options]:
         get_method(name)  # an unknown name raises with a "did you mean"
     settings = {}
@@ -95,16 +81,17 @@ def compare(model: nn.Module, methods: list[str] | None = None, **options: dict[
             raise ConfigError(f"compare(): {name}={given!r} must be a dict of options, e.g. {name}={{'r': 16}}")
         spec = get_method(name)
         fields = set(spec.config_class.__dataclass_fields__)
-        settings[name] = {**{k: v for k, v in COMMON.get(name, {}).items() if k in fields}, **given}
-        if name not in NEEDS_OTHER_ADAPTERS:
+        settings[name] = {**{k: v for k, v in spec.compare_options.items() if k in fields}, **given}
+        if spec.needs_other_adapters is None:
             spec.config_class.from_options(settings[name])  # bad options raise here, before any counting
 
     total = sum(p.numel() for p in shapes_only_copy(model).parameters())
     table = Comparison(type(model).__name__, total)
     for name in names:
         row = {"method": name, "settings": settings[name], "trainable": None, "percent": None, "modules": 0, "note": ""}
-        if name in NEEDS_OTHER_ADAPTERS:
-            row["note"] = "skipped: " + NEEDS_OTHER_ADAPTERS[name]
+        needs = get_method(name).needs_other_adapters
+        if needs is not None:
+            row["note"] = "skipped: " + needs
         else:
             try:
                 adapter = core.attach(shapes_only_copy(model), name, name="compared", **settings[name])

@@ -8,55 +8,22 @@ before the first attach. Everything else lives in the adapter layers themselves.
 from __future__ import annotations
 
 import contextlib
-import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from . import targeting
-from .methods.base import AdapterLayer, ConfigError, MethodConfig, get_method
+from .errors import ConfigError
+from .layers import AdapterLayer, TrainedCopy, adapter_layers, add_adapter, base_path, set_module
+from .methods.base import MethodConfig, get_method
+
+__all__ = ["Adapter", "PeftState", "TrainedCopy", "adapter_layers", "adapter_owners", "adapter_parameters", "attach",
+           "detach", "disable_adapters", "merge", "packed_weights", "resolve_adapter_names", "set_adapter", "state",
+           "trainable_parameters", "unmerge"]
 
 _CLASSIFIER_HEADS = ("classifier", "score")
-
-
-class TrainedCopy(AdapterLayer):
-    """A module trained in full for an adapter (e.g. a classifier head).
-
-    The original stays untouched; each adapter gets its own trainable copy.
-    """
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        self.modules_to_save = nn.ModuleDict()
-
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.modules_to_save)
-
-    def add(self, name: str, config: MethodConfig) -> None:
-        self.modules_to_save[name] = copy.deepcopy(self.base_layer)
-
-    def remove(self, name: str) -> None:
-        del self.modules_to_save[name]
-        self.active = tuple(a for a in self.active if a != name)
-
-    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
-        return dict(self.modules_to_save[name].named_parameters())
-
-    def merge(self, name: str) -> None:
-        """A full copy has nothing to fold: it simply stays in use."""
-
-    def unmerge(self, name: str) -> None:
-        """See :meth:`merge`."""
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.disabled:
-            for name in self.active:
-                if name in self.modules_to_save:
-                    return self.modules_to_save[name](*args, **kwargs)
-        return self.base_layer(*args, **kwargs)
 
 
 @dataclass
@@ -77,7 +44,8 @@ class Adapter:
     def options(self) -> dict[str, Any]:
         return self.config.to_dict()
 
-    def _target_text(self) -> str:
+    def target_text(self) -> str:
+        """The adapted modules by leaf name, e.g. ``q_proj ×30, v_proj ×30``."""
         counts: dict[str, int] = {}
         for path in self.targets:
             leaf = path.rsplit(".", 1)[-1]
@@ -89,7 +57,7 @@ class Adapter:
         extra = f"; also trains {', '.join(self.saved_modules)}" if self.saved_modules else ""
         notes = "".join(f"; {note}" for note in self.notes)
         return (
-            f"Adapter {self.name!r}: {self.method} on {len(self.targets)} modules ({self._target_text()}){extra}; "
+            f"Adapter {self.name!r}: {self.method} on {len(self.targets)} modules ({self.target_text()}){extra}; "
             f"{self.num_params:,} trainable parameters ({pct:.3f}% of {self.model_params:,}){notes}"
         )
 
@@ -104,34 +72,6 @@ class PeftState:
 def state(model: nn.Module) -> PeftState:
     st = getattr(model, "_nbpeft", None)
     return st if st is not None else PeftState()
-
-
-def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
-    """Every adapter layer with the base-model path of the module it wraps."""
-    for path, module in model.named_modules():
-        if isinstance(module, AdapterLayer):
-            yield _base_path(path), module
-
-
-def _base_path(path: str) -> str:
-    return ".".join(p for p in path.split(".") if p != "base_layer")
-
-
-def _get(model: nn.Module, path: str) -> nn.Module:
-    return model.get_submodule(path) if path else model
-
-
-def _set(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(_get(model, parent), leaf, module)
-
-
-def _find_layer(module: nn.Module, cls: type) -> AdapterLayer | None:
-    while isinstance(module, AdapterLayer):
-        if isinstance(module, cls):
-            return module
-        module = module.base_layer
-    return None
 
 
 def _default_saved_modules(model: nn.Module) -> list[str]:
@@ -165,7 +105,7 @@ def attach(model: nn.Module, method: str, *, name: str = "default", **options: A
         raise ConfigError(f"attach(): an adapter named {name!r} is already attached; pick another name= or detach it first")
     spec = get_method(method)
     config = spec.config_class.from_options(options)
-    chosen = spec.select(model, config)
+    chosen = spec.select(model, config, st.adapters)
     saved = config.modules_to_save if config.modules_to_save is not None else _default_saved_modules(model)
     modules = targeting.base_modules(model)
     missing = [m for m in saved if m not in modules]
@@ -173,31 +113,20 @@ def attach(model: nn.Module, method: str, *, name: str = "default", **options: A
         raise ConfigError(f"attach(): modules_to_save={missing} not found in the model")
 
     first = not st.adapters
-    undo: list[Any] = []
+    undo: list[Callable[[], None]] = []
     try:
         for path, cls in [(p, spec.layer_class) for p in chosen] + [(p, TrainedCopy) for p in saved]:
-            current = _get(model, path)
-            layer = _find_layer(current, cls)
-            if layer is None:
-                layer = cls(current)
-                _set(model, path, layer)
-                undo.append(("wrap", path, current))
-            layer.add(name, config)
-            layer.train(current.training)  # new adapter modules follow the model's train/eval mode
-            undo.append(("add", layer, name))
+            undo.append(add_adapter(model, path, cls, name, config))
         spec.on_attach(model, name, config)
     except Exception:
-        for action in reversed(undo):
-            if action[0] == "add":
-                action[1].remove(action[2])
-            else:
-                _set(model, action[1], action[2])
+        for step in reversed(undo):
+            step()
         raise
 
     if first:
-        owners = _adapter_owners(model)
+        owners = adapter_owners(model)
         st.base_requires_grad = {
-            _base_path(n): p.requires_grad for n, p in model.named_parameters() if id(p) not in owners
+            base_path(n): p.requires_grad for n, p in model.named_parameters() if id(p) not in owners
         }
     adapter = Adapter(name=name, method=spec.name, config=config, targets=chosen, saved_modules=list(saved),
                       notes=spec.notes(model, config, chosen))
@@ -205,7 +134,7 @@ def attach(model: nn.Module, method: str, *, name: str = "default", **options: A
     model._nbpeft = st
     set_adapter(model, name)
     adapter.num_params = sum(p.numel() for p in adapter_parameters(model, name).values())
-    owners = _adapter_owners(model)
+    owners = adapter_owners(model)
     adapter.model_params = sum(p.numel() for p in model.parameters() if id(p) not in owners) + packed_weights(model)
     return adapter
 
@@ -215,7 +144,7 @@ def packed_weights(model: nn.Module) -> int:
     return sum(getattr(m, "packed_weight_numel", 0) for m in model.modules())
 
 
-def _adapter_owners(model: nn.Module) -> dict[int, str]:
+def adapter_owners(model: nn.Module) -> dict[int, str]:
     """id(parameter) -> adapter name, for every adapter parameter in the model."""
     owners = {}
     for _, layer in adapter_layers(model):
@@ -225,7 +154,8 @@ def _adapter_owners(model: nn.Module) -> dict[int, str]:
     return owners
 
 
-def _adapter_names(model: nn.Module, name: str | list[str] | None, fn: str) -> list[str]:
+def resolve_adapter_names(model: nn.Module, name: str | list[str] | None, fn: str) -> list[str]:
+    """The adapters ``name`` designates (None: all), or a ConfigError worded for the caller ``fn()``."""
     st = state(model)
     if not st.adapters:
         raise ConfigError(f"{fn}(): this model has no adapter; attach one first with nbpeft.attach(model, 'lora')")
@@ -240,19 +170,19 @@ def _adapter_names(model: nn.Module, name: str | list[str] | None, fn: str) -> l
 
 def set_adapter(model: nn.Module, name: str | list[str]) -> None:
     """Make ``name`` (or several names) the active adapter(s): used in forward and trained."""
-    names = _adapter_names(model, name, "set_adapter")
+    names = resolve_adapter_names(model, name, "set_adapter")
     st = state(model)
     for _, layer in adapter_layers(model):
         layer.active = tuple(n for n in names if n in layer.adapter_names)
     st.active = names
-    owners = _adapter_owners(model)
+    owners = adapter_owners(model)
     for param in model.parameters():
         param.requires_grad = owners.get(id(param)) in names
 
 
 def detach(model: nn.Module, name: str | None = None) -> None:
     """Remove one adapter (or all) and restore the original modules exactly."""
-    names = _adapter_names(model, name, "detach")
+    names = resolve_adapter_names(model, name, "detach")
     st = state(model)
     names = _detach_order(st, names)
     for n in names:
@@ -265,7 +195,7 @@ def detach(model: nn.Module, name: str | None = None) -> None:
     # Unwrap layers that hold no adapter any more, innermost first.
     for path, module in sorted(model.named_modules(), key=lambda kv: -kv[0].count(".")):
         if isinstance(module, AdapterLayer) and not module.adapter_names:
-            _set(model, path, module.base_layer)
+            set_module(model, path, module.base_layer)
     if st.adapters:
         remaining = [n for n in st.active if n in st.adapters] or [next(iter(st.adapters))]
         set_adapter(model, remaining)
@@ -287,7 +217,7 @@ def _detach_order(st: PeftState, names: list[str]) -> list[str]:
 
 def merge(model: nn.Module, name: str | list[str] | None = None) -> None:
     """Fold adapters into the base weights (default: the active ones): no extra latency."""
-    names = _adapter_names(model, name if name is not None else state(model).active, "merge")
+    names = resolve_adapter_names(model, name if name is not None else state(model).active, "merge")
     layers = list(adapter_layers(model))
     for n in names:
         done = []
@@ -307,7 +237,7 @@ def merge(model: nn.Module, name: str | list[str] | None = None) -> None:
 def unmerge(model: nn.Module, name: str | list[str] | None = None) -> None:
     """Undo :func:`merge`: the base weights return to their values before the merge."""
     st = state(model)
-    names = _adapter_names(model, name if name is not None else [n for n, a in st.adapters.items() if a.merged], "unmerge")
+    names = resolve_adapter_names(model, name if name is not None else [n for n, a in st.adapters.items() if a.merged], "unmerge")
     for n in names:
         for _, layer in adapter_layers(model):
             if n in layer.adapter_names:

@@ -26,12 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import architectures
+
 IGNORE = -100
-# Architectures whose causal-LM forward is exactly: backbone -> lm_head -> shifted mean CE.
-PLAIN_HEAD_TYPES = frozenset({
-    "llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo", "olmo2", "phi3", "gemma", "gpt2", "gpt_neox",
-    "stablelm", "starcoder2",
-})
 # Config fields that change the logits after the head; a model setting any is left alone.
 LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -125,7 +122,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
 def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     """The backbone and plain linear head of a supported causal LM, else None."""
     config = getattr(model, "config", None)
-    if config is None or getattr(config, "model_type", None) not in PLAIN_HEAD_TYPES:
+    # architectures.py marks the families whose causal-LM forward is exactly backbone -> lm_head -> shifted mean CE
+    if config is None or not architectures.has_plain_lm_head(model):
         return None
     if not type(model).__name__.endswith("ForCausalLM") and type(model).__name__ != "GPT2LMHeadModel":
         return None

@@ -17,11 +17,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import core
-from .methods.base import ConfigError, get_method, registered
+from .errors import ConfigError
+from .methods.base import get_method, registered
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-PREFIX = "base_model.model."
 
 
 def _method_by_peft_type() -> dict[str, str]:
@@ -48,7 +48,7 @@ def _folder(path: Path, name: str) -> Path:
 
 def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) -> list[Path]:
     """Write adapter ``name`` (default: every adapter) to ``path``; returns the folders written."""
-    names = core._adapter_names(model, name, "save_adapter")
+    names = core.resolve_adapter_names(model, name, "save_adapter")
     path = Path(path)
     written = []
     for n in names:
@@ -64,7 +64,7 @@ def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) ->
         }
         tensors = {
             key: value.detach().to("cpu").contiguous().clone()
-            for key, value in spec.checkpoint_tensors(model, n, core.adapter_parameters(model, n)).items()
+            for key, value in spec.checkpoint_tensors(model, adapter, core.adapter_parameters(model, n)).items()
         }
         folder = _folder(path, n)
         folder.mkdir(parents=True, exist_ok=True)
@@ -121,7 +121,7 @@ def _load_one(model: nn.Module, folder: Path, name: str) -> core.Adapter:
     options["modules_to_save"] = list(cfg.get("modules_to_save") or [])
     adapter = core.attach(model, spec.name, name=name, **options)
     try:
-        _copy_tensors(model, name, spec.from_checkpoint(model, name, tensors), folder)
+        _copy_tensors(model, name, spec.from_checkpoint(model, adapter, tensors), folder)
     except Exception:
         core.detach(model, name)
         raise

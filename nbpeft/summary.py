@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .core import _adapter_owners, packed_weights, state
+from .core import adapter_owners, packed_weights, state
 
 
 @dataclass
@@ -81,7 +81,7 @@ class Summary:
 def summary(model: nn.Module) -> Summary:
     """Total and trainable parameters of ``model``, per adapter and per method."""
     st = state(model)
-    owners = _adapter_owners(model)
+    owners = adapter_owners(model)
     params = list(model.parameters())
     packed = packed_weights(model)
     per_adapter: dict[str, int] = {}

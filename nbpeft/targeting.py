@@ -13,7 +13,8 @@ from collections import Counter
 
 from torch import nn
 
-from .methods.base import AdapterLayer, ConfigError
+from .errors import ConfigError
+from .layers import innermost
 
 ALL_LINEAR = "all-linear"
 _HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs", "pooler.dense")
@@ -30,6 +31,18 @@ def linear_types() -> tuple[type, ...]:
     return types
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2), a linear layer that stores its weight as (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of ``nn.Linear`` or ``Conv1D``."""
+    if is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
 def base_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Module paths as they are in the model without adapters.
 
@@ -38,7 +51,7 @@ def base_modules(model: nn.Module) -> dict[str, nn.Module]:
     out: dict[str, nn.Module] = {}
 
     def visit(prefix: str, module: nn.Module) -> None:
-        module = _unwrap(module)
+        module = innermost(module)
         out[prefix] = module
         for child_name, child in module.named_children():
             visit(f"{prefix}.{child_name}" if prefix else child_name, child)
@@ -47,19 +60,13 @@ def base_modules(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    while isinstance(module, AdapterLayer):
-        module = module.base_layer
-    return module
-
-
 def head_names(model: nn.Module) -> set[str]:
     """Paths of output heads: the output embedding and the usual task heads."""
     heads = set()
     get_out = getattr(model, "get_output_embeddings", None)
     out_emb = get_out() if callable(get_out) else None
     for path, module in base_modules(model).items():
-        if out_emb is not None and (module is out_emb or module is _unwrap(out_emb)):
+        if out_emb is not None and (module is out_emb or module is innermost(out_emb)):
             heads.add(path)
         elif path in _HEAD_NAMES or path.rsplit(".", 1)[-1] in ("lm_head", "score", "classifier"):
             heads.add(path)

@@ -29,7 +29,7 @@ plus ``base_model.model.<norm path>.weight`` (``.bias``) for trained norm copies
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import targeting
-from .base import AdapterLayer, ConfigError, Method, MethodConfig, option, register
+from .. import architectures, targeting
+from ..layers import AdapterLayer, TrainedCopy, adapter_factory, add_adapter, innermost, set_module, wrappers
+from .base import Attached, ConfigError, Method, MethodConfig, option, register
 
 DEFAULT_REDUCTION = 16
 
@@ -48,27 +49,6 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "tanh": torch.tanh,
 }
-
-# model_type -> (output of the attention block, output of the feed-forward block), as
-# regexes over module paths. Each names the linear layer whose output feeds the residual.
-_LLAMA_LIKE = (r".*\.self_attn\.o_proj", r".*\.mlp\.down_proj")
-_BERT_LIKE = (r".*\.attention\.output\.dense", r".*\.layer\.\d+\.output\.dense")
-DEFAULT_PLACES: dict[str, tuple[str, str]] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "phi3": _LLAMA_LIKE,
-    "bert": _BERT_LIKE,
-    "roberta": _BERT_LIKE,
-    "distilbert": (r".*\.attention\.out_lin", r".*\.ffn\.lin2"),
-    "gpt2": (r".*\.attn\.c_proj", r".*\.mlp\.c_proj"),
-    "gpt_neox": (r".*\.attention\.dense", r".*\.mlp\.dense_4h_to_h"),
-    "opt": (r".*\.self_attn\.out_proj", r".*\.fc2"),
-}
-
 
 @dataclass
 class AdapterConfig(MethodConfig):
@@ -123,26 +103,13 @@ def bottleneck_size(config: AdapterConfig, hidden: int) -> int:
     return size
 
 
-def _innermost(module: nn.Module) -> nn.Module:
-    while isinstance(module, AdapterLayer):
-        module = module.base_layer
-    return module
-
-
 def out_features(module: nn.Module) -> int:
     """Width of a linear layer's output (``nn.Linear`` or transformers' ``Conv1D``)."""
-    inner = _innermost(module)
+    inner = innermost(module)
     width = getattr(inner, "out_features", None) or getattr(inner, "nf", None)
     if not isinstance(width, int):
         raise ConfigError(f"adapter: cannot tell the output width of {type(inner).__name__}; target linear layers")
     return width
-
-
-def _factory(module: nn.Module) -> dict[str, Any]:
-    weight = _innermost(module).weight
-    # Low-precision or quantised bases keep fp32 adapters, as LoRA does.
-    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-    return {"device": weight.device, "dtype": dtype}
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -172,7 +139,7 @@ class BottleneckAdapter(AdapterLayer):
         return list(self.adapter_down) + list(self.adapter_fusion)
 
     def add(self, name: str, config: MethodConfig) -> None:
-        factory = _factory(self.base_layer)
+        factory = adapter_factory(self.innermost().weight)
         if not isinstance(config, AdapterConfig):  # a fusion config builds its own combining module
             self.adapter_fusion[name] = config.build_layer(self.hidden_size, factory)
             return
@@ -183,12 +150,11 @@ class BottleneckAdapter(AdapterLayer):
         nn.init.zeros_(self.adapter_up[name].bias)
         self.activation[name] = config.activation
 
-    def remove(self, name: str) -> None:
+    def delete(self, name: str) -> None:
         if name in self.adapter_fusion:
             del self.adapter_fusion[name]
         else:
             del self.adapter_down[name], self.adapter_up[name], self.activation[name]
-        self.active = tuple(a for a in self.active if a != name)
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         if name in self.adapter_fusion:
@@ -204,7 +170,7 @@ class BottleneckAdapter(AdapterLayer):
 
     @property
     def in_features(self) -> int:
-        inner = _innermost(self)
+        inner = self.innermost()
         return getattr(inner, "in_features", None) or inner.weight.shape[0]  # Conv1D keeps (in, out)
 
     @property
@@ -215,7 +181,7 @@ class BottleneckAdapter(AdapterLayer):
     # update into it would change what the adapter sees, so they get a copy they cannot set.
     @property
     def weight(self) -> torch.Tensor:
-        return _innermost(self).weight.detach().clone()
+        return self.innermost().weight.detach().clone()
 
     @weight.setter
     def weight(self, value: torch.Tensor) -> None:
@@ -223,9 +189,6 @@ class BottleneckAdapter(AdapterLayer):
 
     def merge(self, name: str) -> None:
         raise NotImplementedError("a bottleneck adapter cannot be merged: its non-linearity sits between the projections")
-
-    def unmerge(self, name: str) -> None:
-        """Nothing to undo: bottleneck adapters are never merged."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
@@ -246,16 +209,15 @@ class BottleneckAdapter(AdapterLayer):
         return f"hidden={self.hidden_size}, adapters=[{', '.join(parts)}], active={list(self.active)}"
 
 
-def default_places(model: nn.Module, config: str) -> str:
-    """The regex of insertion points for ``config`` on this architecture."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_PLACES:
+def default_places(model: nn.Module, config: str) -> str | list[str]:
+    """The insertion points for ``config`` on this architecture: the attention and feed-forward outputs."""
+    if architectures.role_targets(model, "attention_output", "ffn_out") is None:
         raise ConfigError(
-            f"adapter: no default insertion points for model_type={model_type!r}; pass targets=[...] "
+            f"adapter: no default insertion points for model_type={architectures.model_type(model)!r}; pass targets=[...] "
             "(the linear layers whose outputs feed the residual stream)"
         )
-    attention, feed_forward = DEFAULT_PLACES[model_type]
-    return feed_forward if config == "pfeiffer" else f"{attention}|{feed_forward}"
+    roles = ("ffn_out",) if config == "pfeiffer" else ("attention_output", "ffn_out")
+    return architectures.role_targets(model, *roles)
 
 
 def _place_text(paths: list[str]) -> str:
@@ -265,11 +227,7 @@ def _place_text(paths: list[str]) -> str:
 
 
 def _merged_wrapper(module: nn.Module) -> list[str]:
-    merged = []
-    while isinstance(module, AdapterLayer):
-        merged += module.merged
-        module = module.base_layer
-    return merged
+    return [name for layer in wrappers(module) for name in layer.merged]
 
 
 def _move_innermost(model: nn.Module, path: str) -> None:
@@ -277,11 +235,8 @@ def _move_innermost(model: nn.Module, path: str) -> None:
     outer = model.get_submodule(path)
     if not isinstance(outer, BottleneckAdapter) or not isinstance(outer.base_layer, AdapterLayer):
         return
-    last = outer.base_layer
-    while isinstance(last.base_layer, AdapterLayer):
-        last = last.base_layer
-    parent, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, outer.base_layer)
+    last = list(wrappers(outer.base_layer))[-1]
+    set_module(model, path, outer.base_layer)
     outer.base_layer, last.base_layer = last.base_layer, outer
 
 
@@ -295,8 +250,14 @@ class BottleneckAdapterMethod(Method):
     config_class = AdapterConfig
     layer_class = BottleneckAdapter
     peft_type = "BOTTLENECK_ADAPTER"
+    listing_order = 40
+    compare_options = {"bottleneck": 64}
 
-    def select(self, model: nn.Module, config: AdapterConfig) -> list[str]:
+    def select(self, model: nn.Module, config: AdapterConfig, attached: Mapping[str, Attached]) -> list[str]:
+        return self.places(model, config)
+
+    def places(self, model: nn.Module, config: AdapterConfig) -> list[str]:
+        """The insertion points, checked: each gets a bottleneck and carries no merged adapter."""
         places = config.targets if config.targets is not None else default_places(model, config.config)
         chosen = targeting.resolve(model, places, targeting.linear_types(), self.name)
         modules = targeting.base_modules(model)
@@ -312,33 +273,20 @@ class BottleneckAdapterMethod(Method):
     def on_attach(self, model: nn.Module, name: str, config: AdapterConfig) -> None:
         """Put each new adapter layer right on its frozen module; with ``train_layernorms``
         every norm gets a trainable copy for this adapter."""
-        paths = self.select(model, config)
+        paths = self.places(model, config)
         if config.train_layernorms:
             self._copy_norms(model, name, config)
         for path in paths:  # plain attribute moves, last: nothing after them can fail
             _move_innermost(model, path)
 
     def _copy_norms(self, model: nn.Module, name: str, config: AdapterConfig) -> None:
-        from ..core import TrainedCopy, _find_layer, _get, _set
-
-        undo: list[tuple[str, nn.Module | None, AdapterLayer]] = []
+        undo = []
         try:
             for path in _norm_paths(model):
-                current = _get(model, path)
-                layer = _find_layer(current, TrainedCopy)
-                wrapped = layer is None
-                if layer is None:
-                    layer = TrainedCopy(current)
-                    _set(model, path, layer)
-                layer.add(name, config)
-                layer.train(current.training)
-                undo.append((path, current if wrapped else None, layer))
+                undo.append(add_adapter(model, path, TrainedCopy, name, config))
         except Exception:
-            for path, original, layer in reversed(undo):
-                if name in layer.adapter_names:
-                    layer.remove(name)
-                if original is not None:
-                    _set(model, path, original)
+            for step in reversed(undo):
+                step()
             raise
 
     def notes(self, model: nn.Module, config: AdapterConfig, targets: list[str]) -> list[str]:

@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+from ..layers import AdapterLayer
 
-class ConfigError(ValueError):
-    """A bad option: the message is one line that says what to do."""
+__all__ = ["REFERENCE_PREFIX", "AdapterLayer", "Attached", "ConfigError", "Method", "MethodConfig", "MethodInfo",
+           "get_method", "method_options", "methods", "option", "register", "registered"]
+
+# Tensor keys in the published checkpoint format: this prefix, the module path, the parameter.
+REFERENCE_PREFIX = "base_model.model."
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, **meta: Any) -> Any:
@@ -104,20 +110,38 @@ def _check_type(method: str, name: str, value: Any, tp: Any) -> None:
         )
 
 
+class Attached(Protocol):
+    """What a method may read about an adapter already on the model (``nbpeft.Adapter`` is one)."""
+
+    name: str
+    method: str
+    config: MethodConfig
+    targets: list[str]
+
+
 class Method:
     """What a PEFT method provides to the core.
 
-    ``select`` decides which modules the method adapts, ``wrap`` turns one of them into
-    its adapted form (adding the named adapter), and the wrapper classes implement
-    :class:`AdapterLayer`.
+    ``select`` decides which modules the method adapts; the core wraps each of them in
+    ``layer_class`` (an :class:`~nbpeft.layers.AdapterLayer`), or reuses the one already
+    there, and calls its ``add``. The hooks below let a method act on the whole model and
+    choose its checkpoint layout; they receive everything they need as arguments.
     """
 
     name: ClassVar[str]
     description: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
+    layer_class: ClassVar[type[AdapterLayer]]
     peft_type: ClassVar[str]
+    # Where the method comes in listings such as compare(): lower first, then by name.
+    listing_order: ClassVar[int] = 1000
+    # compare()'s usual setting for this method (the rest are the config's defaults).
+    compare_options: ClassVar[dict[str, Any]] = {}
+    # Set for a method that only combines adapters already trained (nothing to count on a bare model): why.
+    needs_other_adapters: ClassVar[str | None] = None
 
-    def select(self, model: nn.Module, config: MethodConfig) -> list[str]:
+    def select(self, model: nn.Module, config: MethodConfig, attached: Mapping[str, Attached]) -> list[str]:
+        """Module paths to adapt; ``attached`` holds the adapters already on the model, by name."""
         raise NotImplementedError
 
     # Optional model-level hooks, for methods that act on the whole model (prompt and
@@ -149,63 +173,19 @@ class Method:
         fields = {f.name for f in dataclasses.fields(self.config_class)}
         return {k: v for k, v in cfg.items() if k in fields}
 
-    def checkpoint_tensors(self, model: nn.Module, name: str, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    def checkpoint_tensors(self, model: nn.Module, adapter: Attached, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
         """Tensors to save, keyed as in the file; ``params`` are keyed ``<module path>.<suffix>``."""
-        return {"base_model.model." + key: p.detach() for key, p in params.items()}
+        return {REFERENCE_PREFIX + key: p.detach() for key, p in params.items()}
 
-    def from_checkpoint(self, model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The file's tensors keyed like ``params`` above (the inverse of ``checkpoint_tensors``)."""
-        prefix = "base_model.model."
-        bad = [k for k in tensors if not k.startswith(prefix)]
+    def from_checkpoint(self, model: nn.Module, adapter: Attached, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The file's tensors keyed like ``params`` above (the inverse of ``checkpoint_tensors``).
+
+        Called right after ``adapter`` is attached; a method may still adjust its config.
+        """
+        bad = [k for k in tensors if not k.startswith(REFERENCE_PREFIX)]
         if bad:
-            raise ConfigError(f"load_adapter(): key {bad[0]!r} does not start with {prefix!r}")
-        return {k[len(prefix):]: v for k, v in tensors.items()}
-
-
-class AdapterLayer(nn.Module):
-    """A module that wraps ``base_layer`` and holds one or more named adapters.
-
-    Subclasses keep per-adapter parameters in ``nn.ModuleDict``/``nn.ParameterDict``
-    keyed by adapter name, and implement ``add``, ``remove``, ``adapter_parameters``
-    and, if the math allows, ``merge``/``unmerge``.
-    """
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.active: tuple[str, ...] = ()
-        self.merged: list[str] = []
-        self.disabled = False
-
-    @property
-    def adapter_names(self) -> list[str]:
-        raise NotImplementedError
-
-    def remove(self, name: str) -> None:
-        raise NotImplementedError
-
-    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
-        raise NotImplementedError
-
-    def merge(self, name: str) -> None:
-        raise NotImplementedError(f"{type(self).__name__} cannot be merged")
-
-    # W + Δ - Δ is not W in floating point: a CPU copy of the weight taken at the first
-    # merge is put back when the last merged adapter is unmerged, so detach is bit-exact.
-    @torch.no_grad()
-    def keep_original_weight(self) -> None:
-        if not self.merged:
-            self._original_weight = self.base_layer.weight.detach().to("cpu", copy=True)
-
-    @torch.no_grad()
-    def restore_original_weight(self) -> None:
-        original = getattr(self, "_original_weight", None)
-        if not self.merged and original is not None:
-            self.base_layer.weight.copy_(original)
-            self._original_weight = None
-
-    def unmerge(self, name: str) -> None:
-        raise NotImplementedError(f"{type(self).__name__} cannot be unmerged")
+            raise ConfigError(f"load_adapter(): key {bad[0]!r} does not start with {REFERENCE_PREFIX!r}")
+        return {k[len(REFERENCE_PREFIX):]: v for k, v in tensors.items()}
 
 
 @dataclass

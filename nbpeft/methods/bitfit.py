@@ -15,6 +15,7 @@ parameters (layers that had no bias cannot be merged).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,7 +24,8 @@ from torch import nn
 from torch.func import functional_call
 
 from .. import targeting
-from .base import AdapterLayer, ConfigError, Method, MethodConfig, option, register
+from ..layers import AdapterLayer, adapter_dtype, wrappers
+from .base import Attached, ConfigError, Method, MethodConfig, option, register
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -78,7 +80,7 @@ class BitFitLayer(AdapterLayer):
 
     @property
     def inner(self) -> nn.Module:
-        return targeting._unwrap(self.base_layer)
+        return self.innermost()
 
     @property
     def adapter_names(self) -> list[str]:
@@ -92,7 +94,7 @@ class BitFitLayer(AdapterLayer):
     def add(self, name: str, config: BitFitConfig) -> None:
         inner = self.inner
         weight = inner.weight
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = adapter_dtype(weight.dtype)
         start = {}
         if _is_norm(inner):  # a norm layer trains its weight and any bias it has (none is added)
             start["weight"] = weight.detach().to(dtype)
@@ -102,9 +104,8 @@ class BitFitLayer(AdapterLayer):
             start["bias"] = torch.zeros(_out_features(inner), device=weight.device, dtype=dtype)
         self.bitfit[name] = BitFitCopy(start)
 
-    def remove(self, name: str) -> None:
+    def delete(self, name: str) -> None:
         del self.bitfit[name]
-        self.active = tuple(a for a in self.active if a != name)
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         return dict(self.bitfit[name].named_parameters())
@@ -154,10 +155,8 @@ class BitFitLayer(AdapterLayer):
         return result + deltas["bias"].to(result.dtype) if "bias" in deltas else result
 
     def _inner_prefix(self) -> str:
-        prefix, module = "", self.base_layer
-        while isinstance(module, AdapterLayer):
-            prefix, module = prefix + "base_layer.", module.base_layer
-        return prefix
+        """``base_layer.`` once per layer between this one and the wrapped module."""
+        return "base_layer." * len(list(wrappers(self.base_layer)))
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.bitfit)}, active={list(self.active)}" + (", added bias" if self.added_bias else "")
@@ -177,8 +176,9 @@ class BitFit(Method):
     config_class = BitFitConfig
     layer_class = BitFitLayer
     peft_type = "BITFIT"
+    listing_order = 30
 
-    def select(self, model: nn.Module, config: BitFitConfig) -> list[str]:
+    def select(self, model: nn.Module, config: BitFitConfig, attached: Mapping[str, Attached]) -> list[str]:
         kinds = targeting.linear_types() + _norm_types(model)
         chosen = targeting.resolve(model, config.targets or targeting.ALL_LINEAR, kinds, self.name)
         if config.layer_norms:

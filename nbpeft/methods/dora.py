@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import AdapterLayer, ConfigError, register
+from ..layers import AdapterLayer
+from .base import ConfigError, register
 from .lora import LoRA, LoraConfig, LoRALinear
 
 _EPS = 1e-12
@@ -51,8 +52,8 @@ class DoRALinear(LoRALinear):
         if isinstance(config, DoraConfig):
             self.lora_magnitude_vector[name] = nn.Parameter(self.weight_norm(name).detach())
 
-    def remove(self, name: str) -> None:
-        super().remove(name)
+    def delete(self, name: str) -> None:
+        super().delete(name)
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]
 
@@ -133,6 +134,7 @@ class DoRA(LoRA):
     config_class = DoraConfig
     layer_class = DoRALinear
     peft_type = "LORA"
+    listing_order = 11
 
     def accepts(self, cfg: dict[str, Any]) -> bool:
         return bool(cfg.get("use_dora"))

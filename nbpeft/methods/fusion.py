@@ -28,6 +28,7 @@ folder takes subfolders in name order: load a fusion named before its adapters b
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -36,7 +37,7 @@ from torch import nn
 
 from .. import targeting
 from .adapter import BottleneckAdapter
-from .base import ConfigError, Method, MethodConfig, option, register
+from .base import Attached, ConfigError, Method, MethodConfig, option, register
 
 
 @dataclass
@@ -95,12 +96,11 @@ class AdapterFusion(Method):
     config_class = FusionConfig
     layer_class = BottleneckAdapter
     peft_type = "ADAPTER_FUSION"
+    listing_order = 60
+    needs_other_adapters = "combines trained bottleneck adapters; attach those first"
 
-    def select(self, model: nn.Module, config: FusionConfig) -> list[str]:
+    def select(self, model: nn.Module, config: FusionConfig, attached: Mapping[str, Attached]) -> list[str]:
         """The insertion points the listed adapters share (they must all be bottleneck adapters)."""
-        from ..core import state
-
-        attached = state(model).adapters
         for n in config.adapters:
             if n not in attached:
                 have = ", ".join(attached) or "none"

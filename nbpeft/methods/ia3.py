@@ -17,34 +17,16 @@ query third is not all ones (the reference scales all of ``c_attn``) loads with 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from .. import targeting
-from .base import AdapterLayer, ConfigError, Method, MethodConfig, option, register
-from .lora import _features, _is_conv1d
-
-# BERT's feed-forward down projection is layer.N.output.dense; the suffix "output.dense" would also
-# pick the attention's output projection (as the reference's default does), which (IA)³ leaves alone.
-_BERT = (r".*\.(key|value)|.*layer\.\d+\.output\.dense", r".*layer\.\d+\.output\.dense")
-# model_type -> (targets, feed-forward targets): keys, values and the feed-forward down projection.
-DEFAULT_TARGETS: dict[str, tuple[Any, Any]] = {
-    **{t: (["k_proj", "v_proj", "down_proj"], ["down_proj"])
-       for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")},
-    "opt": (["k_proj", "v_proj", "fc2"], ["fc2"]),
-    "bert": _BERT,
-    "roberta": _BERT,
-    "distilbert": (["k_lin", "v_lin", "lin2"], ["lin2"]),
-    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
-    "t5": (["k", "v", "wo"], ["wo"]),
-}
-
-
-def _model_type(model: nn.Module) -> str | None:
-    return getattr(getattr(model, "config", None), "model_type", None)
+from .. import architectures, targeting
+from ..layers import AdapterLayer, adapter_factory, adapter_layers, find_layer
+from .base import Attached, ConfigError, Method, MethodConfig, option, register
 
 
 @dataclass
@@ -74,9 +56,9 @@ class IA3Config(MethodConfig):
 
 def _fused_query_rows(module: nn.Module, path: str) -> int:
     """Rows of GPT-2's fused c_attn output that are queries (0 for any other module)."""
-    if path.rsplit(".", 1)[-1] != "c_attn" or not _is_conv1d(module):
+    if path.rsplit(".", 1)[-1] != "c_attn" or not targeting.is_conv1d(module):
         return 0
-    in_features, out_features = _features(module)
+    in_features, out_features = targeting.linear_features(module)
     return in_features if out_features == 3 * in_features else 0
 
 
@@ -85,7 +67,7 @@ class IA3Layer(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.in_features, self.out_features = _features(targeting._unwrap(base_layer))
+        self.in_features, self.out_features = targeting.linear_features(self.innermost())
         self.ia3_l = nn.ParameterDict()
         self.feedforward: dict[str, bool] = {}
         self.fixed_rows: dict[str, int] = {}  # leading output rows held at 1 (GPT-2's fused queries)
@@ -105,19 +87,15 @@ class IA3Layer(AdapterLayer):
         self.feedforward[name] = True
 
     def _vector(self, shape: tuple[int, int], init: str) -> nn.Parameter:
-        weight = targeting._unwrap(self.base_layer).weight
-        # Low-precision bases keep fp32 vectors, as LoRA keeps fp32 adapters.
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        vector = torch.ones(shape, device=weight.device, dtype=dtype)
+        vector = torch.ones(shape, **adapter_factory(self.innermost().weight))
         if init == "random":
             vector += 0.1 * torch.randn_like(vector)
         return nn.Parameter(vector)
 
-    def remove(self, name: str) -> None:
+    def delete(self, name: str) -> None:
         del self.ia3_l[name]
         del self.feedforward[name]
         del self.fixed_rows[name]
-        self.active = tuple(a for a in self.active if a != name)
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         return {"ia3_l": self.ia3_l[name]}
@@ -157,7 +135,7 @@ class IA3Layer(AdapterLayer):
     def _rescale(self, vector: torch.Tensor, feedforward: bool) -> None:
         base = self.base_layer
         # Linear stores (out, in); Conv1D stores (in, out).
-        scales_rows = feedforward == _is_conv1d(base)
+        scales_rows = feedforward == targeting.is_conv1d(base)
         base.weight.mul_(vector[:, None] if scales_rows else vector[None, :])
         if not feedforward and base.bias is not None:
             base.bias.mul_(vector)
@@ -184,13 +162,26 @@ class IA3(Method):
     config_class = IA3Config
     layer_class = IA3Layer
     peft_type = "IA3"
+    listing_order = 20
 
-    def select(self, model: nn.Module, config: IA3Config) -> list[str]:
+    def select(self, model: nn.Module, config: IA3Config, attached: Mapping[str, Attached]) -> list[str]:
         return self._resolve(model, config)[0]
+
+    @staticmethod
+    def default_targets(model: nn.Module) -> tuple[str | list[str], str | list[str]] | None:
+        """(targets, feed-forward targets) for the model's family: keys, values and the feed-forward output.
+
+        A fused query/key/value projection counts only where ``fused_qkv`` can split it (GPT-2's thirds).
+        """
+        family = architectures.family(model)
+        targets = architectures.role_targets(model, "key", "value", "ffn_out")
+        if targets is None and family is not None and family.qkv_thirds:
+            targets = architectures.role_targets(model, "qkv", "ffn_out")
+        return None if targets is None else (targets, architectures.role_targets(model, "ffn_out"))
 
     def _resolve(self, model: nn.Module, config: IA3Config) -> tuple[list[str], list[str]]:
         """(targets, feed-forward targets) as module paths."""
-        defaults = DEFAULT_TARGETS.get(_model_type(model))
+        defaults = self.default_targets(model)
         targets = config.targets
         if targets is None:
             if defaults is None:
@@ -210,18 +201,11 @@ class IA3(Method):
         chosen, ff = self._resolve(model, config)
         modules = targeting.base_modules(model)
         for path in chosen:
-            layer = self._layer(model, path)
+            layer = find_layer(model.get_submodule(path), IA3Layer)
             if path in ff:
                 layer.scale_input(name, config.init)
             elif config.fused_qkv == "kv":
                 layer.fixed_rows[name] = _fused_query_rows(modules[path], path)
-
-    @staticmethod
-    def _layer(model: nn.Module, path: str) -> IA3Layer:
-        module = model.get_submodule(path)
-        while not isinstance(module, IA3Layer):
-            module = module.base_layer
-        return module
 
     def notes(self, model: nn.Module, config: IA3Config, targets: list[str]) -> list[str]:
         modules = targeting.base_modules(model)
@@ -236,7 +220,7 @@ class IA3(Method):
         return {
             "target_modules": targeting.compact_targets(model, chosen),
             "feedforward_modules": targeting.compact_targets(model, ff) if ff else [],
-            "fan_in_fan_out": any(_is_conv1d(modules[p]) for p in chosen),
+            "fan_in_fan_out": any(targeting.is_conv1d(modules[p]) for p in chosen),
             "init_ia3_weights": config.init == "ones",
         }
 
@@ -247,20 +231,18 @@ class IA3(Method):
         # a missing feedforward_modules means the model's default, as in the reference
         return {"targets": names(cfg.get("target_modules")), "feedforward": names(cfg.get("feedforward_modules"))}
 
-    def checkpoint_tensors(self, model: nn.Module, name: str, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-        from ..core import adapter_layers
-
+    def checkpoint_tensors(self, model: nn.Module, adapter: Attached, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+        name = adapter.name
         # The file holds the vectors in use: a query third held at 1 is written as ones.
         used = dict(params)
         for path, layer in adapter_layers(model):
             if isinstance(layer, IA3Layer) and layer.fixed_rows.get(name):
                 used[f"{path}.ia3_l"] = layer.scale(name).reshape(layer.ia3_l[name].shape)
-        return super().checkpoint_tensors(model, name, used)
+        return super().checkpoint_tensors(model, adapter, used)
 
-    def from_checkpoint(self, model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from ..core import adapter_layers, state
-
-        params = super().from_checkpoint(model, name, tensors)
+    def from_checkpoint(self, model: nn.Module, adapter: Attached, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        name = adapter.name
+        params = super().from_checkpoint(model, adapter, tensors)
         # A file that scales GPT-2's query third too (as the reference does) keeps doing so.
         fused = [(p, layer) for p, layer in adapter_layers(model) if isinstance(layer, IA3Layer) and layer.fixed_rows.get(name)]
         for path, layer in fused:
@@ -268,7 +250,7 @@ class IA3(Method):
             if value is not None and value.numel() == layer.out_features and not torch.all(value[: layer.fixed_rows[name]] == 1):
                 for _, other in fused:
                     other.fixed_rows[name] = 0
-                state(model).adapters[name].config.fused_qkv = "qkv"
+                adapter.config.fused_qkv = "qkv"
                 break
         return params
 

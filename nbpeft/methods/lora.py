@@ -11,6 +11,7 @@ For a frozen weight ``W`` (out x in) LoRA learns ``A`` (r x in) and ``B`` (out x
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,35 +19,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import targeting
-from .base import AdapterLayer, ConfigError, Method, MethodConfig, option, register
-
-# Default targets per architecture (model_type in the transformers config).
-DEFAULT_TARGETS = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "phi3": ["qkv_proj"],
-    "opt": ["q_proj", "v_proj"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "distilbert": ["q_lin", "v_lin"],
-    "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-    "t5": ["q", "v"],
-}
+from .. import architectures, targeting
+from ..layers import AdapterLayer, adapter_factory
+from .base import Attached, ConfigError, Method, MethodConfig, option, register
 
 
-def default_targets(model: nn.Module, method: str) -> list[str]:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in DEFAULT_TARGETS:
-        return DEFAULT_TARGETS[model_type]
-    raise ConfigError(
-        f"{method}: no default targets for this model; pass targets=[...] (module names), a regex, or 'all-linear'"
-    )
+def default_targets(model: nn.Module, method: str) -> list[str] | str:
+    """The attention query and value projections (or the fused one) of the model's family."""
+    targets = architectures.role_targets(model, "query", "value") or architectures.role_targets(model, "qkv")
+    if targets is None:
+        raise ConfigError(
+            f"{method}: no default targets for this model; pass targets=[...] (module names), a regex, or 'all-linear'"
+        )
+    return targets
 
 
 @dataclass
@@ -86,24 +71,14 @@ class LoraConfig(MethodConfig):
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def _features(module: nn.Module) -> tuple[int, int]:
-    if _is_conv1d(module):  # transformers' Conv1D stores weight as (in, out)
-        return module.weight.shape[0], module.weight.shape[1]
-    return module.in_features, module.out_features
-
-
 class LoRALinear(AdapterLayer):
     """``nn.Linear`` or ``Conv1D`` plus named low-rank updates: ``y = base(x) + s·B(A(drop(x)))``."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        inner = targeting._unwrap(base_layer)  # another method's layer may sit in between
-        self.in_features, self.out_features = _features(inner)
-        self.fan_in_fan_out = _is_conv1d(inner)
+        inner = self.innermost()  # another method's layer may sit in between
+        self.in_features, self.out_features = targeting.linear_features(inner)
+        self.fan_in_fan_out = targeting.is_conv1d(inner)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -114,10 +89,10 @@ class LoRALinear(AdapterLayer):
         return list(self.lora_A)
 
     def add(self, name: str, config: LoraConfig) -> None:
-        weight = targeting._unwrap(self.base_layer).weight
-        # Low-precision bases keep fp32 adapters: their updates are too small for bf16.
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        factory = {"device": weight.device, "dtype": dtype}
+        self.add_update(name, config, adapter_factory(self.innermost().weight))
+
+    def add_update(self, name: str, config: LoraConfig, factory: dict[str, Any]) -> None:
+        """Create adapter ``name``'s ``A``, ``B`` and dropout with tensors made as ``factory`` says."""
         self.lora_A[name] = nn.Linear(self.in_features, config.r, bias=False, **factory)
         self.lora_B[name] = nn.Linear(config.r, self.out_features, bias=False, **factory)
         self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -136,11 +111,10 @@ class LoRALinear(AdapterLayer):
         else:
             nn.init.zeros_(B)
 
-    def remove(self, name: str) -> None:
+    def delete(self, name: str) -> None:
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
             del table[name]
         del self.scaling[name]
-        self.active = tuple(a for a in self.active if a != name)
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
@@ -206,13 +180,15 @@ class LoRA(Method):
     config_class = LoraConfig
     layer_class = LoRALinear
     peft_type = "LORA"
+    listing_order = 10
+    compare_options = {"r": 8}
 
-    def select(self, model: nn.Module, config: LoraConfig) -> list[str]:
+    def select(self, model: nn.Module, config: LoraConfig, attached: Mapping[str, Attached]) -> list[str]:
         targets = config.targets if config.targets is not None else default_targets(model, self.name)
         return targeting.resolve(model, targets, targeting.linear_types(), self.name)
 
     def to_peft_config(self, config: LoraConfig, model: nn.Module, chosen: list[str]) -> dict[str, Any]:
-        fan_in_fan_out = any(_is_conv1d(targeting.base_modules(model)[p]) for p in chosen)
+        fan_in_fan_out = any(targeting.is_conv1d(targeting.base_modules(model)[p]) for p in chosen)
         return {
             "r": config.r,
             "lora_alpha": config.alpha,

@@ -21,14 +21,15 @@ sit at positions ``n, n+1, ...``, as in the reference implementation.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..core import state
-from .base import AdapterLayer, ConfigError, Method, MethodConfig, option, register
+from ..layers import AdapterLayer, adapter_factory
+from .base import Attached, ConfigError, Method, MethodConfig, option, register
 from .prompt import (
     HEAD_PREFIX,
     as_kwargs,
@@ -99,10 +100,7 @@ class PrefixKV(AdapterLayer):
         sizes = config._sizes  # set by PrefixTuning.select
         n, layers, heads, head_dim = config.num_virtual_tokens, sizes["layers"], sizes["kv_heads"], sizes["head_dim"]
         width = layers * 2 * heads * head_dim
-        table = self.base_layer.weight
-        # low-precision bases keep fp32 adapters, as lora does
-        dtype = table.dtype if table.dtype in (torch.float32, torch.float64) else torch.float32
-        factory = {"device": table.device, "dtype": dtype}
+        factory = adapter_factory(self.base_layer.weight)
         if config.projection:
             mlp = nn.Sequential(nn.Linear(heads * head_dim, config.projection_hidden, **factory), nn.Tanh(),
                                 nn.Linear(config.projection_hidden, width, **factory))
@@ -113,21 +111,17 @@ class PrefixKV(AdapterLayer):
             self.prefix[name] = nn.Parameter(start(n, width, **factory))
         self.shapes[name] = (n, layers, heads, head_dim)
 
-    def remove(self, name: str) -> None:
+    def delete(self, name: str) -> None:
         for table in (self.prefix, self.prefix_tokens, self.prefix_mlp):
             if name in table:
                 del table[name]
         del self.shapes[name]
-        self.active = tuple(a for a in self.active if a != name)
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         if name in self.prefix:
             return {"prompt_embeddings": self.prefix[name]}
         mlp = {f"prefix_mlp.{k}": p for k, p in self.prefix_mlp[name].named_parameters()}
         return {"prefix_tokens": self.prefix_tokens[name], **mlp}
-
-    def unmerge(self, name: str) -> None:
-        """A prefix is never merged: nothing to undo."""
 
     def flat(self, name: str) -> torch.Tensor:
         """The prefix as saved: n x (layers * 2 * kv_heads * head_dim)."""
@@ -211,8 +205,10 @@ class PrefixTuning(Method):
     config_class = PrefixConfig
     layer_class = PrefixKV
     peft_type = "PREFIX_TUNING"
+    listing_order = 51
+    compare_options = {"num_virtual_tokens": 20}
 
-    def select(self, model: nn.Module, config: PrefixConfig) -> list[str]:
+    def select(self, model: nn.Module, config: PrefixConfig, attached: Mapping[str, Attached]) -> list[str]:
         path = embedding_path(model, self.name)
         backbone = getattr(model, "base_model", model)
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False) or cache_arg(backbone) is None:
@@ -257,15 +253,15 @@ class PrefixTuning(Method):
         # the file holds the computed prefix, so it always loads without projection
         return {"num_virtual_tokens": int(cfg.get("num_virtual_tokens") or 20), "init": "random"}
 
-    def checkpoint_tensors(self, model: nn.Module, name: str, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-        path = state(model).adapters[name].targets[0]
+    def checkpoint_tensors(self, model: nn.Module, adapter: Attached, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+        path, name = adapter.targets[0], adapter.name
         out = {HEAD_PREFIX + key: p.detach() for key, p in params.items() if not key.startswith(path + ".")}
         with torch.no_grad():
             out["prompt_embeddings"] = find_wrapper(model, PrefixKV).flat(name).detach()
         return out
 
-    def from_checkpoint(self, model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return split_checkpoint(model, name, tensors, self.name)
+    def from_checkpoint(self, model: nn.Module, adapter: Attached, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return split_checkpoint(adapter, tensors, self.name)
 
 
 @torch.no_grad()

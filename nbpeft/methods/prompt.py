@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,10 +24,9 @@ import torch
 from torch import nn
 
 from .. import targeting
-from ..core import _find_layer, state
-from .base import AdapterLayer, ConfigError, Method, MethodConfig, option, register
+from ..layers import AdapterLayer, adapter_dtype, find_layer, innermost
+from .base import REFERENCE_PREFIX, Attached, ConfigError, Method, MethodConfig, option, register
 
-PREFIX = "base_model.model."
 # The reference keeps a prompt adapter's saved modules (a classifier head) under "base_model."
 # alone: it wraps no tuner model around the transformers model for these methods.
 HEAD_PREFIX = "base_model."
@@ -42,8 +41,7 @@ def embedding_path(model: nn.Module, method: str) -> str:
     embedding = get() if callable(get) else None
     if embedding is None:
         raise ConfigError(f"{method}: the model has no input embedding (get_input_embeddings()); use a transformers model")
-    while isinstance(embedding, AdapterLayer):
-        embedding = embedding.base_layer
+    embedding = innermost(embedding)
     for path, module in targeting.base_modules(model).items():
         if module is embedding and path:
             return path
@@ -109,18 +107,18 @@ def remove_hook(model: nn.Module, hook: Callable) -> None:
 def find_wrapper(model: nn.Module, cls: type) -> AdapterLayer | None:
     """The ``cls`` wrapper on the model's input embedding, if there is one."""
     get = getattr(model, "get_input_embeddings", None)
-    return _find_layer(get(), cls) if callable(get) else None
+    return find_layer(get(), cls) if callable(get) else None
 
 
-def split_checkpoint(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], method: str) -> dict[str, torch.Tensor]:
+def split_checkpoint(adapter: Attached, tensors: dict[str, torch.Tensor], method: str) -> dict[str, torch.Tensor]:
     """File keys to parameter keys: ``prompt_embeddings`` sits on the embedding, the rest are saved modules."""
-    path = state(model).adapters[name].targets[0]
+    path = adapter.targets[0]
     out = {}
     for key, value in tensors.items():
         if key == "prompt_embeddings":
             out[f"{path}.prompt_embeddings"] = value
-        elif key.startswith(PREFIX):  # as for other methods; read too
-            out[key[len(PREFIX):]] = value
+        elif key.startswith(REFERENCE_PREFIX):  # as for other methods; read too
+            out[key[len(REFERENCE_PREFIX):]] = value
         elif key.startswith(HEAD_PREFIX):
             out[key[len(HEAD_PREFIX):]] = value
         else:
@@ -242,7 +240,7 @@ class PromptEmbedding(AdapterLayer):
     def add(self, name: str, config: PromptConfig) -> None:
         table = self.base_layer.weight
         vocab, n = table.shape[0], config.num_virtual_tokens
-        dtype = table.dtype if table.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = adapter_dtype(table.dtype)
         if config.init == "text":
             ids = torch.tensor(text_token_ids(config, vocab), device=table.device)
             init = table[ids].to(dtype)
@@ -252,15 +250,11 @@ class PromptEmbedding(AdapterLayer):
             init = torch.randn(n, table.shape[1], device=table.device, dtype=dtype) * table.float().std().to(dtype)
         self.prompt_embeddings[name] = nn.Parameter(init.clone())
 
-    def remove(self, name: str) -> None:
+    def delete(self, name: str) -> None:
         del self.prompt_embeddings[name]
-        self.active = tuple(a for a in self.active if a != name)
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         return {"prompt_embeddings": self.prompt_embeddings[name]}
-
-    def unmerge(self, name: str) -> None:
-        """A prompt is never merged: nothing to undo."""
 
     def prompt(self) -> torch.Tensor | None:
         """The active prompts, concatenated (n_total x d), or None when none applies."""
@@ -321,8 +315,10 @@ class Prompt(Method):
     config_class = PromptConfig
     layer_class = PromptEmbedding
     peft_type = "PROMPT_TUNING"
+    listing_order = 50
+    compare_options = {"num_virtual_tokens": 20}
 
-    def select(self, model: nn.Module, config: PromptConfig) -> list[str]:
+    def select(self, model: nn.Module, config: PromptConfig, attached: Mapping[str, Attached]) -> list[str]:
         path = embedding_path(model, self.name)
         if "inputs_embeds" not in forward_params(model):
             raise ConfigError(f"prompt: {type(model).__name__}.forward takes no inputs_embeds, so a prompt cannot be prepended")
@@ -366,13 +362,13 @@ class Prompt(Method):
         init = "vocab" if cfg.get("prompt_tuning_init") == "SAMPLE_VOCAB" else "random"
         return {"num_virtual_tokens": int(cfg.get("num_virtual_tokens") or 20), "init": init}
 
-    def checkpoint_tensors(self, model: nn.Module, name: str, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-        path = state(model).adapters[name].targets[0]
+    def checkpoint_tensors(self, model: nn.Module, adapter: Attached, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+        path = adapter.targets[0]
         return {("prompt_embeddings" if key == f"{path}.prompt_embeddings" else HEAD_PREFIX + key): p.detach()
                 for key, p in params.items()}
 
-    def from_checkpoint(self, model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return split_checkpoint(model, name, tensors, self.name)
+    def from_checkpoint(self, model: nn.Module, adapter: Attached, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return split_checkpoint(adapter, tensors, self.name)
 
 
 register(Prompt())

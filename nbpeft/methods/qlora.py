@@ -38,6 +38,7 @@ import contextlib
 import os
 import tempfile
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -46,7 +47,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import nf4, targeting
-from .base import AdapterLayer, ConfigError, option, register
+from ..layers import AdapterLayer, adapter_dtype, find_layer
+from .base import Attached, ConfigError, option, register
 from .lora import LoRA, LoraConfig, LoRALinear, default_targets
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -101,13 +103,7 @@ class QLoRALinear(LoRALinear):
         if self.quantisation is None:
             self._quantise(config)
         base = self.base_layer
-        dtype = base.weight_dtype if base.weight_dtype in (torch.float32, torch.float64) else torch.float32
-        factory = {"device": base.qweight.device, "dtype": dtype}
-        self.lora_A[name] = nn.Linear(self.in_features, config.r, bias=False, **factory)
-        self.lora_B[name] = nn.Linear(config.r, self.out_features, bias=False, **factory)
-        self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.scaling[name] = config.scaling
-        self._init(name, config.init, config.r)
+        self.add_update(name, config, {"device": base.qweight.device, "dtype": adapter_dtype(base.weight_dtype)})
 
     @torch.no_grad()
     def _quantise(self, config: QLoraConfig) -> None:
@@ -136,7 +132,7 @@ class QLoRALinear(LoRALinear):
         self.quantisation = config.quantisation
 
     def remove(self, name: str) -> None:
-        super().remove(name)
+        super().remove(name)  # the last adapter gone: the original weights come back
         if not self.adapter_names and self.quantisation is not None:
             self._restore()
 
@@ -174,23 +170,23 @@ class QLoRA(LoRA):
     config_class = QLoraConfig
     layer_class = QLoRALinear
     peft_type = "QLORA"
+    listing_order = 12
 
-    def select(self, model: nn.Module, config: QLoraConfig) -> list[str]:
+    def select(self, model: nn.Module, config: QLoraConfig, attached: Mapping[str, Attached]) -> list[str]:
         targets = config.targets if config.targets is not None else default_targets(model, self.name)
         # NF4Linear: layers that an earlier qlora adapter already quantised
         chosen = targeting.resolve(model, targets, (*targeting.linear_types(), nf4.NF4Linear), self.name)
         for path in chosen:
-            module = model.get_submodule(path)
-            while isinstance(module, AdapterLayer) and not isinstance(module, QLoRALinear):
-                module = module.base_layer
-            if isinstance(module, QLoRALinear):
-                if module.quantisation != config.quantisation:
-                    block, double, dtype, keep = module.quantisation
+            outer = model.get_submodule(path)
+            layer = find_layer(outer, QLoRALinear)
+            if layer is not None:
+                if layer.quantisation != config.quantisation:
+                    block, double, dtype, keep = layer.quantisation
                     raise ConfigError(
                         f"qlora: {path} is already quantised with block_size={block}, double_quant={double}, "
                         f"compute_dtype={dtype!r}, keep_original={keep!r}; use the same options for every qlora adapter"
                     )
-            elif model.get_submodule(path) is not module or isinstance(module, nf4.NF4Linear):
+            elif isinstance(outer, (AdapterLayer, nf4.NF4Linear)):
                 raise ConfigError(
                     f"qlora: {path} already carries another adapter; attach qlora first (it replaces the base weights)"
                 )

@@ -16,7 +16,7 @@ from torch import nn
 import nbpeft
 
 from ..compare import meta_copy
-from ..methods.base import ConfigError
+from ..errors import ConfigError
 
 
 @dataclass
@@ -54,4 +54,4 @@ def preview(model: nn.Module, method: str, name: str = "default", **options: Any
         adapter = nbpeft.attach(shadow, method, name=name, **options)
     counts = nbpeft.summary(shadow)
     return Preview(counts.trainable, counts.total, adapter.num_params, len(adapter.targets) + len(adapter.saved_modules),
-                   adapter._target_text() + ("; " + ", ".join(adapter.saved_modules) if adapter.saved_modules else ""))
+                   adapter.target_text() + ("; " + ", ".join(adapter.saved_modules) if adapter.saved_modules else ""))
