@@ -657,7 +657,11 @@ def test_complete_variables_and_adapter_names(shell):
     assert complete(shell, "%peft_train --data ") == ["data"]  # not IPython's own In
     assert complete(shell, "%peft_use ") == ["chat", "sql"]
     assert complete(shell, "%peft_use chat,") == ["chat,sql"]
-    assert complete(shell, "%peft_merge --name s") == ["sql"]
+    assert complete(shell, "%peft_merge s") == ["sql"]  # the name comes first, as in %peft_use
+    assert complete(shell, "%peft_detach ") == ["chat", "sql"]
+    assert complete(shell, "%peft_save out --name ") == ["chat", "sql"]
+    assert complete(shell, "%peft_save out --o") == ["--overwrite"]
+    assert complete(shell, "%peft_save out --overwrite --m") == ["--model"]
     assert complete(shell, "%peft_panel o") == ["other"]
 
 
@@ -759,3 +763,24 @@ def test_data_variables_offer_only_what_train_accepts():
                  "word": "abc", "count": 3, "model": tiny_model(), "mixed": ["a", {"prompt": "p"}], "_hidden": ["a"],
                  "loader": torch.utils.data.DataLoader([{"input_ids": torch.zeros(2, dtype=torch.long)}])}
     assert data_variables(namespace) == ["texts", "pairs", "loader"]
+
+
+def test_magics_and_widgets_never_import_each_other():
+    import ast
+    from pathlib import Path
+
+    package = Path(nbpeft.__file__).parent
+
+    def imported(folder: str) -> set[str]:
+        found = set()
+        for path in (package / folder).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom):
+                    found.add("." * node.level + (node.module or ""))
+                elif isinstance(node, ast.Import):
+                    found.update(alias.name for alias in node.names)
+        return found
+
+    assert not [m for m in imported("magics") if "widgets" in m]
+    assert not [m for m in imported("widgets") if "magics" in m]
+    assert "..frontend" in imported("magics") and "..frontend" in imported("widgets")

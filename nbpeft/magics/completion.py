@@ -73,7 +73,7 @@ def completions(shell: Any, text: str) -> tuple[str, list[str]]:
         if previous:
             flags[previous[2:]], previous = word, ""
         elif word.startswith("--"):
-            previous = "" if "=" in word or word[2:] in SWITCHES else word
+            previous = word if "=" not in word and word[2:] in FLAGS[magic] and word[2:] not in SWITCHES else ""
         elif "=" not in word and ":" not in word:
             positional.append(word)
     if previous:  # the value of a --flag
