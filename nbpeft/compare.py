@@ -54,8 +54,12 @@ class Comparison:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        head = "".join(f"<th>{h}</th>" for h in ("method", "settings", "trainable", "% of model", "note"))
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self._cells())
+        # JupyterLab right-aligns table cells: right for the numbers, but prose reads from the left
+        left = (' style="text-align:left"', ' style="text-align:left"', "", "", ' style="text-align:left"')
+        heads = ("method", "settings", "trainable", "% of model", "note")
+        head = "".join(f"<th{a}>{h}</th>" for a, h in zip(left, heads))
+        body = "".join("<tr>" + "".join(f"<td{a}>{html.escape(c)}</td>" for a, c in zip(left, row)) + "</tr>"
+                       for row in self._cells())
         caption = f"{html.escape(self.model_name)}: {self.total:,} parameters"
         return f"<table><caption>{caption}</caption><tr>{head}</tr>{body}</table>"
 

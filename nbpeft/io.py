@@ -19,9 +19,12 @@ from torch import nn
 from . import core
 from .errors import ConfigError
 from .methods.base import get_method, registered
+from .models import cache_dir
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+# the built-in models load from a local cache folder; adapter configs name them by hub id
+BUILTIN_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 def _method_by_peft_type() -> dict[str, str]:
@@ -46,10 +49,29 @@ def _folder(path: Path, name: str) -> Path:
     return path if name == "default" else path / name
 
 
-def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) -> list[Path]:
-    """Write adapter ``name`` (default: every adapter) to ``path``; returns the folders written."""
+def base_model_id(model: nn.Module) -> str | None:
+    """What adapter_config.json names as the base model: a built-in model's hub id, else what transformers recorded."""
+    recorded = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    if recorded and Path(recorded).parent == cache_dir():
+        return BUILTIN_HUB_IDS.get(Path(recorded).name, recorded)
+    return recorded
+
+
+def save_adapter(model: nn.Module, path: str | Path, name: str | None = None, overwrite: bool = False) -> list[Path]:
+    """Write adapter ``name`` (default: every adapter) to ``path``; returns the folders written.
+
+    An existing adapter folder or a file in the way is replaced only with ``overwrite=True``.
+    """
     names = core.resolve_adapter_names(model, name, "save_adapter")
     path = Path(path)
+    folders = [_folder(path, n) for n in names]
+    files = [p for p in dict.fromkeys([path, *folders]) if p.is_file()]
+    adapters = [f for f in folders if (f / CONFIG_FILE).exists() or (f / WEIGHTS_FILE).exists()]
+    if (files or adapters) and not overwrite:
+        taken, what = (files[0], "is a file") if files else (adapters[0], "already holds an adapter")
+        raise ConfigError(f"save_adapter(): {taken} {what}; choose another path or pass overwrite=True")
+    for file in files:
+        file.unlink()
     written = []
     for n in names:
         adapter = core.state(model).adapters[n]
@@ -57,7 +79,7 @@ def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) ->
         config = {
             "peft_type": spec.peft_type,
             "task_type": task_type(model),
-            "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+            "base_model_name_or_path": base_model_id(model),
             "inference_mode": True,
             "modules_to_save": adapter.saved_modules or None,
             **spec.to_peft_config(adapter.config, model, adapter.targets),

@@ -1,9 +1,11 @@
 """The panel in a real browser: JupyterLab runs notebooks/04_widgets.ipynb, the panel renders,
-changing r in the page changes the preview, and Stop ends a training run while it is running.
+changing r in the page changes the preview, Attach leaves no red error line behind, Stop ends a
+training run while it is running, and the Adapters tab keeps its buttons on one row under a
+table whose heads sit over their columns. Each tab is photographed and the pictures checked too.
 
 Needs the ``browser`` extra (jupyterlab, playwright) and a Chromium binary (Debian's
 ``chromium`` package; another path through NBPEFT_CHROMIUM). Without them the test is skipped
-with a message that says what to install. The screenshot goes to artifacts/.
+with a message that says what to install. The screenshots go to artifacts/browser_*.png.
 """
 
 from __future__ import annotations
@@ -145,6 +147,23 @@ def preview_number(text: str) -> int:
     return int(found[1].replace(",", ""))
 
 
+def red_pixels(png: Path) -> int:
+    """Pixels in the panel's error red (#b00020), the colour of every error line."""
+    from PIL import Image
+
+    image = Image.open(png).convert("RGB")
+    return sum(1 for r, g, b in image.getdata() if abs(r - 0xB0) < 24 and g < 40 and abs(b - 0x20) < 32)
+
+
+# For each column head: the x where its text starts and ends, and the same for the first cell below it.
+HEAD_AND_CELL_TEXT = """table => {
+  const span = el => { const r = document.createRange(); r.selectNodeContents(el); const b = r.getBoundingClientRect();
+                       return [b.left, b.right, b.height, getComputedStyle(el).textAlign]; };
+  const heads = [...table.querySelectorAll('th')], cells = [...table.querySelectorAll('tr')[1].querySelectorAll('td')];
+  return heads.map((th, i) => ({head: th.textContent, th: span(th), td: span(cells[i])}));
+}"""
+
+
 def test_panel_in_jupyterlab(lab):
     from playwright.sync_api import expect, sync_playwright
 
@@ -182,6 +201,33 @@ def test_panel_in_jupyterlab(lab):
             assert before == 8 * 1920 * 30 and after == 32 * 1920 * 30
             panel.screenshot(path=str(ARTIFACTS / "browser_panel.png"))
 
+            # an invalid choice: a red line, Attach disabled (and the picture shows the red: the check below sees it)
+            r.fill("0")
+            r.press("Enter")
+            expect(preview).to_contain_text("r=0 must be a positive integer", timeout=30_000)
+            attach = panel.locator(".nbpeft-attach")
+            expect(attach).to_be_disabled()
+            panel.screenshot(path=str(ARTIFACTS / "browser_attach_invalid.png"))
+            assert red_pixels(ARTIFACTS / "browser_attach_invalid.png") > 20
+            r.fill("32")
+            r.press("Enter")
+            expect(attach).to_be_enabled(timeout=30_000)
+            targets_help = panel.locator(".nbpeft-targets-help")
+            expect(targets_help).to_contain_text("2 selected: q_proj, v_proj")  # as the notebook chose them
+            options = panel.locator(".nbpeft-targets select option")
+            assert options.count() == 7 and not {"embed_tokens", "lm_head", "norm"} & {
+                o.split(" ")[0] for o in options.all_inner_texts()}
+            panel.locator(".nbpeft-targets select").select_option(label=["q_proj ×30", "k_proj ×30", "v_proj ×30"])
+            expect(targets_help).to_contain_text("3 selected: q_proj, k_proj, v_proj", timeout=30_000)
+            attach.click()
+            message = panel.locator(".nbpeft-message")
+            expect(message).to_contain_text("Adapter 'extra'", timeout=30_000)
+            expect(preview).to_contain_text("already attached")  # the note that follows the model
+            panel.screenshot(path=str(ARTIFACTS / "browser_attach.png"))
+            red_lines = panel.locator(".nbpeft-preview span[style*='#b00020'], .nbpeft-message span[style*='#b00020']")
+            assert red_lines.count() == 0  # no stale error line, in the page...
+            assert red_pixels(ARTIFACTS / "browser_attach.png") == 0  # ...nor in the picture
+
             # Stop while a run is going: the kernel handles the click during training
             panel.locator(".lm-TabBar-tab", has_text="Train").click()
             steps = panel.locator(".nbpeft-train-steps input")
@@ -194,6 +240,23 @@ def test_panel_in_jupyterlab(lab):
             expect(status).to_contain_text("stopped after step", timeout=120_000)
             stopped_at = int(re.search(r"stopped after step (\d+) of 500", status.inner_text())[1])
             assert 1 <= stopped_at < 20
+            panel.screenshot(path=str(ARTIFACTS / "browser_train.png"))
+
+            panel.locator(".lm-TabBar-tab", has_text="Adapters").click()
+            table = panel.locator(".nbpeft-adapters table")
+            expect(table).to_contain_text("extra", timeout=30_000)
+            panel.screenshot(path=str(ARTIFACTS / "browser_adapters.png"))
+            row = panel.locator(".nbpeft-adapters-buttons button")
+            assert row.count() == 5 and any("Disable all" in t for t in row.all_inner_texts())
+            boxes = [row.nth(i).bounding_box() for i in range(5)]
+            assert max(b["y"] for b in boxes) - min(b["y"] for b in boxes) < 2, boxes  # one row
+            assert max(b["x"] + b["width"] for b in boxes) <= panel.bounding_box()["x"] + panel.bounding_box()["width"]
+            for column in table.evaluate(HEAD_AND_CELL_TEXT):
+                (th_left, th_right, th_height, th_align), (td_left, td_right, td_height, td_align) = column["th"], column["td"]
+                assert th_align == td_align, column
+                edge = (th_left, td_left) if th_align == "left" else (th_right, td_right)
+                assert abs(edge[0] - edge[1]) < 2, column  # the head's text lines up with its column's
+                assert th_height < 1.5 * td_height, column  # one line: not squashed into two
             page.screenshot(path=str(ARTIFACTS / "browser_notebook.png"), full_page=True)
         except Exception:
             page.screenshot(path=str(ARTIFACTS / "browser_failure.png"))

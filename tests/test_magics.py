@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+import json
+from unittest.mock import create_autospec
+
 import pytest
 import torch
 import transformers
@@ -13,7 +17,11 @@ from IPython.utils.capture import capture_output
 
 import nbpeft
 from nbpeft.core import state
-from nbpeft.magics import PeftMagics, parse_options
+from nbpeft.frontend import parse_options
+from nbpeft.magics import PeftMagics
+from nbpeft.magics.line import USAGE
+from nbpeft.methods.base import ConfigError, get_method, method_options
+from nbpeft.models import cache_dir
 
 MAGICS = ("peft_methods", "peft_attach", "peft_summary", "peft_use", "peft_detach", "peft_merge", "peft_unmerge",
           "peft_save", "peft_load", "peft_train", "peft_compare", "peft_panel")
@@ -75,18 +83,25 @@ def shell(ip):
         ip.user_ns.pop(name, None)
 
 
+def recording(fn, result):
+    """``fn`` replaced by a double built from its real signature; each call's arguments (defaults
+    filled in) go to the returned list, and ``result(n)`` is what the n-th call returns."""
+    calls, signature = [], inspect.signature(fn)
+
+    def record(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        calls.append(dict(bound.arguments))
+        return result(calls[-1], len(calls))
+
+    return create_autospec(fn, side_effect=record), calls
+
+
 @pytest.fixture
 def fake_train(monkeypatch):
-    """A recording stand-in with the documented signature of nbpeft.train."""
-    calls = []
-
-    def train(model, data, *, tokenizer=None, steps=None, epochs=None, lr=2e-4, batch_size=8, grad_accum=1,
-              max_length=512, eval_data=None, eval_every=None, device="auto", precision="auto",
-              gradient_checkpointing=False, live=True, seed=0):
-        calls.append(dict(locals()))
-        return f"result {len(calls)}"
-
-    monkeypatch.setattr(nbpeft, "train", train, raising=False)
+    """nbpeft.train as a recording double with train()'s own signature."""
+    double, calls = recording(nbpeft.train, lambda call, n: f"result {n}")
+    monkeypatch.setattr(nbpeft, "train", double)
     return calls
 
 
@@ -122,9 +137,8 @@ def test_parse_options(text, expected):
     ("name='open", "unbalanced"),
 ])
 def test_parse_options_errors(text, message):
-    with pytest.raises(UsageError, match=message) as err:
+    with pytest.raises(ConfigError, match=message):
         parse_options(text)
-    assert str(err.value).startswith("nbpeft: ")
 
 
 # attach ----------------------------------------------------------------------------------
@@ -213,11 +227,11 @@ def test_merge_unmerge_detach(shell):
     assert torch.allclose(model.model.layers[0].self_attn.q_proj.base_layer.weight, q_weight, atol=1e-6)
     assert torch.allclose(logits(model), adapted, atol=1e-5)
 
-    _, out = run(shell, "%peft_merge --name default")
+    _, out = run(shell, "%peft_merge default")
     assert out.stdout.strip() == "merged 'default'"
     assert state(model).adapters["default"].merged
-    run(shell, "%peft_unmerge --name default")
-    _, out = run(shell, "%peft_detach --name other")
+    run(shell, "%peft_unmerge default")
+    _, out = run(shell, "%peft_detach other")
     assert out.stdout.strip() == "detached 'other'"
     assert list(state(model).adapters) == ["default"]
     _, out = run(shell, "%peft_detach")
@@ -311,7 +325,9 @@ def test_train_help_lists_its_options(shell, fake_train):
     ("%peft_attach lora r=eight", "nbpeft: lora: r='eight' has the wrong type; expected int"),
     ("%peft_attach lora init=normal", "nbpeft: lora: init='normal' is not allowed"),
     ("%peft_attach lora targets=qproj", "nbpeft: lora: no module matched targets=['qproj']; did you mean 'q_proj'"),
-    ("%peft_attach lora --name existing", "nbpeft: attach(): an adapter named 'existing' is already attached"),
+    ("%peft_attach lora --name existing",
+     "nbpeft: attach(): an adapter named 'existing' is already attached; pick another --name or detach it first"),
+    ("%peft_attach lora --name 'a b'", "nbpeft: attach(): --name 'a b' must be a simple identifier"),
     ("%peft_attach lora r", "nbpeft: expected key=value, got 'r'"),
     ("%peft_attach lora r=8 r=4", "nbpeft: option 'r' is given twice"),
     ("%%peft_attach lora r=8\nr: 4\n", "nbpeft: option 'r' is given twice"),
@@ -321,13 +337,17 @@ def test_train_help_lists_its_options(shell, fake_train):
     ("%peft_attach lora --model data", "nbpeft: 'data' holds a list, not a torch model"),
     ("%peft_attach lora extra", "nbpeft: expected key=value, got 'extra'"),
     ("%peft_summary --model nope", "nbpeft: no variable 'nope' in the notebook"),
-    ("%peft_merge --name nope", "nbpeft: merge(): no adapter named 'nope'; attached: existing"),
-    ("%peft_unmerge --name nope", "nbpeft: unmerge(): no adapter named 'nope'"),
-    ("%peft_detach --name nope", "nbpeft: detach(): no adapter named 'nope'"),
+    ("%peft_merge nope", "nbpeft: merge(): no adapter named 'nope'; attached: existing"),
+    ("%peft_unmerge nope", "nbpeft: unmerge(): no adapter named 'nope'"),
+    ("%peft_detach nope", "nbpeft: detach(): no adapter named 'nope'"),
+    ("%peft_detach existing nope", "nbpeft: unexpected 'nope'; usage: %peft_detach [NAME] [--model VAR]"),
+    ("%peft_detach --name existing", "nbpeft: unknown flag --name (flags: --model); usage: %peft_detach [NAME]"),
     ("%peft_detach r=1", "nbpeft: unknown option 'r=1'"),
     ("%peft_save", "nbpeft: where to?"),
     ("%peft_save out --name nope", "nbpeft: save_adapter(): no adapter named 'nope'"),
-    ("%peft_load /nonexistent/adapter", "nbpeft: load_adapter(): no adapter_config.json in /nonexistent/adapter"),
+    ("%peft_load /nonexistent/adapter", "nbpeft: /nonexistent/adapter does not exist; give the folder %peft_save wrote"),
+    ("%peft_load /", "nbpeft: load_adapter(): no adapter_config.json in / (or its subfolders)"),
+    ("%peft_save out --overwrite=yes", "nbpeft: --overwrite takes no value"),
 ])
 def test_errors_are_one_line_and_leave_the_model_untouched(shell, code, message):
     shell.user_ns["data"] = ["not a model"]
@@ -375,7 +395,7 @@ def test_attach_help_lists_every_option_of_every_method(shell):
 @pytest.mark.parametrize("name", MAGICS)
 def test_every_magic_documents_its_usage(shell, name):
     magic = shell.find_line_magic(name) or shell.find_cell_magic(name)
-    assert f"%{name}" in magic.__doc__.splitlines()[0]
+    assert magic.__doc__.splitlines()[0].endswith(USAGE[name])  # the line the parser and errors use
 
 
 def test_unload_removes_the_magics_and_load_brings_them_back(shell):
@@ -423,14 +443,14 @@ def test_methods_table_lists_every_method(shell, monkeypatch):
     data = out.outputs[0].data
     for info in nbpeft.methods():
         assert info.name in data["text/plain"] and info.description in data["text/plain"]
-        assert f"<td>{info.name}</td>" in data["text/html"]
+        assert f'<td style="text-align:left">{info.name}</td>' in data["text/html"]
     assert "r=8" in data["text/plain"]
 
 
 def test_methods_table_for_one_method_lists_its_options(shell):
     _, out = run(shell, "%peft_methods lora")
     text = out.outputs[0].data["text/plain"]
-    options = nbpeft.methods.__globals__["method_options"](nbpeft.methods.__globals__["get_method"]("lora").config_class)
+    options = method_options(get_method("lora").config_class)
     assert len(text.splitlines()) == len(options)
     assert "lora r=8 (int): rank of the update B·A" in text
     assert "(one of 'default', 'gaussian', 'random')" in text
@@ -504,16 +524,9 @@ class FakeTable:
 
 @pytest.fixture
 def fake_compare(monkeypatch):
-    """A recording stand-in with the documented signature of nbpeft.compare."""
-    calls = []
-
-    def compare(model, methods=None, **options):
-        if options.get("boom"):
-            raise ValueError("compare(): boom is not allowed")
-        calls.append(dict(model=model, methods=methods, **options))
-        return FakeTable(methods or ["lora"])
-
-    monkeypatch.setattr(nbpeft, "compare", compare, raising=False)
+    """nbpeft.compare as a recording double with compare()'s own signature."""
+    double, calls = recording(nbpeft.compare, lambda call, n: FakeTable(call["methods"] or ["lora"]))
+    monkeypatch.setattr(nbpeft, "compare", double)
     return calls
 
 
@@ -521,18 +534,16 @@ def test_compare_maps_options_and_stores_the_table(shell, fake_compare):
     result, out = run(shell, "%peft_compare methods=lora,ia3 lora={'r': 4, 'alpha': 8}")
     assert result.success, out.stderr
     (call,) = fake_compare
-    assert call == {"model": shell.user_ns["model"], "methods": ["lora", "ia3"], "lora": {"r": 4, "alpha": 8}}
+    assert call == {"model": shell.user_ns["model"], "methods": ["lora", "ia3"], "options": {"lora": {"r": 4, "alpha": 8}}}
     assert out.outputs[0].data["text/plain"] == "compared 2 methods"
     assert shell.user_ns["_peft_compare"].rows == ["lora", "ia3"]
     shell.user_ns["other"] = tiny_model()
     run(shell, "%peft_compare methods=lora --model other --out table")
-    assert fake_compare[1] == {"model": shell.user_ns["other"], "methods": ["lora"]}
+    assert fake_compare[1] == {"model": shell.user_ns["other"], "methods": ["lora"], "options": {}}
     assert shell.user_ns["table"].rows == ["lora"]
 
 
 def test_compare_with_the_real_compare(shell, monkeypatch):
-    if not hasattr(nbpeft, "compare"):
-        pytest.skip("nbpeft.compare is not there")
     monkeypatch.setattr(shell.display_formatter, "active_types", ["text/plain", "text/html"])
     before = snapshot(shell.user_ns["model"])
     result, out = run(shell, "%peft_compare methods=lora,ia3 lora={'r': 4}")
@@ -546,12 +557,20 @@ def test_compare_with_the_real_compare(shell, monkeypatch):
     assert out.stderr.strip().startswith("UsageError: nbpeft: unknown method 'lorra'; did you mean 'lora'?")
 
 
+def test_compare_prose_columns_read_from_the_left(shell, monkeypatch):
+    monkeypatch.setattr(shell.display_formatter, "active_types", ["text/plain", "text/html"])
+    _, out = run(shell, "%peft_compare methods=lora")
+    page = out.outputs[0].data["text/html"]
+    left = ' style="text-align:left"'
+    assert f"<th{left}>method</th><th{left}>settings</th><th>trainable</th>" in page
+    assert f"<td{left}>lora</td>" in page and f"<td{left}>r=8" in page
+
+
 @pytest.mark.parametrize("code, message", [
     ("%peft_compare --model nope", "nbpeft: no variable 'nope' in the notebook"),
     ("%peft_compare --out 1x", "nbpeft: --out '1x' must be a variable name"),
     ("%peft_compare --data x", "nbpeft: unknown flag --data (flags: --model, --out)"),
     ("%peft_compare lora", "nbpeft: expected key=value, got 'lora'"),
-    ("%peft_compare boom=true", "nbpeft: compare(): boom is not allowed"),
 ])
 def test_compare_errors(shell, fake_compare, code, message):
     result, out = run(shell, code)
@@ -559,25 +578,16 @@ def test_compare_errors(shell, fake_compare, code, message):
     assert not fake_compare
 
 
-def test_compare_type_error_is_one_line(shell, monkeypatch):
-    monkeypatch.setattr(nbpeft, "compare", lambda model, methods=None: None, raising=False)
-    _, out = run(shell, "%peft_compare steps=3")
-    assert out.stderr.strip().startswith("UsageError: nbpeft: compare: ") and "steps" in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1
-
-
-def test_compare_without_compare_in_nbpeft(shell, monkeypatch):
-    monkeypatch.delattr(nbpeft, "compare", raising=False)
-    _, out = run(shell, "%peft_compare methods=lora")
-    assert out.stderr.strip() == "UsageError: nbpeft: this nbpeft has no compare(); upgrade nbpeft to compare methods"
+def test_compare_errors_from_the_api_are_one_line(shell):
+    result, out = run(shell, "%peft_compare steps=3")
+    assert_usage_error(result, out, "nbpeft: unknown method 'steps'")
 
 
 def test_compare_help_lists_its_options(shell):
     doc = shell.find_line_magic("peft_compare").__doc__
     assert doc.startswith("Compare methods on one model:  %peft_compare [methods=a,b]")
-    if hasattr(nbpeft, "compare"):
-        assert "methods=None" in doc and "METHOD={'key': value} sets that method's options" in doc
-        assert all(m.name in doc for m in nbpeft.methods())
+    assert "methods=None" in doc and "METHOD={'key': value} sets that method's options" in doc
+    assert all(m.name in doc for m in nbpeft.methods())
 
 
 # %peft_panel -------------------------------------------------------------------------------
@@ -626,7 +636,7 @@ def test_complete_method_names(shell):
 
 
 def test_complete_option_keys_values_and_flags(shell):
-    options = list(nbpeft.methods.__globals__["method_options"](nbpeft.methods.__globals__["get_method"]("lora").config_class))
+    options = list(method_options(get_method("lora").config_class))
     assert complete(shell, "%peft_attach lora ") == [f"{k}=" for k in options]
     assert complete(shell, "%peft_attach lora r") == ["r=", "rslora="]
     assert complete(shell, "%peft_attach lora r=4 r") == ["rslora="]  # r is given already
@@ -647,7 +657,11 @@ def test_complete_variables_and_adapter_names(shell):
     assert complete(shell, "%peft_train --data ") == ["data"]  # not IPython's own In
     assert complete(shell, "%peft_use ") == ["chat", "sql"]
     assert complete(shell, "%peft_use chat,") == ["chat,sql"]
-    assert complete(shell, "%peft_merge --name s") == ["sql"]
+    assert complete(shell, "%peft_merge s") == ["sql"]  # the name comes first, as in %peft_use
+    assert complete(shell, "%peft_detach ") == ["chat", "sql"]
+    assert complete(shell, "%peft_save out --name ") == ["chat", "sql"]
+    assert complete(shell, "%peft_save out --o") == ["--overwrite"]
+    assert complete(shell, "%peft_save out --overwrite --m") == ["--model"]
     assert complete(shell, "%peft_panel o") == ["other"]
 
 
@@ -655,3 +669,118 @@ def test_complete_compare_methods(shell, fake_compare):
     assert complete(shell, "%peft_compare methods=lora,i") == ["methods=lora,ia3"]
     assert complete(shell, "%peft_compare lo") == ["lora="]
     assert complete(shell, "%peft_compare --") == ["--model", "--out"]
+
+
+# one grammar: names positionally, flags as in %magic?, errors in the magic's syntax --------------
+
+@pytest.mark.parametrize("magic", ["peft_use", "peft_detach", "peft_merge", "peft_unmerge"])
+def test_every_magic_that_acts_on_one_adapter_takes_its_name_positionally(shell, magic):
+    model = shell.user_ns["model"]
+    nbpeft.attach(model, "lora", init="random", name="chat")
+    nbpeft.attach(model, "lora", init="random", name="sql")
+    if magic == "peft_unmerge":
+        nbpeft.merge(model, ["chat", "sql"])
+    result, out = run(shell, f"%{magic} chat")
+    assert result.success, out.stderr
+    assert USAGE[magic].split()[1].startswith(("NAME", "[NAME]"))
+    if magic == "peft_detach":
+        assert list(state(model).adapters) == ["sql"]
+    elif magic == "peft_merge":
+        assert state(model).adapters["chat"].merged and not state(model).adapters["sql"].merged
+    elif magic == "peft_unmerge":
+        assert not state(model).adapters["chat"].merged and state(model).adapters["sql"].merged
+    else:
+        assert state(model).active == ["chat"]
+
+
+def test_api_keywords_of_a_magics_flags_are_spelled_as_flags():
+    from nbpeft.frontend import one_line
+    from nbpeft.magics.line import FLAGS, spellings
+
+    err = ConfigError("attach(): an adapter named 'x' is already attached; pick another name= or detach it first")
+    assert one_line(err, spellings("peft_attach")) == (
+        "attach(): an adapter named 'x' is already attached; pick another --name or detach it first")
+    assert one_line(ConfigError("give eval_data=[...] too"), spellings("peft_train")) == "give --eval-data [...] too"
+    assert one_line(ConfigError("or pass overwrite=True"), spellings("peft_save")) == "or pass --overwrite"
+    # only a magic's own flags: %peft_use has no --name, and options stay key=value
+    assert one_line(err, spellings("peft_use")) == one_line(err)
+    assert one_line(ConfigError("lora: no module matched targets=['x']"), spellings("peft_attach")).endswith("targets=['x']")
+    assert FLAGS["peft_save"] == ("name", "model", "overwrite")
+
+
+def test_save_refuses_to_overwrite_unless_told(shell, tmp_path):
+    run(shell, "%peft_attach lora r=4 init=random")
+    run(shell, f"%peft_save {tmp_path / 'a'}")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    saved = weights.read_bytes()
+    nbpeft.detach(shell.user_ns["model"])
+    run(shell, "%peft_attach lora r=2 init=random")
+    result, out = run(shell, f"%peft_save {tmp_path / 'a'}")
+    assert_usage_error(result, out, f"nbpeft: save_adapter(): {tmp_path / 'a'} already holds an adapter; "
+                                    "choose another path or pass --overwrite")
+    assert weights.read_bytes() == saved
+    result, out = run(shell, f"%peft_save {tmp_path / 'a'} --overwrite")
+    assert result.success and out.stdout.startswith(f"saved {tmp_path / 'a'}/")
+    assert weights.read_bytes() != saved
+
+    (tmp_path / "file").write_text("notes")
+    result, out = run(shell, f"%peft_save {tmp_path / 'file'}")
+    assert_usage_error(result, out, f"nbpeft: save_adapter(): {tmp_path / 'file'} is a file; choose another path")
+    assert (tmp_path / "file").read_text() == "notes" and "Errno" not in out.stderr
+    result, _ = run(shell, f"%peft_save {tmp_path / 'file'} --overwrite")
+    assert result.success and (tmp_path / "file" / "adapter_config.json").exists()
+
+
+def test_save_names_the_bundled_model_by_its_hub_id(shell, tmp_path):
+    model = shell.user_ns["model"]
+    model.config._name_or_path = str(cache_dir() / "smollm2-135m")  # what load_model("smollm2-135m") records
+    run(shell, "%peft_attach lora r=2")
+    run(shell, f"%peft_save {tmp_path / 'a'}")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model.config._name_or_path = "some/hub-model"
+    run(shell, f"%peft_save {tmp_path / 'b'}")
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["base_model_name_or_path"] == "some/hub-model"
+
+
+def test_load_says_when_it_switches_the_active_adapter(shell, tmp_path):
+    model = shell.user_ns["model"]
+    nbpeft.attach(model, "lora", name="sql")
+    nbpeft.save_adapter(model, tmp_path, name="sql")  # a named adapter goes in a subfolder of its name
+    nbpeft.attach(model, "lora", name="chat")
+    _, out = run(shell, f"%peft_load {tmp_path / 'sql'} --name again")
+    assert state(model).active == ["again"]
+    assert out.stdout.strip() == "active: 'again' (was 'chat'; %peft_use chat switches back)"
+    shell.user_ns["fresh"] = tiny_model()
+    _, out = run(shell, f"%peft_load {tmp_path / 'sql'} --model fresh")
+    assert out.stdout.strip() == "active: 'default'"  # nothing was active before: no way back to name
+
+
+def test_data_variables_offer_only_what_train_accepts():
+    from nbpeft.frontend import data_variables
+
+    namespace = {"texts": ["a", "b"], "pairs": [{"prompt": "p", "response": "r"}], "numbers": [[1, 2]], "empty": [],
+                 "word": "abc", "count": 3, "model": tiny_model(), "mixed": ["a", {"prompt": "p"}], "_hidden": ["a"],
+                 "loader": torch.utils.data.DataLoader([{"input_ids": torch.zeros(2, dtype=torch.long)}])}
+    assert data_variables(namespace) == ["texts", "pairs", "loader"]
+
+
+def test_magics_and_widgets_never_import_each_other():
+    import ast
+    from pathlib import Path
+
+    package = Path(nbpeft.__file__).parent
+
+    def imported(folder: str) -> set[str]:
+        found = set()
+        for path in (package / folder).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom):
+                    found.add("." * node.level + (node.module or ""))
+                elif isinstance(node, ast.Import):
+                    found.update(alias.name for alias in node.names)
+        return found
+
+    assert not [m for m in imported("magics") if "widgets" in m]
+    assert not [m for m in imported("widgets") if "magics" in m]
+    assert "..frontend" in imported("magics") and "..frontend" in imported("widgets")

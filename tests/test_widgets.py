@@ -77,10 +77,25 @@ def test_field_widgets_follow_the_option_types():
 
 
 def test_target_choices_group_leaf_names_with_counts(llama):
-    choices = dict(target_choices(llama))
+    choices = dict(target_choices(llama, get_method("lora")))
     assert choices["q_proj ×2"] == "q_proj" and choices["down_proj ×2"] == "down_proj"
-    assert "lm_head ×1" in choices and "embed_tokens ×1" in choices
     assert not any(label.startswith(("layers ", "mlp ", "self_attn ")) for label in choices)  # containers hold no weights
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "adapter", "qlora"])
+def test_target_choices_offer_only_what_the_method_can_adapt(llama, method):
+    leaves = [leaf for _, leaf in target_choices(llama, get_method(method))]
+    assert leaves == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    for leaf in leaves:  # each one attaches
+        nbpeft.attach(tiny_llama(), method, targets=[leaf])
+
+
+def test_target_choices_follow_the_method(llama):
+    tab = make_panel(llama).attach_tab
+    assert [leaf for _, leaf in tab.targets.options] == [leaf for _, leaf in target_choices(llama, get_method("lora"))]
+    tab.method.value = "bitfit"  # biases of norms too: the method says so, not a list in the panel
+    assert "input_layernorm" in [leaf for _, leaf in tab.targets.options]
+    assert not {"embed_tokens", "lm_head"} & {leaf for _, leaf in tab.targets.options}  # heads go in modules_to_save
 
 
 # preview ---------------------------------------------------------------------------------------
@@ -199,7 +214,7 @@ def test_panel_and_magic_give_identical_models(ip, settings, line):
     (lambda t: setattr(t.regex, "value", "nothing.*"), "lora: the regex targets='nothing.*' matched no module"),
     (lambda t: setattr(t.fields["modules_to_save"].widget, "value", "head"),
      "attach(): modules_to_save=['head'] not found in the model"),
-    (lambda t: setattr(t.name, "value", "not a name"), "attach(): name='not a name' must be a simple identifier"),
+    (lambda t: setattr(t.name, "value", "not a name"), "attach(): adapter name 'not a name' must be a simple identifier"),
     (lambda t: (setattr(t.targets, "value", ("q_proj",)), setattr(t.regex, "value", "all-linear")),
      "lora: choose target modules or type a regex, not both"),
 ])
@@ -208,6 +223,7 @@ def test_errors_show_inline_and_leave_the_model_alone(llama, change, message):
     tab = make_panel(llama).attach_tab
     change(tab)
     assert tab.last_preview is None and message in text(tab.preview)
+    assert tab.attach_button.disabled  # the page cannot click it; a cell still can
     tab.attach_button.click()  # no exception escapes the button
     assert message in text(tab.message) and "#b00020" in tab.message.value
     assert_same(before, snapshot(llama))
@@ -221,10 +237,11 @@ def test_attach_then_detach_buttons(llama):
     tab.name.value = "chat"
     tab.attach_button.click()
     assert list(state(llama).adapters) == ["chat"]
-    assert "<td>chat</td>" in panel.adapters_tab.table.value
-    assert "already attached" in text(tab.preview)  # the preview follows the model
+    assert ">chat</td>" in panel.adapters_tab.table.value
+    assert "already attached" in text(tab.preview) and "#b00020" not in tab.preview.value  # a note, not an error
+    assert tab.attach_button.disabled
     tab.attach_button.click()
-    assert "an adapter named 'chat' is already attached" in text(tab.message)
+    assert "an adapter named 'chat' is already attached; pick another adapter name or detach it" in text(tab.message)
     tab.detach_button.click()
     assert text(tab.message).strip() == "detached 'chat'"
     assert_same(before, snapshot(llama))
@@ -356,7 +373,7 @@ def test_adapters_tab_calls_the_core_api(llama, tmp_path):
     panel = make_panel(llama)
     tab = panel.adapters_tab
     assert list(tab.adapter.options) == ["chat", "sql"] and tab.adapter.value == "sql"
-    assert "<td>chat</td>" in tab.table.value and "<td>inactive</td>" in tab.table.value
+    assert ">chat</td>" in tab.table.value and ">inactive</td>" in tab.table.value
     sql = logits(llama)
 
     tab.adapter.value = "chat"
@@ -366,7 +383,7 @@ def test_adapters_tab_calls_the_core_api(llama, tmp_path):
     assert not torch.allclose(chat, sql)
 
     tab.disable_button.click()
-    assert torch.allclose(logits(llama), base, atol=1e-6) and tab.disabled and "disabled" in tab.table.value
+    assert torch.allclose(logits(llama), base, atol=1e-6) and tab.disabled and ">disabled</td>" in tab.table.value
     tab.disable_button.click()
     assert torch.allclose(logits(llama), chat, atol=1e-6) and not tab.disabled
 
@@ -380,13 +397,14 @@ def test_adapters_tab_calls_the_core_api(llama, tmp_path):
     tab.save_button.click()
     assert (tmp_path / "chat" / "adapter_config.json").exists() and "saved" in text(tab.message)
     tab.delete_button.click()
+    tab.confirm_button.click()
     assert list(state(llama).adapters) == ["sql"] and list(tab.adapter.options) == ["sql"]
     tab.path.value, tab.load_name.value = str(tmp_path / "chat"), "chat"
     tab.load_button.click()
     assert "loaded 'chat'" in text(tab.message) and list(tab.adapter.options) == ["sql", "chat"]
     nbpeft.set_adapter(llama, "chat")
     assert torch.allclose(logits(llama), chat, atol=1e-6)
-    assert "<td>chat</td>" in panel.adapters_tab.table.value
+    assert ">chat</td>" in panel.adapters_tab.table.value
 
 
 def test_disable_ends_before_any_other_action(llama):
@@ -415,7 +433,10 @@ def test_load_from_a_missing_folder(llama, tmp_path):
     tab = make_panel(llama).adapters_tab
     tab.path.value = str(tmp_path / "missing")
     tab.load_button.click()
-    assert "load_adapter(): no adapter_config.json in" in text(tab.message)
+    assert f"load: {tmp_path / 'missing'} does not exist" in text(tab.message)
+    tab.path.value = str(tmp_path)
+    tab.load_button.click()
+    assert "load_adapter(): no adapter_config.json in" in text(tab.message)  # a folder, but no adapter in it
     assert not state(llama).adapters
 
 
@@ -424,3 +445,105 @@ def test_merge_of_a_method_that_cannot_merge(llama):
     tab = make_panel(llama).adapters_tab
     tab.merge_button.click()
     assert "#b00020" in tab.message.value and "merge" in text(tab.message)
+
+
+# the attach tab as a person reads it ----------------------------------------------------------------
+
+def red(widget: widgets.HTML) -> bool:
+    return "#b00020" in widget.value
+
+
+def test_no_error_line_is_left_after_a_successful_attach(llama):
+    tab = make_panel(llama).attach_tab
+    tab.attach_button.click()  # 'default'
+    tab.attach_button.click()  # 'default' again: refused
+    assert red(tab.message)
+    tab.name.value = "second"  # the refusal no longer applies
+    assert not red(tab.message) and not red(tab.preview) and not tab.attach_button.disabled
+    tab.fields["r"].widget.value = 0
+    tab.attach_button.click()
+    assert red(tab.message) and red(tab.preview)
+    tab.fields["r"].widget.value = 4
+    tab.attach_button.click()
+    assert list(state(llama).adapters) == ["default", "second"]
+    assert not red(tab.message) and not red(tab.preview) and "Adapter 'second'" in text(tab.message)
+
+
+def test_targets_help_follows_the_selection(llama):
+    tab = make_panel(llama).attach_tab
+    assert text(tab.targets_help) == "none selected: the method's default targets"
+    tab.targets.value = ("q_proj", "v_proj")
+    assert text(tab.targets_help) == "2 selected: q_proj, v_proj"
+    tab.regex.value = "all-linear"
+    assert text(tab.targets_help) == "clear the selection or the regex" and tab.attach_button.disabled
+    tab.targets.value = ()
+    assert text(tab.targets_help) == "the regex below chooses the targets" and not tab.attach_button.disabled
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_label_has_one_width(llama, method):
+    from nbpeft.widgets.fields import LABEL
+
+    tab = make_panel(llama).attach_tab
+    tab.method.value = method
+    labelled = [tab.method, tab.name, tab.targets, tab.regex] + [f.widget for f in tab.fields.values()]
+    assert {w.style.description_width for w in labelled} == {LABEL["style"]["description_width"]}
+    assert all(getattr(w, "indent", True) for w in labelled)  # checkboxes keep the label column too
+
+
+# the adapters tab as a person reads it ---------------------------------------------------------------
+
+def test_adapter_buttons_share_one_row(llama):
+    tab = make_panel(llama).adapters_tab
+    row = tab.buttons.children
+    for button in (tab.activate_button, tab.merge_button, tab.unmerge_button, tab.delete_button, tab.disable_button):
+        assert button in row and button.layout.width == "auto"
+    assert tab.buttons.layout.flex_flow == "row nowrap"
+
+
+def test_adapter_table_heads_align_with_their_columns(llama):
+    nbpeft.attach(llama, "lora", name="chat")
+    table = make_panel(llama).adapters_tab.table.value
+    heads = re.findall(r'<th style="[^"]*text-align:(\w+)">([^<]+)</th>', table)
+    cells = re.findall(r'<td style="[^"]*text-align:(\w+)">', table)
+    assert [h for _, h in heads] == ["adapter", "method", "modules", "parameters", "% of base", "state"]
+    assert [a for a, _ in heads] == cells == ["left", "left", "right", "right", "right", "left"]
+    assert "white-space:nowrap" in table
+
+
+def test_delete_asks_first(llama):
+    nbpeft.attach(llama, "lora", name="chat")
+    tab = make_panel(llama).adapters_tab
+    tab.delete_button.click()
+    assert list(state(llama).adapters) == ["chat"] and tab.confirm_box.layout.display is None
+    assert "delete 'chat'" in text(tab.confirm_text)
+    tab.cancel_button.click()
+    assert tab.confirm_box.layout.display == "none" and list(state(llama).adapters) == ["chat"]
+    tab.delete_button.click()
+    tab.confirm_button.click()
+    assert not state(llama).adapters and tab.confirm_box.layout.display == "none"
+    assert "delete: 'chat'" in text(tab.message)
+
+
+def test_save_overwrites_only_when_ticked(llama, tmp_path):
+    nbpeft.attach(llama, "lora", init="random")
+    tab = make_panel(llama).adapters_tab
+    tab.path.value = str(tmp_path / "a")
+    tab.save_button.click()
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    saved = weights.read_bytes()
+    with torch.no_grad():
+        llama.model.layers[0].self_attn.q_proj.lora_B["default"].weight.add_(1.0)
+    tab.save_button.click()
+    assert red(tab.message) and weights.read_bytes() == saved
+    assert text(tab.message).strip() == f"save_adapter(): {tmp_path / 'a'} already holds an adapter; choose another path or tick overwrite"
+    tab.overwrite.value = True
+    tab.save_button.click()
+    assert not red(tab.message) and weights.read_bytes() != saved
+
+    (tmp_path / "file").write_text("notes")
+    tab.overwrite.value = False
+    tab.path.value = str(tmp_path / "file")
+    tab.save_button.click()
+    assert "is a file; choose another path or tick overwrite" in text(tab.message) and "Errno" not in text(tab.message)
+    assert (tmp_path / "file").read_text() == "notes"

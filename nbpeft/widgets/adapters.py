@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import html
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import ipywidgets as widgets
@@ -11,45 +13,93 @@ from torch import nn
 
 import nbpeft
 
+from ..frontend import one_line
 from ..methods.base import ConfigError
-from .attach import one_line, say
+from .attach import say
+from .fields import LABEL
+
+# the API's keyword spellings as this tab labels them
+SPELLINGS = {"pass overwrite=True": "tick overwrite"}
+# (head, alignment) of each column: prose left, numbers right, every head over its column
+COLUMNS = (("adapter", "left"), ("method", "left"), ("modules", "right"), ("parameters", "right"),
+           ("% of base", "right"), ("state", "left"))
+
+
+def adapter_table(summary: nbpeft.Summary, disabled: bool) -> str:
+    """The summary as an HTML table whose heads sit over their columns; ``disabled`` shows in every row."""
+    cell = "padding:2px 12px;white-space:nowrap;text-align:{}"
+    head = "".join(f'<th style="{cell.format(align)}">{name}</th>' for name, align in COLUMNS)
+    rows = []
+    for row in summary.adapters:
+        if disabled:
+            state = "disabled"
+        else:
+            state = ("active" if row.active else "inactive") + (", merged" if row.merged else "")
+        state += "".join(f"; {n}" for n in row.notes)
+        values = (row.name, row.method, f"{row.modules}", f"{row.params:,}",
+                  f"{100.0 * row.params / max(summary.base, 1):.3f}%", state)
+        rows.append("<tr>" + "".join(f'<td style="{cell.format(align)}">{html.escape(v)}</td>'
+                                     for v, (_, align) in zip(values, COLUMNS)) + "</tr>")
+    if not rows:
+        rows = [f'<tr><td colspan="{len(COLUMNS)}" style="{cell.format("left")}">no adapters attached</td></tr>']
+    caption = (f"{html.escape(summary.model_name)}: {summary.total:,} parameters, "
+               f"<b>{summary.trainable:,} trainable ({summary.trainable_pct:.3f}%)</b>")
+    return (f'<table style="border-collapse:collapse"><caption style="text-align:left">{caption}</caption>'
+            f"<tr>{head}</tr>{''.join(rows)}</table>")
+
+
+def _button(description: str, icon: str, **kwargs: Any) -> widgets.Button:
+    """A button as wide as its label, so a row of them fits on one line."""
+    return widgets.Button(description=description, icon=icon, layout={"width": "auto"}, **kwargs)
 
 
 class AdaptersTab(widgets.VBox):
-    """Adapter table; activate, disable, merge, unmerge, save, load and delete."""
+    """Adapter table; activate, disable, merge, unmerge, save, load and delete (after a confirmation)."""
 
     def __init__(self, model: nn.Module, on_change: Callable[[], None] = lambda: None,
                  busy: Callable[[], str | None] = lambda: None) -> None:
         self.model, self.on_change, self.busy = model, on_change, busy
-        label = {"style": {"description_width": "initial"}}
         self.table = widgets.HTML()
         self.table.add_class("nbpeft-adapters")
-        self.adapter = widgets.Dropdown(options=[], description="adapter", **label)
-        self.activate_button = widgets.Button(description="Activate", icon="check")
-        self.disable_button = widgets.Button(description="Disable all", icon="pause",
-                                             tooltip="run the base model until Enable all is pressed")
-        self.merge_button = widgets.Button(description="Merge", icon="compress")
-        self.unmerge_button = widgets.Button(description="Unmerge", icon="expand")
-        self.delete_button = widgets.Button(description="Delete", button_style="danger", icon="trash")
-        self.path = widgets.Text(placeholder="folder, e.g. my-adapter", description="path", **label)
-        self.load_name = widgets.Text(placeholder="(as saved)", description="load as", **label)
-        self.save_button = widgets.Button(description="Save", icon="save")
-        self.load_button = widgets.Button(description="Load", icon="folder-open")
+        self.adapter = widgets.Dropdown(options=[], description="adapter", layout={"width": "300px"}, **LABEL)
+        self.activate_button = _button("Activate", "check")
+        self.merge_button = _button("Merge", "compress")
+        self.unmerge_button = _button("Unmerge", "expand")
+        self.delete_button = _button("Delete", "trash", button_style="danger")
+        self.disable_button = _button("Disable all", "pause", tooltip="run the base model until Enable all is pressed")
+        self.confirm_button = _button("Yes, delete", "trash", button_style="danger")
+        self.cancel_button = _button("Cancel", "times")
+        self.confirm_text = widgets.HTML()
+        self.confirm_box = widgets.HBox([self.confirm_text, self.confirm_button, self.cancel_button],
+                                        layout={"display": "none"})
+        self.path = widgets.Text(placeholder="folder, e.g. my-adapter", description="path", **LABEL)
+        self.overwrite = widgets.Checkbox(value=False, description="overwrite", indent=False,
+                                          tooltip="replace an adapter already saved at path", layout={"width": "auto"})
+        self.load_name = widgets.Text(placeholder="(as saved)", description="load as", **LABEL)
+        self.save_button = _button("Save", "save")
+        self.load_button = _button("Load", "folder-open")
         self.message = widgets.HTML()
         self.message.add_class("nbpeft-adapters-message")
+        for widget, name in ((self.delete_button, "delete"), (self.disable_button, "disable"),
+                             (self.confirm_button, "confirm"), (self.save_button, "save"),
+                             (self.overwrite, "overwrite")):
+            widget.add_class(f"nbpeft-adapters-{name}")
+        self.buttons = widgets.HBox([self.adapter, self.activate_button, self.merge_button, self.unmerge_button,
+                                     self.delete_button, self.disable_button], layout={"flex_flow": "row nowrap"})
+        self.buttons.add_class("nbpeft-adapters-buttons")
         self._disabled: contextlib.AbstractContextManager | None = None
         super().__init__([
-            self.table,
-            widgets.HBox([self.adapter, self.activate_button, self.merge_button, self.unmerge_button, self.delete_button]),
-            self.disable_button,
-            widgets.HBox([self.path, self.save_button]),
+            self.table, self.buttons, self.confirm_box,
+            widgets.HBox([self.path, self.save_button, self.overwrite]),
             widgets.HBox([self.load_name, self.load_button]),
             self.message,
         ])
         self.activate_button.on_click(lambda _: self._do("activate", lambda n: nbpeft.set_adapter(self.model, n)))
         self.merge_button.on_click(lambda _: self._do("merge", lambda n: nbpeft.merge(self.model, n)))
         self.unmerge_button.on_click(lambda _: self._do("unmerge", lambda n: nbpeft.unmerge(self.model, n)))
-        self.delete_button.on_click(lambda _: self._do("delete", lambda n: nbpeft.detach(self.model, n)))
+        self.delete_button.on_click(self.ask_delete)
+        self.confirm_button.on_click(lambda _: self._do("delete", lambda n: nbpeft.detach(self.model, n)))
+        self.cancel_button.on_click(self._hide_confirm)
         self.save_button.on_click(self.save)
         self.load_button.on_click(self.load)
         self.disable_button.on_click(self.toggle_disabled)
@@ -62,8 +112,7 @@ class AdaptersTab(widgets.VBox):
     def refresh(self) -> None:
         """Redraw the table and the adapter list from the model."""
         summary = nbpeft.summary(self.model)
-        note = "<p><b>all adapters disabled: the model runs as the base model</b></p>" if self.disabled else ""
-        self.table.value = summary._repr_html_() + note
+        self.table.value = adapter_table(summary, self.disabled)
         names = [row.name for row in summary.adapters]
         current = self.adapter.value
         self.adapter.options = names
@@ -81,6 +130,7 @@ class AdaptersTab(widgets.VBox):
 
     def toggle_disabled(self, *_: Any) -> None:
         """``nbpeft.disable_adapters(model)`` held open until pressed again."""
+        self._hide_confirm()
         try:
             self._idle()
             if self._disabled is not None:
@@ -115,7 +165,21 @@ class AdaptersTab(widgets.VBox):
             raise ConfigError(missing)
         return folder
 
+    def ask_delete(self, *_: Any) -> None:
+        """Delete asks first: the adapter's trained weights go with it."""
+        try:
+            name = self._selected()
+        except ConfigError as err:
+            say(self.message, one_line(err), error=True)
+            return
+        self.confirm_text.value = f"<b>delete {html.escape(repr(name))} and its weights?</b>&nbsp;"
+        self.confirm_box.layout.display = None
+
+    def _hide_confirm(self, *_: Any) -> None:
+        self.confirm_box.layout.display = "none"
+
     def _do(self, verb: str, call: Callable[[str], Any]) -> bool:
+        self._hide_confirm()
         try:
             self._idle()
             self.enable()
@@ -130,19 +194,23 @@ class AdaptersTab(widgets.VBox):
         return True
 
     def save(self, *_: Any) -> None:
-        """``nbpeft.save_adapter(model, path, name=adapter)``."""
+        """``nbpeft.save_adapter(model, path, name=adapter, overwrite=overwrite)``."""
+        self._hide_confirm()
         try:
             folder = self._folder("save: type a folder in path first")
-            folders = nbpeft.save_adapter(self.model, folder, name=self._selected())
+            folders = nbpeft.save_adapter(self.model, folder, name=self._selected(), overwrite=self.overwrite.value)
         except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
-            say(self.message, one_line(err), error=True)
+            say(self.message, one_line(err, SPELLINGS), error=True)
             return
         say(self.message, "saved " + ", ".join(str(f) for f in folders))
 
     def load(self, *_: Any) -> None:
         """``nbpeft.load_adapter(model, path, name=load as)``."""
+        self._hide_confirm()
         try:
             folder = self._folder("load: type the adapter's folder in path first")
+            if not Path(folder).exists():
+                raise ConfigError(f"load: {folder} does not exist; type the folder an adapter was saved to")
             loaded = nbpeft.load_adapter(self.model, folder, name=self.load_name.value.strip() or None)
         except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
             say(self.message, one_line(err), error=True)

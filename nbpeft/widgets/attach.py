@@ -12,15 +12,13 @@ from torch import nn
 import nbpeft
 
 from .. import targeting
-from ..methods.base import ConfigError, get_method
-from .fields import OptionField, help_label, option_fields, read_options
+from ..frontend import one_line
+from ..methods.base import ConfigError, Method, get_method
+from .fields import LABEL, OptionField, help_label, option_fields, read_options
 from .preview import Preview, preview
 
-
-def one_line(err: BaseException) -> str:
-    """An exception as the one line a person reads (the type only when it adds something)."""
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {text}"
+# the API's keyword spellings as this tab labels them
+SPELLINGS = {"name=": "adapter name "}
 
 
 def say(target: widgets.HTML, text: str, error: bool = False) -> None:
@@ -28,15 +26,32 @@ def say(target: widgets.HTML, text: str, error: bool = False) -> None:
     target.value = f'<span style="color:{color}">{html.escape(text)}</span>' if text else ""
 
 
-def target_choices(model: nn.Module) -> list[tuple[str, str]]:
-    """``("q_proj ×30", "q_proj")`` for every leaf name of a module that holds weights, in model order."""
+def note(target: widgets.HTML, text: str) -> None:
+    """A neutral remark (grey): neither an error nor a result."""
+    target.value = f'<span style="color:#666">{html.escape(text)}</span>'
+
+
+def target_choices(model: nn.Module, method: Method) -> list[tuple[str, str]]:
+    """``("q_proj ×30", "q_proj")`` for every leaf name ``method`` can adapt, in model order.
+
+    The method itself decides (its ``select`` refuses a leaf of a kind it cannot adapt, such
+    as a layer norm or an embedding for LoRA); output heads are left to ``modules_to_save``.
+    """
     counts = targeting.leaf_counts(model)
+    heads = {path.rsplit(".", 1)[-1] for path in targeting.head_names(model)}
     leaves: list[str] = []
     for path, module in targeting.base_modules(model).items():
         leaf = path.rsplit(".", 1)[-1]
-        if path and leaf not in leaves and next(module.parameters(recurse=False), None) is not None:
+        if path and leaf not in leaves and leaf not in heads and next(module.parameters(recurse=False), None) is not None:
             leaves.append(leaf)
-    return [(f"{leaf} ×{counts[leaf]}", leaf) for leaf in leaves]
+    adaptable = []
+    for leaf in leaves:
+        try:
+            method.select(model, method.config_class.from_options({"targets": [leaf]}))
+        except ConfigError:
+            continue
+        adaptable.append((f"{leaf} ×{counts[leaf]}", leaf))
+    return adaptable
 
 
 class AttachTab(widgets.VBox):
@@ -46,40 +61,40 @@ class AttachTab(widgets.VBox):
                  busy: Callable[[], str | None] = lambda: None, before: Callable[[], None] = lambda: None) -> None:
         self.model, self.on_change, self.busy, self.before = model, on_change, busy, before
         names = [info.name for info in nbpeft.methods()]
-        label = {"style": {"description_width": "initial"}}
         self.method = widgets.Dropdown(options=names, value="lora" if "lora" in names else names[0],
-                                       description="method", **label)
+                                       description="method", **LABEL)
         self.method.add_class("nbpeft-method")
         self.description = help_label("")
         self.name = widgets.Text(value="default", description="adapter name", continuous_update=False,
-                                 tooltip="the adapter's name on the model", **label)
+                                 tooltip="the adapter's name on the model", **LABEL)
         self.name.add_class("nbpeft-name")
-        choices = target_choices(model)
-        self.targets = widgets.SelectMultiple(options=choices, rows=min(8, max(len(choices), 1)),
-                                              description="targets", tooltip="modules to adapt, by name", **label)
+        self.targets = widgets.SelectMultiple(options=[], rows=1, description="targets",
+                                              tooltip="modules to adapt, by name", **LABEL)
         self.targets.add_class("nbpeft-targets")
+        self.targets_help = help_label("")
+        self.targets_help.add_class("nbpeft-targets-help")
         self.regex = widgets.Text(placeholder="a regex over module paths, or all-linear", description="or regex",
-                                  continuous_update=False, **label)
+                                  continuous_update=False, **LABEL)
         self.regex.add_class("nbpeft-regex")
-        self.target_box = widgets.VBox([
-            widgets.HBox([self.targets, help_label("none selected: the method's default targets")]), self.regex,
-        ])
+        self.target_box = widgets.VBox([widgets.HBox([self.targets, self.targets_help]), self.regex])
         self.fields_box = widgets.VBox()
         self.preview = widgets.HTML()
         self.preview.add_class("nbpeft-preview")
         self.attach_button = widgets.Button(description="Attach", button_style="primary", icon="plus")
+        self.attach_button.add_class("nbpeft-attach")
         self.detach_button = widgets.Button(description="Detach", icon="minus")
         self.message = widgets.HTML()
         self.message.add_class("nbpeft-message")
         self.fields: dict[str, OptionField] = {}
         self.last_preview: Preview | None = None
+        self._quiet = False
         super().__init__([
             widgets.HBox([self.method, self.description]), self.name, self.fields_box, self.target_box,
             self.preview, widgets.HBox([self.attach_button, self.detach_button]), self.message,
         ])
         self.method.observe(self._build_fields, "value")
         for widget in (self.name, self.targets, self.regex):
-            widget.observe(self.refresh, "value")
+            widget.observe(self._edited, "value")
         self.attach_button.on_click(self.attach)
         self.detach_button.on_click(self.detach)
         self._build_fields()
@@ -93,13 +108,15 @@ class AttachTab(widgets.VBox):
         self.description.value = html.escape(spec.description)
         self.fields = option_fields(spec.config_class)
         for field in self.fields.values():
-            field.widget.observe(self.refresh, "value")
+            field.widget.observe(self._edited, "value")
         self.fields_box.children = [f.row for k, f in self.fields.items() if k != "targets"]
         self.target_box.layout.display = None if self.has_targets else "none"
         self._quiet = True
         self.targets.value, self.regex.value = (), ""
+        choices = target_choices(self.model, spec) if self.has_targets else []
+        self.targets.options, self.targets.rows = choices, min(8, max(len(choices), 1))
         self._quiet = False
-        self.refresh()
+        self._edited()
 
     def options(self) -> dict[str, Any]:
         """attach() keyword arguments for the current settings (only options changed from their defaults)."""
@@ -114,17 +131,41 @@ class AttachTab(widgets.VBox):
                 options["targets"] = list(self.targets.value)
         return options
 
-    def refresh(self, *_: Any) -> None:
-        """Recompute the preview of trainable parameters for the current settings."""
-        if getattr(self, "_quiet", False):
+    def _targets_text(self) -> str:
+        chosen = list(self.targets.value)
+        if self.regex.value.strip():
+            return "the regex below chooses the targets" if not chosen else "clear the selection or the regex"
+        if chosen:
+            return f"{len(chosen)} selected: {', '.join(chosen)}"
+        return "none selected: the method's default targets"
+
+    def _edited(self, *_: Any) -> None:
+        """A setting changed: an error from an earlier click no longer applies."""
+        if self._quiet:
             return
-        try:
-            self.last_preview = preview(self.model, self.method.value, name=self.name.value, **self.options())
-        except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
-            self.last_preview = None
-            say(self.preview, one_line(err), error=True)
+        if "#b00020" in self.message.value:
+            self.message.value = ""
+        self.refresh()
+
+    def refresh(self, *_: Any) -> None:
+        """Recompute the preview of trainable parameters; Attach is enabled only when it would succeed."""
+        if self._quiet:
+            return
+        self.targets_help.value = html.escape(self._targets_text())
+        name = self.name.value
+        attached = [row.name for row in nbpeft.summary(self.model).adapters]
+        self.last_preview = None
+        if name in attached:
+            note(self.preview, f"an adapter named {name!r} is already attached: type a new adapter name "
+                               "to attach another, or Detach it")
         else:
-            self.preview.value = f"<b>would train {self.last_preview}</b>"
+            try:
+                self.last_preview = preview(self.model, self.method.value, name=name, **self.options())
+            except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
+                say(self.preview, one_line(err, SPELLINGS), error=True)
+            else:
+                self.preview.value = f"<b>would train {self.last_preview}</b>"
+        self.attach_button.disabled = self.last_preview is None
 
     def _idle(self) -> None:
         reason = self.busy()
@@ -138,7 +179,7 @@ class AttachTab(widgets.VBox):
             self._idle()
             adapter = nbpeft.attach(self.model, self.method.value, name=self.name.value, **self.options())
         except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
-            say(self.message, one_line(err), error=True)
+            say(self.message, one_line(err, SPELLINGS), error=True)
             return None
         say(self.message, repr(adapter))
         self.on_change()

@@ -15,23 +15,16 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from ..magics import parse_value
+from ..frontend import option_value, parse_value
 from ..methods.base import MethodConfig, method_options
 
 _INT_LIMIT = 2**31 - 1
-_NAME_LIKE = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_."
+# one label width for every field of every tab, so the inputs line up
+LABEL = {"style": {"description_width": "130px"}}
 
 
 def help_label(text: str) -> widgets.HTML:
     return widgets.HTML(f'<span style="color:#666;font-size:0.9em">{html.escape(text)}</span>')
-
-
-def _args(hint: Any) -> tuple:
-    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, type(int | None)) else (hint,)
-
-
-def _accepts_list(hint: Any) -> bool:
-    return any(typing.get_origin(a) in (list, tuple) or a in (list, tuple) for a in _args(hint))
 
 
 def _as_text(value: Any) -> str:
@@ -48,11 +41,11 @@ class OptionField:
     def __init__(self, method: str, key: str, info: dict[str, Any], hint: Any) -> None:
         self.method, self.key, self.info, self.hint = method, key, info, hint
         default, text = info["default"], info["help"]
-        common = {"description": key, "tooltip": text, "style": {"description_width": "initial"}}
+        common = {"description": key, "tooltip": text, **LABEL}
         if "choices" in info:
             self.widget = widgets.Dropdown(options=list(info["choices"]), value=default, **common)
         elif hint is bool:
-            self.widget = widgets.Checkbox(value=bool(default), indent=False, **common)
+            self.widget = widgets.Checkbox(value=bool(default), indent=True, **common)
         elif hint is int:
             low = 0 if default >= 0 else -_INT_LIMIT
             self.widget = widgets.BoundedIntText(value=default, min=low, max=_INT_LIMIT, **common)
@@ -72,15 +65,12 @@ class OptionField:
             return raw
         text = raw.strip()
         if not text:  # an empty box means "no value": None where allowed, else an empty list or string
-            if self.info["default"] is None or type(None) in _args(self.hint):
+            if self.info["default"] is None or "None" in self.info["type"]:
                 return None
-            return [] if _accepts_list(self.hint) else ""
+            return [] if "list" in self.info["type"] else ""
         if self.hint is str:
             return raw
-        value = parse_value(text)
-        if _accepts_list(self.hint) and isinstance(value, str) and all(c in _NAME_LIKE for c in value):
-            return [value]  # a bare module name, as in the magic: a list of one, not a regex
-        return value
+        return option_value(parse_value(text), self.info)
 
     @property
     def changed(self) -> bool:

@@ -22,26 +22,13 @@ from torch import nn
 
 import nbpeft
 
+from ..frontend import data_variables
 from ..live import progress_text
 from ..methods.base import ConfigError
 from ..train import PRECISIONS, StopTraining, TrainResult
 from .attach import one_line, say
 
 RESULT_VARIABLE = "_peft_result"
-
-
-def data_variables(namespace: dict[str, Any]) -> list[str]:
-    """Names of notebook variables that look like training data: example lists and DataLoaders."""
-    from IPython import get_ipython
-
-    hidden = getattr(get_ipython(), "user_ns_hidden", {})  # In, Out and IPython's other own variables
-    names = []
-    for name, value in namespace.items():
-        if name.startswith("_") or name in hidden:
-            continue
-        if isinstance(value, torch.utils.data.DataLoader) or isinstance(value, (list, tuple)) and value and isinstance(value[0], (str, dict)):
-            names.append(name)
-    return names
 
 
 def devices() -> list[str]:

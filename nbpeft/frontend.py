@@ -1,0 +1,148 @@
+"""What the two notebook front-ends (magics and panels) share: the option grammar, one-line
+errors and the lookup of notebook variables.
+
+The magics and the panels never import each other; both read text and variables through
+this module, so ``targets=q_proj`` in a magic and ``q_proj`` in a panel's text box mean
+the same thing.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from typing import Any
+
+from . import data
+from .methods.base import ConfigError
+
+_WORDS = {"true": True, "false": False, "none": None}
+OPTION = re.compile(r"([A-Za-z_][\w-]*)\s*[=:]\s*(.*)", re.DOTALL)
+_MODULE_NAME = re.compile(r"[A-Za-z_][\w.]*")
+
+
+def parse_value(text: str) -> Any:
+    """A Python literal where possible; ``a,b`` -> a list; true/false/none -> True/False/None."""
+    if text.lower() in _WORDS:
+        return _WORDS[text.lower()]
+    if "," in text and text[0] not in "[({'\"":
+        return [parse_value(part.strip()) for part in text.split(",") if part.strip()]
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError):
+        pass
+    if text.startswith("[") and text.endswith("]"):  # [q_proj, v_proj]: a list of bare names
+        return [parse_value(part.strip()) for part in text[1:-1].split(",") if part.strip()]
+    return text
+
+
+def option_value(value: Any, info: dict[str, Any]) -> Any:
+    """A bare module name given to an option that takes a list is a list of that one name.
+
+    ``targets=q_proj`` means the module q_proj, not the regex 'q_proj' the API would read
+    from a plain string; ``all-linear`` and regexes are not bare names and stay strings.
+    ``info`` is the option's entry in ``method_options``.
+    """
+    if "list" in info.get("type", "") and isinstance(value, str) and _MODULE_NAME.fullmatch(value):
+        return [value]
+    return value
+
+
+def words(line: str) -> list[str]:
+    """Split on spaces outside quotes and brackets; ``#`` at the start of a word begins a comment."""
+    found, word, depth, quote, escaped = [], "", 0, "", False
+    for ch in line:
+        if quote:
+            word += ch
+            quote = "" if ch == quote and not escaped else quote
+            escaped = ch == "\\" and not escaped
+        elif ch.isspace() and depth == 0:
+            if word:
+                found.append(word)
+            word = ""
+        elif ch == "#" and not word and depth == 0:
+            break
+        else:
+            word += ch
+            quote = ch if ch in "'\"" else ""
+            depth += (ch in "[({") - (ch in "])}")
+    if quote or depth:
+        raise ConfigError(f"unbalanced quotes or brackets in {line.strip()!r}")
+    return found + [word] if word else found
+
+
+def tokens(text: str) -> list[str]:
+    """Words of every line, with ``key = value``, ``key: value`` and ``a, b`` glued back."""
+    found: list[str] = []
+    for line in text.splitlines():
+        glued: list[str] = []
+        for word in words(line):
+            if glued and (glued[-1][-1] in "=:," or word[0] in "=,"):
+                glued[-1] += word
+            else:
+                glued.append(word)
+        found += glued
+    return found
+
+
+def options_from_tokens(found: list[str]) -> dict[str, Any]:
+    """``key=value`` tokens as a dict of parsed values (``eval-every`` is ``eval_every``)."""
+    options: dict[str, Any] = {}
+    for token in found:
+        match = OPTION.fullmatch(token)
+        if not match:
+            raise ConfigError(f"expected key=value, got {token!r}")
+        key, value = match[1].replace("-", "_"), match[2]
+        if key in options:
+            raise ConfigError(f"option {key!r} is given twice")
+        if not value:
+            raise ConfigError(f"option {key!r} has no value, e.g. {key}=8")
+        options[key] = parse_value(value)
+    return options
+
+
+def parse_options(text: str) -> dict[str, Any]:
+    """Options from ``key=value`` words or ``key: value`` lines; blank lines and ``#`` comments are skipped.
+
+    >>> parse_options("r=8 targets=q_proj,v_proj\\n# note\\nrslora: true")
+    {'r': 8, 'targets': ['q_proj', 'v_proj'], 'rslora': True}
+    """
+    return options_from_tokens(tokens(text))
+
+
+def one_line(err: BaseException, spellings: dict[str, str] | None = None) -> str:
+    """An exception as the one line a person reads (the type only when it adds something).
+
+    ``spellings`` rewrites the API's keyword spellings into the front-end's own, e.g.
+    ``{"name=": "--name "}`` turns "pick another name=" into "pick another --name".
+    """
+    text = str(err)
+    for keyword, spelling in (spellings or {}).items():
+        text = re.sub(rf"(?<![\w.-]){re.escape(keyword)}", lambda _, spelling=spelling: spelling, text)
+    text = " ".join(text.split()) or type(err).__name__
+    return text if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {text}"
+
+
+def _hidden_names() -> set[str]:
+    """IPython's own variables (In, Out, exit...), which are no data of the user's."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return set()
+    shell = get_ipython()
+    return set(getattr(shell, "user_ns_hidden", {}))
+
+
+def trainable_data(value: Any) -> bool:
+    """Whether ``train()`` accepts ``value`` as data (it decides through ``data.kind_of``)."""
+    try:
+        data.kind_of(value)
+    except ConfigError:
+        return False
+    return True
+
+
+def data_variables(namespace: dict[str, Any]) -> list[str]:
+    """Names of notebook variables that ``train()`` takes as data, in the order they were made."""
+    hidden = _hidden_names()
+    return [name for name, value in namespace.items()
+            if not name.startswith("_") and name not in hidden and trainable_data(value)]

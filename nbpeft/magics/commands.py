@@ -1,0 +1,260 @@
+"""The magics: each parses its line (and cell body) into the keyword arguments a Python user
+would pass, makes one API call and shows the result."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
+from IPython.display import display
+from torch import nn
+
+import nbpeft
+
+from ..frontend import option_value, parse_options
+from ..io import WEIGHTS_FILE
+from ..methods.base import get_method, method_options
+from .line import USAGE, fail, split_line, usage_errors
+from .tables import MethodTable
+
+# train() arguments that name notebook variables: they come from --flags, not key=value.
+TRAIN_VARIABLES = ("model", "data", "tokenizer", "eval_data")
+
+
+def module_lists(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``targets=q_proj`` means the module q_proj (a list of one), as in the panel's fields."""
+    infos = method_options(get_method(method).config_class)
+    return {key: option_value(value, infos.get(key, {})) for key, value in options.items()}
+
+
+def merged_options(options: dict[str, Any], cell: str | None) -> dict[str, Any]:
+    """The line's options plus the cell body's, each key given once."""
+    for key, value in parse_options(cell or "").items():
+        if key in options:
+            fail(f"option {key!r} is given twice")
+        options[key] = value
+    return options
+
+
+def size_text(num_bytes: int) -> str:
+    return f"{num_bytes / 1024:.1f} KB" if num_bytes < 1024**2 else f"{num_bytes / 1024**2:.1f} MB"
+
+
+def active_names(model: nn.Module) -> list[str]:
+    return [row.name for row in nbpeft.summary(model).adapters if row.active]
+
+
+@magics_class
+class PeftMagics(Magics):
+    """%peft_methods, %peft_attach, %peft_summary, %peft_use, %peft_detach, %peft_merge, %peft_unmerge,
+    %peft_save, %peft_load, %%peft_train, %peft_compare, %peft_panel."""
+
+    def _var(self, name: str, hint: str) -> Any:
+        if name not in self.shell.user_ns:
+            fail(f"no variable {name!r} in the notebook; {hint}")
+        return self.shell.user_ns[name]
+
+    def _model(self, name: str | None) -> nn.Module:
+        hint = 'load one with  model, tokenizer = nbpeft.load_model("smollm2-135m")  or pass --model NAME'
+        model = self._var(name or "model", hint)
+        if not isinstance(model, nn.Module):
+            fail(f"{name or 'model'!r} holds a {type(model).__name__}, not a torch model; pass --model NAME")
+        return model
+
+    @line_cell_magic
+    @usage_errors
+    def peft_attach(self, line: str, cell: str | None = None) -> None:
+        """Attach an adapter:  %peft_attach METHOD key=value ... [--model VAR] [--name NAME]
+
+        The cell form takes further options in its body, one ``key: value`` or
+        ``key=value`` per line (``#`` comments allowed)::
+
+            %%peft_attach lora r=8
+            alpha: 32
+            targets: q_proj, v_proj
+
+        Values are Python literals where possible, else strings; ``a,b`` is a list.
+        Same as ``nbpeft.attach(model, METHOD, name=NAME, **options)``.
+        """
+        words, flags, options = split_line(line, "peft_attach", positional=1)
+        if not words:
+            fail(f"which method? one of {', '.join(m.name for m in nbpeft.methods())}; usage: {USAGE['peft_attach']}")
+        options = merged_options(options, cell)
+        if "name" in flags:
+            options["name"] = flags["name"]
+        display(nbpeft.attach(self._model(flags.get("model")), words[0], **module_lists(words[0], options)))
+
+    @line_magic
+    @usage_errors
+    def peft_summary(self, line: str) -> None:
+        """Parameter counts per adapter (VAR defaults to model):  %peft_summary [VAR] [--model VAR]"""
+        words, flags, _ = split_line(line, "peft_summary", positional=1, options=False)
+        display(nbpeft.summary(self._model(words[0] if words else flags.get("model"))))
+
+    def _apply(self, line: str, magic: str, fn: Callable, verb: str, default: Callable) -> None:
+        """Shared body of detach/merge/unmerge: ``default(row)`` picks the adapters a bare call acts on."""
+        words, flags, _ = split_line(line, magic, positional=1, options=False)
+        model = self._model(flags.get("model"))
+        name = words[0] if words else None
+        names = [name] if name else [row.name for row in nbpeft.summary(model).adapters if default(row)]
+        fn(model, name)
+        print(f"{verb} {', '.join(repr(n) for n in names) or 'nothing'}")
+
+    @line_magic
+    @usage_errors
+    def peft_detach(self, line: str) -> None:
+        """Remove an adapter (default: all):  %peft_detach [NAME] [--model VAR]"""
+        self._apply(line, "peft_detach", nbpeft.detach, "detached", lambda row: True)
+
+    @line_magic
+    @usage_errors
+    def peft_merge(self, line: str) -> None:
+        """Fold an adapter into the base weights (default: the active ones):  %peft_merge [NAME] [--model VAR]"""
+        self._apply(line, "peft_merge", nbpeft.merge, "merged", lambda row: row.active)
+
+    @line_magic
+    @usage_errors
+    def peft_unmerge(self, line: str) -> None:
+        """Undo %peft_merge (default: every merged adapter):  %peft_unmerge [NAME] [--model VAR]"""
+        self._apply(line, "peft_unmerge", nbpeft.unmerge, "unmerged", lambda row: row.merged)
+
+    @line_magic
+    @usage_errors
+    def peft_save(self, line: str) -> None:
+        """Save adapters in the PEFT format:  %peft_save PATH [--name NAME] [--model VAR] [--overwrite]
+
+        An existing adapter folder or file at PATH is replaced only with --overwrite.
+        Same as ``nbpeft.save_adapter(model, PATH, name=NAME, overwrite=...)``.
+        """
+        words, flags, _ = split_line(line, "peft_save", positional=1, options=False)
+        if not words:
+            fail(f"where to? usage: {USAGE['peft_save']}")
+        model = self._model(flags.get("model"))
+        for folder in nbpeft.save_adapter(model, words[0], name=flags.get("name"), overwrite=flags.get("overwrite", False)):
+            print(f"saved {folder}/ ({WEIGHTS_FILE}: {size_text((Path(folder) / WEIGHTS_FILE).stat().st_size)})")
+
+    @line_magic
+    @usage_errors
+    def peft_load(self, line: str) -> None:
+        """Load saved adapters onto the model:  %peft_load PATH [--name NAME] [--model VAR]
+
+        The loaded adapter becomes the active one (the line says so); ``%peft_use`` switches back.
+        """
+        words, flags, _ = split_line(line, "peft_load", positional=1, options=False)
+        if not words:
+            fail(f"from where? usage: {USAGE['peft_load']}")
+        if not Path(words[0]).exists():
+            fail(f"{words[0]} does not exist; give the folder %peft_save wrote")
+        model = self._model(flags.get("model"))
+        before = active_names(model)
+        for adapter in nbpeft.load_adapter(model, words[0], name=flags.get("name")):
+            display(adapter)
+        after = active_names(model)
+        if after != before:
+            back = f" (was {', '.join(map(repr, before))}; %peft_use {','.join(before)} switches back)" if before else ""
+            print(f"active: {', '.join(map(repr, after))}{back}")
+
+    @line_cell_magic
+    @usage_errors
+    def peft_train(self, line: str, cell: str | None = None) -> None:
+        """Train the active adapters:  %%peft_train [--model VAR] [--data VAR] [--eval-data VAR] [--tokenizer VAR] [--out VAR] key=value ...
+
+        The body holds further options, one per line. Same as
+        ``VAR = nbpeft.train(model, data, tokenizer=tokenizer, **options)`` with VAR
+        ``_peft_result`` unless --out names another; ``tokenizer`` is used when it exists.
+        """
+        _, flags, options = split_line(line, "peft_train")
+        options = merged_options(options, cell)
+        allowed = [p for p in inspect.signature(nbpeft.train).parameters if p not in TRAIN_VARIABLES]
+        for key in options:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                fail(f"train: unknown option {key!r}{hint}; options are {', '.join(allowed)}")
+        out = flags.get("out", "_peft_result")
+        if not out.isidentifier():
+            fail(f"--out {out!r} must be a variable name")
+        model = self._model(flags.get("model"))
+        data = self._var(flags.get("data", "data"), "make a list of examples or pass --data NAME")
+        if "tokenizer" in flags:
+            options["tokenizer"] = self._var(flags["tokenizer"], "pass --tokenizer NAME")
+        else:
+            options["tokenizer"] = self.shell.user_ns.get("tokenizer")
+        if "eval-data" in flags:
+            options["eval_data"] = self._var(flags["eval-data"], "pass --eval-data NAME")
+        self.shell.user_ns[out] = nbpeft.train(model, data, **options)
+        print(f"result in {out}")
+
+    @line_magic
+    @usage_errors
+    def peft_methods(self, line: str) -> None:
+        """The PEFT methods and their options:  %peft_methods [METHOD]
+
+        Same as ``nbpeft.methods()``, shown as a table; with METHOD, that method's
+        options with their defaults, types and help.
+        """
+        words, _, _ = split_line(line, "peft_methods", positional=1, options=False)
+        if words:
+            get_method(words[0])  # unknown names fail with a did-you-mean hint
+        display(MethodTable([info for info in nbpeft.methods() if not words or info.name == words[0]], detail=bool(words)))
+
+    @line_magic
+    @usage_errors
+    def peft_use(self, line: str) -> None:
+        """Make adapters active (used in forward and trained):  %peft_use NAME[,NAME...] [--model VAR]
+
+        Same as ``nbpeft.set_adapter(model, NAME)``; several names activate several adapters.
+        """
+        words, flags, _ = split_line(line, "peft_use", positional=1, options=False)
+        model = self._model(flags.get("model"))
+        if not words:
+            attached = ", ".join(row.name for row in nbpeft.summary(model).adapters) or "none"
+            fail(f"which adapter? attached: {attached}; usage: {USAGE['peft_use']}")
+        names = [n.strip() for n in words[0].split(",") if n.strip()]
+        nbpeft.set_adapter(model, names if len(names) > 1 else names[0])
+        print(f"active: {', '.join(repr(n) for n in names)}")
+
+    @line_magic
+    @usage_errors
+    def peft_compare(self, line: str) -> None:
+        """Compare methods on one model:  %peft_compare [methods=a,b] [METHOD={'key': value}] ... [--model VAR] [--out VAR]
+
+        Same as ``VAR = nbpeft.compare(model, methods=[...], lora={'r': 16})`` with VAR
+        ``_peft_compare`` unless --out names another: the trainable parameters of each
+        method, side by side, without touching the model.
+        """
+        _, flags, options = split_line(line, "peft_compare")
+        out = flags.get("out", "_peft_compare")
+        if not out.isidentifier():
+            fail(f"--out {out!r} must be a variable name")
+        if isinstance(options.get("methods"), str):
+            options["methods"] = [options["methods"]]
+        model = self._model(flags.get("model"))
+        try:
+            table = nbpeft.compare(model, **options)
+        except TypeError as err:
+            fail(f"compare: {err}; usage: {USAGE['peft_compare']}")
+        self.shell.user_ns[out] = table
+        display(table)
+
+    @line_magic
+    @usage_errors
+    def peft_panel(self, line: str) -> None:
+        """Attach, train and manage adapters in a panel:  %peft_panel [VAR] [--model VAR] [--tokenizer VAR]
+
+        Same as ``_peft_panel = nbpeft.panel(model, tokenizer)``; the panel stays in
+        ``_peft_panel`` so cells can drive it.
+        """
+        words, flags, _ = split_line(line, "peft_panel", positional=1, options=False)
+        model = self._model(words[0] if words else flags.get("model"))
+        if "tokenizer" in flags:
+            tokenizer = self._var(flags["tokenizer"], "pass --tokenizer NAME")
+        else:
+            tokenizer = self.shell.user_ns.get("tokenizer")
+        panel = nbpeft.panel(model, tokenizer, namespace=self.shell.user_ns)
+        self.shell.user_ns["_peft_panel"] = panel
+        display(panel)

@@ -1,0 +1,107 @@
+"""A magic's line: positional words, ``--flags`` and ``key=value`` options, and its errors.
+
+Every magic's usage line is written once in ``USAGE``; the flags a magic takes are read
+from it, so ``%magic?``, the parser, the error wording and Tab completion cannot disagree.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from typing import Any
+
+from IPython.core.error import UsageError
+
+from ..frontend import OPTION, one_line, options_from_tokens, parse_value, tokens
+
+USAGE = {
+    "peft_methods": "%peft_methods [METHOD]",
+    "peft_attach": "%peft_attach METHOD key=value ... [--model VAR] [--name NAME]",
+    "peft_summary": "%peft_summary [VAR] [--model VAR]",
+    "peft_use": "%peft_use NAME[,NAME...] [--model VAR]",
+    "peft_detach": "%peft_detach [NAME] [--model VAR]",
+    "peft_merge": "%peft_merge [NAME] [--model VAR]",
+    "peft_unmerge": "%peft_unmerge [NAME] [--model VAR]",
+    "peft_save": "%peft_save PATH [--name NAME] [--model VAR] [--overwrite]",
+    "peft_load": "%peft_load PATH [--name NAME] [--model VAR]",
+    "peft_train": "%%peft_train [--model VAR] [--data VAR] [--eval-data VAR] [--tokenizer VAR] [--out VAR] key=value ...",
+    "peft_compare": "%peft_compare [methods=a,b] [METHOD={'key': value}] ... [--model VAR] [--out VAR]",
+    "peft_panel": "%peft_panel [VAR] [--model VAR] [--tokenizer VAR]",
+}
+# --flags that take no value (a switch); every other flag takes one
+SWITCHES = ("overwrite",)
+FLAGS = {magic: tuple(re.findall(r"--([\w-]+)", usage)) for magic, usage in USAGE.items()}
+
+
+def fail(message: str) -> None:
+    raise UsageError(f"nbpeft: {message}")
+
+
+def unquote(word: str) -> str:
+    value = parse_value(word) if word[:1] in "'\"" else word
+    return value if isinstance(value, str) else word
+
+
+def split_line(
+    line: str, magic: str, positional: int = 0, options: bool = True
+) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
+    """``magic``'s line as (up to ``positional`` words, --flags, key=value options if ``options``).
+
+    A switch flag reads as True; any other flag takes the next word (or ``--flag=value``).
+    """
+    usage, flags = USAGE[magic], FLAGS[magic]
+    found_words, found, rest = [], {}, []
+    line_tokens = iter(tokens(line))
+    for token in line_tokens:
+        if token.startswith("--"):
+            flag, eq, value = token[2:].partition("=")
+            if flag not in flags:
+                allowed = ", ".join(f"--{f}" for f in flags) or "none"
+                fail(f"unknown flag --{flag} (flags: {allowed}); usage: {usage}")
+            if flag in SWITCHES:
+                if eq:
+                    fail(f"--{flag} takes no value; usage: {usage}")
+                found[flag] = True
+                continue
+            value = value if eq else next(line_tokens, "")
+            if not value or value.startswith("--"):
+                fail(f"--{flag} needs a value; usage: {usage}")
+            found[flag] = unquote(value)
+        elif OPTION.fullmatch(token):
+            if not options:
+                fail(f"unknown option {token!r}; usage: {usage}")
+            rest.append(token)
+        else:
+            found_words.append(unquote(token))
+    if len(found_words) > positional:
+        if options:
+            fail(f"expected key=value, got {found_words[positional]!r}; usage: {usage}")
+        fail(f"unexpected {found_words[positional]!r}; usage: {usage}")
+    return found_words, found, options_from_tokens(rest)
+
+
+def spellings(magic: str) -> dict[str, str]:
+    """The API's ``keyword=`` spelling of each of ``magic``'s flags, mapped to the flag.
+
+    ``pick another name= or detach it first`` reads ``pick another --name or detach it
+    first`` in ``%peft_attach``, whose adapter name is the ``--name`` flag.
+    """
+    found = {}
+    for flag in FLAGS[magic]:
+        keyword = flag.replace("-", "_")
+        found[f"{keyword}=True" if flag in SWITCHES else f"{keyword}="] = f"--{flag}" if flag in SWITCHES else f"--{flag} "
+    return found
+
+
+def usage_errors(magic: Callable) -> Callable:
+    """Turn the API's ValueError/ConfigError (and file errors) into one ``nbpeft:`` line, in magic syntax."""
+
+    @functools.wraps(magic)
+    def run(self: Any, line: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return magic(self, line, *args, **kwargs)
+        except (ValueError, OSError) as err:
+            raise UsageError("nbpeft: " + one_line(err, spellings(magic.__name__))) from None
+
+    return run
