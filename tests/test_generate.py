@@ -351,13 +351,13 @@ def test_smollm2_greedy_equals_model_generate_and_finds_its_tokenizer(smol):
 def test_smollm2_streams_what_it_returns_and_stops_at_a_stop_string(smol, capsys):
     model, tokenizer = smol
     prompt = "Name three colours, one per line."
-    full = nbpeft.generate(model, tokenizer, prompt, max_new_tokens=40)
+    full = nbpeft.generate(model, tokenizer, prompt, max_new_tokens=32)
     capsys.readouterr()
-    assert nbpeft.generate(model, tokenizer, prompt, max_new_tokens=40, stream=True) == full
+    assert nbpeft.generate(model, tokenizer, prompt, max_new_tokens=32, stream=True) == full
     assert capsys.readouterr().out == full + "\n"
-    first_line = nbpeft.generate(model, tokenizer, prompt, max_new_tokens=40, stop="\n", stream=True)
+    first_line = nbpeft.generate(model, tokenizer, prompt, max_new_tokens=32, stop="\n", stream=True)
     assert first_line == full.split("\n")[0].strip() and first_line != full
     assert capsys.readouterr().out == first_line + "\n"
-    sampled = nbpeft.generate(model, tokenizer, [prompt, QUESTION], max_new_tokens=20, temperature=0.8, top_p=0.9, seed=0)
-    assert sampled == nbpeft.generate(model, tokenizer, [prompt, QUESTION], max_new_tokens=20, temperature=0.8,
+    sampled = nbpeft.generate(model, tokenizer, [prompt, QUESTION], max_new_tokens=12, temperature=0.8, top_p=0.9, seed=0)
+    assert sampled == nbpeft.generate(model, tokenizer, [prompt, QUESTION], max_new_tokens=12, temperature=0.8,
                                       top_p=0.9, seed=0)
