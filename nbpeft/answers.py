@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import inspect
 import textwrap
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -12,10 +13,13 @@ from typing import Any
 from torch import nn
 
 from . import core
-from .generate import _label, _texts, find_tokenizer, generate
+from .generate import _label, _sampling, _stops, _texts, find_tokenizer, generate
 from .methods.base import ConfigError
 
 BASE = "base"
+# The options of generate() that compare_answers() passes on, with their defaults.
+OPTIONS = {name: p.default for name, p in inspect.signature(generate).parameters.items()
+           if name not in ("model", "tokenizer", "prompts", "stream")}
 
 
 @dataclass
@@ -73,8 +77,7 @@ def compare_answers(
     ``top_p``, ``seed``, ``stop``, ``messages``, ...). The model's active adapters, merged
     adapters, trainable flags and train/eval mode are as before afterwards, also on an error.
     """
-    if "stream" in options:
-        raise ConfigError("compare_answers(): stream= is not available here; the table shows once every answer is ready")
+    _check_options(options)
     texts, _ = _texts(model, tokenizer, prompts, options.get("messages"), "compare_answers")
     names = _adapter_names(model, adapters, include_base)
     tokenizer = find_tokenizer(model, tokenizer, "compare_answers")
@@ -88,6 +91,19 @@ def compare_answers(
             core.set_adapter(model, name)
             answers[name] = _as_list(generate(model, tokenizer, prompts, **options))
     return Answers([_label(t) for t in texts], answers)
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    """The generation options, checked before the model is touched."""
+    if "stream" in options:
+        raise ConfigError("compare_answers(): stream= is not available here; the table shows once every answer is ready")
+    unknown = [name for name in options if name not in OPTIONS]
+    if unknown:
+        raise ConfigError(f"compare_answers(): unknown option {unknown[0]}=; generation options are {', '.join(OPTIONS)}")
+    given = {**OPTIONS, **options}
+    _sampling(given["temperature"], given["top_p"], given["seed"], given["max_new_tokens"], given["batch_size"],
+              "compare_answers")
+    _stops(given["stop"], "compare_answers")
 
 
 def _as_list(answer: str | list[str]) -> list[str]:

@@ -305,10 +305,13 @@ def test_compare_answers_restores_the_model_also_after_an_error(llama, tok, monk
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"adapters": ["pirat"]}, r"no adapter named 'pirat'; attached: pirate, poet"),
     ({"stream": True}, r"stream= is not available here"),
-    ({"temperature": -1}, r"temperature=-1"),
+    ({"temperature": -1}, r"^compare_answers\(\): temperature=-1"),
+    ({"stop": ""}, r"^compare_answers\(\): stop= takes non-empty strings"),
+    ({"max_tokens": 5}, r"unknown option max_tokens=; generation options are max_new_tokens, messages"),
 ])
 def test_compare_answers_errors_are_one_line_and_change_nothing(llama, tok, kwargs, message):
     model = two_adapters(llama)
+    nbpeft.merge(model, "poet")
     before = adapter_state(model)
     with pytest.raises(ConfigError, match=message) as err:
         nbpeft.compare_answers(model, "Hello", tokenizer=tok, **kwargs)
