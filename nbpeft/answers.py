@@ -78,7 +78,7 @@ def compare_answers(
     adapters, trainable flags and train/eval mode are as before afterwards, also on an error.
     """
     _check_options(options)
-    texts, _ = _texts(model, tokenizer, prompts, options.get("messages"), "compare_answers")
+    texts, _ = _texts(model, prompts, options.get("messages"), "compare_answers")
     names = _adapter_names(model, adapters, include_base)
     tokenizer = find_tokenizer(model, tokenizer, "compare_answers")
     answers: dict[str, list[str]] = {}

@@ -70,7 +70,7 @@ def generate(
     """
     if tokenizer is not None and prompts is None and _is_text(tokenizer):
         tokenizer, prompts = None, tokenizer  # generate(model, "a prompt")
-    texts, single = _texts(model, tokenizer, prompts, messages, "generate")
+    texts, single = _texts(model, prompts, messages, "generate")
     sampling = _sampling(temperature, top_p, seed, max_new_tokens, batch_size, "generate")
     stops = _stops(stop, "generate")
     tokenizer = find_tokenizer(model, tokenizer, "generate")
@@ -102,7 +102,7 @@ def _is_text(value: Any) -> bool:
     return isinstance(value, str) or (isinstance(value, list | tuple) and bool(value) and all(isinstance(v, str) for v in value))
 
 
-def _texts(model: nn.Module, tokenizer: Any, prompts: Any, messages: Any, fn: str) -> tuple[list[str | Messages], bool]:
+def _texts(model: nn.Module, prompts: Any, messages: Any, fn: str) -> tuple[list[str | Messages], bool]:
     """The prompts (or conversations) as a list, and whether one was given rather than a list."""
     if not (hasattr(model, "generate") and getattr(model, "can_generate", lambda: False)()):
         raise ConfigError(f"{fn}(): {type(model).__name__} does not generate text; use a causal LM, "
