@@ -7,6 +7,7 @@
 """
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
+from .answers import Answers, compare_answers
 from .compare import Comparison, compare
 from .core import Adapter, attach, detach, disable_adapters, merge, set_adapter, unmerge
 from .generate import generate
@@ -23,6 +24,8 @@ __all__ = [
     "Adapter",
     "TrainResult",
     "generate",
+    "compare_answers",
+    "Answers",
     "train",
     "ConfigError",
     "attach",

@@ -1,27 +1,310 @@
-"""Answer prompts with a causal LM, through its chat template when it has one."""
+"""Answer prompts with a causal LM: greedy or sampled, with stop strings, streaming and chat.
+
+Plain prompts go through the tokenizer's chat template as one user turn when it has one;
+``messages=`` takes a whole conversation. Several prompts run as one batch, padded on the
+left so every answer starts right after its own prompt.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import sys
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from .data import chat_prompt
+from .live import _in_notebook
+from .methods.base import ConfigError
+
+Messages = list[dict[str, str]]
 
 
-@torch.no_grad()
-def generate(model: nn.Module, tokenizer: Any, prompts: str | list[str], max_new_tokens: int = 48) -> list[str]:
-    """Greedy answers to ``prompts`` (one string or a list), without the prompt text."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    device = next(model.parameters()).device
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(name_or_path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+
+
+def find_tokenizer(model: nn.Module, tokenizer: Any, fn: str) -> Any:
+    """``tokenizer``, else the one the model carries or was saved with (no download), else one line that says what to pass."""
+    if tokenizer is not None:
+        return tokenizer
+    if getattr(model, "tokenizer", None) is not None:
+        return model.tokenizer
+    name = getattr(getattr(model, "config", None), "_name_or_path", "")
+    if name:
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            return _load_tokenizer(name)
+    raise ConfigError(f"{fn}(): no tokenizer found for this model; pass tokenizer=tokenizer (load_model returns it)")
+
+
+def generate(
+    model: nn.Module,
+    tokenizer: Any = None,
+    prompts: str | Sequence[str] | None = None,
+    max_new_tokens: int = 48,
+    *,
+    messages: Messages | Sequence[Messages] | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    stream: bool = False,
+    batch_size: int = 8,
+) -> str | list[str]:
+    """The model's answer to ``prompts``: one string for one prompt, a list for a list.
+
+    ``temperature=0`` answers greedily (the most likely token each step); above 0 each token
+    is drawn from ``softmax(logits / temperature)``, restricted to the smallest set of tokens
+    whose probabilities sum to ``top_p``. ``seed`` makes sampling repeatable without touching
+    the global random state. The answer ends before the first of the ``stop`` strings.
+    ``messages=[{"role": "user", "content": ...}, ...]`` answers a conversation (a list of
+    conversations gives a list). ``stream=True`` shows the answer as tokens arrive, in one
+    output area in a notebook and as plain printing elsewhere.
+    """
+    if tokenizer is not None and prompts is None and _is_text(tokenizer):
+        tokenizer, prompts = None, tokenizer  # generate(model, "a prompt")
+    texts, single = _texts(model, prompts, messages, "generate")
+    sampling = _sampling(temperature, top_p, seed, max_new_tokens, batch_size, "generate")
+    stops = _stops(stop, "generate")
+    tokenizer = find_tokenizer(model, tokenizer, "generate")
+    rendered = [chat_prompt(tokenizer, t) if isinstance(t, str) else _render(tokenizer, t, "generate") for t in texts]
+
     was_training = model.training
     model.eval()
-    answers = []
-    for prompt in prompts:
-        inputs = tokenizer(chat_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False).to(device)
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        answers.append(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
-    model.train(was_training)
-    return answers
+    try:
+        with _seeded(model, seed), torch.no_grad():
+            if stream:
+                labels = [_label(t) for t in texts] if not single else None
+                display = _StreamDisplay(labels)
+                answers = []
+                for i, text in enumerate(rendered):
+                    display.start(i)
+                    answers += _run(model, tokenizer, [text], max_new_tokens, sampling, stops, display)
+            else:
+                answers = []
+                for start in range(0, len(rendered), batch_size):
+                    answers += _run(model, tokenizer, rendered[start:start + batch_size], max_new_tokens, sampling, stops, None)
+    finally:
+        model.train(was_training)
+    return answers[0] if single else answers
+
+
+# Checking the arguments -----------------------------------------------------------------------
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, list | tuple) and bool(value) and all(isinstance(v, str) for v in value))
+
+
+def _texts(model: nn.Module, prompts: Any, messages: Any, fn: str) -> tuple[list[str | Messages], bool]:
+    """The prompts (or conversations) as a list, and whether one was given rather than a list."""
+    if not (hasattr(model, "generate") and getattr(model, "can_generate", lambda: False)()):
+        raise ConfigError(f"{fn}(): {type(model).__name__} does not generate text; use a causal LM, "
+                          "e.g. nbpeft.load_model('smollm2-135m')")
+    if prompts is not None and messages is not None:
+        raise ConfigError(f"{fn}(): pass either prompts or messages=, not both")
+    if messages is not None:
+        if _is_conversation(messages):
+            return [list(messages)], True
+        if isinstance(messages, list | tuple) and messages and all(_is_conversation(m) for m in messages):
+            return [list(m) for m in messages], False
+        raise ConfigError(f"{fn}(): messages= must be a list of {{'role': ..., 'content': ...}} dicts "
+                          "(or a list of such lists)")
+    if prompts is None or (isinstance(prompts, list | tuple) and not prompts):
+        raise ConfigError(f"{fn}(): nothing to answer; pass a prompt, a list of prompts, "
+                          "or messages=[{'role': 'user', 'content': ...}]")
+    if isinstance(prompts, str):
+        return [prompts], True
+    if not _is_text(prompts):
+        raise ConfigError(f"{fn}(): prompts must be a string or a list of strings, not {type(prompts).__name__}")
+    return list(prompts), False
+
+
+def _is_conversation(value: Any) -> bool:
+    return (isinstance(value, list | tuple) and bool(value)
+            and all(isinstance(m, dict) and "role" in m and "content" in m for m in value))
+
+
+def _sampling(temperature: Any, top_p: Any, seed: Any, max_new_tokens: Any, batch_size: Any, fn: str) -> dict[str, Any]:
+    """The keyword arguments for ``model.generate`` that choose each token."""
+    if not isinstance(temperature, int | float) or isinstance(temperature, bool) or temperature < 0:
+        raise ConfigError(f"{fn}(): temperature={temperature!r} must be 0 (greedy) or a positive number such as 0.7")
+    if not isinstance(top_p, int | float) or isinstance(top_p, bool) or not 0 < top_p <= 1:
+        raise ConfigError(f"{fn}(): top_p={top_p!r} must be above 0 and at most 1, e.g. top_p=0.9")
+    if top_p < 1 and temperature == 0:
+        raise ConfigError(f"{fn}(): top_p={top_p} applies only when sampling; set temperature= above 0 too")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ConfigError(f"{fn}(): seed={seed!r} must be an integer")
+    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{fn}(): {name}={value!r} must be a positive integer")
+    if temperature == 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0}
+
+
+def _stops(stop: Any, fn: str) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if not all(isinstance(s, str) and s for s in stops):
+        raise ConfigError(f"{fn}(): stop= takes non-empty strings, e.g. stop=['\\n\\n']")
+    return stops
+
+
+def _render(tokenizer: Any, conversation: Messages, fn: str) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"{fn}(): messages= needs a tokenizer with a chat template; pass the conversation as one prompt")
+    return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+
+
+def _label(text: str | Messages) -> str:
+    """A short name for a prompt or a conversation (its last user turn)."""
+    if isinstance(text, str):
+        return text
+    users = [m["content"] for m in text if m["role"] == "user"]
+    return str(users[-1] if users else text[-1]["content"])
+
+
+@contextlib.contextmanager
+def _seeded(model: nn.Module, seed: int | None) -> Iterator[None]:
+    """``seed`` for the block only: the caller's random state is the same afterwards."""
+    if seed is None:
+        yield
+        return
+    device = next(model.parameters()).device
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+# Running the model ----------------------------------------------------------------------------
+
+def _pad_id(tokenizer: Any) -> int:
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def _run(model: nn.Module, tokenizer: Any, texts: list[str], max_new_tokens: int, sampling: dict[str, Any],
+         stops: list[str], display: _StreamDisplay | None) -> list[str]:
+    """One batch: prompts padded on the left, so each row's new tokens start at the same column."""
+    device = next(model.parameters()).device
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width, pad = max(len(r) for r in rows), _pad_id(tokenizer)
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    extra: dict[str, Any] = {}
+    if stops:
+        from transformers import StoppingCriteriaList
+
+        extra["stopping_criteria"] = StoppingCriteriaList([_StopStrings(tokenizer, stops, width)])
+    if display is not None:
+        extra["streamer"] = _Streamer(tokenizer, stops, display)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                         pad_token_id=pad, **sampling, **extra)
+    return [_answer(tokenizer, row[width:], stops) for row in out]
+
+
+def _answer(tokenizer: Any, ids: Any, stops: list[str]) -> str:
+    return _cut(tokenizer.decode(ids, skip_special_tokens=True), stops).strip()
+
+
+def _cut(text: str, stops: list[str]) -> str:
+    """``text`` up to the first stop string (which is left out)."""
+    ends = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[:min(ends)] if ends else text
+
+
+class _StopStrings:
+    """Ends a row once its new text holds a stop string (rows of a batch end one by one)."""
+
+    def __init__(self, tokenizer: Any, stops: list[str], prompt_width: int) -> None:
+        self.tokenizer, self.stops, self.prompt_width = tokenizer, stops, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
+
+
+class _Streamer:
+    """Receives tokens from ``model.generate`` and shows the answer so far.
+
+    Text that could still become a stop string, trailing spaces and half a character are held
+    back until the next token settles them, so what is shown is always a prefix of the answer.
+    """
+
+    def __init__(self, tokenizer: Any, stops: list[str], display: _StreamDisplay) -> None:
+        self.tokenizer, self.stops, self.display = tokenizer, stops, display
+        self.ids: list[int] = []
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first sends the prompt
+            self.prompt_seen = True
+            return
+        self.ids += value.reshape(-1).tolist()
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = _cut(text, self.stops)
+        if len(cut) == len(text):
+            cut = cut[:len(cut) - _held_back(cut, self.stops)]
+        self.display.show(cut.rstrip("\ufffd").strip())
+
+    def end(self) -> None:
+        self.display.show(_answer(self.tokenizer, self.ids, self.stops), final=True)
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest end of ``text`` that begins a stop string."""
+    return max((n for s in stops for n in range(min(len(s), len(text)), 0, -1) if s.startswith(text[-n:])), default=0)
+
+
+class _StreamDisplay:
+    """One output area updated in place in a notebook; plain printing of what is new elsewhere."""
+
+    min_interval_s = 0.05  # at most 20 notebook updates a second, however fast the tokens come
+
+    def __init__(self, labels: list[str] | None) -> None:
+        self.labels = labels
+        self.answers: list[str] = []  # the finished ones, then the one being written
+        self.printed, self.last_update = "", 0.0
+        self.handle = None
+        if _in_notebook():
+            from IPython.display import display
+
+            self.handle = display({"text/plain": ""}, raw=True, display_id=True)
+
+    def start(self, index: int) -> None:
+        self.answers.append("")
+        self.printed = ""
+        if self.labels is not None and self.handle is None:
+            print(("\n" if index else "") + f"> {self.labels[index]}", flush=True)
+
+    def show(self, text: str, final: bool = False) -> None:
+        self.answers[-1] = text
+        if self.handle is not None:
+            now = time.perf_counter()
+            if final or now - self.last_update >= self.min_interval_s:
+                self.handle.update({"text/plain": self._page()}, raw=True)
+                self.last_update = now
+            return
+        if text.startswith(self.printed):
+            sys.stdout.write(text[len(self.printed):])
+            self.printed = text
+        elif final:  # a decode that rewrote earlier text: the whole answer on a line of its own
+            sys.stdout.write("\n" + text)
+        if final:
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+
+    def _page(self) -> str:
+        if self.labels is None:
+            return self.answers[0]
+        return "\n\n".join(f"> {label}\n{answer}" for label, answer in zip(self.labels, self.answers))
+

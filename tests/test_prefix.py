@@ -317,7 +317,7 @@ def test_smollm2_prefix_trains_generates_and_round_trips(smol, tmp_path):
     data = [{"prompt": "What is the capital of France?", "response": "Paris is the capital of France."}] * 8
     result = nbpeft.train(model, data, tokenizer=tokenizer, steps=4, batch_size=2, max_length=48, lr=3e-2, live=False)
     assert result.losses[-1] < result.losses[0]
-    answer = nbpeft.generate(model, tokenizer, "What is the capital of France?", max_new_tokens=4)[0]
+    answer = nbpeft.generate(model, tokenizer, "What is the capital of France?", max_new_tokens=4)
     assert isinstance(answer, str) and answer
 
     question = tokenizer("The capital of France is", return_tensors="pt")
