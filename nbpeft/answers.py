@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from . import core
-from .generate import _label, _sampling, _stops, _texts, find_tokenizer, generate
+from .generate import find_tokenizer, generate, prompt_label, prompt_texts, sampling_options, stop_strings
 from .methods.base import ConfigError
 
 BASE = "base"
@@ -78,7 +78,7 @@ def compare_answers(
     adapters, trainable flags and train/eval mode are as before afterwards, also on an error.
     """
     _check_options(options)
-    texts, _ = _texts(model, prompts, options.get("messages"), "compare_answers")
+    texts, _ = prompt_texts(model, prompts, options.get("messages"), "compare_answers")
     names = _adapter_names(model, adapters, include_base)
     tokenizer = find_tokenizer(model, tokenizer, "compare_answers")
     answers: dict[str, list[str]] = {}
@@ -90,7 +90,7 @@ def compare_answers(
         for name in names:
             core.set_adapter(model, name)
             answers[name] = _as_list(generate(model, tokenizer, prompts, **options))
-    return Answers([_label(t) for t in texts], answers)
+    return Answers([prompt_label(t) for t in texts], answers)
 
 
 def _check_options(options: dict[str, Any]) -> None:
@@ -101,9 +101,9 @@ def _check_options(options: dict[str, Any]) -> None:
     if unknown:
         raise ConfigError(f"compare_answers(): unknown option {unknown[0]}=; generation options are {', '.join(OPTIONS)}")
     given = {**OPTIONS, **options}
-    _sampling(given["temperature"], given["top_p"], given["seed"], given["max_new_tokens"], given["batch_size"],
+    sampling_options(given["temperature"], given["top_p"], given["seed"], given["max_new_tokens"], given["batch_size"],
               "compare_answers")
-    _stops(given["stop"], "compare_answers")
+    stop_strings(given["stop"], "compare_answers")
 
 
 def _as_list(answer: str | list[str]) -> list[str]:

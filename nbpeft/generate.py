@@ -70,9 +70,9 @@ def generate(
     """
     if tokenizer is not None and prompts is None and _is_text(tokenizer):
         tokenizer, prompts = None, tokenizer  # generate(model, "a prompt")
-    texts, single = _texts(model, prompts, messages, "generate")
-    sampling = _sampling(temperature, top_p, seed, max_new_tokens, batch_size, "generate")
-    stops = _stops(stop, "generate")
+    texts, single = prompt_texts(model, prompts, messages, "generate")
+    sampling = sampling_options(temperature, top_p, seed, max_new_tokens, batch_size, "generate")
+    stops = stop_strings(stop, "generate")
     tokenizer = find_tokenizer(model, tokenizer, "generate")
     rendered = [chat_prompt(tokenizer, t) if isinstance(t, str) else _render(tokenizer, t, "generate") for t in texts]
 
@@ -81,7 +81,7 @@ def generate(
     try:
         with _seeded(model, seed), torch.no_grad():
             if stream:
-                labels = [_label(t) for t in texts] if not single else None
+                labels = [prompt_label(t) for t in texts] if not single else None
                 display = _StreamDisplay(labels)
                 answers = []
                 for i, text in enumerate(rendered):
@@ -102,7 +102,7 @@ def _is_text(value: Any) -> bool:
     return isinstance(value, str) or (isinstance(value, list | tuple) and bool(value) and all(isinstance(v, str) for v in value))
 
 
-def _texts(model: nn.Module, prompts: Any, messages: Any, fn: str) -> tuple[list[str | Messages], bool]:
+def prompt_texts(model: nn.Module, prompts: Any, messages: Any, fn: str) -> tuple[list[str | Messages], bool]:
     """The prompts (or conversations) as a list, and whether one was given rather than a list."""
     if not (hasattr(model, "generate") and getattr(model, "can_generate", lambda: False)()):
         raise ConfigError(f"{fn}(): {type(model).__name__} does not generate text; use a causal LM, "
@@ -131,7 +131,7 @@ def _is_conversation(value: Any) -> bool:
             and all(isinstance(m, dict) and "role" in m and "content" in m for m in value))
 
 
-def _sampling(temperature: Any, top_p: Any, seed: Any, max_new_tokens: Any, batch_size: Any, fn: str) -> dict[str, Any]:
+def sampling_options(temperature: Any, top_p: Any, seed: Any, max_new_tokens: Any, batch_size: Any, fn: str) -> dict[str, Any]:
     """The keyword arguments for ``model.generate`` that choose each token."""
     if not isinstance(temperature, int | float) or isinstance(temperature, bool) or temperature < 0:
         raise ConfigError(f"{fn}(): temperature={temperature!r} must be 0 (greedy) or a positive number such as 0.7")
@@ -149,7 +149,7 @@ def _sampling(temperature: Any, top_p: Any, seed: Any, max_new_tokens: Any, batc
     return {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0}
 
 
-def _stops(stop: Any, fn: str) -> list[str]:
+def stop_strings(stop: Any, fn: str) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if not all(isinstance(s, str) and s for s in stops):
         raise ConfigError(f"{fn}(): stop= takes non-empty strings, e.g. stop=['\\n\\n']")
@@ -162,7 +162,7 @@ def _render(tokenizer: Any, conversation: Messages, fn: str) -> str:
     return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
 
 
-def _label(text: str | Messages) -> str:
+def prompt_label(text: str | Messages) -> str:
     """A short name for a prompt or a conversation (its last user turn)."""
     if isinstance(text, str):
         return text

@@ -38,10 +38,8 @@ LAYERS: list[tuple[str, list[str], str]] = [
 FORBIDDEN = [("nbpeft.magics", "nbpeft.widgets"), ("nbpeft.widgets", "nbpeft.magics")]
 # The root's extension entry points (``%load_ext nbpeft``, ``nbpeft.panel``) load a front-end on demand.
 ENTRY_POINTS = [("nbpeft", "nbpeft.magics"), ("nbpeft", "nbpeft.widgets")]
-# Known front-end violations, being removed on the front-end side: magics.py reads data_variables
-# from widgets/training.py and widgets/fields.py reads parse_value from magics.py. Delete these
-# entries once the shared nbpeft.frontend module holds both (test_allowance_is_still_needed then xpasses).
-ALLOWANCE = [("nbpeft.magics", "nbpeft.widgets"), ("nbpeft.widgets.fields", "nbpeft.magics")]
+# Known violations still being removed (none now).
+ALLOWANCE: list[tuple[str, str]] = []
 
 
 def _under(module: str, package: str) -> bool:
@@ -203,13 +201,6 @@ def test_no_private_name_across_modules() -> None:
                     and node.attr.startswith("_") and not node.attr.startswith("__")):
                 wrong.append(f"{path.name}:{node.lineno} {bound[node.value.id]}.{node.attr}")
     assert not wrong, "\n".join(wrong)
-
-
-@pytest.mark.xfail(reason="magics and widgets still import each other until nbpeft.frontend holds what they share",
-                   strict=False)
-def test_allowance_is_still_needed() -> None:
-    """Fails while an allowed violation remains; once it passes, delete ALLOWANCE's entries."""
-    assert not [edge for edge in EDGES if _in(edge, ALLOWANCE)]
 
 
 def test_the_checks_catch_what_they_claim() -> None:

@@ -11,7 +11,7 @@ from torch import nn
 
 import nbpeft
 
-from .. import targeting
+from .. import core, targeting
 from ..frontend import one_line
 from ..methods.base import ConfigError, Method, get_method
 from .fields import LABEL, OptionField, help_label, option_fields, read_options
@@ -47,7 +47,7 @@ def target_choices(model: nn.Module, method: Method) -> list[tuple[str, str]]:
     adaptable = []
     for leaf in leaves:
         try:
-            method.select(model, method.config_class.from_options({"targets": [leaf]}))
+            method.select(model, method.config_class.from_options({"targets": [leaf]}), core.state(model).adapters)
         except ConfigError:
             continue
         adaptable.append((f"{leaf} ×{counts[leaf]}", leaf))
