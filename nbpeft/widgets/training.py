@@ -201,7 +201,7 @@ class TrainTab(widgets.VBox):
         eval_data = self._variable(eval_name, "leave eval data empty or name a list of examples") if eval_name else None
         tokenizer_name = self.tokenizer_name.value.strip()
         if tokenizer_name:
-            tokenizer = self._variable(tokenizer_name, "load one with  model, tokenizer = nbpeft.load_model(...)")
+            tokenizer = self._variable(tokenizer_name, "load one with model, tokenizer = nbpeft.load_model(...)")
         else:
             tokenizer = self.tokenizer
         if tokenizer is None and kind_of(data) != "batches":
