@@ -21,9 +21,10 @@ $(STAMP): pyproject.toml
 	command -v chromium >/dev/null || ((apt-get update -q && apt-get install -y -q chromium) >/dev/null 2>&1) || echo "note: chromium not installed; the browser test will skip"
 	touch $(STAMP)
 
+# No cell timeout: a slow or busy machine makes the demo slower, never failed.
 demo: $(STAMP)
 	mkdir -p artifacts
-	$(PY) -m jupyter nbconvert --to html --execute --ExecutePreprocessor.timeout=600 \
+	$(PY) -m jupyter nbconvert --to html --execute --ExecutePreprocessor.timeout=-1 \
 		--output-dir artifacts notebooks/01_quickstart.ipynb
 	@echo "executed quickstart: $(CURDIR)/artifacts/01_quickstart.html"
 

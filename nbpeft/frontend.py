@@ -146,3 +146,9 @@ def data_variables(namespace: dict[str, Any]) -> list[str]:
     hidden = _hidden_names()
     return [name for name, value in namespace.items()
             if not name.startswith("_") and name not in hidden and trainable_data(value)]
+
+
+def tokenizer_variables(namespace: dict[str, Any]) -> list[str]:
+    """Names of notebook variables that look like tokenizers (they encode text and know their padding)."""
+    return [name for name, value in namespace.items()
+            if not name.startswith("_") and callable(value) and hasattr(value, "pad_token_id")]

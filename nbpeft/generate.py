@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .data import chat_prompt
-from .live import _in_notebook
+from .live import in_notebook
 from .methods.base import ConfigError
 
 Messages = list[dict[str, str]]
@@ -275,7 +275,7 @@ class _StreamDisplay:
         self.answers: list[str] = []  # the finished ones, then the one being written
         self.printed, self.last_update = "", 0.0
         self.handle = None
-        if _in_notebook():
+        if in_notebook():
             from IPython.display import display
 
             self.handle = display({"text/plain": ""}, raw=True, display_id=True)

@@ -91,6 +91,10 @@ def load_model(
     Built-in offline names: ``"smollm2-135m"`` and ``"minilm-l6"`` (see ``BUILTIN``).
     Any other value (a local folder or a hub id) goes to transformers unchanged.
     ``task`` is ``"causal-lm"`` or ``"classification"`` (then ``num_labels``, default 2).
+
+    Every parameter comes back frozen (``requires_grad=False``), the state the rest of the
+    API expects: ``attach`` makes its adapter trainable, ``detach`` freezes the model again,
+    and ``train`` refuses a model without an adapter unless ``full=True``.
     """
     if task not in TASKS:
         raise ConfigError(f"load_model(): task={task!r} is not known; use one of {', '.join(TASKS)}")
@@ -117,5 +121,6 @@ def load_model(
         model.config.pad_token_id = tokenizer.pad_token_id
     if device is not None:
         model.to(device)
+    model.requires_grad_(False)
     model.eval()
     return model, tokenizer

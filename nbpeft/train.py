@@ -1,9 +1,10 @@
 """A small training loop for adapters, with the device and precision picked for you.
 
-The loop emits events to listeners, each ``listener(event, payload)``: ``begin``, ``step``
-(one per optimizer step; its row holds the eval loss on eval steps), ``note`` (a message
-such as a one-off compile pause) and ``end``. The live display in notebooks is one such
-listener, and the loop knows nothing of it.
+The loop tells listeners what happens through four typed events (``nbpeft.events``):
+``on_begin(Begin)``, ``on_step(Step)`` once per optimizer step (with the eval loss and
+metrics on evaluation steps), ``on_note(Note)`` (e.g. a one-off compile pause) and
+``on_end(End)``. The live displays in ``nbpeft.live`` are such listeners; the loop knows
+nothing of them.
 """
 
 from __future__ import annotations
@@ -15,27 +16,28 @@ import resource
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import core, fast
+from . import checkpoint, core, fast
 from .data import Batches
+from .events import Begin, End, Listener, Note, Step, StopTraining, as_listener
 from .methods.base import ConfigError
 
-Listener = Callable[[str, dict[str, Any]], None]
+__all__ = ["Listener", "StopTraining", "TrainResult", "train", "evaluate", "pick_device", "pick_precision"]
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-class StopTraining(Exception):
-    """Raised by a listener to stop cleanly after the current step."""
+SCHEDULES = ("constant", "linear", "cosine")
+LR_FLOOR = 0.1  # linear and cosine decay to 10% of the peak: the last steps still learn
 
 
 @dataclass
 class TrainResult:
-    """What a run did: one history row per step (and the eval losses)."""
+    """What a run did: one history row per step (and the eval losses), its time, speed and memory."""
 
     history: list[dict[str, Any]] = field(default_factory=list)
     device: str = "cpu"
@@ -44,6 +46,9 @@ class TrainResult:
     stopped: str | None = None
     message: str = ""
     seconds: float = 0.0
+    trainable: int = 0
+    full: bool = False
+    checkpoint: str | None = None  # the last checkpoint written, if any
 
     @property
     def steps(self) -> int:
@@ -61,6 +66,16 @@ class TrainResult:
     def final_loss(self) -> float | None:
         return self.history[-1]["loss"] if self.history else None
 
+    @property
+    def tokens_per_s(self) -> float:
+        """Average speed of the run: every token trained on over the time the steps took."""
+        seconds = sum(row["step_time_s"] for row in self.history)
+        return sum(row["tokens"] for row in self.history) / seconds if seconds else 0.0
+
+    @property
+    def peak_mem_bytes(self) -> int:
+        return max((row["peak_mem_bytes"] for row in self.history), default=0)
+
     def __repr__(self) -> str:
         if not self.history:
             return f"TrainResult(no steps; {self.message or 'nothing ran'})"
@@ -68,7 +83,7 @@ class TrainResult:
         state = f", stopped: {self.stopped}" if self.stopped else ""
         return (
             f"TrainResult({self.steps}/{self.total_steps} steps on {self.device} {self.precision}, "
-            f"loss {first:.4f} -> {last:.4f}, {self.seconds:.1f} s{state})"
+            f"loss {first:.4f} -> {last:.4f}, {self.seconds:.1f} s, {self.tokens_per_s:,.0f} tok/s{state})"
         )
 
 
@@ -114,14 +129,34 @@ def _accepts(model: nn.Module, arg: str) -> bool:
     return arg in inspect.signature(model.forward).parameters
 
 
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up, then linear decay to 10% of the peak."""
+def lr_factor(step: int, total: int, warmup: int, schedule: str = "linear") -> float:
+    """The learning rate of ``step`` (1-based) as a fraction of the peak.
+
+    Linear warm-up from 0 over ``warmup`` steps, then ``constant`` (1), ``linear`` (straight
+    down to ``LR_FLOOR`` at the last step) or ``cosine`` (half a cosine down to ``LR_FLOOR``).
+    """
     if step <= warmup:
         return step / max(warmup, 1)
-    return 1.0 - 0.9 * (step - warmup) / max(total - warmup, 1)
+    progress = (step - warmup) / max(total - warmup, 1)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0 - (1 - LR_FLOOR) * progress
 
 
-def _check_options(steps: int | None, epochs: float | None, lr: float, batch_size: int, grad_accum: int, max_length: int) -> None:
+def warmup_steps(warmup: int | float | None, steps: int) -> int:
+    """``None``: min(10, steps/10); an int: that many steps; a float below 1: that share of the steps."""
+    if warmup is None:
+        return min(10, max(1, steps // 10))
+    if isinstance(warmup, float) and warmup < 1:
+        return round(warmup * steps)
+    return int(warmup)
+
+
+def _check_options(steps: int | None, epochs: float | None, lr: float, batch_size: int, grad_accum: int,
+                   max_length: int, schedule: str, warmup: int | float | None, weight_decay: float,
+                   save_every: int | None, output_dir: Any, metrics: Any) -> None:
     for name, value in (("batch_size", batch_size), ("grad_accum", grad_accum), ("max_length", max_length)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"train(): {name}={value!r} must be a positive integer")
@@ -133,6 +168,48 @@ def _check_options(steps: int | None, epochs: float | None, lr: float, batch_siz
         raise ConfigError("train(): give steps= or epochs=, not both")
     if not isinstance(lr, (int, float)) or not 0 < lr < 1:
         raise ConfigError(f"train(): lr={lr!r} must be between 0 and 1, e.g. lr=2e-4")
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"train(): schedule={schedule!r} is not known; use one of {', '.join(SCHEDULES)}")
+    if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or warmup < 0
+                               or isinstance(warmup, float) and 1 <= warmup and not warmup.is_integer()):
+        raise ConfigError(f"train(): warmup={warmup!r} must be a number of steps (e.g. 10) or a share of them (e.g. 0.1)")
+    if not isinstance(weight_decay, (int, float)) or isinstance(weight_decay, bool) or not 0 <= weight_decay < 1:
+        raise ConfigError(f"train(): weight_decay={weight_decay!r} must be between 0 and 1, e.g. weight_decay=0.01")
+    if save_every is not None and (not isinstance(save_every, int) or isinstance(save_every, bool) or save_every < 1):
+        raise ConfigError(f"train(): save_every={save_every!r} must be a positive number of steps")
+    if save_every is not None and output_dir is None:
+        raise ConfigError("train(): save_every= needs output_dir=, the folder to write checkpoints to")
+    if metrics is not None and not callable(metrics):
+        raise ConfigError("train(): metrics= must be a function of the model returning a dict, e.g. {'accuracy': 0.9}")
+
+
+def _check_trainable(model: nn.Module, full: bool) -> None:
+    """No silent full fine-tune: without an adapter, training needs full=True."""
+    attached = list(core.state(model).adapters)
+    if full and attached:
+        raise ConfigError(f"train(): full=True fine-tunes the base model, but adapters are attached ({', '.join(attached)}); "
+                          "detach them first with nbpeft.detach(model), or drop full=True to train the adapter")
+    if not full and not attached:
+        raise ConfigError('train(): this model has no adapter; attach one first, e.g. nbpeft.attach(model, "lora"), '
+                          "or pass full=True to fine-tune every parameter")
+    if not full and not core.trainable_parameters(model):
+        raise ConfigError("train(): the model has no trainable parameters; attach an adapter first, e.g. nbpeft.attach(model, 'lora')")
+
+
+def _param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: decaying biases and norm scales only hurts."""
+    if not weight_decay:
+        return [{"params": params, "weight_decay": 0.0}]
+    decayed = [p for p in params if p.ndim >= 2]
+    kept = [p for p in params if p.ndim < 2]
+    return [g for g in ({"params": decayed, "weight_decay": weight_decay}, {"params": kept, "weight_decay": 0.0}) if g["params"]]
+
+
+def _device_info(dev: torch.device) -> tuple[str, int]:
+    if dev.type != "cuda":
+        return "", 0
+    props = torch.cuda.get_device_properties(dev)
+    return props.name, props.total_memory
 
 
 def train(
@@ -148,15 +225,40 @@ def train(
     max_length: int = 512,
     eval_data: Any = None,
     eval_every: int | None = None,
+    metrics: Callable[[nn.Module], dict[str, float]] | None = None,
+    schedule: str = "linear",
+    warmup: int | float | None = None,
+    weight_decay: float = 0.0,
+    save_every: int | None = None,
+    output_dir: str | Path | None = None,
+    resume: bool | str | Path = False,
+    full: bool = False,
     device: str = "auto",
     precision: str = "auto",
     gradient_checkpointing: bool = False,
-    live: bool | Listener = True,
+    live: bool | Listener | Callable[[str, Any], None] = True,
     seed: int = 0,
     loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
     compile: bool | None = None,
 ) -> TrainResult:
     """Train the model's trainable parameters (its active adapter) on ``data``.
+
+    A model with no adapter is refused unless ``full=True``, which trains every parameter
+    for the run and freezes them again afterwards (``load_model`` returns a frozen model).
+
+    The learning rate warms up linearly over ``warmup`` steps (an int) or a share of the
+    steps (a float below 1; default min(10, steps/10)), then follows ``schedule``:
+    ``"constant"``, ``"linear"`` or ``"cosine"`` (both down to 10% of ``lr`` at the last
+    step). ``weight_decay`` is AdamW's decoupled decay, on weight matrices only.
+
+    ``eval_data`` is evaluated every ``eval_every`` steps (default: five times a run) and
+    at the last step; ``metrics(model) -> {"name": value}`` is called at the same steps
+    (with the model in eval mode, gradients off) and its values join the eval table.
+
+    ``save_every=N`` writes a checkpoint to ``output_dir/checkpoint-<step>`` every N steps
+    and at the end; ``resume=True`` continues from the latest one in ``output_dir`` (or
+    ``resume=path`` from that checkpoint): trained parameters, optimizer, step, history and
+    random state come back, so the losses match an uninterrupted run.
 
     ``loss_fn(model, batch)`` replaces the model's own loss (``model(**batch).loss``),
     e.g. for the T-Few multiple-choice losses. Without it, causal LMs get the same loss
@@ -168,25 +270,54 @@ def train(
     when the remaining steps would pay the compile back (``fast.compile_pays_off``), where
     a compiler is available.
 
+    ``live``: True draws a live loss curve in notebooks (plain lines elsewhere); False is
+    silent; a :class:`nbpeft.events.Listener` or a function ``fn(event, payload)`` gets
+    the events.
+
     Stops cleanly on KeyboardInterrupt or a non-finite loss, returning the history so
     far; the adapter stays attached either way.
     """
-    _check_options(steps, epochs, lr, batch_size, grad_accum, max_length)
-    params = core.trainable_parameters(model)
-    if not params:
-        raise ConfigError("train(): the model has no trainable parameters; attach an adapter first, e.g. nbpeft.attach(model, 'lora')")
+    _check_options(steps, epochs, lr, batch_size, grad_accum, max_length, schedule, warmup, weight_decay,
+                   save_every, output_dir, metrics)
+    _check_trainable(model, full)
+    resume_from = checkpoint.find(resume, output_dir) if resume else None
     batches = Batches(data, tokenizer, batch_size, max_length, seed)
     evals = Batches(eval_data, tokenizer, batch_size, max_length, seed) if eval_data is not None else None
     if steps is None:
         if batches.per_epoch is None:
             raise ConfigError("train(): this data has no length; pass steps=")
         steps = max(1, math.ceil((epochs or 1) * batches.per_epoch / grad_accum))
-    if evals is not None and eval_every is None:
+    if (evals is not None or metrics is not None) and eval_every is None:
         eval_every = max(1, steps // 5)
-
+    saved = checkpoint.load(resume_from) if resume_from else None
+    if saved is not None and saved["step"] >= steps:
+        raise ConfigError(f"train(): the checkpoint is at step {saved['step']}, the run has {steps} steps; "
+                          "raise steps= to train further")
     dev = pick_device(device)
     prec = pick_precision(dev, precision)
-    listeners = _listeners(live)
+    if gradient_checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
+        raise ConfigError("train(): gradient_checkpointing=True needs a transformers model")
+    if compile and not fast.can_compile(dev):
+        raise ConfigError(f"train(): compile=True needs a C++ compiler (CPU) or Triton (CUDA) on {dev.type}; use compile=False")
+    listener = _listener(live)
+
+    flags = {p: p.requires_grad for p in model.parameters()} if full else {}
+    if full:
+        model.requires_grad_(True)
+    try:
+        return _run(model, batches, evals, listener, dev, prec, steps, lr, grad_accum, eval_every, metrics, schedule,
+                    warmup_steps(warmup, steps), weight_decay, save_every, output_dir, saved, full,
+                    gradient_checkpointing, seed, loss_fn, compile)
+    finally:
+        for param, flag in flags.items():  # full=True: frozen again, as the rest of the API expects
+            param.requires_grad = flag
+
+
+def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Listener, dev: torch.device, prec: str,
+         steps: int, lr: float, grad_accum: int, eval_every: int | None, metrics: Callable | None, schedule: str,
+         warmup: int, weight_decay: float, save_every: int | None, output_dir: Any, saved: dict | None, full: bool,
+         gradient_checkpointing: bool, seed: int, loss_fn: Callable | None, compile: bool | None) -> TrainResult:
+    params = core.trainable_parameters(model)
     torch.manual_seed(seed)
     model.to(dev)
     use_cache = {"use_cache": False} if _accepts(model, "use_cache") else {}
@@ -196,31 +327,44 @@ def train(
         else contextlib.nullcontext()
     )
     scaler = torch.amp.GradScaler(dev.type) if prec == "fp16" else None
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **({"fused": True} if dev.type == "cuda" else {}))
-    warmup = min(10, max(1, steps // 10))
-    if gradient_checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
-        raise ConfigError("train(): gradient_checkpointing=True needs a transformers model")
+    optimizer = torch.optim.AdamW(_param_groups(params, weight_decay), lr=lr,
+                                  **({"fused": True} if dev.type == "cuda" else {}))
+    stream = iter(batches)
+    first = 0
+    result = TrainResult(device=str(dev), precision=prec, total_steps=steps,
+                         trainable=sum(p.numel() for p in params), full=full)
+    if saved is not None:
+        checkpoint.restore(saved, model, optimizer, scaler)
+        first = saved["step"]
+        result.history = list(saved["history"])
+        for _ in range(first * grad_accum):  # the data stream where the checkpoint left it
+            next(stream)
+        checkpoint.restore_rng(saved)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if compile and not fast.can_compile(dev):
-        raise ConfigError(f"train(): compile=True needs a C++ compiler (CPU) or Triton (CUDA) on {dev.type}; use compile=False")
     decide_compile = compile is None and not gradient_checkpointing and fast.can_compile(dev)
     compiled = fast.compile_blocks(model) if compile else []
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
-    result = TrainResult(device=str(dev), precision=prec, total_steps=steps)
-    _emit(listeners, "begin", {"total_steps": steps, "device": str(dev), "precision": prec,
-                               "trainable": sum(p.numel() for p in params), "kind": batches.kind})
-    stream = iter(batches)
+    device_name, device_memory = _device_info(dev)
+    listener.on_begin(Begin(
+        total_steps=steps, trainable=result.trainable, device=str(dev), precision=prec,
+        examples=len(batches.examples) if batches.kind != "batches" else None,
+        epochs=steps * grad_accum / batches.per_epoch if batches.per_epoch else None,
+        batch_size=batches.batch_size if batches.kind != "batches" else 0, grad_accum=grad_accum, full=full, device_name=device_name,
+        device_memory=device_memory, schedule=schedule, warmup_steps=warmup, lr=lr,
+        has_eval=evals is not None, start_step=first,
+    ))
     start = time.perf_counter()
+    run_tokens, run_step_time = 0, 0.0
     model.train()
     restore_allocator = fast.steady_allocator(dev)
     try:
-        for step in range(1, steps + 1):
+        for step in range(first + 1, steps + 1):
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
-                group["lr"] = lr * _lr_factor(step, steps, warmup)
+                group["lr"] = lr * lr_factor(step, steps, warmup, schedule)
             loss_sum, tokens = 0.0, 0
             for _ in range(grad_accum):
                 batch = {k: v.to(dev) for k, v in next(stream).items()}
@@ -243,19 +387,28 @@ def train(
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            elapsed = time.perf_counter() - t0
-            row = {"step": step, "loss": loss_sum, "eval_loss": None, "lr": optimizer.param_groups[0]["lr"],
-                   "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "peak_mem_bytes": peak_memory(dev),
-                   "elapsed_s": time.perf_counter() - start}
-            result.history.append(row)
-            if evals is not None and (step % eval_every == 0 or step == steps):
-                row["eval_loss"] = evaluate(model, evals, dev, autocast, use_cache, loss_fn)
+            step_time = time.perf_counter() - t0
+            run_tokens, run_step_time = run_tokens + tokens, run_step_time + step_time
+            event = Step(step=step, total_steps=steps, loss=loss_sum, lr=optimizer.param_groups[0]["lr"], tokens=tokens,
+                         step_time_s=step_time, elapsed_s=0.0, tokens_per_s=run_tokens / run_step_time, eta_s=0.0,
+                         peak_mem_bytes=peak_memory(dev))
+            if eval_every is not None and (step % eval_every == 0 or step == steps):
+                if evals is not None:
+                    event.eval_loss = evaluate(model, evals, dev, autocast, use_cache, loss_fn)
+                if metrics is not None:
+                    event.metrics = _metrics(model, metrics)
                 model.train()
-            _emit(listeners, "step", {"row": row, "total_steps": steps})
-            if decide_compile and step == 2:
-                if fast.compile_pays_off(dev, min(r["step_time_s"] for r in result.history), steps - step):
-                    _emit(listeners, "note", {"message": "compiling the decoder block for faster steps "
-                                              "(a one-off pause; compile=False turns this off)"})
+            event.elapsed_s = time.perf_counter() - start
+            event.eta_s = event.elapsed_s / (step - first) * (steps - step)
+            result.history.append(asdict(event))
+            if save_every is not None and (step % save_every == 0 or step == steps):
+                result.checkpoint = str(checkpoint.save(checkpoint.folder(output_dir, step), model, optimizer, scaler,
+                                                        step, result.history))
+            listener.on_step(event)
+            if decide_compile and step == first + 2:
+                if fast.compile_pays_off(dev, min(r["step_time_s"] for r in result.history[-2:]), steps - step):
+                    listener.on_note(Note("compiling the decoder block for faster steps "
+                                          "(a one-off pause; compile=False turns this off)"))
                     compiled = fast.compile_blocks(model)
     except StopTraining:
         result.stopped = result.stopped or "stopped"
@@ -274,8 +427,17 @@ def train(
             model.gradient_checkpointing_disable()
         fast.uncompile_blocks(compiled)
     result.seconds = time.perf_counter() - start
-    _emit(listeners, "end", {"result": result})
+    listener.on_end(End(result))
     return result
+
+
+def _metrics(model: nn.Module, metrics: Callable[[nn.Module], dict[str, float]]) -> dict[str, float]:
+    model.eval()
+    with torch.no_grad():
+        values = metrics(model)
+    if not isinstance(values, dict):
+        raise ConfigError(f"train(): metrics= returned {type(values).__name__}; return a dict such as {{'accuracy': 0.9}}")
+    return {str(k): float(v) for k, v in values.items()}
 
 
 @torch.no_grad()
@@ -295,16 +457,11 @@ def evaluate(model: nn.Module, batches: Batches, dev: torch.device, autocast: An
     return sum(losses) / max(len(losses), 1)
 
 
-def _listeners(live: bool | Listener) -> list[Listener]:
-    if callable(live):
-        return [live]
+def _listener(live: bool | Listener | Callable[[str, Any], None]) -> Listener:
+    if isinstance(live, Listener) or callable(live):
+        return as_listener(live)
     if live:
         from .live import make_display
 
-        return [make_display()]
-    return []
-
-
-def _emit(listeners: list[Listener], event: str, payload: dict[str, Any]) -> None:
-    for listener in listeners:
-        listener(event, payload)
+        return make_display()
+    return Listener()  # silent: every handler does nothing

@@ -154,7 +154,7 @@ def test_streaming_in_a_notebook_updates_one_output_area_with_growing_text(llama
             self.updates.append(data["text/plain"])
 
     shown = []
-    monkeypatch.setattr(gen_module, "_in_notebook", lambda: True)
+    monkeypatch.setattr(gen_module, "in_notebook", lambda: True)
     monkeypatch.setattr(IPython.display, "display", lambda *a, **k: shown.append(a) or Handle())
     monkeypatch.setattr(gen_module._StreamDisplay, "min_interval_s", 0.0)
     answer = nbpeft.generate(llama, tok, "Hello", max_new_tokens=20, stream=True)

@@ -165,7 +165,7 @@ def test_compile_auto_decides_after_two_timed_steps(monkeypatch):
     events = []
     result = nbpeft.train(model, [masked_batch()], steps=5, lr=1e-3,
                           live=lambda event, payload: events.append((event, len(compiled), payload)))
-    notes = [(count, payload["message"]) for event, count, payload in events if event == "note"]
+    notes = [(count, payload.message) for event, count, payload in events if event == "note"]
     assert len(notes) == 1 and notes[0][0] == 0 and "compiling" in notes[0][1]  # said before compiling
     assert [e for e, _, _ in events] == ["begin", "step", "step", "note", "step", "step", "step", "end"]
     assert len(asked) == 1 and asked[0][1] == 3

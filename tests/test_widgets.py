@@ -268,11 +268,12 @@ def test_panel_rejects_what_is_not_a_model():
 # training ----------------------------------------------------------------------------------------
 
 def test_train_tab_shows_notes_from_the_loop():
+    from nbpeft.events import Note
     from nbpeft.widgets.training import PanelDisplay
 
     status = widgets.HTML()
     live = PanelDisplay(widgets.IntProgress(), status, widgets.Image())
-    live("note", {"message": "compiling <block>"})
+    live.on_note(Note("compiling <block>"))
     assert status.value == "compiling &lt;block&gt;…"
 
 
@@ -361,7 +362,7 @@ def test_train_without_an_adapter_says_what_to_do(llama):
     tab = nbpeft.panel(llama, namespace={"data": batches()}).train_tab
     tab.start_button.click()
     tab.wait(timeout=30)
-    assert "the model has no trainable parameters; attach an adapter first" in text(tab.message)
+    assert 'this model has no adapter; attach one first, e.g. nbpeft.attach(model, "lora")' in text(tab.message)
 
 
 # the adapters tab --------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import inspect
-import io
 import threading
 import time
 from collections.abc import Callable
@@ -22,11 +21,13 @@ from torch import nn
 
 import nbpeft
 
-from ..frontend import data_variables
-from ..live import progress_text
+from ..data import kind_of
+from ..events import Begin, End, Listener, Note, Step, StopTraining
+from ..frontend import data_variables, one_line, tokenizer_variables
+from ..live import LossCurve, banner_text, progress_text, summary_text
 from ..methods.base import ConfigError
-from ..train import PRECISIONS, StopTraining, TrainResult
-from .attach import one_line, say
+from ..train import PRECISIONS, TrainResult
+from .attach import say
 
 RESULT_VARIABLE = "_peft_result"
 
@@ -40,63 +41,50 @@ def devices() -> list[str]:
     return found
 
 
-class PanelDisplay:
-    """A training listener that draws into widgets: progress bar, progress line and loss curve."""
+class PanelDisplay(Listener):
+    """The panel's renderer: progress bar, progress line, loss curve (train and eval) and eval table."""
 
     def __init__(self, progress: widgets.IntProgress, status: widgets.HTML, plot: widgets.Image,
-                 min_interval_s: float = 0.5) -> None:
+                 table: widgets.HTML | None = None, min_interval_s: float = 0.5) -> None:
         self.progress, self.status, self.plot, self.min_interval_s = progress, status, plot, min_interval_s
-        self.steps: list[int] = []
-        self.losses: list[float] = []
+        self.table = table if table is not None else widgets.HTML()
+        self.curve = LossCurve()
         self.last_draw = 0.0
-        self.total = 1
-        self.memory_label = "peak mem"
 
-    def __call__(self, event: str, payload: dict[str, Any]) -> None:
-        if event == "begin":
-            self.total = payload["total_steps"]
-            self.memory_label = "peak GPU mem" if payload["device"].startswith("cuda") else "peak RSS"
-            self.progress.max, self.progress.value = self.total, 0
-            self.status.value = (f"training {payload['trainable']:,} parameters for {self.total} steps on "
-                                 f"<b>{payload['device']}</b> ({payload['precision']})")
-        elif event == "step":
-            row = payload["row"]
-            self.steps.append(row["step"])
-            self.losses.append(row["loss"])
-            self.progress.value = row["step"]
-            self.status.value = progress_text(row, self.total, self.memory_label)
-            if time.monotonic() - self.last_draw >= self.min_interval_s:
-                self.draw()
-        elif event == "note":
-            self.status.value = html.escape(payload["message"]) + "…"
-        elif event == "end":
-            result: TrainResult = payload["result"]
+    def on_begin(self, begin: Begin) -> None:
+        self.curve.start(begin)
+        self.progress.max, self.progress.value = begin.total_steps, begin.start_step
+        self.status.value = html.escape(banner_text(begin))
+        self.table.value = ""
+
+    def on_step(self, step: Step) -> None:
+        had = len(self.curve.evals)
+        self.curve.add(step)
+        self.progress.value = step.step
+        self.status.value = html.escape(progress_text(step, self.curve.memory))
+        if len(self.curve.evals) != had:
+            self.table.value = self.curve.table_html()
+        if time.monotonic() - self.last_draw >= self.min_interval_s:
             self.draw()
-            tail = progress_text(result.history[-1], self.total, self.memory_label) if result.history else "no step done"
-            note = f"<br><b>{result.message}</b>" if result.stopped else f" · done in {result.seconds:.1f} s"
-            self.status.value = tail + note
+
+    def on_note(self, note: Note) -> None:
+        self.status.value = html.escape(note.message) + "…"
+
+    def on_end(self, end: End) -> None:
+        if self.curve.steps:
+            self.draw()
+        last = html.escape(progress_text(self.curve.last, self.curve.memory)) + "<br>" if self.curve.last else ""
+        self.status.value = last + "<b>" + html.escape(summary_text(end.result, self.curve.memory)) + "</b>"
 
     def draw(self) -> None:
         """The loss curve as a PNG: the same picture in every front-end and matplotlib backend."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        figure = Figure(figsize=(6.0, 2.6), dpi=80)
-        axes = figure.add_subplot()
-        axes.plot(self.steps, self.losses, label="train")
-        axes.set_xlim(0, self.total)
-        axes.set_xlabel("step")
-        axes.set_ylabel("loss")
-        axes.grid(alpha=0.3)
-        figure.tight_layout()
-        buffer = io.BytesIO()
-        FigureCanvasAgg(figure).print_png(buffer)
-        self.plot.value = buffer.getvalue()
+        self.plot.value = self.curve.png(6.0, 2.6, 80)
+        self.plot.layout.display = None  # hidden until there is a picture: no broken-image icon
         self.last_draw = time.monotonic()
 
 
 class TrainTab(widgets.VBox):
-    """Data, steps, learning rate, batch size, max_length, precision, device; Start and Stop."""
+    """Data, eval data, tokenizer, steps or epochs, learning rate, batch, accumulation, length, precision, device."""
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, namespace: dict[str, Any] | None = None,
                  on_start: Callable[[], None] = lambda: None) -> None:
@@ -108,12 +96,25 @@ class TrainTab(widgets.VBox):
         self.data = widgets.Combobox(value="data" if "data" in names else (names[0] if names else ""), options=names,
                                      ensure_option=False, placeholder="a variable: list of examples or DataLoader",
                                      description="data", **label)
-        self.refresh_button = widgets.Button(description="", icon="refresh", tooltip="look for data variables again",
+        self.eval_data = widgets.Combobox(value="", options=names, ensure_option=False,
+                                          placeholder="none, or a variable of held-out examples",
+                                          description="eval data", **label)
+        self.tokenizer_name = widgets.Combobox(
+            value=self._default_tokenizer(), options=tokenizer_variables(self.namespace), ensure_option=False,
+            placeholder="the panel's tokenizer" if tokenizer is not None else "a variable, e.g. tokenizer",
+            description="tokenizer", **label)
+        self.refresh_button = widgets.Button(description="", icon="refresh", tooltip="look for variables again",
                                              layout={"width": "36px"})
+        self.length_unit = widgets.ToggleButtons(options=["steps", "epochs"], value="steps", description="train for",
+                                                 style={"description_width": "initial", "button_width": "64px"})
         self.steps = widgets.BoundedIntText(value=30, min=1, max=10**7, description="steps", **label)
+        self.epochs = widgets.BoundedFloatText(value=1.0, min=0.01, max=10**4, step=0.5, description="epochs",
+                                               disabled=True, **label)
         self.lr = widgets.FloatText(value=defaults["lr"], description="learning rate", **label)
         self.batch_size = widgets.BoundedIntText(value=defaults["batch_size"], min=1, max=4096,
                                                  description="batch size", **label)
+        self.grad_accum = widgets.BoundedIntText(value=defaults["grad_accum"], min=1, max=4096,
+                                                 description="grad accumulation", **label)
         self.max_length = widgets.BoundedIntText(value=defaults["max_length"], min=1, max=10**6,
                                                  description="max_length", **label)
         self.precision = widgets.Dropdown(options=list(PRECISIONS), value=defaults["precision"],
@@ -121,24 +122,30 @@ class TrainTab(widgets.VBox):
         self.device = widgets.Dropdown(options=devices(), value="auto", description="device", **label)
         self.start_button = widgets.Button(description="Start", button_style="success", icon="play")
         self.stop_button = widgets.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
-        for widget, name in ((self.data, "data"), (self.steps, "steps"), (self.start_button, "start"),
+        for widget, name in ((self.data, "data"), (self.eval_data, "eval-data"), (self.tokenizer_name, "tokenizer"),
+                             (self.steps, "steps"), (self.epochs, "epochs"), (self.start_button, "start"),
                              (self.stop_button, "stop")):
             widget.add_class(f"nbpeft-train-{name}")
         self.progress = widgets.IntProgress(value=0, min=0, max=1, description="progress", **label)
         self.status = widgets.HTML()
         self.status.add_class("nbpeft-train-status")
-        self.plot = widgets.Image(format="png", layout={"width": "480px"})
+        self.plot = widgets.Image(format="png", layout={"width": "480px", "display": "none"})
+        self.table = widgets.HTML()
+        self.table.add_class("nbpeft-train-table")
         self.message = widgets.HTML()
         self.message.add_class("nbpeft-train-message")
         self.result: TrainResult | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         super().__init__([
-            widgets.HBox([self.data, self.refresh_button]), widgets.HBox([self.steps, self.lr]),
-            widgets.HBox([self.batch_size, self.max_length]), widgets.HBox([self.precision, self.device]),
-            widgets.HBox([self.start_button, self.stop_button]), self.progress, self.status, self.plot, self.message,
+            widgets.HBox([self.data, self.refresh_button]), widgets.HBox([self.eval_data, self.tokenizer_name]),
+            widgets.HBox([self.length_unit, self.steps, self.epochs]), widgets.HBox([self.lr, self.batch_size]),
+            widgets.HBox([self.grad_accum, self.max_length]), widgets.HBox([self.precision, self.device]),
+            widgets.HBox([self.start_button, self.stop_button]), self.progress, self.status, self.plot, self.table,
+            self.message,
         ])
         self.refresh_button.on_click(self.refresh_data)
+        self.length_unit.observe(self._unit_changed, names="value")
         self.start_button.on_click(self.start)
         self.stop_button.on_click(self.stop)
 
@@ -146,20 +153,45 @@ class TrainTab(widgets.VBox):
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def _default_tokenizer(self) -> str:
+        found = tokenizer_variables(self.namespace)
+        if self.tokenizer is not None:
+            return next((n for n in found if self.namespace[n] is self.tokenizer), "")
+        return "tokenizer" if "tokenizer" in found else (found[0] if found else "")
+
+    def _unit_changed(self, change: dict[str, Any]) -> None:
+        self.steps.disabled, self.epochs.disabled = change["new"] == "epochs", change["new"] == "steps"
+
     def refresh_data(self, *_: Any) -> None:
-        self.data.options = data_variables(self.namespace)
+        names = data_variables(self.namespace)
+        self.data.options = self.eval_data.options = names
+        self.tokenizer_name.options = tokenizer_variables(self.namespace)
+
+    def _variable(self, name: str, what: str) -> Any:
+        if name not in self.namespace:
+            raise ConfigError(f"train: no variable {name!r} in the notebook; {what}")
+        return self.namespace[name]
 
     def options(self) -> dict[str, Any]:
         """``nbpeft.train`` keyword arguments for the current settings (without ``live``)."""
         name = self.data.value.strip()
         if not name:
             raise ConfigError("train: which data? type the name of a variable holding a list of examples or a DataLoader")
-        if name not in self.namespace:
-            raise ConfigError(f"train: no variable {name!r} in the notebook; make a list of examples first")
-        tokenizer = self.tokenizer if self.tokenizer is not None else self.namespace.get("tokenizer")
-        return {"model": self.model, "data": self.namespace[name], "tokenizer": tokenizer, "steps": self.steps.value,
-                "lr": self.lr.value, "batch_size": self.batch_size.value, "max_length": self.max_length.value,
-                "precision": self.precision.value, "device": self.device.value}
+        data = self._variable(name, "make a list of examples first")
+        eval_name = self.eval_data.value.strip()
+        eval_data = self._variable(eval_name, "leave eval data empty or name a list of examples") if eval_name else None
+        tokenizer_name = self.tokenizer_name.value.strip()
+        if tokenizer_name:
+            tokenizer = self._variable(tokenizer_name, "load one with model, tokenizer = nbpeft.load_model(...)")
+        else:
+            tokenizer = self.tokenizer
+        if tokenizer is None and kind_of(data) != "batches":
+            raise ConfigError("train: text data needs a tokenizer; type its variable under tokenizer "
+                              "(model, tokenizer = nbpeft.load_model(...) makes one), or train on a DataLoader of batches")
+        length = {"steps": self.steps.value} if self.length_unit.value == "steps" else {"epochs": self.epochs.value}
+        return {"model": self.model, "data": data, "eval_data": eval_data, "tokenizer": tokenizer, **length,
+                "lr": self.lr.value, "batch_size": self.batch_size.value, "grad_accum": self.grad_accum.value,
+                "max_length": self.max_length.value, "precision": self.precision.value, "device": self.device.value}
 
     def start(self, *_: Any) -> None:
         """Start ``nbpeft.train`` on a background thread; returns at once."""
@@ -176,13 +208,13 @@ class TrainTab(widgets.VBox):
         self.result = None
         say(self.message, "")
         self.progress.value = 0
-        self.display = PanelDisplay(self.progress, self.status, self.plot)
+        self.display = PanelDisplay(self.progress, self.status, self.plot, self.table)
         self.start_button.disabled, self.stop_button.disabled = True, False
         self._thread = threading.Thread(target=self._run, args=(options,), name="nbpeft-train", daemon=True)
         self._thread.start()
 
-    def _listen(self, event: str, payload: dict[str, Any]) -> None:
-        self.display(event, payload)
+    def _listen(self, event: str, payload: Any) -> None:
+        getattr(self.display, f"on_{event}")(payload)
         if event == "step" and self._stop.is_set():
             raise StopTraining
 
@@ -193,7 +225,9 @@ class TrainTab(widgets.VBox):
             say(self.message, one_line(err), error=True)
         else:
             self.namespace[RESULT_VARIABLE] = self.result
-            say(self.message, f"{self.result.message or repr(self.result)}; the result is in {RESULT_VARIABLE}")
+            # a stopped run's message is on the status line already: say it once
+            done = "" if self.result.stopped else f"{self.result!r}; "
+            say(self.message, f"{done}the result is in {RESULT_VARIABLE}")
         finally:
             self.start_button.disabled, self.stop_button.disabled = False, True
 

@@ -1,0 +1,120 @@
+"""What the training loop tells its listeners: four typed events, in the spirit of fastprogress.
+
+A listener subclasses :class:`Listener` and overrides the methods it cares about::
+
+    class Printer(Listener):
+        def on_step(self, step: Step) -> None:
+            print(step.step, step.loss)
+
+A plain function ``fn(event_name, payload)`` works too: :func:`as_listener` adapts it, and
+it receives the same dataclasses (``fn("step", Step(...))``). Raising
+:class:`StopTraining` from any handler stops the run cleanly after the current step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class StopTraining(Exception):
+    """Raised by a listener to stop cleanly after the current step."""
+
+
+@dataclass
+class Begin:
+    """The run about to start: what trains, on what, for how long."""
+
+    total_steps: int
+    trainable: int
+    device: str
+    precision: str
+    examples: int | None = None  # None for a DataLoader without a length of examples
+    epochs: float | None = None  # None when the data has no length
+    batch_size: int = 1  # 0 for ready-made batches (a DataLoader): their size is theirs
+    grad_accum: int = 1
+    full: bool = False  # every parameter trains (full fine-tuning)
+    device_name: str = ""  # e.g. the GPU's name
+    device_memory: int = 0  # bytes of GPU memory; 0 when not known
+    precision_reason: str = ""
+    schedule: str = "linear"
+    warmup_steps: int = 0
+    lr: float = 0.0
+    has_eval: bool = False
+    start_step: int = 0  # > 0 when resuming from a checkpoint
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.grad_accum
+
+
+@dataclass
+class Step:
+    """One optimizer step. ``eval_loss`` and ``metrics`` are filled on evaluation steps."""
+
+    step: int
+    total_steps: int
+    loss: float
+    lr: float
+    tokens: int
+    step_time_s: float
+    elapsed_s: float  # since this run started (a resumed run counts from its restart)
+    tokens_per_s: float  # averaged over the steps of this run, not this step alone
+    eta_s: float
+    peak_mem_bytes: int
+    eval_loss: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Note:
+    """A message worth showing while training, e.g. a one-off compile pause."""
+
+    message: str
+
+
+@dataclass
+class End:
+    """The run is over; ``result`` is the :class:`nbpeft.TrainResult` that ``train`` returns."""
+
+    result: Any
+
+
+class Listener:
+    """Receives the loop's events; every handler does nothing unless overridden."""
+
+    def on_begin(self, begin: Begin) -> None:
+        pass
+
+    def on_step(self, step: Step) -> None:
+        pass
+
+    def on_note(self, note: Note) -> None:
+        pass
+
+    def on_end(self, end: End) -> None:
+        pass
+
+
+class FunctionListener(Listener):
+    """Adapts ``fn(event_name, payload)``: ``fn("begin", Begin(...))``, ``fn("step", Step(...))``, ..."""
+
+    def __init__(self, fn: Callable[[str, Any], None]) -> None:
+        self.fn = fn
+
+    def on_begin(self, begin: Begin) -> None:
+        self.fn("begin", begin)
+
+    def on_step(self, step: Step) -> None:
+        self.fn("step", step)
+
+    def on_note(self, note: Note) -> None:
+        self.fn("note", note)
+
+    def on_end(self, end: End) -> None:
+        self.fn("end", end)
+
+
+def as_listener(live: Listener | Callable[[str, Any], None]) -> Listener:
+    return live if isinstance(live, Listener) else FunctionListener(live)

@@ -1,0 +1,117 @@
+"""The panel's Train tab: its fields map onto nbpeft.train, it draws what the other displays draw."""
+
+from __future__ import annotations
+
+import html
+import inspect
+import re
+import time
+
+import ipywidgets as widgets
+import torch
+from test_train import CharTokenizer
+
+import nbpeft
+
+from conftest import tiny_llama, tokens
+
+
+def batches(n: int = 2) -> list[dict[str, torch.Tensor]]:
+    return [{"input_ids": tokens(), "labels": tokens()} for _ in range(n)]
+
+
+def text(widget: widgets.HTML) -> str:
+    """What a person reads in an HTML widget."""
+    return html.unescape(re.sub(r"<[^>]+>", " ", widget.value))
+
+
+def tab_for(namespace: dict, tokenizer=None):
+    model = tiny_llama()
+    nbpeft.attach(model, "lora", r=2)
+    tab = nbpeft.panel(model, tokenizer, namespace=namespace).train_tab
+    tab.lr.value, tab.device.value = 1e-2, "cpu"
+    return tab
+
+
+def test_no_broken_image_before_the_first_run():
+    tab = tab_for({"data": batches()})
+    assert tab.plot.layout.display == "none" and tab.plot.value == b""
+    tab.steps.value = 1
+    tab.start_button.click()
+    assert tab.wait(timeout=60).steps == 1
+    assert tab.plot.layout.display is None and tab.plot.value[:4] == b"\x89PNG"
+    assert tab.display.curve.labels() == ["train"]  # no eval data: no "eval" in the legend
+
+
+def test_eval_data_draws_the_eval_line_and_fills_the_table():
+    tab = tab_for({"data": batches(), "held_out": batches(1)})
+    assert list(tab.eval_data.options) == ["data", "held_out"] and tab.eval_data.value == ""
+    tab.eval_data.value, tab.steps.value = "held_out", 5
+    tab.start_button.click()
+    result = tab.wait(timeout=60)
+    assert [step for step, _ in result.eval_losses] == [1, 2, 3, 4, 5]
+    curve = tab.display.curve
+    assert curve.labels() == ["train", "eval"] and curve.eval_points == result.eval_losses
+    table = text(tab.table)
+    assert "eval loss" in table and f"{result.eval_losses[-1][1]:.4f}" in table
+    assert "eval " in text(tab.status)  # the progress line shows the last eval loss
+
+
+def test_epochs_and_gradient_accumulation():
+    tab = tab_for({"data": batches(4)})
+    assert tab.epochs.disabled and not tab.steps.disabled
+    tab.length_unit.value = "epochs"
+    assert tab.steps.disabled and not tab.epochs.disabled
+    tab.epochs.value, tab.grad_accum.value = 2, 2
+    options = tab.options()
+    assert options["epochs"] == 2 and "steps" not in options and options["grad_accum"] == 2
+    tab.start_button.click()
+    result = tab.wait(timeout=60)
+    assert result.steps == 4  # 4 batches an epoch, 2 a step, 2 epochs
+    assert result.history[-1]["tokens"] == 2 * tokens().numel()  # two batches in each step
+
+
+def test_options_are_train_keywords():
+    tab = tab_for({"data": batches(), "held_out": batches(1)})
+    tab.eval_data.value = "held_out"
+    accepted = inspect.signature(nbpeft.train).parameters
+    assert set(tab.options()) <= set(accepted)
+    assert tab.options()["eval_data"] is tab.namespace["held_out"]
+
+
+def test_without_a_tokenizer_start_says_what_to_do():
+    tab = tab_for({"data": ["some text", "more text"]})
+    assert tab.tokenizer_name.value == "" and list(tab.tokenizer_name.options) == []
+    tab.start_button.click()
+    assert tab.wait(timeout=5) is None and not tab.running
+    assert ("train: text data needs a tokenizer; type its variable under tokenizer "
+            "(model, tokenizer = nbpeft.load_model(...) makes one)") in text(tab.message)
+    tab.tokenizer_name.value = "tok"
+    tab.start_button.click()
+    assert "train: no variable 'tok' in the notebook; load one with model, tokenizer = nbpeft.load_model(...)" in text(tab.message)
+
+
+def test_a_tokenizer_variable_is_offered_and_used():
+    tab = tab_for({"data": ["some text", "more text"], "tokenizer": CharTokenizer(), "n": 3})
+    assert list(tab.tokenizer_name.options) == ["tokenizer"] and tab.tokenizer_name.value == "tokenizer"
+    tab.steps.value = 2
+    tab.start_button.click()
+    assert tab.wait(timeout=60).steps == 2
+    given = CharTokenizer()
+    panel_tab = tab_for({"data": ["text"]}, tokenizer=given)
+    assert panel_tab.tokenizer_name.value == "" and panel_tab.options()["tokenizer"] is given
+
+
+def test_a_stopped_run_says_so_once():
+    tab = tab_for({"data": batches()})
+    tab.steps.value = 100_000
+    tab.start_button.click()
+    deadline = time.monotonic() + 60
+    while tab.progress.value < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    tab.stop_button.click()
+    result = tab.wait(timeout=60)
+    shown = text(tab.status) + " " + text(tab.message)
+    assert shown.count("stopped after step") == 1
+    assert f"stopped after step {result.steps} of 100000" in text(tab.status)
+    assert "the result is in _peft_result" in text(tab.message)
