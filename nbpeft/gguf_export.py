@@ -80,7 +80,10 @@ def _rows_heads(key: str, config: Any) -> int | None:
 
 def _pre_tokenizer(spec: dict[str, Any]) -> str:
     """llama.cpp's name for the tokenizer's pre-tokenisation rules (it has no other way to know them)."""
-    text = json.dumps(spec.get("pre_tokenizer"))
+    pre = spec.get("pre_tokenizer") or {}
+    text = json.dumps(pre)
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"  # byte-level with GPT-2's split pattern and nothing else
     if '"Digits"' in text and '"individual_digits": true' in text:
         return "smollm"
     if r"\\p{N}{1,3}" in text:
