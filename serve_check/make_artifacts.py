@@ -37,7 +37,7 @@ def main(out: Path) -> None:
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     model.train()
-    for step in range(12):
+    for _ in range(12):
         loss = model(**batch, labels=labels).loss
         loss.backward()
         optimizer.step()
