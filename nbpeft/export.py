@@ -35,7 +35,7 @@ _LORA_FAMILY = ("lora", "qlora")
 # Methods whose effect is a weight delta that to_lora() can approximate.
 _DELTA_METHODS = ("lora", "dora", "ia3", "qlora")
 _VLLM_MAX_LORA_RANK = 16
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -223,9 +223,9 @@ def export(
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"export(): format={format!r} is not known{hint}; use one of {', '.join(map(repr, FORMATS))}")
     if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ConfigError(f"export(): dtype={dtype!r} is not supported; use one of {', '.join(map(repr, _DTYPES))}")
-        dtype = _DTYPES[dtype]
+        if dtype not in DTYPES:
+            raise ConfigError(f"export(): dtype={dtype!r} is not supported; use one of {', '.join(map(repr, DTYPES))}")
+        dtype = DTYPES[dtype]
     from . import gguf_export
 
     if quant not in gguf_export.QUANTS:
