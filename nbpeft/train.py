@@ -44,6 +44,8 @@ class TrainResult:
     stopped: str | None = None
     message: str = ""
     seconds: float = 0.0
+    truncated: int = 0  # training examples cut by max_length
+    dropped: int = 0  # of those, the ones left with no labelled token (not trained on)
 
     @property
     def steps(self) -> int:
@@ -155,6 +157,8 @@ def train(
     seed: int = 0,
     loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
     compile: bool | None = None,
+    columns: dict[str, str] | None = None,
+    packing: bool = False,
 ) -> TrainResult:
     """Train the model's trainable parameters (its active adapter) on ``data``.
 
@@ -168,6 +172,10 @@ def train(
     when the remaining steps would pay the compile back (``fast.compile_pays_off``), where
     a compiler is available.
 
+    ``data`` takes any form :mod:`nbpeft.data` reads; ``columns={"prompt": "question"}`` maps
+    other column names, ``packing=True`` fills rows of ``max_length`` with whole examples.
+    Without ``tokenizer``, the one that belongs to the model is used (``data.tokenizer_for``).
+
     Stops cleanly on KeyboardInterrupt or a non-finite loss, returning the history so
     far; the adapter stays attached either way.
     """
@@ -175,8 +183,9 @@ def train(
     params = core.trainable_parameters(model)
     if not params:
         raise ConfigError("train(): the model has no trainable parameters; attach an adapter first, e.g. nbpeft.attach(model, 'lora')")
-    batches = Batches(data, tokenizer, batch_size, max_length, seed)
-    evals = Batches(eval_data, tokenizer, batch_size, max_length, seed) if eval_data is not None else None
+    batches = Batches(data, tokenizer, batch_size, max_length, seed, model=model, columns=columns, packing=packing)
+    evals = (Batches(eval_data, tokenizer, batch_size, max_length, seed, model=model, columns=columns, packing=packing)
+             if eval_data is not None else None)
     if steps is None:
         if batches.per_epoch is None:
             raise ConfigError("train(): this data has no length; pass steps=")
@@ -212,6 +221,8 @@ def train(
     result = TrainResult(device=str(dev), precision=prec, total_steps=steps)
     _emit(listeners, "begin", {"total_steps": steps, "device": str(dev), "precision": prec,
                                "trainable": sum(p.numel() for p in params), "kind": batches.kind})
+    for note in batches.notes:
+        _emit(listeners, "note", {"message": note})
     stream = iter(batches)
     start = time.perf_counter()
     model.train()
@@ -274,6 +285,7 @@ def train(
             model.gradient_checkpointing_disable()
         fast.uncompile_blocks(compiled)
     result.seconds = time.perf_counter() - start
+    result.truncated, result.dropped = batches.truncated, batches.dropped
     _emit(listeners, "end", {"result": result})
     return result
 
