@@ -10,7 +10,7 @@ import torch
 import nbpeft
 from nbpeft import chat
 from nbpeft.data import IGNORE, Batches, tokenize
-from nbpeft.datasets import load_dataset
+from nbpeft.datasets import load_dataset, path
 from nbpeft.models import resolve_name
 
 from conftest import assert_same, snapshot
@@ -140,6 +140,9 @@ def test_the_shipped_conversations_are_multi_turn_with_a_system_turn_in_one_styl
     questions = {m["content"] for row in train for m in row["messages"] if m["role"] == "user"}
     assert not questions & {m["content"] for row in held_out for m in row["messages"] if m["role"] == "user"}
     assert Batches(train, smol_tokenizer, 4, 256, 0).truncated == 0
+    assert Batches(str(path("radio_chat")), smol_tokenizer, 4, 256, 0).examples == Batches(train, smol_tokenizer, 4, 256, 0).examples
+    with pytest.raises(ValueError, match="unknown dataset 'radio'; available: "):
+        path("radio")
 
 
 @pytest.mark.slow
