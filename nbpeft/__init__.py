@@ -15,6 +15,7 @@ from .generate import generate
 from .io import load_adapter, save_adapter
 from .methods.base import ConfigError, methods
 from .models import load_model
+from .show import Example, show_example
 from .summary import Summary, summary
 from .tfew import choice_accuracy, choice_batches, predict_choices, tfew_loss
 from .train import TrainResult, train
@@ -49,6 +50,8 @@ __all__ = [
     "ExportResult",
     "ExportCheck",
     "Comparison",
+    "Example",
+    "show_example",
     "choice_accuracy",
     "choice_batches",
     "predict_choices",

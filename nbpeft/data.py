@@ -1,58 +1,152 @@
-"""Turn training data into padded batches.
+"""Turn training data into batches: padded, or packed into full rows.
 
-Accepted forms: a list of strings (causal LM), a list of ``{"prompt", "response"}``
-(loss on the response only), a list of ``{"text", "label"}`` (classification), or any
-iterable of already tokenised batches (dicts of tensors with ``input_ids``).
+Accepted examples: strings (causal LM), ``{"prompt", "response"}`` (loss on the response
+only), ``{"messages": [...]}`` conversations (loss on every assistant turn, see
+:mod:`nbpeft.chat`), ``{"text", "label"}`` (classification), or already tokenised batches
+(dicts of tensors with ``input_ids``, or a DataLoader). The forms they come in (lists,
+``datasets``, DataFrames, files) are read by :mod:`nbpeft.sources`.
+
+Examples longer than ``max_length`` are cut; one that loses every labelled token is
+dropped. :class:`Batches` counts both and :meth:`Batches.report` says so in one line.
+
+Packing (``packing=True``) fills rows of ``max_length`` with whole examples. Each example's
+``position_ids`` restart at 0 and no ``attention_mask`` is passed, so transformers' causal
+mask keeps attention inside each example (its packed-sequence support); the first label
+of every example is masked, since the token before it belongs to another example. The loss
+is then the same mean over the same labelled tokens as without packing.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 
+from . import chat, sources
 from .methods.base import ConfigError
 
 IGNORE = -100
+KINDS = ("text", "prompt-response", "chat", "classification")
+_FIELDS = {"prompt-response": ("prompt", "response"), "chat": ("messages",), "classification": ("text", "label")}
+_FORMS = ("strings, {'prompt': ..., 'response': ...}, {'messages': [...]} or {'text': ..., 'label': ...}")
 
 
-def kind_of(data: Any) -> str:
-    """'text', 'prompt-response', 'classification' or 'batches'."""
-    if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
-        raise ConfigError("train(): data must be a list of strings, of {'prompt','response'} or {'text','label'} dicts, or a DataLoader")
-    if isinstance(data, torch.utils.data.DataLoader) or not isinstance(data, (list, tuple)):
-        return "batches"
-    if not data:
-        raise ConfigError("train(): data is empty; pass at least one example")
-    first = data[0]
-    if isinstance(first, str):
-        kind = "text"
-    elif isinstance(first, dict) and {"prompt", "response"} <= first.keys():
-        kind = "prompt-response"
-    elif isinstance(first, dict) and {"text", "label"} <= first.keys():
-        kind = "classification"
-    elif isinstance(first, dict) and "input_ids" in first:
-        return "batches"
-    else:
-        raise ConfigError(
-            f"train(): cannot read examples like {str(first)[:60]!r}; use strings, "
-            "{'prompt': ..., 'response': ...} or {'text': ..., 'label': ...}"
-        )
-    for i, ex in enumerate(data):
-        if kind_of_example(ex) != kind:
-            raise ConfigError(f"train(): example {i} is not like example 0 ({kind}); every example must have the same form")
-    return kind
+# ---------------------------------------------------------------- the tokenizer that goes with a model
+
+_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class MissingTokenizer(ConfigError):
+    """No tokenizer was given and none belongs to the model; ``fix`` is said in the caller's syntax."""
+
+    def __init__(self, caller: str, fix: str) -> None:
+        self.caller = caller
+        super().__init__(self.with_fix(fix))
+
+    def with_fix(self, fix: str) -> str:
+        """The same message with another fix, e.g. ``'pass --tokenizer NAME'`` for a magic."""
+        return f"{self.caller}: text data needs a tokenizer and none belongs to this model; {fix}"
+
+
+def remember_tokenizer(model: Any, tokenizer: Any) -> None:
+    """Record ``tokenizer`` as the one that belongs to ``model`` (``load_model`` does this)."""
+    _TOKENIZERS[model] = tokenizer
+
+
+def tokenizer_for(model: Any, tokenizer: Any = None, *, caller: str = "train()",
+                  fix: str = "pass tokenizer=tokenizer") -> Any:
+    """The tokenizer to use with ``model``.
+
+    The one given; else the one ``load_model`` returned with this model; else the one in
+    the local folder named by ``model.config._name_or_path`` (loaded offline, without
+    network); else :class:`MissingTokenizer`, whose message ends with ``fix``.
+    """
+    if tokenizer is not None:
+        return tokenizer
+    try:
+        found = _TOKENIZERS.get(model) if model is not None else None
+    except TypeError:  # not weak-referenceable
+        found = None
+    if found is not None:
+        return found
+    path = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if path:
+        try:
+            from transformers import AutoTokenizer
+
+            found = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception:  # not a local folder or cached hub id: no tokenizer belongs to it
+            found = None
+    if found is None:
+        raise MissingTokenizer(caller, fix)
+    if found.pad_token is None:
+        found.pad_token = found.eos_token
+    remember_tokenizer(model, found)
+    return found
+
+
+# ---------------------------------------------------------------- one example
 
 
 def kind_of_example(ex: Any) -> str | None:
     if isinstance(ex, str):
         return "text"
-    if isinstance(ex, dict) and {"prompt", "response"} <= ex.keys():
-        return "prompt-response"
-    if isinstance(ex, dict) and {"text", "label"} <= ex.keys():
-        return "classification"
+    if isinstance(ex, dict):
+        if "messages" in ex:
+            return "chat"
+        if {"prompt", "response"} <= ex.keys():
+            return "prompt-response"
+        if {"text", "label"} <= ex.keys():
+            return "classification"
     return None
+
+
+def check_example(ex: Any, kind: str, where: str, caller: str = "train()") -> None:
+    """A one-line ConfigError naming the row and the fix when ``ex`` is not a ``kind`` example."""
+    if kind == "text":
+        if not isinstance(ex, str):
+            raise ConfigError(f"{caller}: {where} is a {type(ex).__name__}, but row 0 is a string; make every row a string")
+        return
+    if kind == "chat":
+        chat.check_conversation(ex, where, caller)
+        return
+    needed = _FIELDS[kind]
+    if not isinstance(ex, dict):
+        raise ConfigError(f"{caller}: {where} is a {type(ex).__name__}; every row must be a dict with "
+                          f"{' and '.join(map(repr, needed))}")
+    missing = [k for k in needed if k not in ex]
+    if missing:
+        has = ", ".join(map(str, ex)) or "nothing"
+        raise ConfigError(f"{caller}: {where} has no {missing[0]!r} (it has {has}); give every row "
+                          f"{' and '.join(map(repr, needed))}, or map yours with columns={{{missing[0]!r}: 'your_name'}}")
+    for key in ("prompt", "response", "text"):
+        if key in needed and not isinstance(ex[key], str):
+            raise ConfigError(f"{caller}: {where} has {key!r} of type {type(ex[key]).__name__}, not text; make it a string")
+    if kind == "classification":
+        try:
+            int(ex["label"])
+        except (TypeError, ValueError):
+            raise ConfigError(f"{caller}: {where} has label {ex['label']!r}; labels must be integers 0, 1, ...") from None
+
+
+def kind_of(data: Any) -> str:
+    """'text', 'prompt-response', 'chat', 'classification' or 'batches' (for a list of examples or batches)."""
+    source = sources.read(data)
+    if source.batches:
+        return "batches"
+    rows = source.rows if isinstance(source.rows, list) else [next(iter(source.rows))]
+    return _kind_of_rows(rows, source.where, "train()")
+
+
+def _kind_of_rows(rows: list[Any], where: Any, caller: str) -> str:
+    if not rows:
+        raise ConfigError(f"{caller}: data is empty; pass at least one example")
+    kind = kind_of_example(rows[0])
+    if kind is None:
+        raise ConfigError(f"{caller}: cannot read examples like {str(rows[0])[:60]!r} ({where(0)}); use {_FORMS}")
+    return kind
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
@@ -68,15 +162,17 @@ def chat_prompt(tokenizer: Any, prompt: str) -> str:
     return prompt
 
 
-def encode(example: Any, kind: str, tokenizer: Any, max_length: int) -> dict[str, Any]:
-    """One example as input_ids and labels (prompt tokens masked with -100)."""
+def tokenize(example: Any, kind: str, tokenizer: Any, where: str = "row 0", caller: str = "train()") -> dict[str, Any]:
+    """One example as input_ids and labels (-100 where the loss does not look), before truncation."""
     eos = tokenizer.eos_token or ""
     if kind == "text":
-        ids = (tokenizer(example)["input_ids"] + _ids(tokenizer, eos))[:max_length]
+        ids = tokenizer(example)["input_ids"] + _ids(tokenizer, eos)
         return {"input_ids": ids, "labels": list(ids)}
     if kind == "classification":
-        ids = tokenizer(example["text"], truncation=True, max_length=max_length)["input_ids"]
-        return {"input_ids": ids, "labels": int(example["label"])}
+        return {"input_ids": tokenizer(example["text"])["input_ids"], "labels": int(example["label"])}
+    if kind == "chat":
+        ids, labels = chat.encode(tokenizer, chat.check_conversation(example, where, caller), where, caller)
+        return {"input_ids": ids, "labels": labels}
     prompt = chat_prompt(tokenizer, example["prompt"])
     if getattr(tokenizer, "chat_template", None):
         full = tokenizer.apply_chat_template(
@@ -87,9 +183,15 @@ def encode(example: Any, kind: str, tokenizer: Any, max_length: int) -> dict[str
     else:
         answer = example["response"] + eos
     prompt_ids, answer_ids = _ids(tokenizer, prompt), _ids(tokenizer, answer)
-    ids = (prompt_ids + answer_ids)[:max_length]
-    labels = ([IGNORE] * len(prompt_ids) + answer_ids)[:max_length]
-    return {"input_ids": ids, "labels": labels}
+    return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE] * len(prompt_ids) + answer_ids}
+
+
+def encode(example: Any, kind: str, tokenizer: Any, max_length: int) -> dict[str, Any]:
+    """One example as input_ids and labels (prompt tokens masked with -100), cut to ``max_length``."""
+    enc = tokenize(example, kind, tokenizer)
+    if kind == "classification":
+        return {"input_ids": enc["input_ids"][:max_length], "labels": enc["labels"]}
+    return {"input_ids": enc["input_ids"][:max_length], "labels": enc["labels"][:max_length]}
 
 
 def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -111,26 +213,180 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
     return batch
 
 
-class Batches:
-    """An endless, reshuffled-every-epoch stream of batches, plus its epoch length."""
+# ---------------------------------------------------------------- packing
 
-    def __init__(self, data: Any, tokenizer: Any, batch_size: int, max_length: int, seed: int) -> None:
-        self.kind = kind_of(data)
-        self.batch_size = batch_size
+
+def pack(examples: list[dict[str, Any]], max_length: int) -> list[list[dict[str, Any]]]:
+    """Rows of whole examples, each row at most ``max_length`` tokens (first fit, in order)."""
+    rows: list[list[dict[str, Any]]] = []
+    room: list[int] = []
+    for ex in examples:
+        n = len(ex["input_ids"])
+        slot = next((r for r, left in enumerate(room) if left >= n), None)
+        if slot is None:
+            rows.append([ex])
+            room.append(max_length - n)
+        else:
+            rows[slot].append(ex)
+            room[slot] -= n
+    return rows
+
+
+def collate_packed(rows: list[list[dict[str, Any]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Packed rows as ``input_ids``, ``labels`` and ``position_ids`` (restarting per example), no attention mask.
+
+    Trailing padding forms one more short sequence of its own (positions from 0, labels -100),
+    so it never attends to, or is attended by, a real token.
+    """
+    width = max(sum(len(e["input_ids"]) for e in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for e in row:
+            n = len(e["input_ids"])
+            input_ids[r, at:at + n] = torch.tensor(e["input_ids"])
+            labels[r, at + 1:at + n] = torch.tensor(e["labels"][1:])  # no example predicts another's first token
+            positions[r, at:at + n] = torch.arange(n)
+            at += n
+        positions[r, at:] = torch.arange(width - at)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
+
+
+# ---------------------------------------------------------------- the batch stream
+
+
+class Batches:
+    """An endless, reshuffled-every-epoch stream of batches, plus its epoch length.
+
+    ``truncated`` counts the examples cut by ``max_length`` and ``dropped`` those that lost
+    every labelled token to it (not trained on); ``notes`` holds one-line remarks to show
+    at the start of training (truncation, a default chat template).
+    """
+
+    def __init__(self, data: Any, tokenizer: Any, batch_size: int, max_length: int, seed: int, *,
+                 model: Any = None, columns: dict[str, str] | None = None, packing: bool = False,
+                 caller: str = "train()") -> None:
+        if not isinstance(packing, bool):
+            raise ConfigError(f"{caller}: packing={packing!r} must be True or False")
+        self.batch_size, self.max_length, self.packing, self.caller = batch_size, max_length, packing, caller
         self.generator = torch.Generator().manual_seed(seed)
-        if self.kind == "batches":
-            self.source = data
+        self.truncated = self.dropped = 0
+        self._counting = True  # a stream is counted on its first pass only
+        self.first_dropped: str | None = None
+        self.notes: list[str] = []
+        source = sources.read(data, columns, caller)
+        if source.batches:
+            if packing:
+                raise ConfigError(f"{caller}: packing=True needs examples, not ready batches; pack them yourself or pass packing=False")
+            self.kind = "batches"
+            self.source = source.rows
             self.examples: list[dict[str, Any]] = []
-            self.per_epoch = len(data) if hasattr(data, "__len__") else None
+            self.per_epoch = source.length
             return
-        if tokenizer is None:
-            raise ConfigError("train(): text data needs a tokenizer; pass tokenizer=tokenizer")
-        encoded = [encode(ex, self.kind, tokenizer, max_length) for ex in data]
-        self.examples = [e for e in encoded if isinstance(e["labels"], int) or any(t != IGNORE for t in e["labels"])]
+        self.where = source.where
+        self.stream = source.rows if source.length is None else None
+        first = next(iter(source.rows), None) if self.stream is not None else None
+        self.kind = _kind_of_rows(source.rows if self.stream is None else [first] if first is not None else [],
+                                  source.where, caller)
+        if packing and self.kind == "classification":
+            raise ConfigError(f"{caller}: packing=True applies to text, prompt-response and conversations, "
+                              "not classification; pass packing=False")
+        self.tokenizer = tokenizer_for(model, tokenizer, caller=caller)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        if self.stream is not None:  # an IterableDataset: encoded as it is read, counted as it goes
+            self.examples, self.per_epoch = [], None
+            self._template_note()
+            return
+        for i, ex in enumerate(source.rows):
+            check_example(ex, self.kind, source.where(i), caller)
+        self._template_note()
+        encoded = [self._encode(i, ex) for i, ex in enumerate(source.rows)]
+        self.examples = [e for e in encoded if e is not None]
         if not self.examples:
-            raise ConfigError(f"train(): every example lost its response to max_length={max_length}; raise max_length")
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.per_epoch = -(-len(self.examples) // batch_size)
+            raise ConfigError(f"{caller}: every example lost its labelled tokens to max_length={max_length} "
+                              f"(e.g. {self.first_dropped}); raise max_length")
+        report = self.report()
+        if report:
+            self.notes.append(report)
+        rows = len(pack(self.examples, max_length)) if packing else len(self.examples)
+        self.per_epoch = -(-rows // batch_size)
+
+    def _template_note(self) -> None:
+        if self.kind == "chat":
+            note = chat.use_default_template(self.tokenizer)
+            if note:
+                self.notes.append(note)
+
+    def _encode(self, i: int, ex: Any) -> dict[str, Any] | None:
+        """One row encoded and cut to max_length, or None (counted) when no labelled token survives."""
+        where = self.where(i)
+        enc = tokenize(ex, self.kind, self.tokenizer, where, self.caller)
+        if len(enc["input_ids"]) <= self.max_length:
+            return enc
+        self.truncated += self._counting
+        enc["input_ids"] = enc["input_ids"][: self.max_length]
+        if self.kind == "classification":
+            return enc
+        enc["labels"] = enc["labels"][: self.max_length]
+        # the first label is never predicted (nothing comes before it)
+        if all(t == IGNORE for t in enc["labels"][1:]):
+            self.dropped += self._counting
+            self.first_dropped = self.first_dropped or where
+            return None
+        return enc
+
+    def report(self) -> str:
+        """One line on what max_length cut and dropped ('' when nothing)."""
+        if not self.truncated:
+            return ""
+        total = len(self.examples) + self.dropped if self.stream is None else None
+        of = f" of {total}" if total is not None else ""
+        line = f"max_length={self.max_length} cut {self.truncated}{of} examples"
+        if self.dropped:
+            line += (f" and dropped {self.dropped} of them whose labelled tokens were all past it "
+                     f"(e.g. {self.first_dropped})")
+        return line + "; raise max_length= to keep more"
+
+    def _batches(self, examples: Iterable[dict[str, Any]]) -> Iterator[dict[str, torch.Tensor]]:
+        if not self.packing:
+            group: list[dict[str, Any]] = []
+            for e in examples:
+                group.append(e)
+                if len(group) == self.batch_size:
+                    yield collate(group, self.pad_id)
+                    group = []
+            if group:
+                yield collate(group, self.pad_id)
+            return
+        if isinstance(examples, list):
+            rows = pack(examples, self.max_length)
+            for i in range(0, len(rows), self.batch_size):
+                yield collate_packed(rows[i:i + self.batch_size], self.pad_id)
+            return
+        rows, row, used = [], [], 0  # a stream: fill one row at a time
+        for e in examples:
+            if used + len(e["input_ids"]) > self.max_length:
+                rows.append(row)
+                row, used = [], 0
+                if len(rows) == self.batch_size:
+                    yield collate_packed(rows, self.pad_id)
+                    rows = []
+            row.append(e)
+            used += len(e["input_ids"])
+        if row:
+            rows.append(row)
+        if rows:
+            yield collate_packed(rows, self.pad_id)
+
+    def _read_stream(self) -> Iterator[dict[str, Any]]:
+        for i, ex in enumerate(self.stream):
+            check_example(ex, self.kind, self.where(i), self.caller)
+            enc = self._encode(i, ex)
+            if enc is not None:
+                yield enc
+        self._counting = False
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
@@ -140,16 +396,24 @@ class Batches:
                     yielded = True
                     yield batch
                 if not yielded:
-                    raise ConfigError("train(): the DataLoader yielded no batch")
+                    raise ConfigError(f"{self.caller}: the DataLoader yielded no batch")
+                continue
+            if self.stream is not None:
+                yielded = False
+                for batch in self._batches(self._read_stream()):
+                    yielded = True
+                    yield batch
+                if not yielded:
+                    raise ConfigError(f"{self.caller}: the data stream yielded no example with labelled tokens")
                 continue
             order = torch.randperm(len(self.examples), generator=self.generator).tolist()
-            for i in range(0, len(order), self.batch_size):
-                yield collate([self.examples[j] for j in order[i : i + self.batch_size]], self.pad_id)
+            yield from self._batches([self.examples[j] for j in order])
 
     def once(self) -> Iterator[dict[str, torch.Tensor]]:
         """One pass in order, for evaluation."""
         if self.kind == "batches":
             yield from self.source
-            return
-        for i in range(0, len(self.examples), self.batch_size):
-            yield collate(self.examples[i : i + self.batch_size], self.pad_id)
+        elif self.stream is not None:
+            yield from self._batches(self._read_stream())
+        else:
+            yield from self._batches(self.examples)

@@ -49,6 +49,8 @@ class TrainResult:
     trainable: int = 0
     full: bool = False
     checkpoint: str | None = None  # the last checkpoint written, if any
+    truncated: int = 0  # training examples cut by max_length
+    dropped: int = 0  # of those, the ones left with no labelled token (not trained on)
 
     @property
     def steps(self) -> int:
@@ -240,6 +242,8 @@ def train(
     seed: int = 0,
     loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
     compile: bool | None = None,
+    columns: dict[str, str] | None = None,
+    packing: bool = False,
 ) -> TrainResult:
     """Train the model's trainable parameters (its active adapter) on ``data``.
 
@@ -274,6 +278,10 @@ def train(
     silent; a :class:`nbpeft.events.Listener` or a function ``fn(event, payload)`` gets
     the events.
 
+    ``data`` takes any form :mod:`nbpeft.data` reads; ``columns={"prompt": "question"}`` maps
+    other column names, ``packing=True`` fills rows of ``max_length`` with whole examples.
+    Without ``tokenizer``, the one that belongs to the model is used (``data.tokenizer_for``).
+
     Stops cleanly on KeyboardInterrupt or a non-finite loss, returning the history so
     far; the adapter stays attached either way.
     """
@@ -281,8 +289,9 @@ def train(
                    save_every, output_dir, metrics)
     _check_trainable(model, full)
     resume_from = checkpoint.find(resume, output_dir) if resume else None
-    batches = Batches(data, tokenizer, batch_size, max_length, seed)
-    evals = Batches(eval_data, tokenizer, batch_size, max_length, seed) if eval_data is not None else None
+    batches = Batches(data, tokenizer, batch_size, max_length, seed, model=model, columns=columns, packing=packing)
+    evals = (Batches(eval_data, tokenizer, batch_size, max_length, seed, model=model, columns=columns, packing=packing)
+             if eval_data is not None else None)
     if steps is None:
         if batches.per_epoch is None:
             raise ConfigError("train(): this data has no length; pass steps=")
@@ -356,6 +365,8 @@ def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Li
         device_memory=device_memory, schedule=schedule, warmup_steps=warmup, lr=lr,
         has_eval=evals is not None, start_step=first,
     ))
+    for note in batches.notes:
+        listener.on_note(Note(note))
     start = time.perf_counter()
     run_tokens, run_step_time = 0, 0.0
     model.train()
@@ -427,6 +438,7 @@ def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Li
             model.gradient_checkpointing_disable()
         fast.uncompile_blocks(compiled)
     result.seconds = time.perf_counter() - start
+    result.truncated, result.dropped = batches.truncated, batches.dropped
     listener.on_end(End(result))
     return result
 

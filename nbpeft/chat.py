@@ -1,0 +1,135 @@
+"""Conversations as training examples: rendered with the chat template, loss on the assistant.
+
+A conversation is ``{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}``.
+It is rendered with the tokenizer's chat template, and the loss sees every assistant turn
+and nothing else, up to and including the template's end-of-turn token (so the model learns
+to stop). The assistant spans are found by rendering prefixes of the conversation, never by
+searching for the reply's text: turn ``k`` spans from the end of
+``render(messages[:k], add_generation_prompt=True)`` to the end of ``render(messages[:k + 1])``.
+
+A tokenizer without a chat template gets :data:`DEFAULT_TEMPLATE`::
+
+    <|system|>
+    You answer briefly.</s>
+    <|user|>
+    Hi!</s>
+    <|assistant|>
+    Hello.</s>
+
+where ``</s>`` stands for the tokenizer's end-of-sequence token, which ends every turn.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .methods.base import ConfigError
+
+IGNORE = -100
+ROLES = ("system", "user", "assistant", "tool")
+
+DEFAULT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def has_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def use_default_template(tokenizer: Any) -> str | None:
+    """Give a tokenizer without a chat template :data:`DEFAULT_TEMPLATE`; returns the one-line note, or None."""
+    if has_template(tokenizer):
+        return None
+    tokenizer.chat_template = DEFAULT_TEMPLATE
+    return ("this tokenizer has no chat template; conversations use nbpeft.chat.DEFAULT_TEMPLATE, "
+            "now set as tokenizer.chat_template so generation matches training")
+
+
+def check_conversation(row: Any, where: str, caller: str) -> list[dict[str, str]]:
+    """The row's messages, or a one-line ConfigError naming the row and the fix."""
+    messages = row.get("messages") if isinstance(row, dict) else None
+    if not isinstance(messages, list):
+        raise ConfigError(f"{caller}: {where} has no 'messages' list; give every row "
+                          "{'messages': [{'role': 'user', 'content': ...}, {'role': 'assistant', 'content': ...}]}")
+    if not messages:
+        raise ConfigError(f"{caller}: {where} is an empty conversation; give it a user and an assistant turn, or remove it")
+    for t, turn in enumerate(messages):
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            raise ConfigError(f"{caller}: {where} turn {t} is not {{'role': ..., 'content': ...}}; fix that turn")
+        if turn["role"] not in ROLES:
+            raise ConfigError(f"{caller}: {where} turn {t} has role {turn['role']!r}; use one of {', '.join(ROLES)}")
+        if not isinstance(turn["content"], str):
+            raise ConfigError(f"{caller}: {where} turn {t} has content of type {type(turn['content']).__name__}, not text; "
+                              "make it a string")
+    if not any(turn["role"] == "assistant" for turn in messages):
+        raise ConfigError(f"{caller}: {where} has no assistant turn, so nothing to learn; add one or remove the row")
+    if messages[0]["role"] == "assistant":
+        raise ConfigError(f"{caller}: {where} starts with an assistant turn; put a system or user turn first")
+    return [{"role": turn["role"], "content": turn["content"]} for turn in messages]
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool, where: str, caller: str) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as err:  # a template raises its own errors, e.g. for roles it does not accept
+        raise ConfigError(f"{caller}: the chat template rejects {where} ({str(err).splitlines()[0]}); "
+                          "change the conversation to fit it") from None
+
+
+def pieces(tokenizer: Any, messages: list[dict[str, str]], where: str = "row 0", caller: str = "train()") -> list[tuple[str, bool]]:
+    """The rendered conversation as consecutive (text, is_assistant_turn) pieces."""
+    full = _render(tokenizer, messages, False, where, caller)
+    out: list[tuple[str, bool]] = []
+    done = 0
+    for k, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        start = len(_render(tokenizer, messages[:k], True, where, caller))
+        before = _render(tokenizer, messages[:k + 1], False, where, caller)
+        if not full.startswith(before) or start < done or start > len(before):
+            raise ConfigError(f"{caller}: the chat template renders {where} differently when it is cut after a turn, "
+                              "so its assistant turns cannot be found; use a template that renders turn by turn")
+        out.append((full[done:start], False))
+        out.append((full[start:len(before)], True))
+        done = len(before)
+    out.append((full[done:], False))
+    return [(text, trained) for text, trained in out if text]
+
+
+def _end_ids(tokenizer: Any) -> set[int]:
+    ids = set(getattr(tokenizer, "all_special_ids", None) or [])
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return ids | ({eos} if eos is not None else set())
+
+
+def encode(tokenizer: Any, messages: list[dict[str, str]], where: str = "row 0",
+           caller: str = "train()") -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of a whole conversation, labels -100 outside the assistant turns.
+
+    Each assistant turn is labelled up to and including its last special token (the
+    template's end of turn); what follows it inside the turn (e.g. a newline) is not.
+    A turn with no special token gets the end-of-sequence token appended.
+    """
+    ends = _end_ids(tokenizer)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for text, trained in pieces(tokenizer, messages, where, caller):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not trained:
+            input_ids += ids
+            labels += [IGNORE] * len(ids)
+            continue
+        last = max((i for i, t in enumerate(ids) if t in ends), default=None)
+        if last is None:
+            if eos is None:
+                raise ConfigError(f"{caller}: the chat template ends assistant turns with no special token and the "
+                                  "tokenizer has no eos_token; set tokenizer.eos_token")
+            ids, last = ids + [eos], len(ids)
+        input_ids += ids
+        labels += ids[: last + 1] + [IGNORE] * (len(ids) - last - 1)
+    return input_ids, labels

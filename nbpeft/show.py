@@ -1,0 +1,129 @@
+"""One training example as the model sees it: its tokens, and which of them the loss sees.
+
+``show_example(data, tokenizer, i)`` returns an :class:`Example`: in a notebook it renders
+as HTML (tokens under the loss highlighted, masked ones dimmed, with counts), elsewhere
+as plain text with the trained tokens between ``⟦`` and ``⟧``.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+from torch import nn
+
+from . import chat, sources
+from .data import IGNORE, check_example, kind_of_example, tokenize, tokenizer_for
+from .methods.base import ConfigError
+
+TRAINED_STYLE = "background:#c8f0c8;color:#0b3d0b;border-radius:2px"
+MASKED_STYLE = "color:#9a9a9a"
+
+
+@dataclass
+class Example:
+    """One encoded example: its tokens (as text) and whether each is a label the loss sees."""
+
+    where: str
+    kind: str
+    tokens: list[str]
+    trained: list[bool]
+    label: int | None = None  # classification: the label of the whole sequence
+    full_length: int = 0  # tokens before max_length cut
+    max_length: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def num_trained(self) -> int:
+        return sum(self.trained)
+
+    @property
+    def num_masked(self) -> int:
+        return self.num_tokens - self.num_trained
+
+    @property
+    def cut(self) -> int:
+        """Tokens cut by max_length."""
+        return self.full_length - self.num_tokens
+
+    def summary(self) -> str:
+        if self.label is not None:
+            counts = f"{self.num_tokens} tokens, label {self.label}"
+        else:
+            counts = f"{self.num_tokens} tokens: {self.num_trained} under the loss, {self.num_masked} masked"
+        cut = f"; max_length={self.max_length} cut {self.cut} more" if self.cut else ""
+        dropped = "; no labelled token is left, so training drops it" if self.label is None and not self.num_trained else ""
+        return f"{self.where} ({self.kind}), {counts}{cut}{dropped}"
+
+    def __repr__(self) -> str:
+        text, inside = [], False
+        for token, trained in zip(self.tokens, self.trained):
+            if trained != inside:
+                text.append("⟦" if trained else "⟧")
+                inside = trained
+            text.append(token)
+        if inside:
+            text.append("⟧")
+        legend = "" if self.label is not None else "\n(⟦…⟧: tokens under the loss)"
+        notes = "".join(f"\n{note}" for note in self.notes)
+        return f"{self.summary()}{notes}{legend}\n{''.join(text)}"
+
+    def _repr_html_(self) -> str:
+        spans = []
+        for token, trained in zip(self.tokens, self.trained):
+            shown = html.escape(token).replace("\n", "↵\n")
+            style = TRAINED_STYLE if trained or self.label is not None else MASKED_STYLE
+            spans.append(f'<span style="{style}">{shown}</span>')
+        legend = ("" if self.label is not None else
+                  f' · <span style="{TRAINED_STYLE}">under the loss</span> <span style="{MASKED_STYLE}">masked</span>')
+        notes = "".join(f"<br>{html.escape(note)}" for note in self.notes)
+        return (f'<div class="nbpeft-example"><div><b>{html.escape(self.summary())}</b>{legend}{notes}</div>'
+                f'<div style="font-family:monospace;white-space:pre-wrap;line-height:1.6">{"".join(spans)}</div></div>')
+
+
+def show_example(data: Any, tokenizer: Any = None, i: int = 0, *, model: nn.Module | None = None,
+                 max_length: int = 512, columns: dict[str, str] | None = None) -> Example:
+    """Example ``i`` of ``data`` as ``train`` would feed it (same forms, ``columns`` and ``max_length``).
+
+    ``tokenizer`` may be a model instead, whose own tokenizer is then used (see
+    ``data.tokenizer_for``).
+    """
+    caller = "show_example()"
+    if isinstance(tokenizer, nn.Module):
+        model, tokenizer = tokenizer, None
+    if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+        raise ConfigError(f"{caller}: i={i!r} must be a row number, 0 or more")
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+        raise ConfigError(f"{caller}: max_length={max_length!r} must be a positive integer")
+    source = sources.read(data, columns, caller)
+    if source.batches:
+        raise ConfigError(f"{caller}: this data is already tokenised batches; show_example reads examples "
+                          "(strings, prompt/response, messages)")
+    if source.length is not None and i >= source.length:
+        raise ConfigError(f"{caller}: i={i} is past the end; the data has {source.length} rows (0 to {source.length - 1})")
+    row = next(islice(iter(source.rows), i, None), None)
+    if row is None:
+        raise ConfigError(f"{caller}: i={i} is past the end of the data stream")
+    first = row if i == 0 else next(iter(source.rows))
+    kind = kind_of_example(first)
+    if kind is None:
+        raise ConfigError(f"{caller}: cannot read examples like {str(first)[:60]!r}; use strings, "
+                          "{'prompt', 'response'}, {'messages'} or {'text', 'label'}")
+    where = source.where(i)
+    check_example(row, kind, where, caller)
+    tokenizer = tokenizer_for(model, tokenizer, caller=caller, fix="pass the tokenizer: show_example(data, tokenizer, i)")
+    note = chat.use_default_template(tokenizer) if kind == "chat" else None
+    enc = tokenize(row, kind, tokenizer, where, caller)
+    ids = enc["input_ids"][:max_length]
+    label = enc["labels"] if kind == "classification" else None
+    # the first token is never a target: nothing before it predicts it
+    trained = [False] * len(ids) if label is not None else [False] + [t != IGNORE for t in enc["labels"][1:max_length]]
+    tokens = [tokenizer.decode([t]) for t in ids]
+    return Example(where=where, kind=kind, tokens=tokens, trained=trained, label=label,
+                   full_length=len(enc["input_ids"]), max_length=max_length, notes=[note] if note else [])

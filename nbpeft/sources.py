@@ -1,0 +1,198 @@
+"""Read training data from the forms people have it in.
+
+Accepted: a list (or tuple) of examples; a Hugging Face ``datasets.Dataset``, a
+``DatasetDict`` (its ``train`` split) or an ``IterableDataset`` (read as a stream); a pandas
+``DataFrame``; a path or glob of JSON Lines, JSON, CSV or Parquet files. ``columns=`` maps
+the names nbpeft reads to the names the data uses, e.g. ``{"prompt": "question"}``.
+
+Every row keeps a name for error messages: ``row 7`` for in-memory data, ``chat.jsonl
+line 8`` for files. ``datasets``, pandas and pyarrow are optional: data in their forms
+comes from them, and reading Parquet files is the one place nbpeft needs pyarrow itself.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .methods.base import ConfigError
+
+FIELDS = ("prompt", "response", "text", "label", "messages")
+FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+@dataclass
+class Source:
+    """Rows to read, with a name for each (``where(i)``) and their count (None for a stream)."""
+
+    rows: Iterable[Any]
+    length: int | None
+    where: Callable[[int], str]
+    batches: bool = False  # already tokenised batches (a DataLoader or dicts with input_ids)
+
+
+def _row_name(i: int) -> str:
+    return f"row {i}"
+
+
+def read(data: Any, columns: dict[str, str] | None = None, caller: str = "train()") -> Source:
+    """The rows of ``data`` in any accepted form, with ``columns`` renamed."""
+    _check_columns(columns, caller)
+    source = _open(data, caller)
+    if columns and not source.batches:
+        source.rows = _renamed(source, columns, caller)
+    return source
+
+
+def _open(data: Any, caller: str) -> Source:
+    if isinstance(data, (str, os.PathLike)):
+        return _files(data, caller)
+    package = type(data).__module__.split(".")[0]
+    kind = type(data).__name__
+    if package == "datasets":
+        if kind in ("DatasetDict", "IterableDatasetDict"):
+            if "train" not in data:
+                raise ConfigError(f"{caller}: this {kind} has no 'train' split (it has {', '.join(data)}); "
+                                  f"pass one split, e.g. data['{next(iter(data), 'train')}']")
+            data, kind = data["train"], type(data["train"]).__name__
+        if kind == "Dataset":
+            return Source(data.to_list(), len(data), _row_name)
+        if kind == "IterableDataset":
+            return Source(data, None, _row_name)
+    if package == "pandas" and kind == "DataFrame":
+        return Source(data.to_dict("records"), len(data), _row_name)
+    if isinstance(data, (list, tuple)):
+        if data and isinstance(data[0], dict) and "input_ids" in data[0]:
+            return Source(data, len(data), _row_name, batches=True)
+        return Source(list(data), len(data), _row_name)
+    if isinstance(data, (bytes, dict)) or not isinstance(data, Iterable):
+        raise ConfigError(f"{caller}: cannot read data of type {type(data).__name__}; pass a list of examples, "
+                          "a datasets.Dataset, a pandas DataFrame, a file path or glob, or a DataLoader")
+    length = len(data) if hasattr(data, "__len__") else None
+    return Source(data, length, _row_name, batches=True)
+
+
+def _check_columns(columns: Any, caller: str) -> None:
+    if columns is None:
+        return
+    if not isinstance(columns, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in columns.items()):
+        raise ConfigError(f"{caller}: columns= maps nbpeft's names to yours, e.g. columns={{'prompt': 'question', 'response': 'answer'}}")
+    unknown = [k for k in columns if k not in FIELDS]
+    if unknown:
+        raise ConfigError(f"{caller}: columns={{{unknown[0]!r}: ...}} is not a name nbpeft reads; use {', '.join(FIELDS)}")
+
+
+def _renamed(source: Source, columns: dict[str, str], caller: str) -> Iterable[Any]:
+    def rename(i: int, row: Any) -> Any:
+        if not isinstance(row, dict):
+            return row
+        missing = [theirs for theirs in columns.values() if theirs not in row]
+        if missing:
+            raise ConfigError(f"{caller}: {source.where(i)} has no column {missing[0]!r} (named in columns=); "
+                              f"its columns are {', '.join(map(str, row)) or 'none'}")
+        out = {k: v for k, v in row.items() if k not in columns.values()}
+        out.update({ours: row[theirs] for ours, theirs in columns.items()})
+        return out
+
+    if source.length is not None:
+        return [rename(i, row) for i, row in enumerate(source.rows)]
+    return _Renamed(source.rows, rename)
+
+
+class _Renamed:
+    """A stream renamed row by row each time it is read."""
+
+    def __init__(self, rows: Iterable[Any], rename: Callable[[int, Any], Any]) -> None:
+        self.rows, self.rename = rows, rename
+
+    def __iter__(self) -> Iterator[Any]:
+        for i, row in enumerate(self.rows):
+            yield self.rename(i, row)
+
+
+# ---------------------------------------------------------------- files
+
+
+def _files(path: str | os.PathLike, caller: str) -> Source:
+    text = os.fspath(path)
+    if any(ch in text for ch in "*?["):
+        paths = [Path(p) for p in sorted(glob.glob(text, recursive=True)) if Path(p).is_file()]
+        if not paths:
+            raise ConfigError(f"{caller}: no file matches {text!r}; check the pattern")
+    else:
+        one = Path(text)
+        if one.is_dir():
+            raise ConfigError(f"{caller}: {text!r} is a folder; pass a file or a glob such as '{one / '*.jsonl'}'")
+        if not one.is_file():
+            raise ConfigError(f"{caller}: no file {text!r}; check the path (data= takes a path, a glob or a list of examples)")
+        paths = [one]
+    rows: list[Any] = []
+    names: list[str] = []
+    for p in paths:
+        suffix = p.suffix.lower()
+        if suffix not in FILE_TYPES:
+            raise ConfigError(f"{caller}: cannot read {p.name}: nbpeft reads {', '.join(FILE_TYPES)} files")
+        for name, row in _READERS[suffix](p, caller):
+            rows.append(row)
+            names.append(name)
+    if not rows:
+        raise ConfigError(f"{caller}: {text!r} holds no rows; add examples to the file")
+    return Source(rows, len(rows), lambda i: names[i])
+
+
+def _jsonl(path: Path, caller: str) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path.name} line {n}", json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{caller}: {path.name} line {n} is not valid JSON ({err.msg} at column {err.colno}); "
+                                  "fix that line (one JSON object per line)") from None
+
+
+def _json(path: Path, caller: str) -> Iterator[tuple[str, Any]]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{caller}: {path.name} line {err.lineno} is not valid JSON ({err.msg}); fix the file") from None
+    if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list):
+        value = next(iter(value.values()))  # {"data": [...]}
+    if not isinstance(value, list):
+        raise ConfigError(f"{caller}: {path.name} holds a {type(value).__name__}; a .json file must hold a list of examples")
+    for i, row in enumerate(value):
+        yield f"{path.name} item {i}", row
+
+
+def _csv(path: Path, caller: str) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            if None in row or any(v is None for v in row.values()):
+                fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, []))
+                raise ConfigError(f"{caller}: {path.name} line {reader.line_num} has {fields} "
+                                  f"fields, the header {len(reader.fieldnames or [])}; fix that line")
+            yield f"{path.name} line {reader.line_num}", row
+
+
+def _parquet(path: Path, caller: str) -> Iterator[tuple[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError(f"{caller}: reading Parquet files needs pyarrow: pip install pyarrow") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise ConfigError(f"{caller}: {path.name} is not a readable Parquet file ({str(err).splitlines()[0]})") from None
+    for i, row in enumerate(table.to_pylist()):
+        yield f"{path.name} row {i}", row
+
+
+_READERS = {".jsonl": _jsonl, ".json": _json, ".csv": _csv, ".parquet": _parquet}

@@ -1,0 +1,102 @@
+"""packing=True: whole examples in rows of max_length, no attention or loss across their boundaries."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nbpeft
+from nbpeft import fast
+from nbpeft.data import IGNORE, Batches, collate, collate_packed, pack
+from nbpeft.datasets import load_dataset
+
+from conftest import tiny_gpt2, tiny_llama
+
+
+def examples(lengths=(5, 9, 3, 12, 7, 4), seed=0):
+    torch.manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(1, 128, (n,)).tolist()
+        out.append({"input_ids": ids, "labels": [IGNORE] * (n // 3) + ids[n // 3:]})
+    return out
+
+
+def test_pack_fills_rows_with_whole_examples_each_once():
+    exs = examples()
+    rows = pack(exs, 16)
+    assert all(sum(len(e["input_ids"]) for e in row) <= 16 for row in rows)
+    assert sorted(id(e) for row in rows for e in row) == sorted(id(e) for e in exs)
+    assert len(rows) == 3  # 40 tokens in rows of 16: first fit packs them in the fewest rows here
+
+
+def test_positions_restart_per_example_and_no_example_predicts_the_next_ones_first_token():
+    exs = examples((3, 4))
+    batch = collate_packed([exs], pad_id=0)
+    assert "attention_mask" not in batch
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3]]
+    assert batch["input_ids"][0].tolist() == exs[0]["input_ids"] + exs[1]["input_ids"]
+    assert batch["labels"][0, 3].item() == IGNORE
+    assert batch["labels"][0, 4:].tolist() == exs[1]["labels"][1:]
+    padded = collate_packed([exs[:1], exs[1:]], pad_id=0)
+    assert padded["position_ids"][0].tolist() == [0, 1, 2, 0]  # padding is a sequence of its own
+    assert padded["labels"][0, 3].item() == IGNORE
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_packed_loss_equals_the_padded_loss_on_the_same_examples(make):
+    model = make()
+    exs = examples()
+    padded = collate(exs, pad_id=0)
+    packed = collate_packed(pack(exs, 16), pad_id=0)
+    want = model(**padded).loss
+    assert torch.allclose(fast.model_loss(model, padded, {}), want, atol=1e-6)
+    assert torch.allclose(fast.model_loss(model, packed, {}), want, atol=1e-6)  # the blockwise path
+    assert torch.allclose(model(**packed, use_cache=False).loss, want, atol=1e-6)  # the model's own
+    # without restarting positions, examples would see each other and the loss would differ
+    leaky = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"]))
+    assert not torch.allclose(fast.model_loss(model, leaky, {}), want, atol=1e-3)
+
+
+def test_packed_training_runs_and_lowers_the_loss(llama):
+    class Chars:
+        eos_token, pad_token_id, chat_template = "\x03", 0, None
+
+        def __call__(self, text, add_special_tokens=True, **_):
+            return {"input_ids": [1 + ord(c) % 120 for c in text]}
+
+    nbpeft.attach(llama, "lora", r=8, targets="all-linear")
+    data = [{"prompt": f"q{i}", "response": "the cat sat"} for i in range(12)]
+    batches = Batches(data, Chars(), 2, 48, 0, packing=True)
+    # 12 examples of 14-15 tokens, three to a row of 48: 4 rows, 2 batches (6 without packing)
+    assert batches.per_epoch == 2 and Batches(data, Chars(), 2, 48, 0).per_epoch == 6
+    result = nbpeft.train(llama, data, tokenizer=Chars(), steps=15, batch_size=2, max_length=48, lr=3e-2,
+                          packing=True, live=False)
+    assert result.losses[-1] < result.losses[0]
+
+
+def test_packing_is_refused_where_it_cannot_apply():
+    rows = [{"text": "good", "label": 1}]
+    with pytest.raises(nbpeft.ConfigError, match="packing=True applies to text, prompt-response and conversations"):
+        Batches(rows, object(), 2, 16, 0, packing=True)
+    ready = [{"input_ids": torch.ones(1, 4, dtype=torch.long)}]
+    with pytest.raises(nbpeft.ConfigError, match="packing=True needs examples, not ready batches"):
+        Batches(ready, None, 2, 16, 0, packing=True)
+    with pytest.raises(nbpeft.ConfigError, match="packing='yes' must be True or False"):
+        Batches(["a"], None, 2, 16, 0, packing="yes")
+
+
+@pytest.mark.slow
+def test_on_smollm2_the_packed_loss_equals_the_unpacked_loss(smol):
+    model, tokenizer = smol
+    data = load_dataset("radio_chat")[:8]
+    padded = Batches(data, tokenizer, 8, 256, 0)
+    packed = Batches(data, tokenizer, 8, 256, 0, packing=True)
+    padded_batch, packed_batch = next(padded.once()), next(packed.once())
+    assert packed_batch["input_ids"].shape[0] < padded_batch["input_ids"].shape[0]
+    assert int((packed_batch["labels"] != IGNORE).sum()) == int((padded_batch["labels"][:, 1:] != IGNORE).sum())
+    with torch.no_grad():
+        want = fast.model_loss(model, padded_batch, {"use_cache": False})
+        got = fast.model_loss(model, packed_batch, {"use_cache": False})
+        own = model(**packed_batch, use_cache=False).loss
+    assert abs(got.item() - want.item()) < 1e-4 and abs(own.item() - want.item()) < 1e-4
