@@ -172,7 +172,7 @@ def test_truncation_is_counted_reported_once_at_the_start_and_in_the_result(llam
     result = nbpeft.train(llama, rows, tokenizer=CharTokenizer(), steps=2, batch_size=2, max_length=20,
                           live=lambda event, payload: events.append((event, payload)))
     assert [e for e, _ in events] == ["begin", "note", "step", "step", "end"]
-    assert events[1][1]["message"] == batches.notes[0]
+    assert events[1][1].message == batches.notes[0]
     assert (result.truncated, result.dropped) == (2, 1)
     assert nbpeft.train(llama, rows, tokenizer=CharTokenizer(), steps=1, max_length=64, live=False).truncated == 0
 
