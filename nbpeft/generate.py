@@ -8,7 +8,6 @@ left so every answer starts right after its own prompt.
 from __future__ import annotations
 
 import contextlib
-import functools
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -17,31 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import chat_prompt
+from .data import chat_prompt, tokenizer_for
 from .live import in_notebook
 from .methods.base import ConfigError
 
 Messages = list[dict[str, str]]
 
 
-@functools.lru_cache(maxsize=4)
-def _load_tokenizer(name_or_path: str) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
-
-
 def find_tokenizer(model: nn.Module, tokenizer: Any, fn: str) -> Any:
-    """``tokenizer``, else the one the model carries or was saved with (no download), else one line that says what to pass."""
-    if tokenizer is not None:
-        return tokenizer
-    if getattr(model, "tokenizer", None) is not None:
-        return model.tokenizer
-    name = getattr(getattr(model, "config", None), "_name_or_path", "")
-    if name:
-        with contextlib.suppress(OSError, ValueError, TypeError):
-            return _load_tokenizer(name)
-    raise ConfigError(f"{fn}(): no tokenizer found for this model; pass tokenizer=tokenizer (load_model returns it)")
+    """``tokenizer``, else the one that belongs to the model (:func:`nbpeft.data.tokenizer_for`)."""
+    return tokenizer_for(model, tokenizer, caller=f"{fn}()", fix="pass tokenizer=tokenizer (load_model returns it)")
 
 
 def generate(

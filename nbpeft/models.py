@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data import remember_tokenizer
 from .methods.base import ConfigError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -123,4 +124,5 @@ def load_model(
         model.to(device)
     model.requires_grad_(False)
     model.eval()
+    remember_tokenizer(model, tokenizer)
     return model, tokenizer

@@ -293,6 +293,16 @@ def test_train_flags(shell, fake_train):
     assert shell.user_ns["res"] == "result 1" and "_peft_result" not in shell.user_ns
 
 
+def test_train_without_a_tokenizer_names_the_flag(shell):
+    """No tokenizer given and none belongs to the model: the fix is said as the magic's flag."""
+    shell.user_ns["data"] = ["some text", "more text"]
+    run(shell, "%peft_attach lora r=2 targets=q_proj")
+    result, out = run(shell, "%%peft_train --data data\nsteps: 1\nlive: false\n")
+    assert_usage_error(result, out, "nbpeft: train(): text data needs a tokenizer and none belongs to this model; "
+                                    "pass --tokenizer tokenizer")
+    assert "tokenizer=" not in out.stderr
+
+
 @pytest.mark.parametrize("code, message", [
     ("%peft_train lrr=1e-3", "nbpeft: train: unknown option 'lrr' (did you mean 'lr'?)"),
     ("%%peft_train\nsteps=5\nepoch: 2\n", "nbpeft: train: unknown option 'epoch' (did you mean 'epochs'?)"),
