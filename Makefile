@@ -8,7 +8,7 @@ STAMP := $(VENV)/.nbpeft-installed
 # CPU build of torch: an unpinned torch pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test unit notebooks browser lint bench bench-gpu clean
+.PHONY: demo test unit notebooks browser lint bench bench-gpu clean serve-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ bench-gpu:
 	bash benchmarks/setup_ref_venv.sh
 	.venv-bench/bin/python benchmarks/gpu_llama1b.py
 	.venv-bench/bin/python benchmarks/nf4_dequant.py
+
+# Exported files loaded by llama.cpp, vLLM (CPU) and the reference peft, each in its own environment
+# under serve_check/ (never in the package's dependencies; the first run compiles llama.cpp, 10-25 min).
+serve-check: $(STAMP)
+	PY=$(CURDIR)/$(PY) bash serve_check/run.sh
 
 clean:
 	rm -rf $(VENV) artifacts

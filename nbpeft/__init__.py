@@ -10,6 +10,7 @@ from . import methods as _methods  # noqa: F401  (registers the built-in methods
 from .answers import Answers, compare_answers
 from .compare import Comparison, compare
 from .core import Adapter, attach, detach, disable_adapters, merge, set_adapter, unmerge
+from .export import ExportCheck, ExportResult, check_export, export, to_lora
 from .generate import generate
 from .io import load_adapter, save_adapter
 from .methods.base import ConfigError, methods
@@ -42,6 +43,11 @@ __all__ = [
     "Summary",
     "unmerge",
     "compare",
+    "export",
+    "check_export",
+    "to_lora",
+    "ExportResult",
+    "ExportCheck",
     "Comparison",
     "choice_accuracy",
     "choice_batches",

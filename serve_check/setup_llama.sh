@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# serve_check/.venv-llama: llama-cpp-python compiled from its sdist with the system cmake/gcc,
+# and llama.cpp's converters unpacked from that same sdist into serve_check/.cache/llama.cpp.
+# Idempotent. The compile takes 10-25 minutes on one core; it runs at low priority.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="$HERE/.venv-llama"
+CACHE="$HERE/.cache"
+PY="$VENV/bin/python"
+mkdir -p "$CACHE"
+[ -x "$PY" ] || python3 -m venv "$VENV"
+"$PY" -m pip install -q -r "$HERE/requirements-llama.txt"
+
+SDIST="$(ls "$CACHE"/llama_cpp_python-*.tar.gz 2>/dev/null | head -1 || true)"
+if [ -z "$SDIST" ]; then
+    "$PY" -m pip download -q --no-deps --no-binary llama-cpp-python llama-cpp-python -d "$CACHE"
+    SDIST="$(ls "$CACHE"/llama_cpp_python-*.tar.gz | head -1)"
+fi
+if [ ! -d "$CACHE/llama.cpp" ]; then
+    top="$(basename "$SDIST" .tar.gz)"
+    tar xzf "$SDIST" -C "$CACHE" --wildcards "$top/vendor/llama.cpp/convert_*.py" \
+        "$top/vendor/llama.cpp/gguf-py/*" "$top/vendor/llama.cpp/conversion/*"
+    mv "$CACHE/$top/vendor/llama.cpp" "$CACHE/llama.cpp" && rm -rf "${CACHE:?}/$top"
+fi
+if ! "$PY" -c "import llama_cpp" 2>/dev/null; then
+    # One compile job at low priority: the machine is shared.
+    CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-1}" \
+    CMAKE_ARGS="${CMAKE_ARGS:--DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}" \
+        nice -n 19 "$PY" -m pip install --no-binary llama-cpp-python "$SDIST"
+fi
+"$PY" -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__, 'ready')"

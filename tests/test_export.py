@@ -1,0 +1,238 @@
+"""nbpeft.export / check_export / to_lora: files checked with plain transformers and the gguf reader."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import nbpeft
+from nbpeft.export import check_export, export, merged_state_dict, to_lora
+from nbpeft.gguf_export import reorder_rotary_rows
+from nbpeft.methods.base import ConfigError
+from nbpeft.models import resolve_name
+
+from conftest import assert_same, snapshot
+
+IDS = torch.tensor([[1, 5, 9, 300, 20, 7000]])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return transformers.AutoTokenizer.from_pretrained(resolve_name("smollm2-135m"))
+
+
+def small_llama(vocab: int, seed: int = 0, tied: bool = True) -> transformers.LlamaForCausalLM:
+    """A tiny random Llama with SmolLM2's vocabulary, so the real tokenizer fits it."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def lora_model(tokenizer):
+    model = small_llama(len(tokenizer))
+    nbpeft.attach(model, "lora", r=4, init="random", targets="all-linear")
+    return model
+
+
+def run_logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+RELOAD = """
+import sys, torch, transformers
+assert "nbpeft" not in sys.modules
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])
+tok = transformers.AutoTokenizer.from_pretrained(sys.argv[1])
+with torch.no_grad():
+    logits = model(torch.tensor([[1, 5, 9, 300, 20, 7000]])).logits
+torch.save({"logits": logits, "dtype": str(next(model.parameters()).dtype), "vocab": len(tok),
+            "eos": model.generation_config.eos_token_id}, sys.argv[2])
+"""
+
+
+def test_merged_folder_reloads_in_plain_transformers(lora_model, tokenizer, tmp_path):
+    want = run_logits(lora_model)
+    before = snapshot(lora_model)
+    result = export(lora_model, tmp_path / "merged", tokenizer=tokenizer)
+    assert_same(before, snapshot(lora_model))  # the notebook's model is untouched
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= set(result.files)
+    out = tmp_path / "out.pt"
+    subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "merged"), str(out)], check=True, cwd=tmp_path)
+    reloaded = torch.load(out)
+    assert reloaded["dtype"] == "torch.float32" and reloaded["vocab"] == len(tokenizer)
+    assert reloaded["eos"] == tokenizer.eos_token_id
+    with nbpeft.disable_adapters(lora_model):
+        base = run_logits(lora_model)
+    assert (want - base).abs().max() > 1e-2  # the adapter is not the identity
+    torch.testing.assert_close(reloaded["logits"], want, atol=1e-5, rtol=1e-5)
+
+
+def test_merged_in_chosen_dtype_and_with_a_merged_adapter(lora_model, tokenizer, tmp_path):
+    nbpeft.merge(lora_model)
+    want = run_logits(lora_model)
+    export(lora_model, tmp_path / "bf16", tokenizer=tokenizer, dtype="bfloat16")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert next(reloaded.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        got = reloaded.float()(IDS).logits
+    assert (got - want).abs().max() < 0.05
+
+
+def test_qlora_base_is_dequantised(tokenizer, tmp_path):
+    model = small_llama(len(tokenizer))
+    nbpeft.attach(model, "qlora", r=4, init="random", targets=["q_proj", "v_proj"])
+    want = run_logits(model)
+    export(model, tmp_path / "q", tokenizer=tokenizer)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    torch.testing.assert_close(run_logits(reloaded), want, atol=1e-4, rtol=1e-4)
+
+
+def test_bad_input_is_one_line_and_leaves_nothing(lora_model, tokenizer, tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(ConfigError, match="already exists and is not empty"):
+        export(lora_model, tmp_path / "full", tokenizer=tokenizer)
+    with pytest.raises(ConfigError, match="did you mean 'gguf'"):
+        export(lora_model, tmp_path / "a", format="ggfu", tokenizer=tokenizer)
+    with pytest.raises(ConfigError, match="no adapter"):
+        export(small_llama(len(tokenizer)), tmp_path / "b", tokenizer=tokenizer)
+    prefix = small_llama(len(tokenizer))
+    nbpeft.attach(prefix, "prefix", num_virtual_tokens=2)
+    with pytest.raises(ConfigError, match="save_adapter"):
+        export(prefix, tmp_path / "c", tokenizer=tokenizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
+
+
+class UnmergingTokenizer:
+    """A tokenizer whose saving unmerges the model: the adapter state changes mid-export."""
+
+    def __init__(self, tokenizer, model):
+        self.tokenizer, self.model = tokenizer, model
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def save_pretrained(self, folder):
+        nbpeft.unmerge(self.model)
+        return self.tokenizer.save_pretrained(folder)
+
+
+def test_state_change_mid_export_leaves_no_files(lora_model, tokenizer, tmp_path):
+    nbpeft.merge(lora_model)
+    with pytest.raises(ConfigError, match="while exporting; nothing was written"):
+        export(lora_model, tmp_path / "m", tokenizer=UnmergingTokenizer(tokenizer, lora_model))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gguf_adapter_layout(tokenizer, tmp_path):
+    model = small_llama(len(tokenizer))
+    nbpeft.attach(model, "lora", r=4, alpha=8.0, rslora=True, init="random", targets=["q_proj", "k_proj", "v_proj"])
+    export(model, tmp_path / "a", format="gguf-adapter")
+    reader = gguf.GGUFReader(tmp_path / "a" / "adapter.gguf")
+    fields = {k: reader.fields[k].contents() for k in ("general.type", "general.architecture", "adapter.type", "adapter.lora.alpha")}
+    assert fields == {"general.type": "adapter", "general.architecture": "llama", "adapter.type": "lora",
+                      "adapter.lora.alpha": pytest.approx(8.0 / 2 * 4)}  # alpha / sqrt(r) written as alpha' / r
+    tensors = {t.name: t for t in reader.tensors}
+    assert len(tensors) == 2 * 3 * 2
+    layer = model.model.layers[1].self_attn
+    k_a = layer.k_proj.lora_A["default"].weight.detach().numpy()
+    k_b = layer.k_proj.lora_B["default"].weight.detach().numpy()
+    assert list(tensors["blk.1.attn_k.weight.lora_a"].shape) == [64, 4]  # ne = [in, r]
+    assert list(tensors["blk.1.attn_k.weight.lora_b"].shape) == [4, 32]  # ne = [r, out]
+    np.testing.assert_array_equal(tensors["blk.1.attn_k.weight.lora_a"].data, k_a)
+    np.testing.assert_array_equal(tensors["blk.1.attn_k.weight.lora_b"].data, reorder_rotary_rows(k_b, 2))
+    v_b = layer.v_proj.lora_B["default"].weight.detach().numpy()
+    np.testing.assert_array_equal(tensors["blk.1.attn_v.weight.lora_b"].data, v_b)  # v is not reordered
+    assert "ADAPTER ./adapter.gguf" in (tmp_path / "a" / "Modelfile").read_text()
+
+
+def test_gguf_adapter_refuses_dora(tokenizer, tmp_path):
+    model = small_llama(len(tokenizer))
+    nbpeft.attach(model, "dora", r=4)
+    with pytest.raises(ConfigError, match="to_lora"):
+        export(model, tmp_path / "d", format="gguf-adapter")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("quant, kind", [("f16", "F16"), ("q8_0", "Q8_0")])
+def test_gguf_model_layout(lora_model, tokenizer, tmp_path, quant, kind):
+    export(lora_model, tmp_path / "g", format="gguf", tokenizer=tokenizer, quant=quant)
+    reader = gguf.GGUFReader(tmp_path / "g" / "model.gguf")
+    assert reader.fields["general.type"].contents() == "model"
+    assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == len(tokenizer)
+    assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.eos_token_id
+    assert "<|im_start|>" in reader.fields["tokenizer.chat_template"].contents()
+    tensors = {t.name: t for t in reader.tensors}
+    assert "output.weight" not in tensors  # tied embeddings: llama.cpp reuses token_embd
+    assert len(tensors) == 1 + 1 + 2 * 9
+    assert tensors["blk.0.attn_q.weight"].tensor_type.name == kind
+    assert tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"
+    merged, _ = merged_state_dict(lora_model, torch.float32)
+    want = reorder_rotary_rows(merged["model.layers.0.self_attn.q_proj.weight"].numpy(), 4)
+    got = gguf.quants.dequantize(tensors["blk.0.attn_q.weight"].data, tensors["blk.0.attn_q.weight"].tensor_type)
+    np.testing.assert_allclose(got.reshape(want.shape), want, atol=0.02 if quant == "q8_0" else 2e-3)
+    modelfile = (tmp_path / "g" / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./model.gguf") and "<|im_start|>{{ .Role }}" in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+def test_check_export_lines(tokenizer, tmp_path):
+    model = small_llama(len(tokenizer))
+    nbpeft.attach(model, "lora", r=8)
+    assert check_export(model, "vllm") == [] and check_export(model, "llama.cpp") == []
+    nbpeft.detach(model)
+    nbpeft.attach(model, "dora", r=32)
+    lines = check_export(model, "vllm")
+    assert len(lines) == 2 and "DoRA" in lines[0] and "--max-lora-rank 32" in lines[1]
+    assert "to_lora" in str(check_export(model, "llama.cpp"))
+    nbpeft.detach(model)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2)).eval()
+    nbpeft.attach(gpt2, "lora", r=4, modules_to_save=["lm_head"])
+    assert any("modules_to_save" in line for line in check_export(gpt2, "vllm"))
+    assert any("'gpt2' is not one nbpeft writes" in line for line in check_export(gpt2, "ollama"))
+    nbpeft.save_adapter(gpt2, tmp_path / "saved")
+    assert any("lm_head" in line for line in check_export(tmp_path / "saved", "vllm"))
+    with pytest.raises(ConfigError, match="target='sglang' is not known"):
+        check_export(gpt2, "sglang")
+
+
+@pytest.mark.parametrize("method, options", [("dora", {"r": 4}), ("ia3", {}), ("lora", {"r": 16, "init": "random"})])
+def test_to_lora_reproduces_weight_deltas(tokenizer, method, options):
+    model = small_llama(len(tokenizer))
+    nbpeft.attach(model, method, name="src", **options)
+    with torch.no_grad():  # move the adapter away from the identity
+        for p in nbpeft.core.adapter_parameters(model, "src").values():
+            p.add_(0.05 * torch.randn_like(p))
+    want = run_logits(model)
+    full = to_lora(model, rank=64, name="full")  # rank >= every layer's width: exact
+    assert full.relative_error < 1e-5
+    torch.testing.assert_close(run_logits(model), want, atol=1e-4, rtol=1e-4)
+    low = to_lora(model, rank=1, source="src", name="low")
+    assert 1e-3 < low.relative_error < 1
+    assert "relative Frobenius error" in repr(low)
+
+
+def test_to_lora_refuses_non_delta_methods(tokenizer):
+    model = small_llama(len(tokenizer))
+    nbpeft.attach(model, "prefix", num_virtual_tokens=2)
+    with pytest.raises(ConfigError, match="not a weight delta"):
+        to_lora(model, rank=4)
+
+
+def test_exported_lora_folder_config_is_known_to_vllm_rules(lora_model, tmp_path):
+    nbpeft.save_adapter(lora_model, tmp_path / "lora")
+    cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and check_export(tmp_path / "lora", "vllm") == []
