@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import core
+from .layers import base_path
 from .methods.base import AdapterLayer, ConfigError
 
 FORMATS = ("merged", "gguf", "gguf-adapter")
@@ -135,7 +136,7 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> tup
         layers.setdefault(path, layer)  # the outermost layer at each path
     out: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
-        plain = core._base_path(key)
+        plain = base_path(key)
         if not any(plain.startswith(p + ".") for p in layers):
             out[plain] = value
     base_dtypes = [v.dtype for v in out.values() if v.is_floating_point()]
