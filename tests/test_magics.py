@@ -24,7 +24,8 @@ from nbpeft.methods.base import ConfigError, get_method, method_options
 from nbpeft.models import cache_dir
 
 MAGICS = ("peft_methods", "peft_attach", "peft_summary", "peft_use", "peft_detach", "peft_merge", "peft_unmerge",
-          "peft_save", "peft_load", "peft_train", "peft_compare", "peft_panel")
+          "peft_save", "peft_load", "peft_train", "peft_compare", "peft_panel", "peft_generate", "peft_compare_answers",
+          "peft_export", "peft_to_lora")
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
@@ -79,7 +80,7 @@ def shell(ip):
     ip.user_ns["model"] = tiny_model()
     yield ip
     for name in ("model", "other", "fresh", "data", "val", "tokenizer", "_peft_result", "res", "_peft_compare",
-                 "_peft_panel", "table"):
+                 "_peft_panel", "table", "_peft_answers", "chars"):
         ip.user_ns.pop(name, None)
 
 
@@ -794,3 +795,261 @@ def test_magics_and_widgets_never_import_each_other():
     assert not [m for m in imported("magics") if "widgets" in m]
     assert not [m for m in imported("widgets") if "magics" in m]
     assert "..frontend" in imported("magics") and "..frontend" in imported("widgets")
+
+
+# %peft_generate and %peft_compare_answers ----------------------------------------------------
+
+GENERATION = {"max_new_tokens": 48, "temperature": 0.0, "top_p": 1.0, "seed": None, "stop": None, "batch_size": 8}
+
+
+@pytest.fixture
+def fake_answers(monkeypatch):
+    """nbpeft.compare_answers as a recording double with compare_answers()'s own signature."""
+    def answers(call, n):
+        prompts = call["prompts"]
+        return nbpeft.Answers(prompts, {name: [f"{name} says {p}" for p in prompts] for name in call["adapters"] or ["x"]})
+
+    double, calls = recording(nbpeft.compare_answers, answers)
+    monkeypatch.setattr(nbpeft, "compare_answers", double)
+    return calls
+
+
+def test_compare_answers_line_maps_names_flags_and_options(shell, fake_answers):
+    shell.user_ns["tokenizer"] = "tok"
+    result, out = run(shell, "%peft_compare_answers chat sql --prompt 'Tell me a joke' --max-new-tokens 20 "
+                             "--temperature 0.7 --top-p 0.9 --seed 3 --stop '\\n\\n'")
+    assert result.success, out.stderr
+    (call,) = fake_answers
+    assert call == {"model": shell.user_ns["model"], "prompts": ["Tell me a joke"], "adapters": ["chat", "sql"],
+                    "tokenizer": "tok", "include_base": True,
+                    "options": {"max_new_tokens": 20, "temperature": 0.7, "top_p": 0.9, "seed": 3, "stop": "\n\n"}}
+    assert out.outputs[0].data["text/plain"] == repr(shell.user_ns["_peft_answers"])
+    assert shell.user_ns["_peft_answers"].answers["sql"] == ["sql says Tell me a joke"]
+
+
+def test_compare_answers_cell_takes_one_prompt_per_line(shell, fake_answers):
+    shell.user_ns.update(other=tiny_model(), chars="a tokenizer")
+    result, out = run(shell, "%%peft_compare_answers --no-base --model other --tokenizer chars --out res\n"
+                             "Tell me a joke\n\n  What is 2+2?  \n")
+    assert result.success, out.stderr
+    (call,) = fake_answers
+    assert call == {"model": shell.user_ns["other"], "prompts": ["Tell me a joke", "What is 2+2?"], "adapters": None,
+                    "tokenizer": "a tokenizer", "include_base": False, "options": {}}
+    assert shell.user_ns["res"].prompts == ["Tell me a joke", "What is 2+2?"]
+
+
+@pytest.mark.parametrize("code, message", [
+    ("%peft_compare_answers chat", "nbpeft: which prompt? give --prompt TEXT, or one prompt per line in a "
+                                   "%%peft_compare_answers cell; usage: %peft_compare_answers [NAME ...] --prompt TEXT"),
+    ("%%peft_compare_answers --prompt hi\nhello", "nbpeft: give the prompts either with --prompt or in the cell body, not both"),
+    ("%peft_compare_answers --prompts hi", "nbpeft: unknown flag --prompts (flags: --prompt, --max-new-tokens,"),
+    ("%peft_compare_answers --prompt hi --no-base=yes", "nbpeft: --no-base takes no value"),
+    ("%peft_compare_answers --prompt hi max_new_tokens=3", "nbpeft: unknown option 'max_new_tokens=3'"),
+    ("%peft_compare_answers --prompt hi --out 1x", "nbpeft: --out '1x' must be a variable name"),
+    ("%peft_compare_answers --prompt hi --tokenizer nope", "nbpeft: no variable 'nope' in the notebook; pass --tokenizer NAME"),
+])
+def test_compare_answers_errors_in_the_magics_syntax(shell, fake_answers, code, message):
+    result, out = run(shell, code)
+    assert_usage_error(result, out, message)
+    assert not fake_answers and "_peft_answers" not in shell.user_ns
+
+
+@pytest.mark.parametrize("code, message", [
+    ("%peft_compare_answers --prompt hi --temperature warm",
+     "nbpeft: compare_answers(): --temperature 'warm' must be 0 (greedy) or a positive number such as 0.7"),
+    ("%peft_compare_answers --prompt hi --top-p 0.5",
+     "nbpeft: compare_answers(): --top-p 0.5 applies only when sampling; set --temperature above 0 too"),
+    ("%peft_compare_answers --prompt hi --max-new-tokens 0", "nbpeft: compare_answers(): --max-new-tokens 0 must be a positive integer"),
+    ("%peft_compare_answers nope --prompt hi", "nbpeft: compare_answers(): no adapter named 'nope'; attached: chat"),
+])
+def test_compare_answers_errors_from_the_api_name_the_flags(shell, code, message):
+    nbpeft.attach(shell.user_ns["model"], "lora", name="chat")
+    before = snapshot(shell.user_ns["model"])
+    result, out = run(shell, code)
+    assert_usage_error(result, out, message)
+    assert same_snapshot(snapshot(shell.user_ns["model"]), before)
+
+
+def test_compare_answers_without_adapters_and_without_base(shell):
+    from test_generate import char_tokenizer
+
+    shell.user_ns["tokenizer"] = char_tokenizer()
+    result, out = run(shell, "%peft_compare_answers --prompt hi --no-base")
+    assert_usage_error(result, out, "nbpeft: compare_answers(): nothing to compare; the model has no adapter, "
+                                    "so leave out --no-base")
+
+
+def test_compare_answers_with_the_real_api(shell):
+    from test_generate import char_tokenizer
+
+    model, tokenizer = shell.user_ns["model"], char_tokenizer()
+    shell.user_ns["tokenizer"] = tokenizer
+    nbpeft.attach(model, "lora", r=2, init="random", name="chat")
+    nbpeft.attach(model, "ia3", name="sql")
+    nbpeft.set_adapter(model, "sql")
+    before = snapshot(model)
+    result, out = run(shell, "%%peft_compare_answers chat sql --max-new-tokens 6\nhello\nhow are you")
+    assert result.success, out.stderr
+    expected = nbpeft.compare_answers(model, ["hello", "how are you"], adapters=["chat", "sql"], tokenizer=tokenizer,
+                                      max_new_tokens=6)
+    answers = shell.user_ns["_peft_answers"]
+    assert answers.columns == ["base", "chat", "sql"] and answers.answers == expected.answers
+    assert any(a for column in answers.answers.values() for a in column)  # the tiny model does answer
+    assert out.outputs[0].data["text/plain"] == repr(expected)
+    assert same_snapshot(snapshot(model), before) and state(model).active == ["sql"]
+
+
+def test_generate_maps_the_same_flags_and_streams(shell, monkeypatch):
+    double, calls = recording(nbpeft.generate, lambda call, n: "an answer")
+    monkeypatch.setattr(nbpeft, "generate", double)
+    shell.user_ns["tokenizer"] = "tok"
+    result, out = run(shell, "%peft_generate --prompt 'Tell me a joke' --temperature 0.5 --seed 1")
+    assert result.success, out.stderr
+    assert calls[0] == {"model": shell.user_ns["model"], "tokenizer": "tok", "prompts": "Tell me a joke",
+                        **GENERATION, "temperature": 0.5, "seed": 1, "messages": None, "stream": True}
+    run(shell, "%%peft_generate --max-new-tokens 5 --stop END\nfirst\nsecond")
+    assert calls[1] == {"model": shell.user_ns["model"], "tokenizer": "tok", "prompts": ["first", "second"],
+                        **GENERATION, "max_new_tokens": 5, "stop": "END", "messages": None, "stream": True}
+    result, out = run(shell, "%peft_generate first")
+    assert_usage_error(result, out, "nbpeft: unexpected 'first'; usage: %peft_generate --prompt TEXT")
+    assert len(calls) == 2
+
+
+def test_generate_streams_what_generate_returns(shell):
+    from test_generate import char_tokenizer
+
+    tokenizer = shell.user_ns["tokenizer"] = char_tokenizer()
+    result, out = run(shell, "%peft_generate --prompt hello --max-new-tokens 8")
+    assert result.success, out.stderr
+    expected = nbpeft.generate(shell.user_ns["model"], tokenizer, "hello", max_new_tokens=8)
+    assert expected and out.stdout.strip() == expected
+
+
+# %peft_export and %peft_to_lora ----------------------------------------------------------------
+
+def test_export_maps_format_path_and_flags(shell, monkeypatch, tmp_path):
+    from nbpeft.export import ExportResult
+
+    double, calls = recording(nbpeft.export, lambda call, n: ExportResult(call["path"], call["format"], ["model.gguf"]))
+    monkeypatch.setattr(nbpeft, "export", double)
+    shell.user_ns.update(tokenizer="tok", chars="other tok", other=tiny_model())
+    result, out = run(shell, f"%peft_export merged {tmp_path / 'm'} --dtype bfloat16")
+    assert result.success, out.stderr
+    assert calls[0] == {"model": shell.user_ns["model"], "path": str(tmp_path / "m"), "format": "merged",
+                        "tokenizer": "tok", "dtype": "bfloat16", "quant": "f16"}
+    assert out.stdout.strip() == f"exported merged to {tmp_path / 'm'} (model.gguf)"
+    run(shell, f"%peft_export gguf {tmp_path / 'g'} --quant q8_0 --model other --tokenizer chars")
+    assert calls[1] == {"model": shell.user_ns["other"], "path": str(tmp_path / "g"), "format": "gguf",
+                        "tokenizer": "other tok", "dtype": None, "quant": "q8_0"}
+
+
+def test_export_a_gguf_adapter_for_real(shell, tmp_path):
+    import gguf
+
+    model = shell.user_ns["model"]
+    nbpeft.attach(model, "lora", r=2, init="random")
+    before = snapshot(model)
+    result, out = run(shell, f"%peft_export gguf-adapter {tmp_path / 'a'}")
+    assert result.success, out.stderr
+    assert out.stdout.strip() == f"exported gguf-adapter to {tmp_path / 'a'} (adapter.gguf, Modelfile)"
+    reader = gguf.GGUFReader(tmp_path / "a" / "adapter.gguf")
+    assert reader.fields["adapter.type"].contents() == "lora" and len(reader.tensors) == 2 * 2 * 2  # A, B; q, v; 2 layers
+    assert same_snapshot(snapshot(model), before)
+    result, out = run(shell, f"%peft_export gguf-adapter {tmp_path / 'a'}")  # not onto an existing export
+    assert_usage_error(result, out, f"nbpeft: export(): {tmp_path / 'a'} already exists and is not empty")
+
+
+@pytest.mark.parametrize("code, message", [
+    ("%peft_export", "nbpeft: which format? one of merged, gguf, gguf-adapter, or check TARGET; usage: %peft_export FORMAT PATH"),
+    ("%peft_export merged", "nbpeft: where to? usage: %peft_export FORMAT PATH"),
+    ("%peft_export merged a b", "nbpeft: unexpected 'b'; usage: %peft_export FORMAT PATH"),
+    ("%peft_export ggfu out", "nbpeft: export(): FORMAT 'ggfu' is not known (did you mean 'gguf'?); "
+                              "use one of 'merged', 'gguf', 'gguf-adapter'"),
+    ("%peft_export merged out --dtype int4", "nbpeft: export(): --dtype 'int4' is not supported; use one of 'float32'"),
+    ("%peft_export gguf out --dtype float16", "nbpeft: --dtype applies to merged only, not gguf"),
+    ("%peft_export merged out --quant q8_0", "nbpeft: --quant applies to gguf only, not merged"),
+    ("%peft_export merged out", "nbpeft: export(): no tokenizer to export with the model; pass --tokenizer (the one"),
+    ("%peft_export check", "nbpeft: check for which program? one of vllm, llama.cpp, ollama, peft"),
+    ("%peft_export check sglang", "nbpeft: check_export(): TARGET 'sglang' is not known; use one of 'vllm'"),
+    ("%peft_export check vllm --quant f16", "nbpeft: --quant is for writing files, not for check"),
+])
+def test_export_errors_in_the_magics_syntax(shell, tmp_path, monkeypatch, code, message):
+    monkeypatch.chdir(tmp_path)
+    nbpeft.attach(shell.user_ns["model"], "lora", r=2)
+    result, out = run(shell, code)
+    assert_usage_error(result, out, message)
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a partial folder
+
+
+def test_export_check_lists_each_problem(shell, tmp_path):
+    model = shell.user_ns["model"]
+    nbpeft.attach(model, "lora", r=2)
+    _, out = run(shell, "%peft_export check vllm")
+    assert out.stdout.strip() == "vllm: no problems found"
+    nbpeft.detach(model)
+    nbpeft.attach(model, "dora", r=32, name="wide")
+    _, out = run(shell, "%peft_export check vllm")
+    assert out.stdout.strip() == str(nbpeft.check_export(model, "vllm"))
+    assert "DoRA is rejected" in out.stdout and "max_lora_rank" in out.stdout and len(out.stdout.strip().splitlines()) == 2
+    nbpeft.save_adapter(model, tmp_path, name="wide")
+    _, out = run(shell, f"%peft_export check vllm {tmp_path / 'wide'}")  # a saved folder, not the model
+    assert out.stdout.strip() == str(nbpeft.check_export(tmp_path / "wide", "vllm")) and "DoRA" in out.stdout
+
+
+def test_to_lora_converts_the_named_adapter(shell, monkeypatch):
+    model = shell.user_ns["model"]
+    nbpeft.attach(model, "dora", r=4, init="random", name="chat")
+    nbpeft.attach(model, "lora", r=2, name="sql")
+    result, out = run(shell, "%peft_to_lora chat --rank 2 --name small")
+    assert result.success, out.stderr
+    assert out.stdout.startswith("LoRA 'small' (r=2) from 'chat': relative Frobenius error ")
+    assert state(model).active == ["small"] and state(model).adapters["small"].config.r == 2
+
+    double, calls = recording(nbpeft.to_lora, lambda call, n: "converted")
+    monkeypatch.setattr(nbpeft, "to_lora", double)
+    run(shell, "%peft_to_lora")
+    assert calls == [{"model": model, "rank": 8, "name": None, "source": None}]
+
+
+@pytest.mark.parametrize("code, message", [
+    ("%peft_to_lora --rank 0", "nbpeft: to_lora(): --rank 0 must be a positive integer, e.g. --rank 8"),
+    ("%peft_to_lora nope", "nbpeft: to_lora(): no adapter named 'nope'; attached: chat"),
+    ("%peft_to_lora chat sql", "nbpeft: unexpected 'sql'; usage: %peft_to_lora [NAME] [--rank R]"),
+])
+def test_to_lora_errors_in_the_magics_syntax(shell, code, message):
+    nbpeft.attach(shell.user_ns["model"], "dora", r=2, name="chat")
+    before = snapshot(shell.user_ns["model"])
+    result, out = run(shell, code)
+    assert_usage_error(result, out, message)
+    assert same_snapshot(snapshot(shell.user_ns["model"]), before)
+
+
+def test_to_lora_of_a_merged_adapter_says_which_magic_unmerges(shell):
+    nbpeft.attach(shell.user_ns["model"], "dora", r=2, init="random", name="chat")
+    nbpeft.merge(shell.user_ns["model"], "chat")
+    result, out = run(shell, "%peft_to_lora")
+    assert_usage_error(result, out, "nbpeft: to_lora(): adapter 'chat' is merged; %peft_unmerge first")
+
+
+def test_complete_answers_and_export_words(shell):
+    from test_generate import char_tokenizer
+
+    shell.user_ns.update(chars=char_tokenizer(), data=["a"])
+    nbpeft.attach(shell.user_ns["model"], "lora", name="chat")
+    nbpeft.attach(shell.user_ns["model"], "lora", name="sql")
+    assert complete(shell, "%peft_compare_answers ") == ["chat", "sql"]
+    assert complete(shell, "%peft_compare_answers chat ") == ["sql"]  # several names, each once
+    assert complete(shell, "%%peft_compare_answers chat --n") == ["--no-base"]
+    assert complete(shell, "%peft_compare_answers --no-base --t") == ["--temperature", "--top-p", "--tokenizer"]
+    assert complete(shell, "%peft_compare_answers --tokenizer ") == ["chars"]  # tokenizers, not data or models
+    assert complete(shell, "%peft_generate --m") == ["--max-new-tokens", "--model"]
+    assert complete(shell, "%peft_export ") == ["merged", "gguf", "gguf-adapter", "check"]
+    assert complete(shell, "%peft_export gguf") == ["gguf", "gguf-adapter"]
+    assert complete(shell, "%peft_export check ") == ["vllm", "llama.cpp", "ollama", "peft"]
+    assert complete(shell, "%peft_export merged out --dtype ") == ["float32", "bfloat16", "float16"]
+    assert complete(shell, "%peft_export gguf out --quant q") == ["q8_0"]
+    assert complete(shell, "%peft_to_lora s") == ["sql"]
+    from nbpeft.magics import completions
+
+    assert completions(shell, "%peft_to_lora chat --rank ") == ("", [])  # a number: nothing of ours to offer
+    assert completions(shell, "%peft_compare_answers --prompt ") == ("", [])  # free text, not variable names

@@ -548,3 +548,130 @@ def test_save_overwrites_only_when_ticked(llama, tmp_path):
     tab.save_button.click()
     assert "is a file; choose another path or tick overwrite" in text(tab.message) and "Errno" not in text(tab.message)
     assert (tmp_path / "file").read_text() == "notes"
+
+
+# the adapters tab's Export section --------------------------------------------------------------
+
+def test_export_writes_a_gguf_adapter_and_leaves_the_model_alone(llama, tmp_path):
+    import gguf
+
+    nbpeft.attach(llama, "lora", r=2, init="random")
+    tab = make_panel(llama).adapters_tab
+    before = snapshot(llama)
+    tab.export_format.value = "gguf-adapter"
+    tab.export_path.value = str(tmp_path / "a")
+    tab.export_button.click()
+    assert not red(tab.message), text(tab.message)
+    assert text(tab.message).strip() == f"exported gguf-adapter to {tmp_path / 'a'} (adapter.gguf, Modelfile)"
+    reader = gguf.GGUFReader(tmp_path / "a" / "adapter.gguf")
+    assert reader.fields["adapter.type"].contents() == "lora" and len(reader.tensors) == 2 * 2 * 2
+    assert_same(snapshot(llama), before)
+
+
+def test_export_merged_in_the_chosen_dtype(llama, tmp_path):
+    import json
+
+    from test_generate import char_tokenizer
+
+    nbpeft.attach(llama, "lora", r=2, init="random")
+    tab = nbpeft.panel(llama, char_tokenizer(), namespace={}).adapters_tab
+    assert tab.export_format.value == "merged" and not tab.export_dtype.disabled and tab.export_quant.disabled
+    tab.export_dtype.value = "float16"
+    tab.export_path.value = str(tmp_path / "m")
+    tab.export_button.click()
+    assert not red(tab.message), text(tab.message)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "float16"
+    assert (tmp_path / "m" / "tokenizer.json").exists()
+
+
+def test_dtype_and_quant_follow_the_format(llama):
+    tab = make_panel(llama).adapters_tab
+    states = {}
+    for fmt in ("merged", "gguf", "gguf-adapter"):
+        tab.export_format.value = fmt
+        states[fmt] = (tab.export_dtype.disabled, tab.export_quant.disabled)
+    assert states == {"merged": (False, True), "gguf": (True, False), "gguf-adapter": (True, True)}
+    from nbpeft.export import DTYPES, FORMATS
+    from nbpeft.gguf_export import QUANTS
+
+    assert list(tab.export_format.options) == list(FORMATS) and list(tab.export_quant.options) == list(QUANTS)
+    assert [value for _, value in tab.export_dtype.options] == [None, *DTYPES]
+
+
+@pytest.mark.parametrize("setup, message", [
+    ("no path", "export: type a new folder in export to first"),
+    ("taken", "export(): {path} already exists and is not empty; pick a new path or remove it first"),
+    ("no adapter", "export(): this model has no adapter; attach or load one first"),
+    ("no tokenizer", "export(): no tokenizer to export with the model; open the panel with nbpeft.panel(model, tokenizer)"),
+    ("prefix", "export(): the prefix adapter 'default' changes activations, not weights, so it cannot be folded"),
+])
+def test_export_errors_are_one_line(llama, tmp_path, setup, message):
+    if setup == "prefix":
+        nbpeft.attach(llama, "prefix")
+    elif setup != "no adapter":
+        nbpeft.attach(llama, "lora", r=2, init="random")
+    tab = make_panel(llama).adapters_tab
+    path = tmp_path / "out"
+    if setup == "taken":
+        path.mkdir()
+        (path / "notes.txt").write_text("mine")
+    tab.export_format.value = "merged" if setup in ("no tokenizer", "prefix") else "gguf-adapter"
+    tab.export_path.value = "" if setup == "no path" else str(path)
+    before = snapshot(llama)
+    tab.export_button.click()
+    shown = text(tab.message).strip()
+    assert red(tab.message) and shown.startswith(message.format(path=path)), shown
+    assert "\n" not in shown and "Traceback" not in shown and "Error:" not in shown
+    assert_same(snapshot(llama), before)
+    assert [p.name for p in tmp_path.iterdir()] == (["out"] if setup == "taken" else [])  # no partial folder
+    if setup == "taken":
+        assert [p.name for p in path.iterdir()] == ["notes.txt"]
+
+
+def test_check_shows_each_line_of_check_export(llama):
+    nbpeft.attach(llama, "lora", r=2)
+    tab = make_panel(llama).adapters_tab
+    tab.check_button.click()
+    assert text(tab.message).strip() == "vllm: no problems found" and not red(tab.message)
+    nbpeft.detach(llama)
+    nbpeft.attach(llama, "dora", r=32)
+    tab.refresh()
+    tab.check_target.value = "vllm"
+    tab.check_button.click()
+    expected = nbpeft.check_export(llama, "vllm")
+    assert len(expected) == 2 and re.findall(r"<li>(.*?)</li>", tab.message.value) == [html.escape(line) for line in expected]
+    assert list(tab.check_target.options) == ["vllm", "llama.cpp", "ollama", "peft"]
+
+
+def test_convert_to_lora_replaces_the_selected_adapter(llama):
+    nbpeft.attach(llama, "dora", r=4, init="random", name="chat")
+    nbpeft.attach(llama, "lora", r=2, name="sql")
+    panel = make_panel(llama)
+    tab = panel.adapters_tab
+    tab.adapter.value = "chat"
+    tab.lora_rank.value = 2
+    tab.to_lora_button.click()
+    assert not red(tab.message), text(tab.message)
+    assert text(tab.message).strip().startswith("LoRA 'chat_lora' (r=2) from 'chat': relative Frobenius error ")
+    assert state(llama).active == ["chat_lora"] and state(llama).adapters["chat_lora"].config.r == 2
+    assert ">chat_lora</td>" in tab.table.value and "chat_lora" in tab.adapter.options
+
+    tab.adapter.value = "chat_lora"
+    nbpeft.merge(llama, "chat_lora")
+    tab.to_lora_button.click()
+    assert red(tab.message) and text(tab.message).strip() == "to_lora(): adapter 'chat_lora' is merged; press Unmerge first"
+
+
+def test_export_rows_line_up(llama):
+    from nbpeft.widgets.adapters import FIELD_WIDTH
+    from nbpeft.widgets.fields import LABEL
+
+    tab = make_panel(llama).adapters_tab
+    fields = [row.children[0] for row in tab.export_rows]
+    assert [f.description for f in fields] == ["export as", "dtype (merged)", "quant (gguf)", "export to", "check for", "LoRA rank"]
+    assert {f.style.description_width for f in fields} == {LABEL["style"]["description_width"]}
+    assert {f.layout.width for f in fields} == {FIELD_WIDTH}
+    buttons = [row.children[1] for row in tab.export_rows if len(row.children) > 1]
+    assert buttons == [tab.export_button, tab.check_button, tab.to_lora_button]
+    assert all(b.layout.width == "auto" for b in buttons)
+    assert all(row in tab.children for row in tab.export_rows)

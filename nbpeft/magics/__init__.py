@@ -4,6 +4,8 @@
     %peft_methods
     %peft_attach lora r=8 targets=q_proj,v_proj
     %peft_summary
+    %peft_compare_answers chat sql --prompt "Tell me a joke"
+    %peft_export merged out/merged
     %peft_panel
 
 Each magic parses its line (and cell body) into the keyword arguments a Python user

@@ -15,7 +15,8 @@ from torch import nn
 
 import nbpeft
 
-from ..frontend import option_value, parse_options
+from ..export import FORMATS, TARGETS
+from ..frontend import option_value, parse_options, parse_value
 from ..io import WEIGHTS_FILE
 from ..methods.base import get_method, method_options
 from .line import USAGE, fail, split_line, usage_errors
@@ -23,6 +24,8 @@ from .tables import MethodTable
 
 # train() arguments that name notebook variables: they come from --flags, not key=value.
 TRAIN_VARIABLES = ("model", "data", "tokenizer", "eval_data")
+# flags that are generate()'s options of the same name (--top-p is top_p=); --stop stays text
+GENERATION_FLAGS = ("max-new-tokens", "temperature", "top-p", "seed", "stop")
 
 
 def module_lists(method: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -48,10 +51,27 @@ def active_names(model: nn.Module) -> list[str]:
     return [row.name for row in nbpeft.summary(model).adapters if row.active]
 
 
+def generation_options(flags: dict[str, Any]) -> dict[str, Any]:
+    """The generation flags as generate()'s keywords: ``--top-p 0.9`` is ``top_p=0.9``."""
+    return {flag.replace("-", "_"): value if flag == "stop" else parse_value(value)
+            for flag, value in flags.items() if flag in GENERATION_FLAGS}
+
+
+def prompts_of(magic: str, flags: dict[str, Any], cell: str | None) -> list[str]:
+    """``--prompt TEXT``, or the cell body's lines (one prompt each, blank lines skipped)."""
+    body = [line.strip() for line in (cell or "").splitlines() if line.strip()]
+    if "prompt" in flags and body:
+        fail(f"give the prompts either with --prompt or in the cell body, not both; usage: {USAGE[magic]}")
+    if "prompt" not in flags and not body:
+        fail(f"which prompt? give --prompt TEXT, or one prompt per line in a %%{magic} cell; usage: {USAGE[magic]}")
+    return [flags["prompt"]] if "prompt" in flags else body
+
+
 @magics_class
 class PeftMagics(Magics):
     """%peft_methods, %peft_attach, %peft_summary, %peft_use, %peft_detach, %peft_merge, %peft_unmerge,
-    %peft_save, %peft_load, %%peft_train, %peft_compare, %peft_panel."""
+    %peft_save, %peft_load, %%peft_train, %peft_compare, %peft_panel, %peft_generate,
+    %peft_compare_answers, %peft_export, %peft_to_lora."""
 
     def _var(self, name: str, hint: str) -> Any:
         if name not in self.shell.user_ns:
@@ -64,6 +84,12 @@ class PeftMagics(Magics):
         if not isinstance(model, nn.Module):
             fail(f"{name or 'model'!r} holds a {type(model).__name__}, not a torch model; pass --model NAME")
         return model
+
+    def _tokenizer(self, flags: dict[str, Any]) -> Any:
+        """``--tokenizer VAR``, else the notebook's ``tokenizer`` if there is one (else None: the API looks further)."""
+        if "tokenizer" in flags:
+            return self._var(flags["tokenizer"], "pass --tokenizer NAME")
+        return self.shell.user_ns.get("tokenizer")
 
     @line_cell_magic
     @usage_errors
@@ -251,10 +277,106 @@ class PeftMagics(Magics):
         """
         words, flags, _ = split_line(line, "peft_panel", positional=1, options=False)
         model = self._model(words[0] if words else flags.get("model"))
-        if "tokenizer" in flags:
-            tokenizer = self._var(flags["tokenizer"], "pass --tokenizer NAME")
-        else:
-            tokenizer = self.shell.user_ns.get("tokenizer")
-        panel = nbpeft.panel(model, tokenizer, namespace=self.shell.user_ns)
+        panel = nbpeft.panel(model, self._tokenizer(flags), namespace=self.shell.user_ns)
         self.shell.user_ns["_peft_panel"] = panel
         display(panel)
+
+    @line_cell_magic
+    @usage_errors
+    def peft_generate(self, line: str, cell: str | None = None) -> None:
+        """Answer prompts with the model as it is now:  %peft_generate --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P] [--seed N] [--stop TEXT] [--model VAR] [--tokenizer VAR]
+
+        The cell form takes one prompt per line of its body::
+
+            %%peft_generate --max-new-tokens 20
+            Tell me a joke.
+            What is LoRA?
+
+        The answers appear as they are written. Same as ``nbpeft.generate(model, tokenizer,
+        prompts, stream=True, ...)``; ``--temperature`` above 0 samples, ``--top-p`` with it.
+        """
+        _, flags, _ = split_line(line, "peft_generate", options=False)
+        prompts = prompts_of("peft_generate", flags, cell)
+        model = self._model(flags.get("model"))
+        nbpeft.generate(model, self._tokenizer(flags), prompts if cell else prompts[0], stream=True,
+                        **generation_options(flags))
+
+    @line_cell_magic
+    @usage_errors
+    def peft_compare_answers(self, line: str, cell: str | None = None) -> None:
+        """Adapters and the base answer the same prompts, side by side:  %peft_compare_answers [NAME ...] --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P] [--seed N] [--stop TEXT] [--no-base] [--model VAR] [--tokenizer VAR] [--out VAR]
+
+        NAME ... are the adapters to ask (default: every attached one); --no-base leaves out
+        the base model's column. The cell form takes one prompt per line of its body::
+
+            %%peft_compare_answers chat sql --max-new-tokens 30
+            Tell me a joke.
+            List the tables.
+
+        Same as ``VAR = nbpeft.compare_answers(model, prompts, adapters=[NAME, ...],
+        tokenizer=tokenizer, include_base=..., max_new_tokens=...)`` with VAR
+        ``_peft_answers`` unless --out names another; the model is as before afterwards.
+        """
+        names, flags, _ = split_line(line, "peft_compare_answers", positional=None, options=False)
+        out = flags.get("out", "_peft_answers")
+        if not out.isidentifier():
+            fail(f"--out {out!r} must be a variable name")
+        prompts = prompts_of("peft_compare_answers", flags, cell)
+        model = self._model(flags.get("model"))
+        answers = nbpeft.compare_answers(model, prompts, adapters=names or None, tokenizer=self._tokenizer(flags),
+                                         include_base=not flags.get("no-base", False), **generation_options(flags))
+        self.shell.user_ns[out] = answers
+        display(answers)
+
+    @line_magic
+    @usage_errors
+    def peft_export(self, line: str) -> None:
+        """Write the model with its active adapter for another program:  %peft_export FORMAT PATH [--dtype D] [--quant Q] [--model VAR] [--tokenizer VAR]  or  %peft_export check TARGET [FOLDER]
+
+        FORMAT is ``merged`` (a plain transformers folder; --dtype float32, bfloat16 or
+        float16), ``gguf`` (llama.cpp and Ollama; --quant f16 or q8_0) or ``gguf-adapter``
+        (llama.cpp's --lora). Same as ``nbpeft.export(model, PATH, format=FORMAT,
+        tokenizer=tokenizer, dtype=D, quant=Q)``; the model is not changed.
+
+        ``check TARGET`` (vllm, llama.cpp, ollama, peft) lists what that program would refuse
+        or silently ignore in the model's adapters, or in a saved adapter FOLDER: same as
+        ``print(nbpeft.check_export(model, TARGET))``.
+        """
+        words, flags, _ = split_line(line, "peft_export", positional=3, options=False)
+        if not words:
+            fail(f"which format? one of {', '.join(FORMATS)}, or check TARGET; usage: {USAGE['peft_export']}")
+        if words[0] == "check":
+            if len(words) < 2:
+                fail(f"check for which program? one of {', '.join(TARGETS)}; usage: {USAGE['peft_export']}")
+            unused = [f"--{f}" for f in ("dtype", "quant", "tokenizer") if f in flags]
+            if unused:
+                fail(f"{unused[0]} is for writing files, not for check; usage: {USAGE['peft_export']}")
+            subject = words[2] if len(words) > 2 else self._model(flags.get("model"))
+            print(nbpeft.check_export(subject, words[1]))
+            return
+        if len(words) < 2:
+            fail(f"where to? usage: {USAGE['peft_export']}")
+        if len(words) > 2:
+            fail(f"unexpected {words[2]!r}; usage: {USAGE['peft_export']}")
+        fmt, path = words
+        for flag, applies in (("dtype", "merged"), ("quant", "gguf")):
+            if flag in flags and fmt in FORMATS and fmt != applies:
+                fail(f"--{flag} applies to {applies} only, not {fmt}; usage: {USAGE['peft_export']}")
+        options = {key: flags[key] for key in ("dtype", "quant") if key in flags}
+        model = self._model(flags.get("model"))
+        print(nbpeft.export(model, path, format=fmt, tokenizer=self._tokenizer(flags), **options))
+
+    @line_magic
+    @usage_errors
+    def peft_to_lora(self, line: str) -> None:
+        """Turn an adapter (default: the active one) into a plain LoRA:  %peft_to_lora [NAME] [--rank R] [--name NAME] [--model VAR]
+
+        For DoRA, (IA)³ or a LoRA of higher rank: the new LoRA (named --name, default
+        NAME_lora) approximates the adapter's weight change by truncated SVD, is attached
+        and made active; the line reports the approximation error. Same as
+        ``nbpeft.to_lora(model, rank=R, name=NAME, source=...)``.
+        """
+        words, flags, _ = split_line(line, "peft_to_lora", positional=1, options=False)
+        model = self._model(flags.get("model"))
+        options = {"rank": parse_value(flags["rank"])} if "rank" in flags else {}
+        print(nbpeft.to_lora(model, source=words[0] if words else None, name=flags.get("name"), **options))

@@ -11,15 +11,20 @@ from torch import nn
 
 import nbpeft
 
-from ..frontend import data_variables
+from ..export import DTYPES, FORMATS, TARGETS
+from ..frontend import data_variables, tokenizer_variables
+from ..gguf_export import QUANTS
 from ..methods.base import get_method, method_options
 from .commands import TRAIN_VARIABLES
 from .line import FLAGS, SWITCHES
 
 _MAGIC_LINE = re.compile(r"\s*%%?(peft_\w+)(.*)", re.DOTALL)
 # magics whose first word is an adapter name, and those whose first word is a model variable
-_NAME_FIRST = ("peft_use", "peft_detach", "peft_merge", "peft_unmerge")
+_NAME_FIRST = ("peft_use", "peft_detach", "peft_merge", "peft_unmerge", "peft_to_lora")
 _MODEL_FIRST = ("peft_summary", "peft_panel")
+# what a --flag's value can be, where it is one of a known few (free text: nothing to offer)
+_FLAG_VALUES = {"dtype": list(DTYPES), "quant": list(QUANTS), "out": [], "prompt": [], "max-new-tokens": [],
+                "temperature": [], "top-p": [], "seed": [], "stop": [], "rank": []}
 
 
 def option_keys(magic: str, method: str | None) -> dict[str, dict[str, Any]]:
@@ -45,6 +50,8 @@ def option_keys(magic: str, method: str | None) -> dict[str, dict[str, Any]]:
 def variables(shell: Any, kind: str) -> list[str]:
     if kind in ("data", "eval-data"):
         return data_variables(shell.user_ns)
+    if kind == "tokenizer":
+        return tokenizer_variables(shell.user_ns)
     names = [n for n in shell.user_ns if not n.startswith("_") and n not in shell.user_ns_hidden]
     if kind == "model":
         return [n for n in names if isinstance(shell.user_ns[n], nn.Module)]
@@ -78,7 +85,10 @@ def completions(shell: Any, text: str) -> tuple[str, list[str]]:
             positional.append(word)
     if previous:  # the value of a --flag
         kind = previous[2:]
-        names = {"name": adapter_names(shell, flags), "out": []}.get(kind) or variables(shell, kind)
+        if kind == "name":
+            names = adapter_names(shell, flags)
+        else:
+            names = _FLAG_VALUES[kind] if kind in _FLAG_VALUES else variables(shell, kind)
         return typed, [n for n in names if n.startswith(typed)]
     method = positional[0] if positional else None
     if typed.startswith("-"):
@@ -87,6 +97,11 @@ def completions(shell: Any, text: str) -> tuple[str, list[str]]:
         return typed, [m.name for m in nbpeft.methods() if m.name.startswith(typed)]
     if magic in _MODEL_FIRST and not positional:
         return typed, [n for n in variables(shell, "model") if n.startswith(typed)]
+    if magic == "peft_compare_answers":  # any number of adapter names, then flags
+        return typed, [n for n in adapter_names(shell, flags) if n.startswith(typed) and n not in positional]
+    if magic == "peft_export" and len(positional) < 2:
+        choices = [*FORMATS, "check"] if not positional else TARGETS if positional[0] == "check" else []
+        return typed, [c for c in choices if c.startswith(typed)]
     if magic in _NAME_FIRST and not positional:
         head, _, last = typed.rpartition(",") if magic == "peft_use" else ("", "", typed)
         prefix = head + "," if head else ""

@@ -28,10 +28,24 @@ USAGE = {
     "peft_train": "%%peft_train [--model VAR] [--data VAR] [--eval-data VAR] [--tokenizer VAR] [--out VAR] key=value ...",
     "peft_compare": "%peft_compare [methods=a,b] [METHOD={'key': value}] ... [--model VAR] [--out VAR]",
     "peft_panel": "%peft_panel [VAR] [--model VAR] [--tokenizer VAR]",
+    "peft_generate": "%peft_generate --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P] [--seed N] "
+                     "[--stop TEXT] [--model VAR] [--tokenizer VAR]",
+    "peft_compare_answers": "%peft_compare_answers [NAME ...] --prompt TEXT [--max-new-tokens N] [--temperature T] "
+                            "[--top-p P] [--seed N] [--stop TEXT] [--no-base] [--model VAR] [--tokenizer VAR] [--out VAR]",
+    "peft_export": "%peft_export FORMAT PATH [--dtype D] [--quant Q] [--model VAR] [--tokenizer VAR]"
+                   "  or  %peft_export check TARGET [FOLDER]",
+    "peft_to_lora": "%peft_to_lora [NAME] [--rank R] [--name NAME] [--model VAR]",
 }
 # --flags that take no value (a switch); every other flag takes one
-SWITCHES = ("overwrite",)
-FLAGS = {magic: tuple(re.findall(r"--([\w-]+)", usage)) for magic, usage in USAGE.items()}
+SWITCHES = ("overwrite", "no-base")
+FLAGS = {magic: tuple(dict.fromkeys(re.findall(r"--([\w-]+)", usage))) for magic, usage in USAGE.items()}
+# the API's words for what a magic takes positionally or as a switch, most specific first
+WORDINGS = {
+    "peft_compare_answers": {"keep include_base=True": "leave out --no-base"},
+    "peft_export": {"export format='merged'": "%peft_export merged PATH", "export format='gguf'": "%peft_export gguf PATH",
+                    "format='gguf-adapter'": "gguf-adapter", "format=": "FORMAT ", "target=": "TARGET "},
+    "peft_to_lora": {"nbpeft.unmerge(model) first": "%peft_unmerge first"},
+}
 
 
 def fail(message: str) -> None:
@@ -44,9 +58,9 @@ def unquote(word: str) -> str:
 
 
 def split_line(
-    line: str, magic: str, positional: int = 0, options: bool = True
+    line: str, magic: str, positional: int | None = 0, options: bool = True
 ) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
-    """``magic``'s line as (up to ``positional`` words, --flags, key=value options if ``options``).
+    """``magic``'s line as (up to ``positional`` words, any number if None; --flags; key=value options if ``options``).
 
     A switch flag reads as True; any other flag takes the next word (or ``--flag=value``).
     """
@@ -74,7 +88,7 @@ def split_line(
             rest.append(token)
         else:
             found_words.append(unquote(token))
-    if len(found_words) > positional:
+    if positional is not None and len(found_words) > positional:
         if options:
             fail(f"expected key=value, got {found_words[positional]!r}; usage: {usage}")
         fail(f"unexpected {found_words[positional]!r}; usage: {usage}")
@@ -85,9 +99,10 @@ def spellings(magic: str) -> dict[str, str]:
     """The API's ``keyword=`` spelling of each of ``magic``'s flags, mapped to the flag.
 
     ``pick another name= or detach it first`` reads ``pick another --name or detach it
-    first`` in ``%peft_attach``, whose adapter name is the ``--name`` flag.
+    first`` in ``%peft_attach``, whose adapter name is the ``--name`` flag. ``WORDINGS``
+    adds a magic's positional words (``format=`` is ``FORMAT`` in ``%peft_export``).
     """
-    found = {}
+    found = dict(WORDINGS.get(magic, {}))
     for flag in FLAGS[magic]:
         keyword = flag.replace("-", "_")
         found[f"{keyword}=True" if flag in SWITCHES else f"{keyword}="] = f"--{flag}" if flag in SWITCHES else f"--{flag} "

@@ -40,7 +40,7 @@ class Panel(widgets.Tab):
             raise ConfigError(f"panel(): expected a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.namespace = namespace if namespace is not None else _notebook_namespace()
-        self.adapters_tab = AdaptersTab(model, on_change=self.refresh, busy=self._busy)
+        self.adapters_tab = AdaptersTab(model, on_change=self.refresh, busy=self._busy, tokenizer=tokenizer)
         self.attach_tab = AttachTab(model, on_change=self.refresh, busy=self._busy, before=self.adapters_tab.enable)
         self.train_tab = TrainTab(model, tokenizer, self.namespace, on_start=self.adapters_tab.enable)
         super().__init__(children=[self.attach_tab, self.train_tab, self.adapters_tab],

@@ -13,13 +13,19 @@ from torch import nn
 
 import nbpeft
 
+from ..export import DTYPES, FORMATS, TARGETS
 from ..frontend import one_line
+from ..gguf_export import QUANTS
 from ..methods.base import ConfigError
 from .attach import say
 from .fields import LABEL
 
 # the API's keyword spellings as this tab labels them
-SPELLINGS = {"pass overwrite=True": "tick overwrite"}
+SPELLINGS = {"pass overwrite=True": "tick overwrite",
+             "pass tokenizer= (the one load_model returned)": "open the panel with nbpeft.panel(model, tokenizer)",
+             "export format=": "export as ", "nbpeft.unmerge(model) first": "press Unmerge first"}
+# every field of the export rows is this wide, so the buttons after them line up
+FIELD_WIDTH = "330px"
 # (head, alignment) of each column: prose left, numbers right, every head over its column
 COLUMNS = (("adapter", "left"), ("method", "left"), ("modules", "right"), ("parameters", "right"),
            ("% of base", "right"), ("state", "left"))
@@ -54,11 +60,12 @@ def _button(description: str, icon: str, **kwargs: Any) -> widgets.Button:
 
 
 class AdaptersTab(widgets.VBox):
-    """Adapter table; activate, disable, merge, unmerge, save, load and delete (after a confirmation)."""
+    """Adapter table; activate, disable, merge, unmerge, save, load and delete (after a confirmation);
+    export, check for a target program, convert to LoRA."""
 
     def __init__(self, model: nn.Module, on_change: Callable[[], None] = lambda: None,
-                 busy: Callable[[], str | None] = lambda: None) -> None:
-        self.model, self.on_change, self.busy = model, on_change, busy
+                 busy: Callable[[], str | None] = lambda: None, tokenizer: Any = None) -> None:
+        self.model, self.on_change, self.busy, self.tokenizer = model, on_change, busy, tokenizer
         self.table = widgets.HTML()
         self.table.add_class("nbpeft-adapters")
         self.adapter = widgets.Dropdown(options=[], description="adapter", layout={"width": "300px"}, **LABEL)
@@ -88,10 +95,13 @@ class AdaptersTab(widgets.VBox):
                                      self.delete_button, self.disable_button], layout={"flex_flow": "row nowrap"})
         self.buttons.add_class("nbpeft-adapters-buttons")
         self._disabled: contextlib.AbstractContextManager | None = None
+        self.export_rows = self._export_section()
         super().__init__([
             self.table, self.buttons, self.confirm_box,
             widgets.HBox([self.path, self.save_button, self.overwrite]),
             widgets.HBox([self.load_name, self.load_button]),
+            widgets.HTML("<b>Export</b> (the active adapter, merged into a copy of the model unless a GGUF adapter)"),
+            *self.export_rows,
             self.message,
         ])
         self.activate_button.on_click(lambda _: self._do("activate", lambda n: nbpeft.set_adapter(self.model, n)))
@@ -104,6 +114,37 @@ class AdaptersTab(widgets.VBox):
         self.load_button.on_click(self.load)
         self.disable_button.on_click(self.toggle_disabled)
         self.refresh()
+
+    def _export_section(self) -> list[widgets.HBox]:
+        """Format, dtype, quant and path with Export; a target with Check; a rank with Convert to LoRA."""
+        field = {"layout": {"width": FIELD_WIDTH}, **LABEL}
+        self.export_format = widgets.Dropdown(options=list(FORMATS), value=FORMATS[0], description="export as", **field)
+        self.export_dtype = widgets.Dropdown(options=[("as the base", None), *((d, d) for d in DTYPES)], value=None,
+                                             description="dtype (merged)", **field)
+        self.export_quant = widgets.Dropdown(options=list(QUANTS), value=QUANTS[0], description="quant (gguf)",
+                                             disabled=True, **field)
+        self.export_path = widgets.Text(placeholder="a new folder, e.g. out/merged", description="export to", **field)
+        self.export_button = _button("Export", "download")
+        self.check_target = widgets.Dropdown(options=list(TARGETS), value=TARGETS[0], description="check for", **field)
+        self.check_button = _button("Check", "search")
+        self.lora_rank = widgets.BoundedIntText(value=8, min=1, max=4096, description="LoRA rank", **field)
+        self.to_lora_button = _button("Convert to LoRA", "exchange", tooltip="the selected adapter as a plain LoRA")
+        for widget, name in ((self.export_format, "export-format"), (self.export_path, "export-path"),
+                             (self.export_button, "export"), (self.check_button, "check"),
+                             (self.to_lora_button, "to-lora")):
+            widget.add_class(f"nbpeft-adapters-{name}")
+        self.export_format.observe(lambda _: self._follow_format(), names="value")
+        self.export_button.on_click(self.export)
+        self.check_button.on_click(self.check)
+        self.to_lora_button.on_click(self.to_lora)
+        return [widgets.HBox([self.export_format]), widgets.HBox([self.export_dtype]), widgets.HBox([self.export_quant]),
+                widgets.HBox([self.export_path, self.export_button]), widgets.HBox([self.check_target, self.check_button]),
+                widgets.HBox([self.lora_rank, self.to_lora_button])]
+
+    def _follow_format(self) -> None:
+        """dtype applies to a merged folder, quant to a GGUF model."""
+        self.export_dtype.disabled = self.export_format.value != "merged"
+        self.export_quant.disabled = self.export_format.value != "gguf"
 
     @property
     def disabled(self) -> bool:
@@ -216,4 +257,49 @@ class AdaptersTab(widgets.VBox):
             say(self.message, one_line(err), error=True)
             return
         say(self.message, "loaded " + ", ".join(repr(a.name) for a in loaded))
+        self.on_change()
+
+    def export(self, *_: Any) -> None:
+        """``nbpeft.export(model, path, format=..., tokenizer=..., dtype=..., quant=...)``."""
+        self._hide_confirm()
+        try:
+            self._idle()
+            self.enable()
+            path = self.export_path.value.strip()
+            if not path:
+                raise ConfigError("export: type a new folder in export to first")
+            fmt = self.export_format.value
+            options = {"dtype": self.export_dtype.value} if fmt == "merged" else {"quant": self.export_quant.value} if fmt == "gguf" else {}
+            result = nbpeft.export(self.model, path, format=fmt, tokenizer=self.tokenizer, **options)
+        except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
+            say(self.message, one_line(err, SPELLINGS), error=True)
+            return
+        say(self.message, repr(result))
+
+    def check(self, *_: Any) -> None:
+        """``nbpeft.check_export(model, target)``: one line per problem, or that there is none."""
+        self._hide_confirm()
+        try:
+            self._idle()
+            found = nbpeft.check_export(self.model, self.check_target.value)
+        except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
+            say(self.message, one_line(err, SPELLINGS), error=True)
+            return
+        if not found:
+            say(self.message, str(found))
+            return
+        lines = "".join(f"<li>{html.escape(line)}</li>" for line in found)
+        self.message.value = f'<span style="color:#8a4b00">{len(found)} to fix before {html.escape(found.target)}:</span><ul>{lines}</ul>'
+
+    def to_lora(self, *_: Any) -> None:
+        """``nbpeft.to_lora(model, rank=..., source=adapter)``; the new LoRA becomes the active adapter."""
+        self._hide_confirm()
+        try:
+            self._idle()
+            self.enable()
+            converted = nbpeft.to_lora(self.model, rank=self.lora_rank.value, source=self._selected())
+        except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
+            say(self.message, one_line(err, SPELLINGS), error=True)
+            return
+        say(self.message, repr(converted))
         self.on_change()
