@@ -137,7 +137,10 @@ def kind_of(data: Any) -> str:
     if source.batches:
         return "batches"
     rows = source.rows if isinstance(source.rows, list) else [next(iter(source.rows))]
-    return _kind_of_rows(rows, source.where, "train()")
+    kind = _kind_of_rows(rows, source.where, "train()")
+    for i, ex in enumerate(rows):  # every row of the same form, as training will require
+        check_example(ex, kind, source.where(i))
+    return kind
 
 
 def _kind_of_rows(rows: list[Any], where: Any, caller: str) -> str:
