@@ -145,9 +145,11 @@ def _load_one(model: nn.Module, folder: Path, name: str) -> core.Adapter:
     token_rows = tokens.check_fits(model, cfg[tokens.CONFIG_KEY], folder) if cfg.get(tokens.CONFIG_KEY) else {}
     adapter = core.attach(model, spec.name, name=name, **options)
     try:
+        found = spec.from_checkpoint(model, adapter, tensors)
         if token_rows:
             tokens.add_rows(model, name, token_rows)
-        _copy_tensors(model, name, spec.from_checkpoint(model, adapter, tensors), folder)
+            found = tokens.without_base_rows(model, name, found, folder)
+        _copy_tensors(model, name, found, folder)
     except Exception:
         core.detach(model, name)
         raise

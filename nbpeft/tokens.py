@@ -35,7 +35,8 @@ from .errors import ConfigError
 from .layers import AdapterLayer, adapter_factory, add_adapter, base_path, find_layer, get_module, innermost
 from .methods.base import get_method
 
-__all__ = ["NewTokens", "TokenEmbedding", "TokenHead", "add_tokens", "add_rows", "check_fits", "peft_config"]
+__all__ = ["NewTokens", "TokenEmbedding", "TokenHead", "add_tokens", "add_rows", "check_fits", "peft_config",
+           "without_base_rows"]
 
 CONFIG_KEY = "trainable_token_indices"
 # The reference keeps trainable tokens only beside LoRA; these methods' files have no place for them.
@@ -346,6 +347,34 @@ def saved_indices(model: nn.Module, saved: Any, folder: Path) -> dict[str, list[
             raise ConfigError(f"load_adapter(): {folder}: the tied embeddings {embed_path!r} and {head_path!r} "
                               f"list different token ids in {CONFIG_KEY}; nbpeft loads tied rows only when they agree")
         out[embed_path] = out.pop(head_path)
+    return out
+
+
+@torch.no_grad()
+def without_base_rows(model: nn.Module, name: str, found: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
+    """``found`` (a file's tensors by module path) without the whole embedding matrices the reference adds.
+
+    After a resize the reference also saves each embedding's full matrix, and a tied head's
+    copy of the rows. nbpeft keeps the model's own matrix: its rows below the first token
+    row (the original vocabulary) must equal the saved ones, else nothing is loaded. Rows
+    from there on are the resize's initial values; an untied head the file does not list
+    keeps the model's own (so the new tokens' logits follow this model's head there).
+    """
+    params = core.adapter_parameters(model, name)
+    embed_path, head_path, tied = embedding_paths(model, "load_adapter")
+    first = min((min(ids) for ids in token_indices(model, name).values() if ids), default=0)
+    out = dict(found)
+    for path in filter(None, (embed_path, head_path)):
+        if tied and path == head_path:
+            out.pop(f"{path}.token_adapter.trainable_tokens_delta", None)
+        weight = innermost(get_module(model, path)).weight
+        for key in (f"{path}.weight", f"{path}.token_adapter.base_layer.weight"):
+            if key in params or key not in out:
+                continue
+            saved = out.pop(key)
+            if saved.shape[1:] != weight.shape[1:] or not torch.equal(saved[:first].to(weight), weight[:first]):
+                raise ConfigError(f"load_adapter(): {folder} holds a whole {path} matrix that differs from this model's; "
+                                  "it was saved from another base model: load the adapter onto that one")
     return out
 
 

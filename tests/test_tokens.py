@@ -233,3 +233,39 @@ def test_a_second_call_extends_the_adapter_rows(tokenizer_path, tmp_path) -> Non
     assert rows.shape == (3, 32) and rows.requires_grad
     assert torch.equal(rows[:2], torch.full((2, 32), 0.5))
     assert model.model.embed_tokens.token_ids["default"] == [49152, 49153, 49154]
+
+
+def test_reads_the_whole_matrices_the_reference_adds_after_a_resize(tokenizer_path, tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    tokenizer = fresh_tokenizer(tokenizer_path)
+    model = tiny(len(tokenizer), tied=True)
+    nbpeft.attach(model, "lora", init="random")
+    nbpeft.add_tokens(model, tokenizer, NEW)
+    with torch.no_grad():
+        model.model.embed_tokens.trainable_tokens_delta["default"].add_(1.0)
+    ids = text_ids(tokenizer)
+    want = logits(model, ids)
+    folder = tmp_path / "a"
+    nbpeft.save_adapter(model, folder)
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    prefix = "base_model.model."
+    rows = tensors[prefix + "model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    matrix = torch.randn(49154, 32)  # the resized matrix: random new rows, the original rows as the base's
+    matrix[:49152] = model.model.embed_tokens.base_layer.weight[:49152].detach()
+    tensors[prefix + "model.embed_tokens.token_adapter.base_layer.weight"] = matrix
+    tensors[prefix + "lm_head.token_adapter.base_layer.weight"] = matrix.clone()
+    tensors[prefix + "lm_head.token_adapter.trainable_tokens_delta"] = rows.clone()
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+    fresh = tiny(49152, tied=True)
+    nbpeft.add_tokens(fresh, fresh_tokenizer(tokenizer_path), NEW)
+    nbpeft.load_adapter(fresh, folder)
+    torch.testing.assert_close(logits(fresh, ids), want, rtol=0, atol=1e-5)
+
+    other = tiny(49152, tied=True, seed=1)  # another base: its original rows differ from the saved matrix
+    nbpeft.add_tokens(other, fresh_tokenizer(tokenizer_path), NEW)
+    before = snapshot(other)
+    with pytest.raises(nbpeft.ConfigError, match="saved from another base model"):
+        nbpeft.load_adapter(other, folder)
+    assert_same(before, snapshot(other))
