@@ -18,6 +18,7 @@ from .models import load_model
 from .show import Example, show_example
 from .summary import Summary, summary
 from .tfew import choice_accuracy, choice_batches, predict_choices, tfew_loss
+from .tokens import NewTokens, add_tokens
 from .train import TrainResult, train
 
 __version__ = "0.1.0"
@@ -56,6 +57,8 @@ __all__ = [
     "choice_batches",
     "predict_choices",
     "tfew_loss",
+    "add_tokens",
+    "NewTokens",
 ]
 
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import core
+from . import core, tokens
 from .errors import ConfigError
 from .methods.base import get_method, registered
 from .models import cache_dir
@@ -83,6 +83,7 @@ def save_adapter(model: nn.Module, path: str | Path, name: str | None = None, ov
             "inference_mode": True,
             "modules_to_save": adapter.saved_modules or None,
             **spec.to_peft_config(adapter.config, model, adapter.targets),
+            **tokens.peft_config(model, n),
         }
         tensors = {
             key: value.detach().to("cpu").contiguous().clone()
@@ -141,9 +142,14 @@ def _load_one(model: nn.Module, folder: Path, name: str) -> core.Adapter:
     tensors = load_file(str(weights_path))
     options = spec.from_peft_config(cfg)
     options["modules_to_save"] = list(cfg.get("modules_to_save") or [])
+    token_rows = tokens.check_fits(model, cfg[tokens.CONFIG_KEY], folder) if cfg.get(tokens.CONFIG_KEY) else {}
     adapter = core.attach(model, spec.name, name=name, **options)
     try:
-        _copy_tensors(model, name, spec.from_checkpoint(model, adapter, tensors), folder)
+        found = spec.from_checkpoint(model, adapter, tensors)
+        if token_rows:
+            tokens.add_rows(model, name, token_rows)
+            found = tokens.without_base_rows(model, name, found, folder)
+        _copy_tensors(model, name, found, folder)
     except Exception:
         core.detach(model, name)
         raise
