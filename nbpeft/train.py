@@ -127,6 +127,20 @@ def peak_memory(device: torch.device) -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
+def batch_size_in_tokens(batch: dict[str, Any]) -> int:
+    """What a batch counts for speed: its unmasked tokens, else its token ids, else its examples.
+
+    Batches of pixels or audio features (ViT's ``pixel_values``, Whisper's ``input_features``)
+    have no tokens to count; each example counts as one.
+    """
+    if isinstance(batch.get("attention_mask"), torch.Tensor):
+        return int(batch["attention_mask"].sum())
+    if isinstance(batch.get("input_ids"), torch.Tensor):
+        return batch["input_ids"].numel()
+    first = next((v for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+    return int(first.shape[0]) if first is not None else 0
+
+
 def _accepts(model: nn.Module, arg: str) -> bool:
     return arg in inspect.signature(model.forward).parameters
 
@@ -392,7 +406,7 @@ def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Li
                     raise StopTraining
                 (scaler.scale(loss) if scaler else loss).backward()
                 loss_sum += loss.item()
-                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+                tokens += batch_size_in_tokens(batch)
             if scaler:
                 scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, 1.0)

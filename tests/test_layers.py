@@ -27,6 +27,7 @@ from nbpeft.methods.ia3 import IA3Layer
 from nbpeft.methods.lora import LoRALinear
 
 from conftest import TINY, assert_same, snapshot, tiny_llama
+from families import BUILDERS, tiny_batch, tiny_model
 
 
 def test_the_chain_helpers_walk_stacked_layers() -> None:
@@ -115,6 +116,8 @@ def test_methods_say_how_compare_lists_them() -> None:
 def _tiny(model_type: str) -> nn.Module:
     if model_type in TINY:
         return TINY[model_type]()
+    if model_type in BUILDERS:
+        return tiny_model(model_type)
     if model_type == "t5":
         config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
         return transformers.T5ForConditionalGeneration(config)
@@ -167,3 +170,47 @@ def test_role_targets_are_names_or_one_regex() -> None:
     paths = [p for p in targeting.base_modules(bert) if p]
     assert [p for p in paths if re.fullmatch(ffn, p)] == [f"bert.encoder.layer.{i}.output.dense" for i in range(2)]
     assert len([p for p in paths if re.fullmatch(both, p)]) == 4  # and attention.output.dense in each layer
+
+
+# ---------------------------------------------------------------- wrappers read like the wrapped layer
+
+def test_a_wrapper_reads_like_its_module_at_any_depth() -> None:
+    model = tiny_llama()
+    linear = model.model.layers[0].self_attn.v_proj
+    nbpeft.attach(model, "ia3", targets=["v_proj"])
+    nbpeft.attach(model, "lora", name="b", targets=["v_proj"])
+    nbpeft.attach(model, "bitfit", name="c", targets=["v_proj"])
+    outer = model.model.layers[0].self_attn.v_proj
+    assert len(list(wrappers(outer))) == 3
+    assert outer.weight is linear.weight and outer.bias is None
+    assert (outer.in_features, outer.out_features) == (linear.in_features, linear.out_features)
+    assert outer.weight.dtype == torch.float32
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        outer.nothing_here  # noqa: B018
+    with pytest.raises(AttributeError):
+        outer._private_of_the_base  # noqa: B018  (private names never reach through)
+    assert not hasattr(outer, "lora_A")  # an inner adapter layer's own parts stay its own
+    nbpeft.detach(model)
+    assert model.model.layers[0].self_attn.v_proj is linear
+
+
+@pytest.mark.parametrize(("method", "options"), [("ia3", {}), ("bitfit", {}), ("lora", {"targets": "all-linear"})])
+def test_t5_runs_forward_with_its_feed_forward_wrapped(method: str, options: dict) -> None:
+    """T5's feed-forward reads ``self.wo.weight.dtype``: the wrapper must answer it."""
+    model, batch = tiny_model("t5"), tiny_batch("t5")
+    nbpeft.attach(model, method, **options)
+    assert model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+    assert torch.isfinite(model(**batch).loss)
+
+
+def test_key_value_heads_come_from_each_familys_config_key() -> None:
+    falcon = transformers.FalconConfig(hidden_size=16, num_attention_heads=4)  # multi_query by default
+    assert architectures.key_value_heads(falcon) == 1
+    assert architectures.key_value_heads(transformers.FalconConfig(
+        num_attention_heads=4, new_decoder_architecture=True, num_kv_heads=2)) == 2
+    assert architectures.key_value_heads(transformers.FalconConfig(num_attention_heads=4, multi_query=False)) == 4
+    assert architectures.key_value_heads(transformers.GPTBigCodeConfig(n_head=4, multi_query=True)) == 1
+    assert architectures.key_value_heads(transformers.LlamaConfig(num_attention_heads=4, num_key_value_heads=2)) == 2
+    model, batch = tiny_model("falcon"), tiny_batch("falcon")
+    nbpeft.attach(model, "prefix", num_virtual_tokens=3)  # sized for one key/value head: forward runs
+    assert model(**batch).logits.shape[:2] == batch["input_ids"].shape

@@ -106,7 +106,7 @@ def bottleneck_size(config: AdapterConfig, hidden: int) -> int:
 def out_features(module: nn.Module) -> int:
     """Width of a linear layer's output (``nn.Linear`` or transformers' ``Conv1D``)."""
     inner = innermost(module)
-    width = getattr(inner, "out_features", None) or getattr(inner, "nf", None)
+    width = getattr(inner, "out_features", None) or getattr(inner, "nf", None) or getattr(inner, "hidden_dim", None)
     if not isinstance(width, int):
         raise ConfigError(f"adapter: cannot tell the output width of {type(inner).__name__}; target linear layers")
     return width
@@ -139,7 +139,9 @@ class BottleneckAdapter(AdapterLayer):
         return list(self.adapter_down) + list(self.adapter_fusion)
 
     def add(self, name: str, config: MethodConfig) -> None:
-        factory = adapter_factory(self.innermost().weight)
+        inner = self.innermost()
+        # a block without one weight (a mixture of experts) gives its first parameter's device and dtype
+        factory = adapter_factory(inner.weight if isinstance(getattr(inner, "weight", None), torch.Tensor) else next(inner.parameters()))
         if not isinstance(config, AdapterConfig):  # a fusion config builds its own combining module
             self.adapter_fusion[name] = config.build_layer(self.hidden_size, factory)
             return
@@ -210,13 +212,19 @@ class BottleneckAdapter(AdapterLayer):
 
 
 def default_places(model: nn.Module, config: str) -> str | list[str]:
-    """The insertion points for ``config`` on this architecture: the attention and feed-forward outputs."""
-    if architectures.role_targets(model, "attention_output", "ffn_out") is None:
+    """The insertion points for ``config`` on this architecture: the attention and feed-forward outputs.
+
+    Where no single linear layer ends the feed-forward block (a mixture of experts), the
+    module whose output is the block's result takes its place.
+    """
+    row = architectures.family(model)
+    ffn = "ffn_out" if row is not None and row.ffn_out else "ffn_block_output"
+    if architectures.role_targets(model, "attention_output", ffn) is None:
         raise ConfigError(
             f"adapter: no default insertion points for model_type={architectures.model_type(model)!r}; pass targets=[...] "
             "(the linear layers whose outputs feed the residual stream)"
         )
-    roles = ("ffn_out",) if config == "pfeiffer" else ("attention_output", "ffn_out")
+    roles = (ffn,) if config == "pfeiffer" else ("attention_output", ffn)
     return architectures.role_targets(model, *roles)
 
 
@@ -259,7 +267,9 @@ class BottleneckAdapterMethod(Method):
     def places(self, model: nn.Module, config: AdapterConfig) -> list[str]:
         """The insertion points, checked: each gets a bottleneck and carries no merged adapter."""
         places = config.targets if config.targets is not None else default_places(model, config.config)
-        chosen = targeting.resolve(model, places, targeting.linear_types(), self.name)
+        # the family table may name a block that is not one linear layer (a mixture of experts)
+        kinds = targeting.linear_types() if config.targets is not None else (nn.Module,)
+        chosen = targeting.resolve(model, places, kinds, self.name)
         modules = targeting.base_modules(model)
         for path in chosen:
             bottleneck_size(config, out_features(modules[path]))

@@ -171,13 +171,16 @@ class IA3(Method):
     def default_targets(model: nn.Module) -> tuple[str | list[str], str | list[str]] | None:
         """(targets, feed-forward targets) for the model's family: keys, values and the feed-forward output.
 
-        A fused query/key/value projection counts only where ``fused_qkv`` can split it (GPT-2's thirds).
+        A fused query/key/value projection is scaled whole (GPT-2's query third held at 1 by
+        ``fused_qkv='kv'``); a family whose experts are parameters, not linear layers, gets
+        keys and values only.
         """
         family = architectures.family(model)
-        targets = architectures.role_targets(model, "key", "value", "ffn_out")
-        if targets is None and family is not None and family.qkv_thirds:
-            targets = architectures.role_targets(model, "qkv", "ffn_out")
-        return None if targets is None else (targets, architectures.role_targets(model, "ffn_out"))
+        attention = ("key", "value") if family is not None and family.key else ("qkv",) if family is not None and family.qkv else None
+        if attention is None:
+            return None
+        roles = attention + (("ffn_out",) if family.ffn_out else ())
+        return architectures.role_targets(model, *roles), architectures.role_targets(model, "ffn_out") or []
 
     def _resolve(self, model: nn.Module, config: IA3Config) -> tuple[list[str], list[str]]:
         """(targets, feed-forward targets) as module paths."""
@@ -212,6 +215,11 @@ class IA3(Method):
         fused = [p for p in targets if _fused_query_rows(modules[p], p)]
         if fused and config.fused_qkv == "kv":
             return [f"fused c_attn ×{len(fused)}: keys and values scaled, query third held at 1"]
+        row = architectures.family(model)
+        whole = [p for p in targets if row is not None and row.qkv and not row.qkv_thirds and targeting.match(p, list(row.qkv))]
+        if whole:
+            leaf = whole[0].rsplit(".", 1)[-1]
+            return [f"fused {leaf} ×{len(whole)}: queries are scaled too, as in the reference"]
         return []
 
     def to_peft_config(self, config: IA3Config, model: nn.Module, chosen: list[str]) -> dict[str, Any]:

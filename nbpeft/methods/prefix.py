@@ -38,6 +38,7 @@ from .prompt import (
     embedding_path,
     extend_mask_and_positions,
     find_wrapper,
+    forward_params,
     get_cache,
     install_hook,
     model_sizes,
@@ -211,9 +212,13 @@ class PrefixTuning(Method):
     def select(self, model: nn.Module, config: PrefixConfig, attached: Mapping[str, Attached]) -> list[str]:
         path = embedding_path(model, self.name)
         backbone = getattr(model, "base_model", model)
-        if getattr(getattr(model, "config", None), "is_encoder_decoder", False) or cache_arg(backbone) is None:
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            raise ConfigError(f"prefix: {type(model).__name__} is an encoder-decoder, which nbpeft's prefix tuning does "
+                              "not support yet; use lora or ia3")
+        if cache_arg(backbone) is None:
+            instead = "method 'prompt', lora or ia3" if "inputs_embeds" in forward_params(model) else "lora, ia3 or adapter"
             raise ConfigError(f"prefix: {type(model).__name__} takes no key/value cache, so prefix tuning does not "
-                              "support it; use a decoder model such as Llama, or method 'prompt'")
+                              f"support it; use {instead} instead")
         if _checkpointing(model):
             raise ConfigError("prefix: gradient checkpointing is on; call model.gradient_checkpointing_disable() first")
         config._sizes = model_sizes(model, self.name)

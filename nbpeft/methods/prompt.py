@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .. import targeting
+from .. import architectures, targeting
 from ..layers import AdapterLayer, adapter_dtype, find_layer, innermost
 from .base import REFERENCE_PREFIX, Attached, ConfigError, Method, MethodConfig, option, register
 
@@ -137,7 +137,7 @@ def model_sizes(model: nn.Module, method: str) -> dict[str, int]:
         layers, heads, hidden = config.num_hidden_layers, config.num_attention_heads, config.hidden_size
     except AttributeError as err:
         raise ConfigError(f"{method}: cannot read the model's size from its config ({err})") from None
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    kv_heads = architectures.key_value_heads(config)
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     return {"layers": layers, "heads": heads, "hidden": hidden, "kv_heads": kv_heads, "head_dim": head_dim}
 
@@ -321,7 +321,8 @@ class Prompt(Method):
     def select(self, model: nn.Module, config: PromptConfig, attached: Mapping[str, Attached]) -> list[str]:
         path = embedding_path(model, self.name)
         if "inputs_embeds" not in forward_params(model):
-            raise ConfigError(f"prompt: {type(model).__name__}.forward takes no inputs_embeds, so a prompt cannot be prepended")
+            raise ConfigError(f"prompt: {type(model).__name__}.forward takes no inputs_embeds (its input is not token "
+                              "embeddings), so a prompt cannot be prepended; use lora, ia3 or adapter instead")
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             raise ConfigError("prompt: encoder-decoder models are not supported yet; use a decoder-only or encoder model")
         return [path]
