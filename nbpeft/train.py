@@ -24,9 +24,9 @@ from torch import nn
 from . import core, fast
 from .data import Batches
 from .methods.base import ConfigError
+from .precision import PRECISIONS, choose  # noqa: F401  (PRECISIONS: the panel imports it from here)
 
 Listener = Callable[[str, dict[str, Any]], None]
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 class StopTraining(Exception):
@@ -90,16 +90,8 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def pick_precision(device: torch.device, precision: str = "auto") -> str:
-    """bf16 autocast on GPUs that support it, else fp16 with a grad scaler; fp32 elsewhere."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"train(): precision={precision!r} is not known; use one of {', '.join(PRECISIONS)}")
-    if precision != "auto":
-        if precision == "fp16" and device.type == "cpu":
-            raise ConfigError("train(): precision='fp16' needs a GPU; use 'fp32' or 'bf16' on CPU")
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    """The precision name for ``device`` (see ``nbpeft.precision.choose``, which also says why)."""
+    return choose(device, precision).name
 
 
 def peak_memory(device: torch.device) -> int:
