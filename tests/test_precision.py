@@ -89,6 +89,10 @@ def test_explicit_cpu_choices_are_kept_and_say_so(monkeypatch):
     assert choose(CPU, "fp32") == Choice("fp32", "fp32: asked for (precision='fp32')")
     bf16 = choose(CPU, "bf16")
     assert bf16.name == "bf16" and "emulated" in bf16.reason and bf16.autocast_dtype is torch.bfloat16
+    with bf16.autocast(CPU):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") is torch.bfloat16
+    with choose(CPU, "fp32").autocast(CPU):
+        assert not torch.is_autocast_enabled("cpu")
     with pytest.raises(nbpeft.ConfigError, match="precision='fp16' needs a GPU; use 'fp32' or 'bf16' on CPU"):
         choose(CPU, "fp16")
     with pytest.raises(nbpeft.ConfigError, match=r"precision='fp8' is not known; use one of auto, fp32, bf16, fp16"):
