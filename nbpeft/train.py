@@ -27,10 +27,10 @@ from . import checkpoint, core, fast
 from .data import Batches
 from .events import Begin, End, Listener, Note, Step, StopTraining, as_listener
 from .methods.base import ConfigError
+from .precision import PRECISIONS, Choice, choose  # noqa: F401  (PRECISIONS: the panel imports it from here)
 
 __all__ = ["Listener", "StopTraining", "TrainResult", "train", "evaluate", "pick_device", "pick_precision"]
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "linear", "cosine")
 LR_FLOOR = 0.1  # linear and cosine decay to 10% of the peak: the last steps still learn
 
@@ -107,16 +107,8 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def pick_precision(device: torch.device, precision: str = "auto") -> str:
-    """bf16 autocast on GPUs that support it, else fp16 with a grad scaler; fp32 elsewhere."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"train(): precision={precision!r} is not known; use one of {', '.join(PRECISIONS)}")
-    if precision != "auto":
-        if precision == "fp16" and device.type == "cpu":
-            raise ConfigError("train(): precision='fp16' needs a GPU; use 'fp32' or 'bf16' on CPU")
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    """The precision name for ``device`` (see ``nbpeft.precision.choose``, which also says why)."""
+    return choose(device, precision).name
 
 
 def peak_memory(device: torch.device) -> int:
@@ -317,7 +309,7 @@ def train(
         raise ConfigError(f"train(): the checkpoint is at step {saved['step']}, the run has {steps} steps; "
                           "raise steps= to train further")
     dev = pick_device(device)
-    prec = pick_precision(dev, precision)
+    prec = choose(dev, precision)
     if gradient_checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
         raise ConfigError("train(): gradient_checkpointing=True needs a transformers model")
     if compile and not fast.can_compile(dev):
@@ -336,10 +328,11 @@ def train(
             param.requires_grad = flag
 
 
-def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Listener, dev: torch.device, prec: str,
+def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Listener, dev: torch.device, choice: Choice,
          steps: int, lr: float, grad_accum: int, eval_every: int | None, metrics: Callable | None, schedule: str,
          warmup: int, weight_decay: float, save_every: int | None, output_dir: Any, saved: dict | None, full: bool,
          gradient_checkpointing: bool, seed: int, loss_fn: Callable | None, compile: bool | None) -> TrainResult:
+    prec = choice.name
     params = core.trainable_parameters(model)
     torch.manual_seed(seed)
     model.to(dev)
@@ -376,7 +369,7 @@ def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Li
         examples=len(batches.examples) if batches.kind != "batches" else None,
         epochs=steps * grad_accum / batches.per_epoch if batches.per_epoch else None,
         batch_size=batches.batch_size if batches.kind != "batches" else 0, grad_accum=grad_accum, full=full, device_name=device_name,
-        device_memory=device_memory, schedule=schedule, warmup_steps=warmup, lr=lr,
+        device_memory=device_memory, precision_reason=choice.reason, schedule=schedule, warmup_steps=warmup, lr=lr,
         has_eval=evals is not None, start_step=first,
     ))
     for note in batches.notes:
