@@ -46,11 +46,13 @@ def main(out: Path, base_gguf: str) -> None:
             same += tokens == want
             worst = max(worst, float(np.abs(scores - logits.numpy()).max()))
             if tokens != want:
-                print(f"  {label}: tokens differ: llama.cpp {tokens} vs nbpeft {want}")
+                print(f"  {label}: tokens differ: llama.cpp {tokens} vs nbpeft {want}", flush=True)
         results[label] = {"prompts": len(reference["prompts"]), "same_greedy_tokens": int(same), "max_abs_logit_diff": worst}
-        print(f"{label}: same greedy tokens on {same}/{len(reference['prompts'])} prompts; largest |logit difference| {worst:.4f}")
+        print(f"{label}: same greedy tokens on {same}/{len(reference['prompts'])} prompts; "
+              f"largest |logit difference| {worst:.4f}", flush=True)
         del llm
-    (out / "llama_cpp_results.json").write_text(json.dumps(results, indent=1))
+        # written after each setup: a crash inside llama.cpp (seen with q8_0 files) keeps what was measured
+        (out / "llama_cpp_results.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
