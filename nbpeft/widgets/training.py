@@ -107,7 +107,7 @@ class TrainTab(widgets.VBox):
         self.refresh_button = widgets.Button(description="", icon="refresh", tooltip="look for variables again",
                                              layout={"width": "36px"})
         self.length_unit = widgets.ToggleButtons(options=["steps", "epochs"], value="steps", description="train for",
-                                                 style={"description_width": "initial", "button_width": "64px"})
+                                                 style={"description_width": "initial", "button_width": "80px"})
         self.steps = widgets.BoundedIntText(value=30, min=1, max=10**7, description="steps", **label)
         self.epochs = widgets.BoundedFloatText(value=1.0, min=0.01, max=10**4, step=0.5, description="epochs",
                                                disabled=True, **label)
