@@ -1,7 +1,8 @@
 """The panel in a real browser: JupyterLab runs notebooks/04_widgets.ipynb, the panel renders,
 changing r in the page changes the preview, Attach leaves no red error line behind, Stop ends a
-training run while it is running, and the Adapters tab keeps its buttons on one row under a
-table whose heads sit over their columns. Each tab is photographed and the pictures checked too.
+training run while it is running, Show example renders an example in the Train tab, and the
+Adapters tab keeps its buttons on one row under a table whose heads sit over their columns, with
+its Export rows below. Each tab is photographed and the pictures checked too.
 
 Needs the ``browser`` extra (jupyterlab, playwright) and a Chromium binary (Debian's
 ``chromium`` package; another path through NBPEFT_CHROMIUM). Without them the test is skipped
@@ -240,11 +241,17 @@ def test_panel_in_jupyterlab(lab):
             expect(status).to_contain_text("stopped after step", timeout=120_000)
             stopped_at = int(re.search(r"stopped after step (\d+) of 500", status.inner_text())[1])
             assert 1 <= stopped_at < 20
+            panel.locator(".nbpeft-train-show-example").click()
+            example = panel.locator(".nbpeft-train-example .nbpeft-example")
+            expect(example).to_contain_text("row 0 (prompt-response)", timeout=30_000)
+            expect(example).to_contain_text("under the loss")
             panel.screenshot(path=str(ARTIFACTS / "browser_train.png"))
 
             panel.locator(".lm-TabBar-tab", has_text="Adapters").click()
             table = panel.locator(".nbpeft-adapters table")
             expect(table).to_contain_text("extra", timeout=30_000)
+            for part in ("export-format", "export-path", "export", "check", "to-lora"):
+                expect(panel.locator(f".nbpeft-adapters-{part}")).to_be_visible()
             panel.screenshot(path=str(ARTIFACTS / "browser_adapters.png"))
             row = panel.locator(".nbpeft-adapters-buttons button")
             assert row.count() == 5 and any("Disable all" in t for t in row.all_inner_texts())

@@ -25,7 +25,7 @@ from nbpeft.models import cache_dir
 
 MAGICS = ("peft_methods", "peft_attach", "peft_summary", "peft_use", "peft_detach", "peft_merge", "peft_unmerge",
           "peft_save", "peft_load", "peft_train", "peft_compare", "peft_panel", "peft_generate", "peft_compare_answers",
-          "peft_export", "peft_to_lora")
+          "peft_export", "peft_to_lora", "peft_show_example")
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
@@ -80,7 +80,7 @@ def shell(ip):
     ip.user_ns["model"] = tiny_model()
     yield ip
     for name in ("model", "other", "fresh", "data", "val", "tokenizer", "_peft_result", "res", "_peft_compare",
-                 "_peft_panel", "table", "_peft_answers", "chars"):
+                 "_peft_panel", "table", "_peft_answers", "chars", "qa"):
         ip.user_ns.pop(name, None)
 
 
@@ -1053,3 +1053,89 @@ def test_complete_answers_and_export_words(shell):
 
     assert completions(shell, "%peft_to_lora chat --rank ") == ("", [])  # a number: nothing of ours to offer
     assert completions(shell, "%peft_compare_answers --prompt ") == ("", [])  # free text, not variable names
+
+
+# %peft_show_example --------------------------------------------------------------------------
+
+def shown(out) -> str:
+    """The plain text of the one thing a cell displayed."""
+    assert len(out.outputs) == 1
+    return out.outputs[0].data["text/plain"]
+
+
+def test_show_example_is_the_api_call(shell, monkeypatch):
+    from test_generate import char_tokenizer
+
+    from nbpeft.data import remember_tokenizer
+
+    chars = char_tokenizer()
+    data = [{"prompt": "hi", "response": "yo"}, {"prompt": "how are you", "response": "well, thanks"}]
+    shell.user_ns.update(data=data, chars=chars, qa=[{"q": "2+2?", "a": "4"}])
+    result, out = run(shell, "%peft_show_example 1 --tokenizer chars max_length=34")
+    assert result.success, out.stderr
+    expected = nbpeft.show_example(data, chars, 1, max_length=34)
+    assert shown(out) == repr(expected) and expected.cut > 0 and expected.num_trained > 0
+    assert "⟦" in shown(out)
+    # default row 0 of `data` with the notebook's `tokenizer`; the HTML view is the Example's own
+    shell.user_ns["tokenizer"] = chars
+    monkeypatch.setattr(shell.display_formatter, "active_types", ["text/plain", "text/html"])
+    result, out = run(shell, "%peft_show_example")
+    assert result.success and shown(out) == repr(nbpeft.show_example(data, chars, 0))
+    assert out.outputs[0].data["text/html"] == nbpeft.show_example(data, chars, 0)._repr_html_()
+    # columns= maps other column names, as in train
+    result, out = run(shell, "%peft_show_example --data qa columns={'prompt': 'q', 'response': 'a'}")
+    assert result.success, out.stderr
+    assert shown(out) == repr(nbpeft.show_example([{"prompt": "2+2?", "response": "4"}], chars))
+    # no tokenizer variable: the model's own
+    del shell.user_ns["tokenizer"]
+    other = shell.user_ns["other"] = tiny_model(1)
+    remember_tokenizer(other, chars)
+    result, out = run(shell, "%peft_show_example 1 --model other")
+    assert result.success, out.stderr
+    assert shown(out) == repr(nbpeft.show_example(data, chars, 1))
+
+
+@pytest.mark.parametrize("line, message", [
+    ("%peft_show_example", "nbpeft: show_example(): text data needs a tokenizer and none belongs to this model; "
+                           "pass --tokenizer NAME"),
+    ("%peft_show_example 5 --tokenizer chars", "nbpeft: show_example(): I=5 is past the end; the data has 2 rows (0 to 1)"),
+    ("%peft_show_example -1 --tokenizer chars", "nbpeft: I='-1' must be a row number, 0 or more; usage: %peft_show_example"),
+    ("%peft_show_example first --tokenizer chars", "nbpeft: I='first' must be a row number, 0 or more"),
+    ("%peft_show_example 0 1", "nbpeft: expected key=value, got '1'; usage: %peft_show_example [I]"),
+    ("%peft_show_example max_len=8 --tokenizer chars",
+     "nbpeft: show_example: unknown option 'max_len' (did you mean 'max_length'?); options are max_length, columns"),
+    ("%peft_show_example max_length=0 --tokenizer chars",
+     "nbpeft: show_example(): max_length=0 must be a positive integer"),
+    ("%peft_show_example --data nope", "nbpeft: no variable 'nope' in the notebook; make a list of examples or pass --data NAME"),
+    ("%peft_show_example --tokenizer nope", "nbpeft: no variable 'nope' in the notebook; pass --tokenizer NAME"),
+    ("%peft_show_example --steps 3", "nbpeft: unknown flag --steps (flags: --data, --model, --tokenizer)"),
+])
+def test_show_example_errors_are_one_line_in_flag_syntax(shell, line, message):
+    from test_generate import char_tokenizer
+
+    data = [{"prompt": "hi", "response": "yo"}, {"prompt": "how are you", "response": "well"}]
+    shell.user_ns.update(data=data, chars=char_tokenizer())
+    before, rows = snapshot(shell.user_ns["model"]), json.dumps(data)
+    result, out = run(shell, line)
+    assert_usage_error(result, out, message)
+    assert "tokenizer=" not in out.stderr and "i=" not in out.stderr
+    assert same_snapshot(before, snapshot(shell.user_ns["model"])) and json.dumps(data) == rows
+
+
+def test_show_example_without_tokenizer_or_model_names_both_flags(shell):
+    shell.user_ns["data"] = ["some text"]
+    del shell.user_ns["model"]
+    result, out = run(shell, "%peft_show_example")
+    assert_usage_error(result, out, "nbpeft: which tokenizer? pass --tokenizer NAME, or --model NAME for that model's own")
+
+
+def test_complete_show_example(shell):
+    from test_generate import char_tokenizer
+
+    shell.user_ns.update(chars=char_tokenizer(), data=["a"], other=tiny_model())
+    assert complete(shell, "%peft_show_example ") == ["max_length=", "columns="]
+    assert complete(shell, "%peft_show_example 2 --") == ["--data", "--model", "--tokenizer"]
+    assert complete(shell, "%peft_show_example --tokenizer ") == ["chars"]
+    assert complete(shell, "%peft_show_example --data ") == ["data"]
+    assert complete(shell, "%peft_show_example --model ") == ["model", "other"]
+    assert complete(shell, "%peft_show_example max_length=8 ") == ["columns="]  # max_length is given already

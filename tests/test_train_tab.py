@@ -115,3 +115,57 @@ def test_a_stopped_run_says_so_once():
     assert shown.count("stopped after step") == 1
     assert f"stopped after step {result.steps} of 100000" in text(tab.status)
     assert "the result is in _peft_result" in text(tab.message)
+
+
+QA = [{"prompt": "hi", "response": "yo"}, {"prompt": "how are you", "response": "well, thanks"}]
+
+
+def test_show_example_renders_the_chosen_row_with_the_chosen_tokenizer():
+    from test_generate import char_tokenizer
+
+    chars = char_tokenizer()
+    tab = tab_for({"data": QA, "chars": chars})
+    assert tab.tokenizer_name.value == "chars" and tab.example.value == ""
+    tab.example_index.value, tab.max_length.value = 1, 34
+    tab.example_button.click()
+    expected = nbpeft.show_example(QA, chars, 1, max_length=34)
+    assert tab.example.value == expected._repr_html_()
+    assert expected.cut > 0 and expected.num_trained > 0  # the form's max_length is the one shown
+    assert "row 1 (prompt-response), 34 tokens" in text(tab.example) and "under the loss" in text(tab.example)
+    assert tab.result is None and not tab.running  # looking trains nothing
+
+
+def test_show_example_and_start_use_the_models_own_tokenizer():
+    from test_generate import char_tokenizer
+
+    from nbpeft.data import remember_tokenizer
+
+    chars = char_tokenizer()
+    tab = tab_for({"data": QA})
+    assert tab.tokenizer_name.value == ""
+    remember_tokenizer(tab.model, chars)
+    tab.example_button.click()
+    assert tab.example.value == nbpeft.show_example(QA, chars, 0, max_length=tab.max_length.value)._repr_html_()
+    assert tab.options()["tokenizer"] is chars
+
+
+def test_show_example_errors_are_one_line_in_the_panels_words():
+    from test_generate import char_tokenizer
+
+    tab = tab_for({"data": QA})
+    before = {k: v.clone() for k, v in tab.model.state_dict().items()}
+    tab.example_button.click()  # no tokenizer variable, and none belongs to the tiny model
+    assert text(tab.example).strip() == ("show_example(): text data needs a tokenizer and none belongs to this model; "
+                                         "type its variable under tokenizer")
+    tab.namespace["chars"] = char_tokenizer()
+    tab.tokenizer_name.value, tab.example_index.value = "chars", 5
+    tab.example_button.click()
+    assert text(tab.example).strip() == "show_example(): example 5 is past the end; the data has 2 rows (0 to 1)"
+    tab.data.value = "missing"
+    tab.example_button.click()
+    assert text(tab.example).strip() == "show_example: no variable 'missing' in the notebook; make a list of examples first"
+    tab.data.value = ""
+    tab.example_button.click()
+    assert text(tab.example).strip().startswith("show_example: which data?")
+    assert "#b00020" in tab.example.value and "\n" not in text(tab.example).strip()
+    assert all(torch.equal(v, before[k]) for k, v in tab.model.state_dict().items()) and tab.result is None

@@ -6,6 +6,7 @@
     %peft_summary
     %peft_compare_answers chat sql --prompt "Tell me a joke"
     %peft_export merged out/merged
+    %peft_show_example 3 --data chats
     %peft_panel
 
 Each magic parses its line (and cell body) into the keyword arguments a Python user

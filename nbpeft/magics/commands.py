@@ -15,6 +15,7 @@ from torch import nn
 
 import nbpeft
 
+from ..data import MissingTokenizer
 from ..export import FORMATS, TARGETS
 from ..frontend import option_value, parse_options, parse_value
 from ..io import WEIGHTS_FILE
@@ -26,6 +27,8 @@ from .tables import MethodTable
 TRAIN_VARIABLES = ("model", "data", "tokenizer", "eval_data")
 # flags that are generate()'s options of the same name (--top-p is top_p=); --stop stays text
 GENERATION_FLAGS = ("max-new-tokens", "temperature", "top-p", "seed", "stop")
+# show_example() arguments that come from the line's I and --flags, not key=value
+SHOW_VARIABLES = ("data", "tokenizer", "i", "model")
 
 
 def module_lists(method: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -71,7 +74,7 @@ def prompts_of(magic: str, flags: dict[str, Any], cell: str | None) -> list[str]
 class PeftMagics(Magics):
     """%peft_methods, %peft_attach, %peft_summary, %peft_use, %peft_detach, %peft_merge, %peft_unmerge,
     %peft_save, %peft_load, %%peft_train, %peft_compare, %peft_panel, %peft_generate,
-    %peft_compare_answers, %peft_export, %peft_to_lora."""
+    %peft_compare_answers, %peft_export, %peft_to_lora, %peft_show_example."""
 
     def _var(self, name: str, hint: str) -> Any:
         if name not in self.shell.user_ns:
@@ -84,6 +87,15 @@ class PeftMagics(Magics):
         if not isinstance(model, nn.Module):
             fail(f"{name or 'model'!r} holds a {type(model).__name__}, not a torch model; pass --model NAME")
         return model
+
+    def _options(self, fn: Callable, options: dict[str, Any], skip: tuple[str, ...]) -> None:
+        """Fail on a key=value that ``fn`` does not take, with a did-you-mean."""
+        allowed = [p for p in inspect.signature(fn).parameters if p not in skip]
+        for key in options:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                fail(f"{fn.__name__}: unknown option {key!r}{hint}; options are {', '.join(allowed)}")
 
     def _tokenizer(self, flags: dict[str, Any]) -> Any:
         """``--tokenizer VAR``, else the notebook's ``tokenizer`` if there is one (else None: the API looks further)."""
@@ -195,12 +207,7 @@ class PeftMagics(Magics):
         """
         _, flags, options = split_line(line, "peft_train")
         options = merged_options(options, cell)
-        allowed = [p for p in inspect.signature(nbpeft.train).parameters if p not in TRAIN_VARIABLES]
-        for key in options:
-            if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                fail(f"train: unknown option {key!r}{hint}; options are {', '.join(allowed)}")
+        self._options(nbpeft.train, options, TRAIN_VARIABLES)
         out = flags.get("out", "_peft_result")
         if not out.isidentifier():
             fail(f"--out {out!r} must be a variable name")
@@ -380,3 +387,31 @@ class PeftMagics(Magics):
         model = self._model(flags.get("model"))
         options = {"rank": parse_value(flags["rank"])} if "rank" in flags else {}
         print(nbpeft.to_lora(model, source=words[0] if words else None, name=flags.get("name"), **options))
+
+    @line_magic
+    @usage_errors
+    def peft_show_example(self, line: str) -> None:
+        """One training example as the model sees it:  %peft_show_example [I] [--data VAR] [--model VAR] [--tokenizer VAR] [max_length=N] [columns=...]
+
+        Row I (default 0) of the data (default ``data``), tokenised as ``%%peft_train``
+        would: the tokens under the loss highlighted, the masked ones dimmed, with counts.
+        ``columns={'prompt': 'question', 'response': 'answer'}`` maps other column names.
+        Same as ``nbpeft.show_example(data, tokenizer, I, max_length=N, columns=...)``;
+        with no --tokenizer and no ``tokenizer`` variable, the model's own tokenizer.
+        """
+        words, flags, options = split_line(line, "peft_show_example", positional=1)
+        self._options(nbpeft.show_example, options, SHOW_VARIABLES)
+        index = parse_value(words[0]) if words else 0
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            fail(f"I={words[0]!r} must be a row number, 0 or more; usage: {USAGE['peft_show_example']}")
+        data = self._var(flags.get("data", "data"), "make a list of examples or pass --data NAME")
+        tokenizer = self._tokenizer(flags)
+        if tokenizer is None and "model" not in flags and "model" not in self.shell.user_ns:
+            fail(f"which tokenizer? pass --tokenizer NAME, or --model NAME for that model's own; "
+                 f"usage: {USAGE['peft_show_example']}")
+        model = self._model(flags.get("model")) if tokenizer is None or "model" in flags else None
+        try:
+            example = nbpeft.show_example(data, tokenizer if tokenizer is not None else model, index, **options)
+        except MissingTokenizer as err:
+            fail(err.with_fix("pass --tokenizer NAME"))
+        display(example)

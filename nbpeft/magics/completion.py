@@ -15,7 +15,7 @@ from ..export import DTYPES, FORMATS, TARGETS
 from ..frontend import data_variables, tokenizer_variables
 from ..gguf_export import QUANTS
 from ..methods.base import get_method, method_options
-from .commands import TRAIN_VARIABLES
+from .commands import SHOW_VARIABLES, TRAIN_VARIABLES
 from .line import FLAGS, SWITCHES
 
 _MAGIC_LINE = re.compile(r"\s*%%?(peft_\w+)(.*)", re.DOTALL)
@@ -34,10 +34,10 @@ def option_keys(magic: str, method: str | None) -> dict[str, dict[str, Any]]:
             return method_options(get_method(method).config_class)
         except ValueError:
             return {}
-    fn = {"peft_train": nbpeft.train, "peft_compare": nbpeft.compare}.get(magic)
+    fn = {"peft_train": nbpeft.train, "peft_compare": nbpeft.compare, "peft_show_example": nbpeft.show_example}.get(magic)
     if fn is None:
         return {}
-    skip = TRAIN_VARIABLES + (("live",) if magic == "peft_train" else ())
+    skip = SHOW_VARIABLES if magic == "peft_show_example" else TRAIN_VARIABLES + (("live",) if magic == "peft_train" else ())
     params = inspect.signature(fn).parameters.values()
     keys = {p.name: {"type": "bool" if isinstance(p.default, bool) else ""} for p in params
             if p.name not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}

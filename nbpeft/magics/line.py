@@ -35,6 +35,7 @@ USAGE = {
     "peft_export": "%peft_export FORMAT PATH [--dtype D] [--quant Q] [--model VAR] [--tokenizer VAR]"
                    "  or  %peft_export check TARGET [FOLDER]",
     "peft_to_lora": "%peft_to_lora [NAME] [--rank R] [--name NAME] [--model VAR]",
+    "peft_show_example": "%peft_show_example [I] [--data VAR] [--model VAR] [--tokenizer VAR] [max_length=N] [columns=...]",
 }
 # --flags that take no value (a switch); every other flag takes one
 SWITCHES = ("overwrite", "no-base")
@@ -45,6 +46,7 @@ WORDINGS = {
     "peft_export": {"export format='merged'": "%peft_export merged PATH", "export format='gguf'": "%peft_export gguf PATH",
                     "format='gguf-adapter'": "gguf-adapter", "format=": "FORMAT ", "target=": "TARGET "},
     "peft_to_lora": {"nbpeft.unmerge(model) first": "%peft_unmerge first"},
+    "peft_show_example": {"i=": "I="},
 }
 
 

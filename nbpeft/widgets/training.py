@@ -21,7 +21,7 @@ from torch import nn
 
 import nbpeft
 
-from ..data import kind_of
+from ..data import MissingTokenizer, kind_of, tokenizer_for
 from ..events import Begin, End, Listener, Note, Step, StopTraining
 from ..frontend import data_variables, one_line, tokenizer_variables
 from ..live import LossCurve, banner_text, progress_text, summary_text
@@ -84,7 +84,8 @@ class PanelDisplay(Listener):
 
 
 class TrainTab(widgets.VBox):
-    """Data, eval data, tokenizer, steps or epochs, learning rate, batch, accumulation, length, precision, device."""
+    """Data, eval data, tokenizer, steps or epochs, learning rate, batch, accumulation, length, precision, device;
+    a view of one example as the model will see it; Start and Stop."""
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, namespace: dict[str, Any] | None = None,
                  on_start: Callable[[], None] = lambda: None) -> None:
@@ -106,7 +107,7 @@ class TrainTab(widgets.VBox):
         self.refresh_button = widgets.Button(description="", icon="refresh", tooltip="look for variables again",
                                              layout={"width": "36px"})
         self.length_unit = widgets.ToggleButtons(options=["steps", "epochs"], value="steps", description="train for",
-                                                 style={"description_width": "initial", "button_width": "64px"})
+                                                 style={"description_width": "initial", "button_width": "80px"})
         self.steps = widgets.BoundedIntText(value=30, min=1, max=10**7, description="steps", **label)
         self.epochs = widgets.BoundedFloatText(value=1.0, min=0.01, max=10**4, step=0.5, description="epochs",
                                                disabled=True, **label)
@@ -120,11 +121,17 @@ class TrainTab(widgets.VBox):
         self.precision = widgets.Dropdown(options=list(PRECISIONS), value=defaults["precision"],
                                           description="precision", **label)
         self.device = widgets.Dropdown(options=devices(), value="auto", description="device", **label)
+        self.example_index = widgets.BoundedIntText(value=0, min=0, max=10**9, description="example",
+                                                    layout={"width": "160px"}, **label)
+        self.example_button = widgets.Button(description="Show example", icon="eye",
+                                             tooltip="this example of the data as the model will see it")
+        self.example = widgets.HTML(layout={"max_height": "240px", "overflow": "auto"})
         self.start_button = widgets.Button(description="Start", button_style="success", icon="play")
         self.stop_button = widgets.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
         for widget, name in ((self.data, "data"), (self.eval_data, "eval-data"), (self.tokenizer_name, "tokenizer"),
                              (self.steps, "steps"), (self.epochs, "epochs"), (self.start_button, "start"),
-                             (self.stop_button, "stop")):
+                             (self.stop_button, "stop"), (self.example_button, "show-example"),
+                             (self.example, "example")):
             widget.add_class(f"nbpeft-train-{name}")
         self.progress = widgets.IntProgress(value=0, min=0, max=1, description="progress", **label)
         self.status = widgets.HTML()
@@ -141,11 +148,13 @@ class TrainTab(widgets.VBox):
             widgets.HBox([self.data, self.refresh_button]), widgets.HBox([self.eval_data, self.tokenizer_name]),
             widgets.HBox([self.length_unit, self.steps, self.epochs]), widgets.HBox([self.lr, self.batch_size]),
             widgets.HBox([self.grad_accum, self.max_length]), widgets.HBox([self.precision, self.device]),
+            widgets.HBox([self.example_index, self.example_button]), self.example,
             widgets.HBox([self.start_button, self.stop_button]), self.progress, self.status, self.plot, self.table,
             self.message,
         ])
         self.refresh_button.on_click(self.refresh_data)
         self.length_unit.observe(self._unit_changed, names="value")
+        self.example_button.on_click(self.show_example)
         self.start_button.on_click(self.start)
         self.stop_button.on_click(self.stop)
 
@@ -167,31 +176,55 @@ class TrainTab(widgets.VBox):
         self.data.options = self.eval_data.options = names
         self.tokenizer_name.options = tokenizer_variables(self.namespace)
 
-    def _variable(self, name: str, what: str) -> Any:
+    def _variable(self, name: str, what: str, caller: str = "train") -> Any:
         if name not in self.namespace:
-            raise ConfigError(f"train: no variable {name!r} in the notebook; {what}")
+            raise ConfigError(f"{caller}: no variable {name!r} in the notebook; {what}")
         return self.namespace[name]
+
+    def _chosen_data(self, caller: str) -> Any:
+        name = self.data.value.strip()
+        if not name:
+            raise ConfigError(f"{caller}: which data? type the name of a variable holding a list of examples or a DataLoader")
+        return self._variable(name, "make a list of examples first", caller)
+
+    def _chosen_tokenizer(self, caller: str) -> Any:
+        """The tokenizer field's variable, else the panel's tokenizer (None: the model's own, if it has one)."""
+        name = self.tokenizer_name.value.strip()
+        if name:
+            return self._variable(name, "load one with model, tokenizer = nbpeft.load_model(...)", caller)
+        return self.tokenizer
 
     def options(self) -> dict[str, Any]:
         """``nbpeft.train`` keyword arguments for the current settings (without ``live``)."""
-        name = self.data.value.strip()
-        if not name:
-            raise ConfigError("train: which data? type the name of a variable holding a list of examples or a DataLoader")
-        data = self._variable(name, "make a list of examples first")
+        data = self._chosen_data("train")
         eval_name = self.eval_data.value.strip()
         eval_data = self._variable(eval_name, "leave eval data empty or name a list of examples") if eval_name else None
-        tokenizer_name = self.tokenizer_name.value.strip()
-        if tokenizer_name:
-            tokenizer = self._variable(tokenizer_name, "load one with model, tokenizer = nbpeft.load_model(...)")
-        else:
-            tokenizer = self.tokenizer
+        tokenizer = self._chosen_tokenizer("train")
         if tokenizer is None and kind_of(data) != "batches":
-            raise ConfigError("train: text data needs a tokenizer; type its variable under tokenizer "
-                              "(model, tokenizer = nbpeft.load_model(...) makes one), or train on a DataLoader of batches")
+            try:
+                tokenizer = tokenizer_for(self.model)
+            except MissingTokenizer:
+                raise ConfigError("train: text data needs a tokenizer; type its variable under tokenizer "
+                                  "(model, tokenizer = nbpeft.load_model(...) makes one), "
+                                  "or train on a DataLoader of batches") from None
         length = {"steps": self.steps.value} if self.length_unit.value == "steps" else {"epochs": self.epochs.value}
         return {"model": self.model, "data": data, "eval_data": eval_data, "tokenizer": tokenizer, **length,
                 "lr": self.lr.value, "batch_size": self.batch_size.value, "grad_accum": self.grad_accum.value,
                 "max_length": self.max_length.value, "precision": self.precision.value, "device": self.device.value}
+
+    def show_example(self, *_: Any) -> None:
+        """Render ``nbpeft.show_example`` for the chosen data, tokenizer, example number and max_length."""
+        try:
+            tokenizer = self._chosen_tokenizer("show_example")
+            example = nbpeft.show_example(self._chosen_data("show_example"),
+                                          tokenizer if tokenizer is not None else self.model,
+                                          self.example_index.value, max_length=self.max_length.value)
+        except MissingTokenizer as err:
+            say(self.example, err.with_fix("type its variable under tokenizer"), error=True)
+        except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
+            say(self.example, one_line(err, {"i=": "example "}), error=True)
+        else:
+            self.example.value = example._repr_html_()
 
     def start(self, *_: Any) -> None:
         """Start ``nbpeft.train`` on a background thread; returns at once."""
