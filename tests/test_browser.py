@@ -188,7 +188,7 @@ def test_panel_in_jupyterlab(lab):
 
             panel.locator(".lm-TabBar-tab", has_text="Attach").click()
             preview = panel.locator(".nbpeft-preview")
-            expect(preview).to_contain_text("already attached")  # the notebook attached 'default'
+            expect(preview).to_contain_text("already attached", timeout=30_000)  # the notebook attached 'default'
             name = panel.locator(".nbpeft-name input")
             name.fill("extra")
             name.press("Enter")
@@ -223,7 +223,7 @@ def test_panel_in_jupyterlab(lab):
             attach.click()
             message = panel.locator(".nbpeft-message")
             expect(message).to_contain_text("Adapter 'extra'", timeout=30_000)
-            expect(preview).to_contain_text("already attached")  # the note that follows the model
+            expect(preview).to_contain_text("already attached", timeout=30_000)  # the note that follows the model
             panel.screenshot(path=str(ARTIFACTS / "browser_attach.png"))
             red_lines = panel.locator(".nbpeft-preview span[style*='#b00020'], .nbpeft-message span[style*='#b00020']")
             assert red_lines.count() == 0  # no stale error line, in the page...

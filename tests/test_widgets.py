@@ -595,7 +595,8 @@ def test_dtype_and_quant_follow_the_format(llama):
     from nbpeft.gguf_export import QUANTS
 
     assert list(tab.export_format.options) == list(FORMATS) and list(tab.export_quant.options) == list(QUANTS)
-    assert [value for _, value in tab.export_dtype.options] == [None, *DTYPES]
+    assert [value for _, value in tab.export_dtype.options] == ["base", *DTYPES]
+    assert tab.export_dtype.label == "as the base"  # shown, not blank: the base's dtype by default
 
 
 @pytest.mark.parametrize("setup, message", [

@@ -119,7 +119,8 @@ class AdaptersTab(widgets.VBox):
         """Format, dtype, quant and path with Export; a target with Check; a rank with Convert to LoRA."""
         field = {"layout": {"width": FIELD_WIDTH}, **LABEL}
         self.export_format = widgets.Dropdown(options=list(FORMATS), value=FORMATS[0], description="export as", **field)
-        self.export_dtype = widgets.Dropdown(options=[("as the base", None), *((d, d) for d in DTYPES)], value=None,
+        # ipywidgets shows a None value as nothing selected: "base" stands for dtype=None here
+        self.export_dtype = widgets.Dropdown(options=[("as the base", "base"), *((d, d) for d in DTYPES)], value="base",
                                              description="dtype (merged)", **field)
         self.export_quant = widgets.Dropdown(options=list(QUANTS), value=QUANTS[0], description="quant (gguf)",
                                              disabled=True, **field)
@@ -269,7 +270,8 @@ class AdaptersTab(widgets.VBox):
             if not path:
                 raise ConfigError("export: type a new folder in export to first")
             fmt = self.export_format.value
-            options = {"dtype": self.export_dtype.value} if fmt == "merged" else {"quant": self.export_quant.value} if fmt == "gguf" else {}
+            dtype = None if self.export_dtype.value == "base" else self.export_dtype.value
+            options = {"dtype": dtype} if fmt == "merged" else {"quant": self.export_quant.value} if fmt == "gguf" else {}
             result = nbpeft.export(self.model, path, format=fmt, tokenizer=self.tokenizer, **options)
         except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
             say(self.message, one_line(err, SPELLINGS), error=True)
