@@ -335,6 +335,9 @@ class Batches:
         enc["labels"] = enc["labels"][: self.max_length]
         # the first label is never predicted (nothing comes before it)
         if all(t == IGNORE for t in enc["labels"][1:]):
+            if self.kind == "chat":  # a conversation is the user's own unit: refuse rather than drop it
+                raise ConfigError(f"{self.caller}: {where}: max_length={self.max_length} cuts off every assistant "
+                                  "turn of this conversation; raise max_length= or shorten its earlier turns")
             self.dropped += self._counting
             self.first_dropped = self.first_dropped or where
             return None

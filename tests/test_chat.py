@@ -84,14 +84,18 @@ def test_a_tokenizer_without_a_template_gets_the_documented_default(plain_tokeni
     assert nbpeft.data.chat_prompt(plain_tokenizer, "Hi").endswith("<|user|>\nHi" + eos + "\n<|assistant|>\n")
 
 
-def test_assistant_turns_cut_by_max_length_are_counted_and_dropped(smol_tokenizer):
+def test_a_conversation_whose_assistant_turns_are_all_cut_is_refused_in_one_line(smol_tokenizer, llama):
     long_first = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]
     rows = [{"messages": CONVERSATION}, {"messages": long_first}]
-    batches = Batches(rows, smol_tokenizer, 2, 64, 0)
-    assert (batches.truncated, batches.dropped, len(batches.examples)) == (1, 1, 1)
-    assert "dropped 1 of them whose labelled tokens were all past it (e.g. row 1)" in batches.notes[0]
-    with pytest.raises(nbpeft.ConfigError, match=r"every example lost its labelled tokens to max_length=64 \(e.g. row 0\); raise max_length"):
-        Batches(rows[1:], smol_tokenizer, 2, 64, 0)
+    with pytest.raises(nbpeft.ConfigError, match=r"^train\(\): row 1: max_length=64 cuts off every assistant turn of "
+                                                  r"this conversation; raise max_length= or shorten its earlier turns$"):
+        Batches(rows, smol_tokenizer, 2, 64, 0)
+    # nothing trained, the model unchanged
+    nbpeft.attach(llama, "lora", r=2)
+    before = snapshot(llama)
+    with pytest.raises(nbpeft.ConfigError, match="row 1: max_length=64 cuts off every assistant turn"):
+        nbpeft.train(llama, rows, tokenizer=smol_tokenizer, steps=1, max_length=64, live=False)
+    assert_same(before, snapshot(llama))
     # a turn cut in the middle keeps its first tokens under the loss, without an end-of-turn token
     cut = Batches([{"messages": CONVERSATION}], smol_tokenizer, 1, 40, 0)
     assert cut.truncated == 1 and cut.dropped == 0
