@@ -202,10 +202,14 @@ class NF4Linear(nn.Module):
         return dequantize(self.state(), shape, self.block_size, dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _DequantizedMatmul.apply(x.to(self.compute_dtype), self)
+        # Under autocast the output takes the autocast dtype, as nn.Linear's does: models such as
+        # DeBERTa-v2 mix this output with autocast matmuls and fail on a dtype mismatch otherwise.
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else self.compute_dtype
+        y = _DequantizedMatmul.apply(x.to(dtype), self)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.to(x.dtype)
+        return y if autocast else y.to(x.dtype)
 
     @property
     def packed_weight_numel(self) -> int:
