@@ -197,9 +197,21 @@ def encode(example: Any, kind: str, tokenizer: Any, max_length: int) -> dict[str
     return {"input_ids": enc["input_ids"][:max_length], "labels": enc["labels"][:max_length]}
 
 
-def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding is masked in attention and labels."""
-    width = max(len(e["input_ids"]) for e in examples)
+# Batches are padded to a multiple of this many tokens (never past max_length): a handful of
+# widths instead of one per length. CPU bf16 matmuls (oneDNN) cache a primitive per shape, and
+# one per length grew the chat notebook's peak by 0.24 GiB over 24 steps (1.63 -> 1.39 GiB with
+# the cache capped); compiled steps likewise recompile per new shape.
+PAD_MULTIPLE = 16
+
+
+def collate(examples: list[dict[str, Any]], pad_id: int, multiple: int = 1, limit: int | None = None
+            ) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example, rounded up to ``multiple`` (at most ``limit`` when that is
+    longer); padding is masked in attention and labels."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    width = -(-longest // multiple) * multiple
+    if limit is not None:
+        width = min(width, max(longest, limit))
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(examples), width), dtype=torch.long)
     for i, e in enumerate(examples):
@@ -361,10 +373,10 @@ class Batches:
             for e in examples:
                 group.append(e)
                 if len(group) == self.batch_size:
-                    yield collate(group, self.pad_id)
+                    yield collate(group, self.pad_id, PAD_MULTIPLE, self.max_length)
                     group = []
             if group:
-                yield collate(group, self.pad_id)
+                yield collate(group, self.pad_id, PAD_MULTIPLE, self.max_length)
             return
         if isinstance(examples, list):
             rows = pack(examples, self.max_length)
