@@ -3,7 +3,7 @@
 Workload: LoRA r=8 (alpha 16) on q_proj and v_proj of smollm2-135m, fp32 on CPU, the
 ``radio_chat`` conversations (44, 59-107 tokens each) rendered with SmolLM2's chat
 template. Padded: batches of ``--batch-size`` conversations, each padded to its batch's
-longest (what ``nbpeft.train`` does by default). Packed: rows of ``--max-length`` tokens
+longest rounded up to 16 tokens (what ``nbpeft.train`` does by default). Packed: rows of ``--max-length`` tokens
 filled with whole conversations (``packing=True``), ``--rows`` rows a batch. Both see the
 same conversations in the same shuffled order, a training step is the loss, backward and
 an AdamW step as in ``nbpeft.train``, and the two alternate step by step so that a busy
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import nbpeft  # noqa: E402
 from nbpeft import fast  # noqa: E402
-from nbpeft.data import Batches, collate, collate_packed, pack  # noqa: E402
+from nbpeft.data import PAD_MULTIPLE, Batches, collate, collate_packed, pack  # noqa: E402
 from nbpeft.datasets import load_dataset  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def main() -> None:
             else:
                 for i in range(0, len(order) - args.batch_size + 1, args.batch_size):
                     chunk = order[i:i + args.batch_size]
-                    yield collate(chunk, pad_id), sum(len(e["input_ids"]) for e in chunk)
+                    yield collate(chunk, pad_id, PAD_MULTIPLE, args.max_length), sum(len(e["input_ids"]) for e in chunk)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
