@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 import transformers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 import nbpeft
 
@@ -114,3 +116,29 @@ def minilm(minilm_classifier):
     yield model, tokenizer
     if getattr(model, "_nbpeft", None) is not None:
         nbpeft.detach(model)
+
+
+CHAR_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def char_tokenizer(chat: bool = True) -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character; ids 0-2 are pad, bos, eos as in a default LlamaConfig."""
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>"] + [chr(c) for c in range(32, 127)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    if chat:
+        tokenizer.chat_template = CHAR_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer():
+    """The bundled SmolLM2's own tokenizer (with its chat template); one per test module."""
+    from transformers import AutoTokenizer
+
+    from nbpeft.models import resolve_name
+
+    return AutoTokenizer.from_pretrained(resolve_name("smollm2-135m"))

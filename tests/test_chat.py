@@ -11,7 +11,6 @@ import nbpeft
 from nbpeft import chat
 from nbpeft.data import IGNORE, Batches, tokenize
 from nbpeft.datasets import load_dataset, path
-from nbpeft.models import resolve_name
 
 from conftest import assert_same, snapshot
 
@@ -23,13 +22,6 @@ CONVERSATION = [
     {"role": "user", "content": "And of Spain?"},
     {"role": "assistant", "content": "Madrid."},
 ]
-
-
-@pytest.fixture(scope="module")
-def smol_tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(resolve_name("smollm2-135m"))
 
 
 @pytest.fixture

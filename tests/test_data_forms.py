@@ -9,7 +9,6 @@ import torch
 
 import nbpeft
 from nbpeft.data import IGNORE, Batches, MissingTokenizer, remember_tokenizer, tokenizer_for
-from nbpeft.models import resolve_name
 
 from conftest import assert_same, snapshot, tiny_llama
 
@@ -175,13 +174,6 @@ def test_truncation_is_counted_reported_once_at_the_start_and_in_the_result(llam
     assert events[1][1].message == batches.notes[0]
     assert (result.truncated, result.dropped) == (2, 1)
     assert nbpeft.train(llama, rows, tokenizer=CharTokenizer(), steps=1, max_length=64, live=False).truncated == 0
-
-
-@pytest.fixture(scope="module")
-def smol_tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(resolve_name("smollm2-135m"))
 
 
 def test_the_tokenizer_goes_with_the_model(tmp_path, smol_tokenizer):

@@ -6,33 +6,16 @@ import importlib
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import nbpeft
 from nbpeft import core
 from nbpeft.methods.base import ConfigError
 
-from conftest import tiny_bert, tiny_llama
+from conftest import char_tokenizer, tiny_bert, tiny_llama
 
 gen_module = importlib.import_module("nbpeft.generate")
 answers_module = importlib.import_module("nbpeft.answers")
-
-TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<assistant>{% endif %}")
-
-
-def char_tokenizer(chat: bool = True) -> PreTrainedTokenizerFast:
-    """One token per printable ASCII character; ids 0-2 are pad, bos, eos as in a default LlamaConfig."""
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>"] + [chr(c) for c in range(32, 127)])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    if chat:
-        tokenizer.chat_template = TEMPLATE
-    return tokenizer
-
 
 @pytest.fixture
 def tok() -> PreTrainedTokenizerFast:

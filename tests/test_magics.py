@@ -23,6 +23,8 @@ from nbpeft.magics.line import USAGE
 from nbpeft.methods.base import ConfigError, get_method, method_options
 from nbpeft.models import cache_dir
 
+from conftest import char_tokenizer
+
 MAGICS = ("peft_methods", "peft_attach", "peft_summary", "peft_use", "peft_detach", "peft_merge", "peft_unmerge",
           "peft_save", "peft_load", "peft_train", "peft_compare", "peft_panel", "peft_generate", "peft_compare_answers",
           "peft_export", "peft_to_lora", "peft_show_example")
@@ -871,7 +873,6 @@ def test_compare_answers_errors_from_the_api_name_the_flags(shell, code, message
 
 
 def test_compare_answers_without_adapters_and_without_base(shell):
-    from test_generate import char_tokenizer
 
     shell.user_ns["tokenizer"] = char_tokenizer()
     result, out = run(shell, "%peft_compare_answers --prompt hi --no-base")
@@ -880,7 +881,6 @@ def test_compare_answers_without_adapters_and_without_base(shell):
 
 
 def test_compare_answers_with_the_real_api(shell):
-    from test_generate import char_tokenizer
 
     model, tokenizer = shell.user_ns["model"], char_tokenizer()
     shell.user_ns["tokenizer"] = tokenizer
@@ -916,7 +916,6 @@ def test_generate_maps_the_same_flags_and_streams(shell, monkeypatch):
 
 
 def test_generate_streams_what_generate_returns(shell):
-    from test_generate import char_tokenizer
 
     tokenizer = shell.user_ns["tokenizer"] = char_tokenizer()
     result, out = run(shell, "%peft_generate --prompt hello --max-new-tokens 8")
@@ -1032,7 +1031,6 @@ def test_to_lora_of_a_merged_adapter_says_which_magic_unmerges(shell):
 
 
 def test_complete_answers_and_export_words(shell):
-    from test_generate import char_tokenizer
 
     shell.user_ns.update(chars=char_tokenizer(), data=["a"])
     nbpeft.attach(shell.user_ns["model"], "lora", name="chat")
@@ -1064,7 +1062,6 @@ def shown(out) -> str:
 
 
 def test_show_example_is_the_api_call(shell, monkeypatch):
-    from test_generate import char_tokenizer
 
     from nbpeft.data import remember_tokenizer
 
@@ -1111,7 +1108,6 @@ def test_show_example_is_the_api_call(shell, monkeypatch):
     ("%peft_show_example --steps 3", "nbpeft: unknown flag --steps (flags: --data, --model, --tokenizer)"),
 ])
 def test_show_example_errors_are_one_line_in_flag_syntax(shell, line, message):
-    from test_generate import char_tokenizer
 
     data = [{"prompt": "hi", "response": "yo"}, {"prompt": "how are you", "response": "well"}]
     shell.user_ns.update(data=data, chars=char_tokenizer())
@@ -1130,7 +1126,6 @@ def test_show_example_without_tokenizer_or_model_names_both_flags(shell):
 
 
 def test_complete_show_example(shell):
-    from test_generate import char_tokenizer
 
     shell.user_ns.update(chars=char_tokenizer(), data=["a"], other=tiny_model())
     assert complete(shell, "%peft_show_example ") == ["max_length=", "columns="]

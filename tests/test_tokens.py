@@ -52,6 +52,16 @@ def logits(model, ids):
         return model(ids).logits
 
 
+def moved_token_rows(model, tokenizer) -> None:
+    """A random LoRA plus NEW token rows moved away from their start, as if trained."""
+    nbpeft.attach(model, "lora", init="random")
+    nbpeft.add_tokens(model, tokenizer, NEW)
+    with torch.no_grad():
+        for layer in (model.model.embed_tokens, model.lm_head):
+            for p in layer.trainable_tokens_delta.values():
+                p.add_(torch.randn_like(p))
+
+
 def test_identity_at_attach_and_rows_grow_with_the_mean(setup) -> None:
     model, tokenizer, tied = setup
     old_rows = len(tokenizer)
@@ -98,12 +108,7 @@ def test_only_the_new_rows_change_when_trained(setup) -> None:
 
 def test_save_fresh_base_load_equal_logits(setup, tokenizer_path, tmp_path) -> None:
     model, tokenizer, tied = setup
-    nbpeft.attach(model, "lora", init="random")
-    nbpeft.add_tokens(model, tokenizer, NEW)
-    with torch.no_grad():
-        for layer in (model.model.embed_tokens, model.lm_head):
-            for p in layer.trainable_tokens_delta.values():
-                p.add_(torch.randn_like(p))
+    moved_token_rows(model, tokenizer)
     ids = text_ids(tokenizer)
     want = logits(model, ids)
     nbpeft.save_adapter(model, tmp_path / "a")
@@ -160,12 +165,7 @@ def test_detach_restores_every_original_row_exactly(setup) -> None:
 
 def test_merge_folds_the_rows_and_keeps_the_logits(setup) -> None:
     model, tokenizer, tied = setup
-    nbpeft.attach(model, "lora", init="random")
-    nbpeft.add_tokens(model, tokenizer, NEW)
-    with torch.no_grad():
-        for layer in (model.model.embed_tokens, model.lm_head):
-            for p in layer.trainable_tokens_delta.values():
-                p.add_(torch.randn_like(p))
+    moved_token_rows(model, tokenizer)
     ids = text_ids(tokenizer)
     want = logits(model, ids)
     nbpeft.merge(model)

@@ -13,7 +13,7 @@ from test_train import CharTokenizer
 
 import nbpeft
 
-from conftest import tiny_llama, tokens
+from conftest import char_tokenizer, tiny_llama, tokens
 
 
 def batches(n: int = 2) -> list[dict[str, torch.Tensor]]:
@@ -121,7 +121,6 @@ QA = [{"prompt": "hi", "response": "yo"}, {"prompt": "how are you", "response": 
 
 
 def test_show_example_renders_the_chosen_row_with_the_chosen_tokenizer():
-    from test_generate import char_tokenizer
 
     chars = char_tokenizer()
     tab = tab_for({"data": QA, "chars": chars})
@@ -136,7 +135,6 @@ def test_show_example_renders_the_chosen_row_with_the_chosen_tokenizer():
 
 
 def test_show_example_and_start_use_the_models_own_tokenizer():
-    from test_generate import char_tokenizer
 
     from nbpeft.data import remember_tokenizer
 
@@ -150,7 +148,6 @@ def test_show_example_and_start_use_the_models_own_tokenizer():
 
 
 def test_show_example_errors_are_one_line_in_the_panels_words():
-    from test_generate import char_tokenizer
 
     tab = tab_for({"data": QA})
     before = {k: v.clone() for k, v in tab.model.state_dict().items()}
