@@ -337,12 +337,8 @@ def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Li
     torch.manual_seed(seed)
     model.to(dev)
     use_cache = {"use_cache": False} if _accepts(model, "use_cache") else {}
-    autocast = (
-        torch.autocast(dev.type, dtype=torch.bfloat16 if prec == "bf16" else torch.float16)
-        if prec in ("bf16", "fp16")
-        else contextlib.nullcontext()
-    )
-    scaler = torch.amp.GradScaler(dev.type) if prec == "fp16" else None
+    autocast = choice.autocast(dev) if choice.autocast_dtype is not None else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(dev.type) if choice.needs_scaler else None
     optimizer = torch.optim.AdamW(_param_groups(params, weight_decay), lr=lr,
                                   **({"fused": True} if dev.type == "cuda" else {}))
     stream = iter(batches)
