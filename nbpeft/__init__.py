@@ -13,6 +13,7 @@ from .core import Adapter, attach, detach, disable_adapters, merge, set_adapter,
 from .export import ExportCheck, ExportResult, check_export, export, to_lora
 from .generate import generate
 from .io import load_adapter, save_adapter
+from .memory import Released, release
 from .methods.base import ConfigError, methods
 from .models import load_model
 from .show import Example, show_example
@@ -59,6 +60,8 @@ __all__ = [
     "tfew_loss",
     "add_tokens",
     "NewTokens",
+    "release",
+    "Released",
 ]
 
 

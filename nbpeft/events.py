@@ -43,6 +43,7 @@ class Begin:
     lr: float = 0.0
     has_eval: bool = False
     start_step: int = 0  # > 0 when resuming from a checkpoint
+    batch_reason: str = ""  # how batch_size="auto" chose the micro-batch ("" when it was given)
 
     @property
     def effective_batch(self) -> int:

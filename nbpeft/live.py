@@ -68,7 +68,9 @@ def banner_text(begin: Begin) -> str:
                      else plural(int(begin.epochs), "epoch"))
     if begin.batch_size:
         batch = f"effective batch {begin.effective_batch}"
-        parts.append(batch + (f" ({begin.batch_size} × {begin.grad_accum} accumulated)" if begin.grad_accum > 1 else ""))
+        how = [f"{begin.batch_size} × {begin.grad_accum} accumulated"] if begin.grad_accum > 1 else []
+        how += [begin.batch_reason] if begin.batch_reason else []
+        parts.append(batch + (f" ({'; '.join(how)})" if how else ""))
     else:  # ready-made batches: their size is the DataLoader's
         parts.append(f"{plural(begin.grad_accum, 'batch', 'batches')} per step")
     steps = plural(begin.total_steps, "step")

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, core, fast
+from . import checkpoint, core, fast, memory
 from .data import Batches
 from .events import Begin, End, Listener, Note, Step, StopTraining, as_listener
 from .methods.base import ConfigError
@@ -33,6 +33,7 @@ __all__ = ["Listener", "StopTraining", "TrainResult", "train", "evaluate", "pick
 
 SCHEDULES = ("constant", "linear", "cosine")
 LR_FLOOR = 0.1  # linear and cosine decay to 10% of the peak: the last steps still learn
+DEFAULT_EFFECTIVE_BATCH = 8  # batch_size="auto" without effective_batch=: the default batch_size's
 
 
 @dataclass
@@ -51,6 +52,8 @@ class TrainResult:
     checkpoint: str | None = None  # the last checkpoint written, if any
     truncated: int = 0  # training examples cut by max_length
     dropped: int = 0  # of those, the ones left with no labelled token (not trained on)
+    batch_size: int = 0  # the micro-batch at the end (batch_size="auto" or an out-of-memory retry may change it)
+    grad_accum: int = 1  # micro-batches a step at the end
 
     @property
     def steps(self) -> int:
@@ -191,6 +194,24 @@ def _check_options(steps: int | None, epochs: float | None, lr: float, batch_siz
         raise ConfigError("train(): metrics= must be a function of the model returning a dict, e.g. {'accuracy': 0.9}")
 
 
+def _batch_plan(batch_size: int | str, grad_accum: int, effective_batch: int | None) -> tuple[Any, bool]:
+    """The batch the data stream forms, and whether the micro-batch it is split into is to be found ("auto")."""
+    if batch_size != "auto":
+        if isinstance(batch_size, str):
+            raise ConfigError(f"train(): batch_size={batch_size!r} must be a positive integer or 'auto'")
+        if effective_batch is not None:
+            raise ConfigError(f"train(): effective_batch= goes with batch_size='auto'; with batch_size={batch_size!r} "
+                              "the effective batch is batch_size × grad_accum")
+        return batch_size, False
+    if grad_accum != 1:
+        raise ConfigError("train(): batch_size='auto' chooses the accumulation itself; give the effective batch "
+                          f"instead, e.g. effective_batch={DEFAULT_EFFECTIVE_BATCH * grad_accum}")
+    effective = DEFAULT_EFFECTIVE_BATCH if effective_batch is None else effective_batch
+    if not isinstance(effective, int) or isinstance(effective, bool) or effective < 1:
+        raise ConfigError(f"train(): effective_batch={effective_batch!r} must be a positive integer")
+    return effective, True
+
+
 def _check_trainable(model: nn.Module, full: bool) -> None:
     """No silent full fine-tune: without an adapter, training needs full=True."""
     attached = list(core.state(model).adapters)
@@ -228,8 +249,9 @@ def train(
     steps: int | None = None,
     epochs: float | None = None,
     lr: float = 2e-4,
-    batch_size: int = 8,
+    batch_size: int | str = 8,
     grad_accum: int = 1,
+    effective_batch: int | None = None,
     max_length: int = 512,
     eval_data: Any = None,
     eval_every: int | None = None,
@@ -288,14 +310,23 @@ def train(
     other column names, ``packing=True`` fills rows of ``max_length`` with whole examples.
     Without ``tokenizer``, the one that belongs to the model is used (``data.tokenizer_for``).
 
+    ``batch_size="auto"`` trains ``effective_batch`` examples a step (default 8) in the largest
+    micro-batch that fits, accumulating the rest (see ``nbpeft.memory``); the start banner
+    says what it chose. A step that runs out of memory is retried with half the micro-batch
+    and twice the accumulation (the same step, nothing lost), said in one line.
+
     Stops cleanly on KeyboardInterrupt or a non-finite loss, returning the history so
     far; the adapter stays attached either way.
     """
+    batch_size, auto_batch = _batch_plan(batch_size, grad_accum, effective_batch)
     _check_options(steps, epochs, lr, batch_size, grad_accum, max_length, schedule, warmup, weight_decay,
                    save_every, output_dir, metrics)
     _check_trainable(model, full)
     resume_from = checkpoint.find(resume, output_dir) if resume else None
     batches = Batches(data, tokenizer, batch_size, max_length, seed, model=model, columns=columns, packing=packing)
+    if auto_batch and (batches.kind == "batches" or batches.stream is not None):
+        raise ConfigError("train(): batch_size='auto' needs examples with a length (a list or a Dataset); "
+                          "a DataLoader or a stream keeps the batch size it has, so give batch_size=")
     evals = (Batches(eval_data, tokenizer, batch_size, max_length, seed, model=model, columns=columns, packing=packing)
              if eval_data is not None else None)
     if steps is None:
@@ -322,7 +353,7 @@ def train(
     try:
         return _run(model, batches, evals, listener, dev, prec, steps, lr, grad_accum, eval_every, metrics, schedule,
                     warmup_steps(warmup, steps), weight_decay, save_every, output_dir, saved, full,
-                    gradient_checkpointing, seed, loss_fn, compile)
+                    gradient_checkpointing, seed, loss_fn, compile, auto_batch)
     finally:
         for param, flag in flags.items():  # full=True: frozen again, as the rest of the API expects
             param.requires_grad = flag
@@ -331,7 +362,8 @@ def train(
 def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Listener, dev: torch.device, choice: Choice,
          steps: int, lr: float, grad_accum: int, eval_every: int | None, metrics: Callable | None, schedule: str,
          warmup: int, weight_decay: float, save_every: int | None, output_dir: Any, saved: dict | None, full: bool,
-         gradient_checkpointing: bool, seed: int, loss_fn: Callable | None, compile: bool | None) -> TrainResult:
+         gradient_checkpointing: bool, seed: int, loss_fn: Callable | None, compile: bool | None,
+         auto_batch: bool = False) -> TrainResult:
     prec = choice.name
     params = core.trainable_parameters(model)
     torch.manual_seed(seed)
@@ -354,6 +386,12 @@ def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Li
         checkpoint.restore_rng(saved)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    rows = batches.batch_size if batches.kind != "batches" else None  # a DataLoader's batches: their own size
+    micro, batch_reason = rows, ""
+    if auto_batch:
+        micro, batch_reason = memory.fit_micro_batch(
+            model, batches, rows, dev, params,
+            lambda batch: loss_fn(model, batch) if loss_fn else fast.model_loss(model, batch, use_cache), autocast)
     decide_compile = compile is None and not gradient_checkpointing and fast.can_compile(dev)
     compiled = fast.compile_blocks(model) if compile else []
     if dev.type == "cuda":
@@ -364,9 +402,9 @@ def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Li
         total_steps=steps, trainable=result.trainable, device=str(dev), precision=prec,
         examples=len(batches.examples) if batches.kind != "batches" else None,
         epochs=steps * grad_accum / batches.per_epoch if batches.per_epoch else None,
-        batch_size=batches.batch_size if batches.kind != "batches" else 0, grad_accum=grad_accum, full=full, device_name=device_name,
+        batch_size=micro or 0, grad_accum=grad_accum * _parts(rows, micro), full=full, device_name=device_name,
         device_memory=device_memory, precision_reason=choice.reason, schedule=schedule, warmup_steps=warmup, lr=lr,
-        has_eval=evals is not None, start_step=first,
+        has_eval=evals is not None, start_step=first, batch_reason=batch_reason,
     ))
     for note in batches.notes:
         listener.on_note(Note(note))
@@ -379,23 +417,36 @@ def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Li
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr * lr_factor(step, steps, warmup, schedule)
-            loss_sum, tokens = 0.0, 0
-            for _ in range(grad_accum):
-                batch = {k: v.to(dev) for k, v in next(stream).items()}
-                with autocast:
-                    loss = (loss_fn(model, batch) if loss_fn else fast.model_loss(model, batch, use_cache)) / grad_accum
-                if not torch.isfinite(loss):
-                    optimizer.zero_grad(set_to_none=True)
-                    result.stopped = "non-finite loss"
-                    result.message = (
-                        f"loss became {loss.item()} at step {step}; the adapter keeps the weights of step {step - 1}. "
-                        f"Likely causes: a learning rate too high (lr={lr}), fp16 overflow (try precision='bf16' or "
-                        "'fp32'), or a batch whose labels are all masked."
-                    )
-                    raise StopTraining
-                (scaler.scale(loss) if scaler else loss).backward()
-                loss_sum += loss.item()
-                tokens += batch_size_in_tokens(batch)
+            step_batches = [next(stream) for _ in range(grad_accum)]
+            while True:  # a step that runs out of memory is done again in micro-batches half the size
+                ran_out = None
+                try:
+                    loss_sum, tokens = _accumulate(model, step_batches, micro, dev, autocast, scaler, loss_fn, use_cache)
+                    break
+                except Exception as err:  # noqa: BLE001 (anything but running out of memory is raised)
+                    if not memory.is_out_of_memory(err):
+                        raise
+                    ran_out = micro or max(memory.rows_of(b) for b in step_batches)
+                # here, outside the except, the failed try's activations are unreachable and can be freed
+                optimizer.zero_grad(set_to_none=True)  # a backward cut short left partial gradients
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                if ran_out <= 1:
+                    raise ConfigError(_out_of_memory_advice(step, batches, gradient_checkpointing, prec))
+                micro = ran_out // 2
+                rows = rows or max(memory.rows_of(b) for b in step_batches)  # a DataLoader's: the first that ran out
+                listener.on_note(Note(
+                    f"out of memory at micro-batch {ran_out} in step {step}; retrying the step with micro-batch {micro} "
+                    f"× {grad_accum * _parts(rows, micro)} accumulated (the same effective batch {rows * grad_accum})"))
+            if not math.isfinite(loss_sum):
+                optimizer.zero_grad(set_to_none=True)
+                result.stopped = "non-finite loss"
+                result.message = (
+                    f"loss became {loss_sum} at step {step}; the adapter keeps the weights of step {step - 1}. "
+                    f"Likely causes: a learning rate too high (lr={lr}), fp16 overflow (try precision='bf16' or "
+                    "'fp32'), or a batch whose labels are all masked."
+                )
+                raise StopTraining
             if scaler:
                 scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -442,8 +493,47 @@ def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Li
         fast.uncompile_blocks(compiled)
     result.seconds = time.perf_counter() - start
     result.truncated, result.dropped = batches.truncated, batches.dropped
+    result.batch_size, result.grad_accum = micro or 0, grad_accum * _parts(rows, micro)
     listener.on_end(End(result))
     return result
+
+
+def _parts(rows: int | None, micro: int | None) -> int:
+    """How many micro-batches one batch of ``rows`` makes."""
+    return -(-rows // micro) if rows and micro else 1
+
+
+def _accumulate(model: nn.Module, step_batches: list[dict[str, torch.Tensor]], micro: int | None, dev: torch.device,
+                autocast: Any, scaler: Any, loss_fn: Callable | None, use_cache: dict) -> tuple[float, int]:
+    """Forward and backward of one step's batches, ``micro`` rows at a time: (the step's loss, its tokens).
+
+    Each micro-batch's loss counts by its share of its batch's rows, so the gradients add up
+    to those of whole batches. A non-finite loss is returned as the step's loss before any
+    backward of it.
+    """
+    loss_sum, tokens = 0.0, 0
+    for whole in step_batches:
+        for part, share in memory.split_batch(whole, micro):
+            batch = {k: v.to(dev) for k, v in part.items()}
+            with autocast:
+                loss = loss_fn(model, batch) if loss_fn else fast.model_loss(model, batch, use_cache)
+                loss = (loss * share if share != 1.0 else loss) / len(step_batches)
+            if not torch.isfinite(loss):
+                return loss.item(), tokens
+            (scaler.scale(loss) if scaler else loss).backward()
+            loss_sum += loss.item()
+            tokens += batch_size_in_tokens(batch)
+    return loss_sum, tokens
+
+
+def _out_of_memory_advice(step: int, batches: Batches, gradient_checkpointing: bool, precision: str) -> str:
+    fixes = [] if batches.kind == "batches" else [f"a lower max_length= (now {batches.max_length})"]
+    if not gradient_checkpointing:
+        fixes.append("gradient_checkpointing=True")
+    if precision in ("fp32", "tf32"):
+        fixes.append("precision='bf16'")
+    fixes.append("memory freed elsewhere (nbpeft.release(model), other notebooks' kernels)")
+    return f"train(): out of memory at step {step} even with micro-batch 1; try {', '.join(fixes)}"
 
 
 def _metrics(model: nn.Module, metrics: Callable[[nn.Module], dict[str, float]]) -> dict[str, float]:
