@@ -259,6 +259,13 @@ def _glibc() -> Any | None:
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
+def trim_heap() -> None:
+    """Hand glibc's free heap back to the kernel, so the resident set shrinks to what is in use (no-op without glibc)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def steady_allocator(device: torch.device) -> Callable[[], None]:
     """Keep freed CPU memory in the process between training steps; returns the undo.
 

@@ -249,9 +249,7 @@ def release(model: nn.Module | None = None) -> Released:
     if on_cuda:
         torch.cuda.empty_cache()
         return Released("cuda", before, torch.cuda.memory_allocated(), reserved_before, torch.cuda.memory_reserved())
-    libc = fast._glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    fast.trim_heap()
     return Released("cpu", before, resident_bytes())
 
 

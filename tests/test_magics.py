@@ -27,7 +27,7 @@ from conftest import char_tokenizer
 
 MAGICS = ("peft_methods", "peft_attach", "peft_summary", "peft_use", "peft_detach", "peft_merge", "peft_unmerge",
           "peft_save", "peft_load", "peft_train", "peft_compare", "peft_panel", "peft_generate", "peft_compare_answers",
-          "peft_export", "peft_to_lora", "peft_show_example")
+          "peft_export", "peft_to_lora", "peft_show_example", "peft_release")
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
@@ -325,6 +325,63 @@ def test_train_help_lists_its_options(shell, fake_train):
     run(shell, "%load_ext nbpeft")
     doc = shell.find_cell_magic("peft_train").__doc__
     assert "--eval-data VAR" in doc and "steps=None" in doc and "gradient_checkpointing=False" in doc
+
+
+@pytest.fixture
+def any_train(monkeypatch):
+    """nbpeft.train as a recording double with train()'s signature plus processes= and shard= where it lacks them."""
+    calls, signature = [], inspect.signature(nbpeft.train)
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+             for name, default in (("processes", 1), ("shard", False)) if name not in signature.parameters]
+
+    def train(model, data, **options):
+        calls.append({"model": model, "data": data, **options})
+        return f"result {len(calls)}"
+
+    train.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
+    monkeypatch.setattr(nbpeft, "train", train)
+    return calls
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("--processes 2 --shard --batch-size auto", {"processes": 2, "shard": True, "batch_size": "auto"}),
+    ("--batch-size 4 --processes=4", {"processes": 4, "batch_size": 4}),
+    ("--batch-size auto effective_batch=32", {"batch_size": "auto", "effective_batch": 32}),
+    ("", {}),
+])
+def test_train_scale_out_flags_are_train_keywords(shell, any_train, line, expected):
+    shell.user_ns["data"] = ["a"]
+    result, out = run(shell, f"%%peft_train {line}\nlive: false\n")
+    assert result.success, out.stderr
+    (call,) = any_train
+    assert {k: call[k] for k in ("processes", "shard", "batch_size", "effective_batch") if k in call} == expected
+
+
+def test_train_flag_and_option_saying_the_same_is_refused(shell, any_train):
+    shell.user_ns["data"] = ["a"]
+    result, out = run(shell, "%%peft_train --batch-size auto\nbatch_size: 4\n")
+    assert_usage_error(result, out, "nbpeft: --batch-size and batch_size= say the same; give one of them")
+    assert not any_train
+
+
+def test_train_scale_out_flags_complete(shell):
+    assert complete(shell, "%peft_train --pro") == ["--processes"]
+    assert complete(shell, "%peft_train --sh") == ["--shard"]
+    assert complete(shell, "%peft_train --batch-size ") == ["auto"]
+    assert complete(shell, "%peft_train --shard --ba") == ["--batch-size"]  # --shard takes no value
+
+
+def test_release_reports_and_drops_gradients(shell):
+    model = shell.user_ns["model"]
+    nbpeft.attach(model, "lora", r=2, targets=["q_proj"])
+    trained = next(p for p in model.parameters() if p.requires_grad)
+    trained.grad = torch.ones_like(trained)
+    result, out = run(shell, "%peft_release")
+    assert result.success, out.stderr
+    assert out.stdout.startswith("released: ") and len(out.stdout.strip().splitlines()) == 1
+    assert trained.grad is None and list(state(model).adapters) == ["default"]
+    result, out = run(shell, "%peft_release --model nope")
+    assert_usage_error(result, out, "nbpeft: no variable 'nope' in the notebook")
 
 
 # errors ----------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ from .tables import MethodTable
 
 # train() arguments that name notebook variables: they come from --flags, not key=value.
 TRAIN_VARIABLES = ("model", "data", "tokenizer", "eval_data")
+# flags that are train()'s options of the same name (--batch-size is batch_size=); --shard is shard=True
+TRAIN_FLAGS = ("processes", "batch-size")
 # flags that are generate()'s options of the same name (--top-p is top_p=); --stop stays text
 GENERATION_FLAGS = ("max-new-tokens", "temperature", "top-p", "seed", "stop")
 # show_example() arguments that come from the line's I and --flags, not key=value
@@ -60,6 +62,17 @@ def generation_options(flags: dict[str, Any]) -> dict[str, Any]:
             for flag, value in flags.items() if flag in GENERATION_FLAGS}
 
 
+def train_flag_options(flags: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """``--processes N``, ``--shard`` and ``--batch-size N|auto`` as train()'s keywords; each said once."""
+    found = {flag.replace("-", "_"): parse_value(value) for flag, value in flags.items() if flag in TRAIN_FLAGS}
+    if flags.get("shard"):
+        found["shard"] = True
+    for keyword in found:
+        if keyword in options:
+            fail(f"--{keyword.replace('_', '-')} and {keyword}= say the same; give one of them")
+    return found
+
+
 def prompts_of(magic: str, flags: dict[str, Any], cell: str | None) -> list[str]:
     """``--prompt TEXT``, or the cell body's lines (one prompt each, blank lines skipped)."""
     body = [line.strip() for line in (cell or "").splitlines() if line.strip()]
@@ -74,7 +87,7 @@ def prompts_of(magic: str, flags: dict[str, Any], cell: str | None) -> list[str]
 class PeftMagics(Magics):
     """%peft_methods, %peft_attach, %peft_summary, %peft_use, %peft_detach, %peft_merge, %peft_unmerge,
     %peft_save, %peft_load, %%peft_train, %peft_compare, %peft_panel, %peft_generate,
-    %peft_compare_answers, %peft_export, %peft_to_lora, %peft_show_example."""
+    %peft_compare_answers, %peft_export, %peft_to_lora, %peft_show_example, %peft_release."""
 
     def _var(self, name: str, hint: str) -> Any:
         if name not in self.shell.user_ns:
@@ -199,11 +212,13 @@ class PeftMagics(Magics):
     @line_cell_magic
     @usage_errors
     def peft_train(self, line: str, cell: str | None = None) -> None:
-        """Train the active adapters:  %%peft_train [--model VAR] [--data VAR] [--eval-data VAR] [--tokenizer VAR] [--out VAR] key=value ...
+        """Train the active adapters:  %%peft_train [--model VAR] [--data VAR] [--eval-data VAR] [--tokenizer VAR] [--out VAR] [--processes N] [--shard] [--batch-size N|auto] key=value ...
 
         The body holds further options, one per line. Same as
         ``VAR = nbpeft.train(model, data, tokenizer=tokenizer, **options)`` with VAR
         ``_peft_result`` unless --out names another; ``tokenizer`` is used when it exists.
+        ``--processes N``, ``--shard`` and ``--batch-size auto`` are ``processes=N``,
+        ``shard=True`` and ``batch_size="auto"``.
         """
         _, flags, options = split_line(line, "peft_train")
         options = merged_options(options, cell)
@@ -219,6 +234,7 @@ class PeftMagics(Magics):
             options["tokenizer"] = self.shell.user_ns.get("tokenizer")
         if "eval-data" in flags:
             options["eval_data"] = self._var(flags["eval-data"], "pass --eval-data NAME")
+        options.update(train_flag_options(flags, options))
         self.shell.user_ns[out] = nbpeft.train(model, data, **options)
         print(f"result in {out}")
 
@@ -415,3 +431,15 @@ class PeftMagics(Magics):
         except MissingTokenizer as err:
             fail(err.with_fix("pass --tokenizer NAME"))
         display(example)
+
+    @line_magic
+    @usage_errors
+    def peft_release(self, line: str) -> None:
+        """Give back the memory a run held, so the next cell can train again:  %peft_release [VAR] [--model VAR]
+
+        Drops the model's gradients and what the last error's traceback holds (a failed run's
+        optimizer and activations), then returns cached memory (CUDA's cache, or the heap's);
+        the weights and adapters stay. Same as ``print(nbpeft.release(model))``.
+        """
+        words, flags, _ = split_line(line, "peft_release", positional=1, options=False)
+        print(nbpeft.release(self._model(words[0] if words else flags.get("model"))))

@@ -24,7 +24,8 @@ _NAME_FIRST = ("peft_use", "peft_detach", "peft_merge", "peft_unmerge", "peft_to
 _MODEL_FIRST = ("peft_summary", "peft_panel")
 # what a --flag's value can be, where it is one of a known few (free text: nothing to offer)
 _FLAG_VALUES = {"dtype": list(DTYPES), "quant": list(QUANTS), "out": [], "prompt": [], "max-new-tokens": [],
-                "temperature": [], "top-p": [], "seed": [], "stop": [], "rank": []}
+                "temperature": [], "top-p": [], "seed": [], "stop": [], "rank": [],
+                "processes": [], "batch-size": ["auto"]}
 
 
 def option_keys(magic: str, method: str | None) -> dict[str, dict[str, Any]]:

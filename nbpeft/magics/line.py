@@ -25,7 +25,9 @@ USAGE = {
     "peft_unmerge": "%peft_unmerge [NAME] [--model VAR]",
     "peft_save": "%peft_save PATH [--name NAME] [--model VAR] [--overwrite]",
     "peft_load": "%peft_load PATH [--name NAME] [--model VAR]",
-    "peft_train": "%%peft_train [--model VAR] [--data VAR] [--eval-data VAR] [--tokenizer VAR] [--out VAR] key=value ...",
+    "peft_train": "%%peft_train [--model VAR] [--data VAR] [--eval-data VAR] [--tokenizer VAR] [--out VAR] "
+                  "[--processes N] [--shard] [--batch-size N|auto] key=value ...",
+    "peft_release": "%peft_release [VAR] [--model VAR]",
     "peft_compare": "%peft_compare [methods=a,b] [METHOD={'key': value}] ... [--model VAR] [--out VAR]",
     "peft_panel": "%peft_panel [VAR] [--model VAR] [--tokenizer VAR]",
     "peft_generate": "%peft_generate --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P] [--seed N] "
@@ -38,7 +40,7 @@ USAGE = {
     "peft_show_example": "%peft_show_example [I] [--data VAR] [--model VAR] [--tokenizer VAR] [max_length=N] [columns=...]",
 }
 # --flags that take no value (a switch); every other flag takes one
-SWITCHES = ("overwrite", "no-base")
+SWITCHES = ("overwrite", "no-base", "shard")
 FLAGS = {magic: tuple(dict.fromkeys(re.findall(r"--([\w-]+)", usage))) for magic, usage in USAGE.items()}
 # the API's words for what a magic takes positionally or as a switch, most specific first
 WORDINGS = {
