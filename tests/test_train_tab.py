@@ -166,3 +166,38 @@ def test_show_example_errors_are_one_line_in_the_panels_words():
     assert text(tab.example).strip().startswith("show_example: which data?")
     assert "#b00020" in tab.example.value and "\n" not in text(tab.example).strip()
     assert all(torch.equal(v, before[k]) for k, v in tab.model.state_dict().items()) and tab.result is None
+
+
+def test_batch_size_auto_processes_and_shard_are_train_keywords(monkeypatch):
+    tab = tab_for({"data": batches()})
+    assert tab.batch_size.value == "8" and tab.effective_batch.disabled and not tab.grad_accum.disabled
+    assert "processes" not in tab.options() and "shard" not in tab.options()  # train()'s defaults: not passed
+    tab.batch_size.value, tab.effective_batch.value = "auto", 16
+    assert tab.grad_accum.disabled and not tab.effective_batch.disabled
+    tab.processes.value, tab.shard.value = 2, True
+    calls = []
+    monkeypatch.setattr(nbpeft, "train", lambda **options: calls.append(options) or nbpeft.TrainResult())
+    tab.start_button.click()
+    tab.wait(timeout=60)
+    (call,) = calls
+    assert {k: call[k] for k in ("batch_size", "effective_batch", "processes", "shard")} == {
+        "batch_size": "auto", "effective_batch": 16, "processes": 2, "shard": True}
+    assert "grad_accum" not in call
+    tab.batch_size.value = " 4 "
+    assert tab.options()["batch_size"] == 4 and tab.options()["grad_accum"] == 1 and not tab.grad_accum.disabled
+
+
+def test_a_batch_size_that_is_no_number_says_what_to_do():
+    tab = tab_for({"data": batches()})
+    tab.batch_size.value = "big"
+    tab.start_button.click()
+    assert tab.wait(timeout=5) is None
+    assert "train: batch size 'big' must be a whole number above 0, or auto" in text(tab.message)
+
+
+def test_auto_reaches_train_which_explains_ready_made_batches():
+    tab = tab_for({"data": batches()})
+    tab.batch_size.value, tab.steps.value = "auto", 1
+    tab.start_button.click()
+    tab.wait(timeout=60)
+    assert "batch_size='auto' needs examples with a length" in text(tab.message)

@@ -26,7 +26,7 @@ from ..events import Begin, End, Listener, Note, Step, StopTraining
 from ..frontend import data_variables, one_line, tokenizer_variables
 from ..live import LossCurve, banner_text, progress_text, summary_text
 from ..methods.base import ConfigError
-from ..train import PRECISIONS, TrainResult
+from ..train import DEFAULT_EFFECTIVE_BATCH, PRECISIONS, TrainResult
 from .attach import say
 
 RESULT_VARIABLE = "_peft_result"
@@ -112,8 +112,14 @@ class TrainTab(widgets.VBox):
         self.epochs = widgets.BoundedFloatText(value=1.0, min=0.01, max=10**4, step=0.5, description="epochs",
                                                disabled=True, **label)
         self.lr = widgets.FloatText(value=defaults["lr"], description="learning rate", **label)
-        self.batch_size = widgets.BoundedIntText(value=defaults["batch_size"], min=1, max=4096,
-                                                 description="batch size", **label)
+        # a number, or "auto": the largest micro-batch that fits, accumulated up to the effective batch
+        self.batch_size = widgets.Combobox(value=str(defaults["batch_size"]), options=["auto"], ensure_option=False,
+                                           placeholder="a number, or auto", description="batch size", **label)
+        self.effective_batch = widgets.BoundedIntText(value=DEFAULT_EFFECTIVE_BATCH, min=1, max=4096, disabled=True,
+                                                      description="effective batch", **label)
+        self.processes = widgets.BoundedIntText(value=1, min=1, max=1024, description="processes",
+                                                tooltip="data-parallel processes: one per GPU, or CPU processes", **label)
+        self.shard = widgets.Checkbox(value=False, description="shard the base model over the processes", **label)
         self.grad_accum = widgets.BoundedIntText(value=defaults["grad_accum"], min=1, max=4096,
                                                  description="grad accumulation", **label)
         self.max_length = widgets.BoundedIntText(value=defaults["max_length"], min=1, max=10**6,
@@ -131,7 +137,7 @@ class TrainTab(widgets.VBox):
         for widget, name in ((self.data, "data"), (self.eval_data, "eval-data"), (self.tokenizer_name, "tokenizer"),
                              (self.steps, "steps"), (self.epochs, "epochs"), (self.start_button, "start"),
                              (self.stop_button, "stop"), (self.example_button, "show-example"),
-                             (self.example, "example")):
+                             (self.example, "example"), (self.batch_size, "batch-size"), (self.processes, "processes")):
             widget.add_class(f"nbpeft-train-{name}")
         self.progress = widgets.IntProgress(value=0, min=0, max=1, description="progress", **label)
         self.status = widgets.HTML()
@@ -147,13 +153,15 @@ class TrainTab(widgets.VBox):
         super().__init__([
             widgets.HBox([self.data, self.refresh_button]), widgets.HBox([self.eval_data, self.tokenizer_name]),
             widgets.HBox([self.length_unit, self.steps, self.epochs]), widgets.HBox([self.lr, self.batch_size]),
-            widgets.HBox([self.grad_accum, self.max_length]), widgets.HBox([self.precision, self.device]),
+            widgets.HBox([self.grad_accum, self.max_length]), widgets.HBox([self.effective_batch, self.processes, self.shard]),
+            widgets.HBox([self.precision, self.device]),
             widgets.HBox([self.example_index, self.example_button]), self.example,
             widgets.HBox([self.start_button, self.stop_button]), self.progress, self.status, self.plot, self.table,
             self.message,
         ])
         self.refresh_button.on_click(self.refresh_data)
         self.length_unit.observe(self._unit_changed, names="value")
+        self.batch_size.observe(self._batch_changed, names="value")
         self.example_button.on_click(self.show_example)
         self.start_button.on_click(self.start)
         self.stop_button.on_click(self.stop)
@@ -170,6 +178,20 @@ class TrainTab(widgets.VBox):
 
     def _unit_changed(self, change: dict[str, Any]) -> None:
         self.steps.disabled, self.epochs.disabled = change["new"] == "epochs", change["new"] == "steps"
+
+    def _batch_changed(self, change: dict[str, Any]) -> None:
+        """With "auto", the accumulation is chosen for the effective batch; otherwise it is the field's."""
+        auto = change["new"].strip().lower() == "auto"
+        self.grad_accum.disabled, self.effective_batch.disabled = auto, not auto
+
+    def _batch_options(self) -> dict[str, Any]:
+        """The batch fields as train()'s keywords: batch_size and grad_accum, or "auto" and effective_batch."""
+        text = self.batch_size.value.strip()
+        if text.lower() == "auto":
+            return {"batch_size": "auto", "effective_batch": self.effective_batch.value}
+        if not text.isdigit() or int(text) < 1:
+            raise ConfigError(f"train: batch size {text!r} must be a whole number above 0, or auto")
+        return {"batch_size": int(text), "grad_accum": self.grad_accum.value}
 
     def refresh_data(self, *_: Any) -> None:
         names = data_variables(self.namespace)
@@ -208,9 +230,12 @@ class TrainTab(widgets.VBox):
                                   "(model, tokenizer = nbpeft.load_model(...) makes one), "
                                   "or train on a DataLoader of batches") from None
         length = {"steps": self.steps.value} if self.length_unit.value == "steps" else {"epochs": self.epochs.value}
+        # processes= and shard= only when asked for: one process, unsharded, is train()'s own default
+        scale_out = {"processes": self.processes.value} if self.processes.value > 1 else {}
+        scale_out.update({"shard": True} if self.shard.value else {})
         return {"model": self.model, "data": data, "eval_data": eval_data, "tokenizer": tokenizer, **length,
-                "lr": self.lr.value, "batch_size": self.batch_size.value, "grad_accum": self.grad_accum.value,
-                "max_length": self.max_length.value, "precision": self.precision.value, "device": self.device.value}
+                "lr": self.lr.value, **self._batch_options(), "max_length": self.max_length.value,
+                "precision": self.precision.value, "device": self.device.value, **scale_out}
 
     def show_example(self, *_: Any) -> None:
         """Render ``nbpeft.show_example`` for the chosen data, tokenizer, example number and max_length."""
