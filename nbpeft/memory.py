@@ -155,35 +155,41 @@ def fit_micro_batch(model: nn.Module, batches: Any, effective: int, dev: torch.d
     off on out-of-memory, with the optimizer's state (allocated at the first step) held aside.
     Elsewhere: free RAM over the activations one example is measured to keep for backward.
     """
-    start = time.perf_counter()
+    start, was_training = time.perf_counter(), model.training
     optimizer_bytes = 2 * sum(p.numel() * p.element_size() for p in params)  # AdamW: two moments a parameter
-    if dev.type == "cuda":
-        micro = _try_on_cuda(model, batches, effective, dev, optimizer_bytes, loss_of)
-        how = "the largest that ran a forward and backward of the widest row"
-    else:
-        per_example = saved_activation_bytes(model, {k: v.to(dev) for k, v in probe_batch(batches, 1).items()},
-                                             loss_of, autocast)
-        gradient_bytes = sum(p.numel() * p.element_size() for p in params)
-        budget = FREE_SHARE * free_ram() - optimizer_bytes - gradient_bytes
-        fits = int(budget // max(per_example * ACTIVATION_OVERHEAD, 1))
-        micro = next((d for d in divisors(effective) if d <= fits), 1)
-        how = (f"{_gb(free_ram())} free RAM, {_gb(per_example * ACTIVATION_OVERHEAD)} an example"
-               + ("" if fits >= 1 else "; even one may not fit"))
+    model.train()  # dropout and gradient checkpointing as in training
+    # the probe's dropout draws random numbers: the run's stream stays the one a given batch size gets
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        if dev.type == "cuda":
+            micro = _try_on_cuda(model, batches, effective, dev, optimizer_bytes, loss_of, autocast)
+            how = "the largest that ran a forward and backward of the widest row"
+        else:
+            per_example = saved_activation_bytes(model, {k: v.to(dev) for k, v in probe_batch(batches, 1).items()},
+                                                 loss_of, autocast)
+            gradient_bytes = sum(p.numel() * p.element_size() for p in params)
+            budget = FREE_SHARE * free_ram() - optimizer_bytes - gradient_bytes
+            fits = int(budget // max(per_example * ACTIVATION_OVERHEAD, 1))
+            micro = next((d for d in divisors(effective) if d <= fits), 1)
+            how = (f"{_gb(free_ram())} free RAM, {_gb(per_example * ACTIVATION_OVERHEAD)} an example"
+                   + ("" if fits >= 1 else "; even one may not fit"))
+    model.train(was_training)
     return micro, f"batch_size='auto': {how}, probed in {time.perf_counter() - start:.1f} s"
 
 
 def _try_on_cuda(model: nn.Module, batches: Any, effective: int, dev: torch.device, optimizer_bytes: int,
-                 loss_of: Callable[[dict], torch.Tensor]) -> int:
+                 loss_of: Callable[[dict], torch.Tensor], autocast: Any) -> int:
     for micro in divisors(effective):
         ran_out = False
         try:
             held = torch.empty(optimizer_bytes, dtype=torch.uint8, device=dev)
-            loss_of({k: v.to(dev) for k, v in probe_batch(batches, micro).items()}).backward()
+            with autocast:
+                loss = loss_of({k: v.to(dev) for k, v in probe_batch(batches, micro).items()})
+            loss.backward()
         except Exception as err:  # noqa: BLE001 (only running out of memory is an answer; the rest is raised)
             if not is_out_of_memory(err):
                 raise
             ran_out = True
-        held = None  # noqa: F841 (let the allocator have it back)
+        held = loss = None  # noqa: F841 (let the allocator have them back)
         model.zero_grad(set_to_none=True)
         if not ran_out:
             return micro

@@ -392,6 +392,8 @@ def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Li
         micro, batch_reason = memory.fit_micro_batch(
             model, batches, rows, dev, params,
             lambda batch: loss_fn(model, batch) if loss_fn else fast.model_loss(model, batch, use_cache), autocast)
+        if evals is not None:  # evaluation batches no larger than the training micro-batch
+            evals.batch_size = min(evals.batch_size, micro)
     decide_compile = compile is None and not gradient_checkpointing and fast.can_compile(dev)
     compiled = fast.compile_blocks(model) if compile else []
     if dev.type == "cuda":
@@ -434,6 +436,8 @@ def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Li
                 if ran_out <= 1:
                     raise ConfigError(_out_of_memory_advice(step, batches, gradient_checkpointing, prec))
                 micro = ran_out // 2
+                if evals is not None and evals.kind != "batches":
+                    evals.batch_size = min(evals.batch_size, micro)
                 rows = rows or max(memory.rows_of(b) for b in step_batches)  # a DataLoader's: the first that ran out
                 listener.on_note(Note(
                     f"out of memory at micro-batch {ran_out} in step {step}; retrying the step with micro-batch {micro} "

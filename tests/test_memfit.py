@@ -182,6 +182,24 @@ def test_auto_picks_the_largest_micro_batch_that_fits_and_keeps_the_effective_ba
     assert result.losses == pytest.approx(given.losses, rel=1e-5)
 
 
+def test_auto_leaves_the_random_stream_alone_and_evaluates_in_micro_batches(monkeypatch):
+    """With dropout, the probe's forward must not shift the run's random numbers; eval batches follow the micro-batch."""
+    def with_dropout():
+        model = tiny_llama()
+        nbpeft.attach(model, "lora", r=4, targets=["q_proj", "v_proj"], dropout=0.2)
+        return model
+
+    per_example = per_example_bytes(adapted()) * memory.ACTIVATION_OVERHEAD
+    monkeypatch.setattr(memory, "free_ram", lambda: int(3.2 * per_example / memory.FREE_SHARE))
+    listener = Recorder()
+    held_out = DATA[:6]
+    result = run(with_dropout(), listener, batch_size="auto", steps=2, eval_data=held_out, eval_every=1)
+    assert listener.begin.batch_size == 2
+    given = run(with_dropout(), batch_size=2, grad_accum=4, steps=2, eval_data=held_out, eval_every=1)
+    assert result.losses == pytest.approx(given.losses, rel=1e-5)
+    assert [loss for _, loss in result.eval_losses] == pytest.approx([loss for _, loss in given.eval_losses], rel=1e-5)
+
+
 def test_auto_takes_effective_batch():
     listener = Recorder()
     run(adapted(), listener, batch_size="auto", effective_batch=4, steps=1)
