@@ -33,7 +33,7 @@ __all__ = ["Listener", "StopTraining", "TrainResult", "train", "evaluate", "pick
 
 SCHEDULES = ("constant", "linear", "cosine")
 LR_FLOOR = 0.1  # linear and cosine decay to 10% of the peak: the last steps still learn
-DEFAULT_EFFECTIVE_BATCH = 8  # batch_size="auto" without effective_batch=: the default batch_size's
+DEFAULT_EFFECTIVE_BATCH = 8  # batch_size="auto" without effective_batch=: as many as the default batch_size
 
 
 @dataclass

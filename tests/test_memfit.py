@@ -91,6 +91,20 @@ def test_a_step_that_runs_out_is_retried_with_half_the_micro_batch(backward, aft
         torch.testing.assert_close(adapter_weights(model)[name], weight, rtol=1e-4, atol=1e-5)
 
 
+def test_ready_made_batches_are_split_too():
+    """A DataLoader's batches keep their size as the effective batch; the step is done in halves of them."""
+    torch.manual_seed(0)
+    loader = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 128, (2, 4, 12))]
+    model, listener = adapted(), Recorder()
+    RunsOutAbove(model.model.layers[0], rows=2)
+    result = nbpeft.train(model, loader, steps=2, lr=1e-2, precision="fp32", compile=False, live=listener)
+    assert listener.notes == ["out of memory at micro-batch 4 in step 1; retrying the step with micro-batch 2 "
+                              "× 2 accumulated (the same effective batch 4)"]
+    halves = [{k: v[rows] for k, v in batch.items()} for batch in loader for rows in (slice(0, 2), slice(2, 4))]
+    expected = nbpeft.train(adapted(), halves, steps=2, grad_accum=2, lr=1e-2, precision="fp32", compile=False, live=False)
+    assert result.losses == pytest.approx(expected.losses, rel=1e-5)
+
+
 def test_running_out_at_micro_batch_one_says_what_to_do_and_keeps_the_adapter():
     model, listener = adapted(), Recorder()
     before = adapter_weights(model)
