@@ -390,16 +390,17 @@ class LoRA(Method):
         """
         narrowing = {"layers": config.layers, "layers_pattern": config.layers_pattern, "exclude": config.exclude}
         if any(v is not None for v in narrowing.values()):
-            leaves = sorted({p.rsplit(".", 1)[-1] for p in chosen})
-            try:
-                again = targeting.narrow(model, targeting.resolve(model, leaves, self.kinds(), self.name), leaves,
-                                         self.name, **narrowing)
-            except ConfigError:
-                again = []
-            if sorted(again) == sorted(chosen):
-                exclude = sorted(config.exclude) if isinstance(config.exclude, list) else config.exclude
-                return {"target_modules": leaves, "layers_to_transform": config.layers,
-                        "layers_pattern": config.layers_pattern, "exclude_modules": exclude}
+            given = [sorted(config.targets)] if isinstance(config.targets, list) else []
+            for names in [*given, sorted({p.rsplit(".", 1)[-1] for p in chosen})]:  # the names given, else leaf names
+                try:
+                    again = targeting.narrow(model, targeting.resolve(model, names, self.kinds(), self.name), names,
+                                             self.name, **narrowing)
+                except ConfigError:
+                    continue
+                if sorted(again) == sorted(chosen):
+                    exclude = sorted(config.exclude) if isinstance(config.exclude, list) else config.exclude
+                    return {"target_modules": names, "layers_to_transform": config.layers,
+                            "layers_pattern": config.layers_pattern, "exclude_modules": exclude}
         return {"target_modules": targeting.compact_targets(model, chosen), "layers_to_transform": None,
                 "layers_pattern": None, "exclude_modules": None}
 
