@@ -326,6 +326,16 @@ def test_a_copy_of_the_embedding_beside_embedding_lora_loads_only_if_it_equals_t
 # ---------------------------------------------------------------- front-ends
 
 
+def test_a_magic_line_with_patterns_attaches_what_the_keywords_do(llama):
+    from nbpeft.magics.commands import module_lists
+
+    options = module_lists("lora", parse_options("targets=q_proj,v_proj rank_pattern={q_proj: 2} layers=1 exclude=v_proj"))
+    assert options == {"targets": ["q_proj", "v_proj"], "rank_pattern": {"q_proj": 2}, "layers": 1, "exclude": ["v_proj"]}
+    nbpeft.attach(llama, "lora", **options)
+    assert {p: layer.lora_A["default"].out_features for p, layer in lora_layers(llama).items()} == {
+        "model.layers.1.self_attn.q_proj": 2}
+
+
 def test_dict_options_parse_from_a_line_and_from_a_panel_box():
     options = parse_options("rank_pattern={q_proj: 16, layers.0.self_attn.v_proj: 2} alpha_pattern={'v_proj': 4} layers=0,1")
     assert options == {"rank_pattern": {"q_proj": 16, "layers.0.self_attn.v_proj": 2}, "alpha_pattern": {"v_proj": 4},
