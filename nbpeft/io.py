@@ -141,6 +141,10 @@ def _load_one(model: nn.Module, folder: Path, name: str) -> core.Adapter:
         raise ConfigError(f"load_adapter(): {weights_path} is missing{why}")
     tensors = load_file(str(weights_path))
     options = spec.from_peft_config(cfg)
+    if isinstance(options.get("targets"), list):  # names for other architectures: the reference skips them too
+        modules = [p for p in targeting.base_modules(model) if p]
+        present = [t for t in options["targets"] if any(targeting.match(p, [t]) for p in modules)]
+        options["targets"] = present or options["targets"]
     options["modules_to_save"] = saved_module_paths(model, cfg.get("modules_to_save") or [])
     token_rows = tokens.check_fits(model, cfg[tokens.CONFIG_KEY], folder) if cfg.get(tokens.CONFIG_KEY) else {}
     adapter = core.attach(model, spec.name, name=name, **options)

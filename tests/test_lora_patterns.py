@@ -264,6 +264,12 @@ def test_harmless_keys_from_newer_writers_are_ignored(llama, tmp_path):
     assert adapter.method == "lora" and len(adapter.targets) == 2
 
 
+def test_target_names_the_model_lacks_are_skipped_on_load(llama, tmp_path):
+    write_reference_file(tmp_path, target_modules=["q_proj", "query", "c_attn"])  # one file for several families
+    [adapter] = nbpeft.load_adapter(llama, tmp_path)
+    assert adapter.config.targets == ["q_proj"] and len(adapter.targets) == 2
+
+
 @pytest.mark.parametrize("key, value", [
     ("bias", "all"), ("layer_replication", [[0, 1], [0, 2]]), ("use_qalora", True),
     ("alora_invocation_tokens", [5, 6]), ("target_parameters", ["mlp.experts.gate_up_proj"]),
