@@ -6,6 +6,11 @@ For a frozen weight ``W`` (out x in) LoRA learns ``A`` (r x in) and ``B`` (out x
 
 ``B`` starts at zero, so the model is unchanged right after attach. Merging adds
 ``(alpha / r) * B A`` to ``W``: no extra latency at inference.
+
+Per module, as the reference's files spell them: ``rank_pattern`` and ``alpha_pattern`` give
+some modules another ``r`` or ``alpha``; ``layers`` and ``exclude`` narrow the targets;
+``lora_bias`` adds a bias to ``B``, scaled with the update (``s·(B A x + b)``). Embedding
+targets get :class:`LoRAEmbedding`, a low-rank update of the table.
 """
 
 from __future__ import annotations
