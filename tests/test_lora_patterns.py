@@ -235,6 +235,15 @@ def test_options_are_saved_in_the_reference_form_and_read_back(llama, tmp_path):
     assert torch.equal(logits(fresh), logits(llama))
 
 
+def test_overlapping_pattern_keys_keep_their_meaning_in_a_file_written_with_sorted_keys(llama, tmp_path):
+    nbpeft.attach(llama, "lora", targets=["q_proj"], rank_pattern={"q_proj": 2, r"layers\.0\.self_attn\.q_proj": 6})
+    fresh = tiny_llama()
+    config = save_and_reload(llama, tmp_path, fresh)  # sorted, the layer-0 key would come first and win
+    assert config["rank_pattern"] == {r"model\.layers\.0\.self_attn\.q_proj": 2, r"model\.layers\.1\.self_attn\.q_proj": 2}
+    assert {p: layer.lora_A["default"].out_features for p, layer in lora_layers(fresh).items()} == {
+        "model.layers.0.self_attn.q_proj": 2, "model.layers.1.self_attn.q_proj": 2}
+
+
 def test_a_selection_leaf_names_cannot_describe_is_saved_as_exact_paths(llama, tmp_path):
     nbpeft.attach(llama, "lora", targets=r"model\.layers\.1\.self_attn\.(q|v)_proj", exclude=["v_proj"])
     nbpeft.save_adapter(llama, tmp_path)

@@ -127,6 +127,18 @@ def _check_pattern(method: str, option_name: str, key: Any, value: Any, kind: ty
         raise ConfigError(f"{method}: {option_name}[{key!r}]={value!r} must be {what}, e.g. {example}")
 
 
+def _saved_pattern(patterns: dict[str, Any], chosen: list[str], default: Any) -> dict[str, Any]:
+    """``patterns`` as a file holds them: the JSON is written with sorted keys and the first matching key
+    wins, so where sorting would change what a module gets, each such module is written by its exact path."""
+    def values(order: dict[str, Any]) -> dict[str, Any]:
+        return {path: order.get(targeting.pattern_key(order, path), default) for path in chosen}
+
+    given = values(patterns)
+    if values(dict(sorted(patterns.items()))) == given:
+        return dict(patterns)
+    return {re.escape(path): value for path, value in given.items() if value != default}
+
+
 class ScaledBiasLinear(nn.Linear):
     """LoRA's ``B`` with ``lora_bias``: the bias is scaled with the update, ``B h + s·b`` for ``h = s·A x``."""
 
@@ -421,8 +433,8 @@ class LoRA(Method):
             "fan_in_fan_out": fan_in_fan_out,
             "init_lora_weights": {"default": True, "gaussian": "gaussian", "random": False}[config.init],
             **self._saved_targets(config, model, chosen),
-            "rank_pattern": dict(config.rank_pattern),
-            "alpha_pattern": dict(config.alpha_pattern),
+            "rank_pattern": _saved_pattern(config.rank_pattern, chosen, config.r),
+            "alpha_pattern": _saved_pattern(config.alpha_pattern, chosen, config.alpha),
             "lora_bias": config.lora_bias,
         }
 
