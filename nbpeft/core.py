@@ -115,8 +115,8 @@ def attach(model: nn.Module, method: str, *, name: str = "default", **options: A
     first = not st.adapters
     undo: list[Callable[[], None]] = []
     try:
-        for path, cls in [(p, spec.layer_class) for p in chosen] + [(p, TrainedCopy) for p in saved]:
-            undo.append(add_adapter(model, path, cls, name, config))
+        for path, cls, layer_config in [(p, *spec.layer_for(model, p, config)) for p in chosen] + [(p, TrainedCopy, config) for p in saved]:
+            undo.append(add_adapter(model, path, cls, name, layer_config))
         spec.on_attach(model, name, config)
     except Exception:
         for step in reversed(undo):

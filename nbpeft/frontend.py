@@ -32,11 +32,25 @@ def parse_value(text: str) -> Any:
         pass
     if text.startswith("[") and text.endswith("]"):  # [q_proj, v_proj]: a list of bare names
         return [parse_value(part.strip()) for part in text[1:-1].split(",") if part.strip()]
+    if text.startswith("{") and text.endswith("}"):  # {q_proj: 16, v_proj: 4}: a dict keyed by bare names
+        return name_values(text[1:-1])
     return text
 
 
+def name_values(text: str) -> dict[str, Any]:
+    """``q_proj: 16, v_proj: 4`` as ``{'q_proj': 16, 'v_proj': 4}`` (a key may hold ``:``; the value is after the last)."""
+    pairs = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, colon, value = part.rpartition(":")
+        if not colon or not key.strip() or not value.strip():
+            raise ConfigError(f"expected name: value pairs such as {{q_proj: 16}}, got {part!r}")
+        pairs[key.strip().strip("'\"")] = parse_value(value.strip())
+    return pairs
+
+
 def option_value(value: Any, info: dict[str, Any]) -> Any:
-    """A bare module name given to an option that takes a list is a list of that one name.
+    """A bare module name given to an option that takes a list is a list of that one name;
+    ``name: value`` pairs given to an option that takes a dict are that dict.
 
     ``targets=q_proj`` means the module q_proj, not the regex 'q_proj' the API would read
     from a plain string; ``all-linear`` and regexes are not bare names and stay strings.
@@ -44,6 +58,8 @@ def option_value(value: Any, info: dict[str, Any]) -> Any:
     """
     if "list" in info.get("type", "") and isinstance(value, str) and _MODULE_NAME.fullmatch(value):
         return [value]
+    if info.get("type", "").startswith("dict") and isinstance(value, (str, list)):  # q_proj:16, v_proj:4
+        return name_values(value if isinstance(value, str) else ",".join(str(v) for v in value))
     return value
 
 

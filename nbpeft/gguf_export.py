@@ -209,6 +209,10 @@ def check_adapter(model: nn.Module, names: list[str]) -> None:
                           "adapter cannot hold; export format='gguf' (merged) instead")
     if adapter.merged:
         raise ConfigError(f"export(): adapter {adapter.name!r} is merged into the weights; nbpeft.unmerge(model) first")
+    config = adapter.config
+    if config.rank_pattern or config.alpha_pattern or config.lora_bias or any(".lora_embedding_" in k for k in core.adapter_parameters(model, adapter.name)):
+        raise ConfigError(f"export(): adapter {adapter.name!r} has per-module ranks or alphas, a lora_bias or an embedding "
+                          "update, which a GGUF adapter cannot hold; export format='gguf' (merged) instead")
     _arch(model.config, "export")
 
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import core, tokens
+from . import core, targeting, tokens
 from .errors import ConfigError
 from .methods.base import get_method, registered
 from .models import cache_dir
@@ -141,7 +141,11 @@ def _load_one(model: nn.Module, folder: Path, name: str) -> core.Adapter:
         raise ConfigError(f"load_adapter(): {weights_path} is missing{why}")
     tensors = load_file(str(weights_path))
     options = spec.from_peft_config(cfg)
-    options["modules_to_save"] = list(cfg.get("modules_to_save") or [])
+    if isinstance(options.get("targets"), list):  # names for other architectures: the reference skips them too
+        modules = [p for p in targeting.base_modules(model) if p]
+        present = [t for t in options["targets"] if any(targeting.match(p, [t]) for p in modules)]
+        options["targets"] = present or options["targets"]
+    options["modules_to_save"] = saved_module_paths(model, cfg.get("modules_to_save") or [])
     token_rows = tokens.check_fits(model, cfg[tokens.CONFIG_KEY], folder) if cfg.get(tokens.CONFIG_KEY) else {}
     adapter = core.attach(model, spec.name, name=name, **options)
     try:
@@ -149,11 +153,48 @@ def _load_one(model: nn.Module, folder: Path, name: str) -> core.Adapter:
         if token_rows:
             tokens.add_rows(model, name, token_rows)
             found = tokens.without_base_rows(model, name, found, folder)
-        _copy_tensors(model, name, found, folder)
+        _copy_tensors(model, name, without_base_copies(model, name, found, folder), folder)
     except Exception:
         core.detach(model, name)
         raise
     return adapter
+
+
+def saved_module_paths(model: nn.Module, names: list[str]) -> list[str]:
+    """A file's ``modules_to_save`` as this model's module paths.
+
+    A name stands for every module whose path ends in it (as the reference reads it); names
+    this model lacks are dropped, so a classifier file listing ``["classifier", "score"]``
+    loads into a model with either head. Tensors the file holds for a dropped module still
+    make the load fail, as tensors that do not fit.
+    """
+    modules = targeting.base_modules(model)
+    paths = [p for p in modules if p and any(p == n or p.endswith("." + n) for n in names)]
+    return [p for p in paths if not any(p.startswith(q + ".") for q in paths)]  # a head's own layers go with it
+
+
+@torch.no_grad()
+def without_base_copies(model: nn.Module, name: str, found: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
+    """``found`` without the copies of base weights the reference saves beside adapted embeddings.
+
+    They are dropped when they equal this model's weights; one that differs would change the
+    outputs, so it is refused (nbpeft never overwrites base weights on load).
+    """
+    params = core.adapter_parameters(model, name)
+    modules = targeting.base_modules(model)
+    out = dict(found)
+    for key in found:
+        if key in params or not key.endswith(".weight"):
+            continue
+        path = key.removesuffix(".weight").removesuffix(".base_layer")
+        weight = getattr(modules.get(path), "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            continue  # not a base weight: _copy_tensors reports it
+        saved = out.pop(key)
+        if saved.shape != weight.shape or not torch.equal(saved.to(weight.dtype), weight.detach().to(saved.device)):
+            raise ConfigError(f"load_adapter(): {folder} holds a copy of {path}'s weights that differs from this model's "
+                              "(saved from another base model or after a vocabulary resize); load it onto that model")
+    return out
 
 
 def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], folder: Path) -> None:

@@ -154,3 +154,62 @@ def compact_targets(model: nn.Module, chosen: list[str]) -> str | list[str]:
     if sorted(p for p in modules if p and match(p, leaves)) == sorted(chosen):
         return leaves
     return "^(" + "|".join(re.escape(p) for p in chosen) + ")$"
+
+
+def pattern_key(patterns: dict[str, object], path: str) -> str | None:
+    """The first key of ``patterns`` (a regex) that matches the end of ``path`` at a name boundary, or None.
+
+    ``"v_proj"`` matches ``model.layers.0.self_attn.v_proj``; ``"layers.0.self_attn.v_proj"`` only that
+    block's; a key may be a regex such as ``"layers\\.[0-3]\\..*q_proj"``. The first match wins.
+    """
+    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", path)), None)
+
+
+def layer_index(path: str, layers_pattern: str | list[str] | None = None) -> int | None:
+    """The block number in ``path`` (``model.layers.3.mlp.up_proj`` -> 3), or None if it has none.
+
+    The first number that follows a name after at least one other name counts, so an expert
+    number deeper down (``layers.1.experts.0``) is not mistaken for the block. With
+    ``layers_pattern`` only a number right after one of those names counts (``h`` in GPT-2).
+    """
+    if not layers_pattern:
+        found = re.match(r".*?\.[^.]*\.(\d+)\.", path)
+    else:
+        names = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        found = next((m for n in names if (m := re.match(rf"(?:^|.*?\.){n}\.(\d+)\.", path))), None)
+    return int(found[1]) if found else None
+
+
+def excluded(path: str, exclude: str | list[str] | None) -> bool:
+    """Whether ``exclude`` (names or suffixes, or a regex over the whole path) names ``path``."""
+    if not exclude:
+        return False
+    return match(path, exclude)
+
+
+def narrow(model: nn.Module, chosen: list[str], targets: str | list[str], method: str, *,
+           layers: int | list[int] | None = None, layers_pattern: str | list[str] | None = None,
+           exclude: str | list[str] | None = None) -> list[str]:
+    """``chosen`` kept to the blocks numbered in ``layers`` and without the modules ``exclude`` names.
+
+    A module named by its full path in ``targets`` stays whatever its block.
+    """
+    if exclude:
+        named = [p for p in base_modules(model) if p and excluded(p, exclude)]
+        if not named:
+            shown = exclude if isinstance(exclude, str) else exclude[0]
+            raise ConfigError(f"{method}: exclude={exclude!r} names no module of this model{_suggest(base_modules(model), shown)}")
+        chosen = [p for p in chosen if not excluded(p, exclude)]
+    if layers is not None:
+        wanted = {layers} if isinstance(layers, int) else set(layers)
+        exact = set(targets) if isinstance(targets, list) else set()
+        numbered = [p for p in chosen if layer_index(p, layers_pattern) is not None]
+        if not numbered and not exact & set(chosen):
+            how = f"after layers_pattern={layers_pattern!r}" if layers_pattern else "in their paths"
+            raise ConfigError(f"{method}: layers={layers!r} needs block numbers, but the targeted modules have none {how} "
+                              f"(e.g. {chosen[0]!r}); pass layers_pattern='<name of the block list>'")
+        chosen = [p for p in chosen if p in exact or layer_index(p, layers_pattern) in wanted]
+    if not chosen:
+        raise ConfigError(f"{method}: no module is left to adapt after layers={layers!r} and exclude={exclude!r}; "
+                          "widen targets or loosen those")
+    return chosen

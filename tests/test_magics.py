@@ -708,13 +708,13 @@ def test_complete_method_names(shell):
 def test_complete_option_keys_values_and_flags(shell):
     options = list(method_options(get_method("lora").config_class))
     assert complete(shell, "%peft_attach lora ") == [f"{k}=" for k in options]
-    assert complete(shell, "%peft_attach lora r") == ["r=", "rslora="]
-    assert complete(shell, "%peft_attach lora r=4 r") == ["rslora="]  # r is given already
+    assert complete(shell, "%peft_attach lora r") == ["r=", "rslora=", "rank_pattern="]
+    assert complete(shell, "%peft_attach lora r=4 r") == ["rslora=", "rank_pattern="]  # r is given already
     assert complete(shell, "%peft_attach lora init=") == ["init=default", "init=gaussian", "init=random"]
     assert complete(shell, "%peft_attach lora init=g") == ["init=gaussian"]
     assert complete(shell, "%peft_attach lora rslora=") == ["rslora=true", "rslora=false"]
     assert complete(shell, "%peft_attach lora --") == ["--model", "--name"]
-    assert complete(shell, "%%peft_attach lora r=4\nal") == ["alpha="]  # a cell magic's body
+    assert complete(shell, "%%peft_attach lora r=4\nal") == ["alpha=", "alpha_pattern="]  # a cell magic's body
     assert complete(shell, "%peft_train st") == ["steps="]
     assert complete(shell, "%peft_train --e") == ["--eval-data"]
 

@@ -67,13 +67,18 @@ def test_field_widgets_follow_the_option_types():
     kinds = {key: type(field.widget) for key, field in fields.items()}
     assert kinds == {"r": widgets.BoundedIntText, "alpha": widgets.FloatText, "dropout": widgets.FloatText,
                      "targets": widgets.Text, "rslora": widgets.Checkbox, "init": widgets.Dropdown,
-                     "modules_to_save": widgets.Text}
+                     "modules_to_save": widgets.Text, "rank_pattern": widgets.Text, "alpha_pattern": widgets.Text,
+                     "layers": widgets.Text, "layers_pattern": widgets.Text, "exclude": widgets.Text,
+                     "lora_bias": widgets.Checkbox}
     fields["modules_to_save"].widget.value = "lm_head"
     fields["targets"].widget.value = "q_proj, v_proj"
     fields["r"].widget.value = 4
     assert read_options(fields) == {"modules_to_save": ["lm_head"], "targets": ["q_proj", "v_proj"], "r": 4}
     fields["targets"].widget.value = ".*q_proj"
     assert fields["targets"].value == ".*q_proj"
+    fields["rank_pattern"].widget.value = "v_proj: 4, layers.0.self_attn.q_proj: 16"
+    fields["layers"].widget.value = "0, 2"
+    assert fields["rank_pattern"].value == {"v_proj": 4, "layers.0.self_attn.q_proj": 16} and fields["layers"].value == [0, 2]
 
 
 def test_target_choices_group_leaf_names_with_counts(llama):
@@ -85,7 +90,8 @@ def test_target_choices_group_leaf_names_with_counts(llama):
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3", "adapter", "qlora"])
 def test_target_choices_offer_only_what_the_method_can_adapt(llama, method):
     leaves = [leaf for _, leaf in target_choices(llama, get_method(method))]
-    assert leaves == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    embedding = ["embed_tokens"] if method == "lora" else []  # LoRA also adapts embeddings
+    assert leaves == [*embedding, "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     for leaf in leaves:  # each one attaches
         nbpeft.attach(tiny_llama(), method, targets=[leaf])
 

@@ -144,6 +144,10 @@ class Method:
         """Module paths to adapt; ``attached`` holds the adapters already on the model, by name."""
         raise NotImplementedError
 
+    def layer_for(self, model: nn.Module, path: str, config: MethodConfig) -> tuple[type[AdapterLayer], MethodConfig]:
+        """The layer class for the module at ``path`` and the config its ``add`` receives (e.g. a per-module rank)."""
+        return self.layer_class, config
+
     # Optional model-level hooks, for methods that act on the whole model (prompt and
     # prefix tuning) or keep their tensors under other names in the checkpoint.
     def on_attach(self, model: nn.Module, name: str, config: MethodConfig) -> None:

@@ -34,6 +34,11 @@ _EPS = 1e-12
 class DoraConfig(LoraConfig):
     method = "dora"
 
+    def validate(self) -> None:
+        super().validate()
+        if self.lora_bias:
+            raise ConfigError("dora: lora_bias=True is not supported with DoRA (the magnitude rescales the bias); use lora")
+
 
 class DoRALinear(LoRALinear):
     """A LoRA layer whose DoRA adapters also hold ``lora_magnitude_vector``; plain LoRA adapters may share it."""
@@ -135,6 +140,7 @@ class DoRA(LoRA):
     layer_class = DoRALinear
     peft_type = "LORA"
     listing_order = 11
+    adapts_embeddings = False
 
     def accepts(self, cfg: dict[str, Any]) -> bool:
         return bool(cfg.get("use_dora"))

@@ -6,21 +6,28 @@ For a frozen weight ``W`` (out x in) LoRA learns ``A`` (r x in) and ``B`` (out x
 
 ``B`` starts at zero, so the model is unchanged right after attach. Merging adds
 ``(alpha / r) * B A`` to ``W``: no extra latency at inference.
+
+Per module, as the reference's files spell them: ``rank_pattern`` and ``alpha_pattern`` give
+some modules another ``r`` or ``alpha``; ``layers`` and ``exclude`` narrow the targets;
+``lora_bias`` adds a bias to ``B``, scaled with the update (``s·(B A x + b)``). Embedding
+targets get :class:`LoRAEmbedding`, a low-rank update of the table.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import architectures, targeting
-from ..layers import AdapterLayer, adapter_factory
+from ..layers import AdapterLayer, adapter_factory, get_module, innermost
 from .base import Attached, ConfigError, Method, MethodConfig, option, register
 
 
@@ -38,7 +45,8 @@ def default_targets(model: nn.Module, method: str) -> list[str] | str:
 class LoraConfig(MethodConfig):
     method = "lora"
     aliases = {"rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
-               "use_rslora": "rslora", "init_lora_weights": "init"}
+               "use_rslora": "rslora", "init_lora_weights": "init", "layers_to_transform": "layers",
+               "exclude_modules": "exclude"}
 
     r: int = option(8, "rank of the update B·A")
     alpha: float = option(16.0, "scale numerator: the update is multiplied by alpha / r")
@@ -55,6 +63,17 @@ class LoraConfig(MethodConfig):
     modules_to_save: list[str] | None = option(
         None, "modules trained in full and saved with the adapter (default: a classifier's head)"
     )
+    rank_pattern: dict[str, int] = option(
+        {}, "other ranks for some modules, {name or regex: r}, e.g. {v_proj: 4}; a key matches the end of a "
+        "module's path, the first that matches wins"
+    )
+    alpha_pattern: dict[str, float] = option({}, "other alphas for some modules, {name or regex: alpha}, matched like rank_pattern")
+    layers: int | list[int] | None = option(None, "adapt only these block numbers, e.g. layers=[0, 1] (default: every block)")
+    layers_pattern: str | list[str] | None = option(
+        None, "for layers=: the name the block numbers follow when it is not found by itself, e.g. 'h' or 'layers'"
+    )
+    exclude: str | list[str] | None = option(None, "modules never adapted: names or suffixes, or a regex over the path")
+    lora_bias: bool = option(False, "a trainable bias on B, starting at zero (merging needs a base layer with a bias)")
 
     def validate(self) -> None:
         if self.r < 1:
@@ -65,10 +84,70 @@ class LoraConfig(MethodConfig):
             raise ConfigError(f"{self.method}: dropout={self.dropout} must be in [0, 1)")
         if isinstance(self.targets, list) and not self.targets:
             raise ConfigError(f"{self.method}: targets=[] is empty; name at least one module, e.g. targets=['q_proj']")
+        for option_name, patterns, kind in (("rank_pattern", self.rank_pattern, int), ("alpha_pattern", self.alpha_pattern, float)):
+            for key, value in patterns.items():
+                _check_pattern(self.method, option_name, key, value, kind)
+        layers = [self.layers] if isinstance(self.layers, int) else self.layers or []
+        if any(i < 0 for i in layers):
+            raise ConfigError(f"{self.method}: layers={self.layers!r} must be block numbers from 0, e.g. layers=[0, 1]")
+        if self.layers_pattern and self.layers is None:
+            raise ConfigError(f"{self.method}: layers_pattern={self.layers_pattern!r} only applies with layers=[...]; add layers")
+        if isinstance(self.exclude, str):
+            _check_regex(self.method, "exclude", self.exclude)
+
+    def for_module(self, path: str) -> LoraConfig:
+        """This config with the rank and alpha that ``rank_pattern`` and ``alpha_pattern`` give the module at ``path``."""
+        r_key = targeting.pattern_key(self.rank_pattern, path)
+        alpha_key = targeting.pattern_key(self.alpha_pattern, path)
+        if r_key is None and alpha_key is None:
+            return self
+        return dataclasses.replace(self, r=self.rank_pattern.get(r_key, self.r),
+                                   alpha=float(self.alpha_pattern.get(alpha_key, self.alpha)))
 
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+def _check_regex(method: str, option_name: str, text: str) -> None:
+    try:
+        re.compile(text)
+    except re.error as err:
+        raise ConfigError(f"{method}: {option_name} has {text!r}, which is not a valid regex ({err})") from None
+
+
+def _check_pattern(method: str, option_name: str, key: Any, value: Any, kind: type) -> None:
+    example = f"{option_name}={{'v_proj': {4 if kind is int else 8.0}}}"
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"{method}: {option_name} keys must be module names or regexes, got {key!r}; e.g. {example}")
+    _check_regex(method, option_name, key)
+    number = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+    if not number or isinstance(value, bool) or value <= 0:
+        what = "a positive integer" if kind is int else "a positive number"
+        raise ConfigError(f"{method}: {option_name}[{key!r}]={value!r} must be {what}, e.g. {example}")
+
+
+def _saved_pattern(patterns: dict[str, Any], chosen: list[str], default: Any) -> dict[str, Any]:
+    """``patterns`` as a file holds them: the JSON is written with sorted keys and the first matching key
+    wins, so where sorting would change what a module gets, each such module is written by its exact path."""
+    def values(order: dict[str, Any]) -> dict[str, Any]:
+        return {path: order.get(targeting.pattern_key(order, path), default) for path in chosen}
+
+    given = values(patterns)
+    if values(dict(sorted(patterns.items()))) == given:
+        return dict(patterns)
+    return {re.escape(path): value for path, value in given.items() if value != default}
+
+
+class ScaledBiasLinear(nn.Linear):
+    """LoRA's ``B`` with ``lora_bias``: the bias is scaled with the update, ``B h + s·b`` for ``h = s·A x``."""
+
+    def __init__(self, in_features: int, out_features: int, scaling: float, **factory: Any) -> None:
+        super().__init__(in_features, out_features, bias=True, **factory)
+        self.bias_scaling = scaling
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.weight) + self.bias * self.bias_scaling
 
 
 class LoRALinear(AdapterLayer):
@@ -94,10 +173,15 @@ class LoRALinear(AdapterLayer):
     def add_update(self, name: str, config: LoraConfig, factory: dict[str, Any]) -> None:
         """Create adapter ``name``'s ``A``, ``B`` and dropout with tensors made as ``factory`` says."""
         self.lora_A[name] = nn.Linear(self.in_features, config.r, bias=False, **factory)
-        self.lora_B[name] = nn.Linear(config.r, self.out_features, bias=False, **factory)
+        if config.lora_bias:
+            self.lora_B[name] = ScaledBiasLinear(config.r, self.out_features, config.scaling, **factory)
+        else:
+            self.lora_B[name] = nn.Linear(config.r, self.out_features, bias=False, **factory)
         self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scaling[name] = config.scaling
         self._init(name, config.init, config.r)
+        if config.lora_bias:
+            nn.init.zeros_(self.lora_B[name].bias)
 
     @torch.no_grad()
     def _init(self, name: str, init: str, r: int) -> None:
@@ -117,7 +201,10 @@ class LoRALinear(AdapterLayer):
         del self.scaling[name]
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
-        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        params = {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        if self.lora_B[name].bias is not None:
+            params["lora_B.bias"] = self.lora_B[name].bias
+        return params
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``s·B·A`` in the base weight's layout and dtype."""
@@ -131,9 +218,16 @@ class LoRALinear(AdapterLayer):
     def merge(self, name: str) -> None:
         if isinstance(self.base_layer, AdapterLayer):
             raise NotImplementedError("LoRA over another adapter's layer cannot be folded into the base weight")
+        lora_bias = self.lora_B[name].bias
+        if lora_bias is not None and getattr(self.base_layer, "bias", None) is None:
+            raise NotImplementedError("its lora_bias has no base bias to go into (the layer has none)")
         if name not in self.merged:
+            if not self.merged and getattr(self.base_layer, "bias", None) is not None:
+                self._original_bias = self.base_layer.bias.detach().to("cpu", copy=True)
             self.keep_original_weight()
             self.base_layer.weight += self.delta_weight(name)
+            if lora_bias is not None:
+                self.base_layer.bias += (lora_bias * self.scaling[name]).to(self.base_layer.bias.dtype)
             self.merged.append(name)
 
     @torch.no_grad()
@@ -142,6 +236,10 @@ class LoRALinear(AdapterLayer):
             self.base_layer.weight -= self.delta_weight(name)
             self.merged.remove(name)
             self.restore_original_weight()
+            original_bias = getattr(self, "_original_bias", None)
+            if original_bias is not None and not self.merged:  # bit-exact, like the weight
+                self.base_layer.bias.copy_(original_bias)
+                self._original_bias = None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -167,25 +265,161 @@ class LoRALinear(AdapterLayer):
     def _stackable(self, names: list[str]) -> bool:
         """Whether the adapters can run as one: no dropout in the way, one dtype."""
         no_dropout = not self.training or all(isinstance(self.lora_dropout[n], nn.Identity) for n in names)
-        return no_dropout and len({self.lora_A[n].weight.dtype for n in names}) == 1
+        no_bias = all(self.lora_B[n].bias is None for n in names)
+        return no_dropout and no_bias and len({self.lora_A[n].weight.dtype for n in names}) == 1
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={self.lora_A[n].out_features}" for n in self.lora_A)
         return f"adapters=[{ranks}], active={list(self.active)}"
 
 
+class LoRAEmbedding(AdapterLayer):
+    """``nn.Embedding`` plus named low-rank updates of its table.
+
+    For token ids ``i`` and a table ``E`` (vocab x dim), ``A`` (r x vocab) and ``B`` (dim x r)::
+
+        y = E[i] + s·(A.T[i] @ B.T)          (times the layer's embed_scale, where it has one)
+
+    ``A`` starts at zero and ``B`` random (the other way round from linear layers: a zero row
+    lookup keeps the gradient of ``B`` alive), so the model is unchanged right after attach.
+    The tensors are kept as the reference names them, ``lora_embedding_A`` and ``lora_embedding_B``.
+    Dropout does not apply to a lookup.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        inner = self.innermost()
+        self.num_embeddings, self.embedding_dim = inner.weight.shape
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_embedding_A)
+
+    @torch.no_grad()
+    def add(self, name: str, config: LoraConfig) -> None:
+        if config.lora_bias:
+            raise ConfigError(f"{config.method}: lora_bias=True does not apply to an embedding; leave it out of targets or drop lora_bias")
+        if config.init not in ("default", "gaussian", "random"):
+            raise ConfigError(f"{config.method}: init={config.init!r} is for linear layers; an embedding takes init='default'")
+        factory = adapter_factory(self.innermost().weight)
+        A = torch.zeros(config.r, self.num_embeddings, **factory)
+        B = torch.empty(self.embedding_dim, config.r, **factory)
+        nn.init.normal_(B)
+        if config.init == "random":
+            nn.init.normal_(A)
+        self.lora_embedding_A[name] = nn.Parameter(A)
+        self.lora_embedding_B[name] = nn.Parameter(B)
+        self.scaling[name] = config.scaling
+
+    def delete(self, name: str) -> None:
+        del self.lora_embedding_A[name], self.lora_embedding_B[name], self.scaling[name]
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        return {"lora_embedding_A": self.lora_embedding_A[name], "lora_embedding_B": self.lora_embedding_B[name]}
+
+    def _embed_scale(self) -> torch.Tensor | float:
+        """Gemma's embeddings multiply the lookup by a constant: the update is scaled the same way."""
+        scale = getattr(self.innermost(), "embed_scale", None)
+        return 1.0 if scale is None else scale
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``s·(B·A).T``, the change of the (vocab x dim) table, in the table's dtype."""
+        A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        return ((B.float() @ A.float()).T * self.scaling[name]).to(self.base_layer.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        if isinstance(self.base_layer, AdapterLayer):
+            raise NotImplementedError("LoRA over another adapter's layer cannot be folded into the base weight")
+        if name not in self.merged:
+            self.keep_original_weight()
+            self.base_layer.weight += self.delta_weight(name)
+            self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, name: str) -> None:
+        if name in self.merged:
+            self.base_layer.weight -= self.delta_weight(name)
+            self.merged.remove(name)
+            self.restore_original_weight()
+
+    def forward(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(input_ids, *args, **kwargs)
+        names = [] if self.disabled else [n for n in self.active if n in self.lora_embedding_A and n not in self.merged]
+        padding_idx = getattr(self.innermost(), "padding_idx", None)
+        for name in names:
+            rows = F.embedding(input_ids, self.lora_embedding_A[name].T, padding_idx=padding_idx)
+            update = (rows @ self.lora_embedding_B[name].T) * self.scaling[name]
+            result = result + (update * self._embed_scale()).to(result.dtype)
+        return result
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={self.lora_embedding_A[n].shape[0]}" for n in self.lora_embedding_A)
+        return f"adapters=[{ranks}], active={list(self.active)}"
+
+
+# Keys of a LORA file that change the outputs in ways nbpeft's lora does not reproduce, with the value that
+# means "not used". A file that uses any of them is refused rather than loaded into a different model.
+_UNSUPPORTED_KEYS = {
+    "bias": "none", "layer_replication": None, "target_parameters": None, "alora_invocation_tokens": None,
+    "use_qalora": False, "velora_config": None, "kasa_config": None, "monteclora_config": None,
+    "use_bdlora": None, "arrow_config": None, "ensure_weight_tying": False,
+}
+
+
 class LoRA(Method):
     name = "lora"
-    description = "Low-rank update B·A beside frozen linear layers; mergeable"
+    description = "Low-rank update B·A beside frozen linear layers (and embeddings); mergeable"
     config_class = LoraConfig
     layer_class = LoRALinear
     peft_type = "LORA"
     listing_order = 10
     compare_options = {"r": 8}
+    adapts_embeddings: ClassVar[bool] = True
+
+    def kinds(self) -> tuple[type, ...]:
+        return targeting.linear_types() + ((nn.Embedding,) if self.adapts_embeddings else ())
 
     def select(self, model: nn.Module, config: LoraConfig, attached: Mapping[str, Attached]) -> list[str]:
         targets = config.targets if config.targets is not None else default_targets(model, self.name)
-        return targeting.resolve(model, targets, targeting.linear_types(), self.name)
+        chosen = targeting.resolve(model, targets, self.kinds(), self.name)
+        return targeting.narrow(model, chosen, targets, self.name, layers=config.layers,
+                                layers_pattern=config.layers_pattern, exclude=config.exclude)
+
+    def layer_for(self, model: nn.Module, path: str, config: LoraConfig) -> tuple[type[AdapterLayer], LoraConfig]:
+        cls = LoRAEmbedding if isinstance(innermost(get_module(model, path)), nn.Embedding) else self.layer_class
+        return cls, config.for_module(path)
+
+    def notes(self, model: nn.Module, config: LoraConfig, targets: list[str]) -> list[str]:
+        unused = [f"{option_name} key {key!r}"
+                  for option_name, patterns in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern))
+                  for key in patterns if not any(targeting.pattern_key({key: 0}, p) for p in targets)]
+        return [f"{', '.join(unused)} matched no adapted module"] if unused else []
+
+    def _saved_targets(self, config: LoraConfig, model: nn.Module, chosen: list[str]) -> dict[str, Any]:
+        """target_modules with the layer and exclusion keys the reference re-derives ``chosen`` from.
+
+        Leaf names plus layers/exclude where those select exactly ``chosen`` again (what the
+        reference reads back), else the exact paths as a regex, which needs neither.
+        """
+        narrowing = {"layers": config.layers, "layers_pattern": config.layers_pattern, "exclude": config.exclude}
+        if any(v is not None for v in narrowing.values()):
+            given = [sorted(config.targets)] if isinstance(config.targets, list) else []
+            for names in [*given, sorted({p.rsplit(".", 1)[-1] for p in chosen})]:  # the names given, else leaf names
+                try:
+                    again = targeting.narrow(model, targeting.resolve(model, names, self.kinds(), self.name), names,
+                                             self.name, **narrowing)
+                except ConfigError:
+                    continue
+                if sorted(again) == sorted(chosen):
+                    exclude = sorted(config.exclude) if isinstance(config.exclude, list) else config.exclude
+                    return {"target_modules": names, "layers_to_transform": config.layers,
+                            "layers_pattern": config.layers_pattern, "exclude_modules": exclude}
+        return {"target_modules": targeting.compact_targets(model, chosen), "layers_to_transform": None,
+                "layers_pattern": None, "exclude_modules": None}
 
     def to_peft_config(self, config: LoraConfig, model: nn.Module, chosen: list[str]) -> dict[str, Any]:
         fan_in_fan_out = any(targeting.is_conv1d(targeting.base_modules(model)[p]) for p in chosen)
@@ -193,39 +427,50 @@ class LoRA(Method):
             "r": config.r,
             "lora_alpha": config.alpha,
             "lora_dropout": config.dropout,
-            "target_modules": targeting.compact_targets(model, chosen),
             "bias": "none",
             "use_rslora": config.rslora,
             "use_dora": False,
             "fan_in_fan_out": fan_in_fan_out,
             "init_lora_weights": {"default": True, "gaussian": "gaussian", "random": False}[config.init],
-            "layers_to_transform": None,
-            "layers_pattern": None,
-            "rank_pattern": {},
-            "alpha_pattern": {},
+            **self._saved_targets(config, model, chosen),
+            "rank_pattern": _saved_pattern(config.rank_pattern, chosen, config.r),
+            "alpha_pattern": _saved_pattern(config.alpha_pattern, chosen, config.alpha),
+            "lora_bias": config.lora_bias,
         }
 
     def accepts(self, cfg: dict[str, Any]) -> bool:
         return not cfg.get("use_dora")  # a LORA file with use_dora loads as dora
 
     def from_peft_config(self, cfg: dict[str, Any]) -> dict[str, Any]:
-        unsupported = {
-            "use_dora": cfg.get("use_dora"),
-            "rank_pattern": cfg.get("rank_pattern"),
-            "alpha_pattern": cfg.get("alpha_pattern"),
-            "layers_to_transform": cfg.get("layers_to_transform"),
-        }
-        used = [k for k, v in unsupported.items() if v]
+        used = [f"{key}={cfg[key]!r}" for key, off in _UNSUPPORTED_KEYS.items()
+                if cfg.get(key, off) not in (off, None, False, [], {})]
+        if cfg.get("use_dora"):
+            used.insert(0, "use_dora=True")
         if used:
-            raise ConfigError(f"load_adapter: this LoRA file uses {', '.join(used)}, which nbpeft's lora does not support yet")
+            raise ConfigError(f"load_adapter: this LoRA file sets {', '.join(used)}, which nbpeft's {self.name} does not "
+                              "support; loading it would change the model's outputs")
         targets = cfg.get("target_modules")
-        return {
+        options = {
             "r": int(cfg.get("r", 8)),
             "alpha": float(cfg.get("lora_alpha", 8)),
             "dropout": float(cfg.get("lora_dropout", 0.0)),
             "targets": sorted(targets) if isinstance(targets, (list, tuple, set)) else targets,
             "rslora": bool(cfg.get("use_rslora", False)),
         }
+        exclude = cfg.get("exclude_modules")
+        found = {
+            "rank_pattern": dict(cfg.get("rank_pattern") or {}),
+            "alpha_pattern": dict(cfg.get("alpha_pattern") or {}),
+            "layers": cfg.get("layers_to_transform"),
+            "layers_pattern": cfg.get("layers_pattern") or None,
+            "exclude": sorted(exclude) if isinstance(exclude, (list, tuple, set)) else exclude or None,
+            "lora_bias": bool(cfg.get("lora_bias", False)),
+        }
+        # an empty list of layers is the reference's "every block"
+        if found["layers"] == []:
+            found["layers"] = found["layers_pattern"] = None
+        options.update({k: v for k, v in found.items() if v is not None and v is not False and v != {}})
+        return options
 
 
 register(LoRA())

@@ -72,12 +72,6 @@ class QLoraConfig(LoraConfig):
         "or 'none' (dropped; detach restores the dequantised weights)", choices=("cpu", "disk", "none"),
     )
 
-    def validate(self) -> None:
-        try:
-            super().validate()
-        except ConfigError as err:  # LoRA's checks speak of "lora:"
-            raise ConfigError("q" + str(err)) from None
-
     @property
     def quantisation(self) -> tuple[int, bool, str, str]:
         return (self.block_size, self.double_quant, self.compute_dtype, self.keep_original)
@@ -172,10 +166,14 @@ class QLoRA(LoRA):
     peft_type = "QLORA"
     listing_order = 12
 
+    def kinds(self) -> tuple[type, ...]:
+        return (*targeting.linear_types(), nf4.NF4Linear)  # NF4Linear: layers an earlier qlora adapter quantised
+
     def select(self, model: nn.Module, config: QLoraConfig, attached: Mapping[str, Attached]) -> list[str]:
         targets = config.targets if config.targets is not None else default_targets(model, self.name)
-        # NF4Linear: layers that an earlier qlora adapter already quantised
-        chosen = targeting.resolve(model, targets, (*targeting.linear_types(), nf4.NF4Linear), self.name)
+        chosen = targeting.resolve(model, targets, self.kinds(), self.name)
+        chosen = targeting.narrow(model, chosen, targets, self.name, layers=config.layers,
+                                  layers_pattern=config.layers_pattern, exclude=config.exclude)
         for path in chosen:
             outer = model.get_submodule(path)
             layer = find_layer(outer, QLoRALinear)
@@ -200,7 +198,7 @@ class QLoRA(LoRA):
             "none": "originals dropped (detach restores the NF4 values)",
         }[config.keep_original]
         memory = f"{report.bytes_per_parameter:.4f} bytes/parameter (was {report.original_bytes_per_parameter:g})"
-        return [f"base weights in NF4: {memory}; {kept}"]
+        return [*super().notes(model, config, targets), f"base weights in NF4: {memory}; {kept}"]
 
     def to_peft_config(self, config: QLoraConfig, model: nn.Module, chosen: list[str]) -> dict[str, Any]:
         return {
