@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, core, fast
+from . import checkpoint, core, distributed, fast
 from .data import Batches
 from .events import Begin, End, Listener, Note, Step, StopTraining, as_listener
 from .methods.base import ConfigError
@@ -250,6 +250,8 @@ def train(
     compile: bool | None = None,
     columns: dict[str, str] | None = None,
     packing: bool = False,
+    processes: int = 1,
+    shard: bool = False,
 ) -> TrainResult:
     """Train the model's trainable parameters (its active adapter) on ``data``.
 
@@ -290,10 +292,19 @@ def train(
 
     Stops cleanly on KeyboardInterrupt or a non-finite loss, returning the history so
     far; the adapter stays attached either way.
+
+    ``processes=N`` trains data parallel on N processes (one per GPU, or N CPU processes),
+    each on ``batch_size`` rows of every global batch of N × ``batch_size``; ``shard=True``
+    also shards the frozen base over them (FSDP2). Inside a process group that is already up
+    (torchrun, accelerate launch) every rank trains its share. See :mod:`nbpeft.distributed`.
     """
+    options = {k: v for k, v in locals().items() if k not in ("model", "data", "processes", "shard")}
     _check_options(steps, epochs, lr, batch_size, grad_accum, max_length, schedule, warmup, weight_decay,
                    save_every, output_dir, metrics)
     _check_trainable(model, full)
+    if distributed.wanted(processes, shard):
+        return distributed.run(train, model, data, processes=processes, shard=shard, options=options,
+                               listener=lambda: _listener(live))
     resume_from = checkpoint.find(resume, output_dir) if resume else None
     batches = Batches(data, tokenizer, batch_size, max_length, seed, model=model, columns=columns, packing=packing)
     evals = (Batches(eval_data, tokenizer, batch_size, max_length, seed, model=model, columns=columns, packing=packing)

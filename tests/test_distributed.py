@@ -1,0 +1,154 @@
+"""train(processes=N): N gloo processes on CPU train exactly as one process on the N-times larger batch."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import nbpeft
+from nbpeft import distributed
+from nbpeft.events import StopTraining
+
+from conftest import char_tokenizer, tiny_llama
+
+pytestmark = pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="processes=N forks its workers")
+
+DATA = [f"example {i}: " + "abcdefgh"[: 1 + i % 8] * (1 + i % 3) for i in range(14)]  # lengths differ: padding matters
+
+
+def lora_llama(method: str = "lora", **options) -> torch.nn.Module:
+    model = tiny_llama()
+    torch.manual_seed(1)
+    nbpeft.attach(model, method, **options)
+    return model
+
+
+def trained(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def fit(model: torch.nn.Module, **options):
+    options = {"tokenizer": char_tokenizer(chat=False), "steps": 4, "lr": 1e-2, "precision": "fp32", "live": False,
+               **options}
+    return nbpeft.train(model, DATA, **options)
+
+
+def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def workers_alive() -> list[str]:
+    return [p.name for p in mp.active_children() if p.name.startswith("nbpeft-rank-")]
+
+
+@pytest.mark.parametrize("method, options, batch, accum", [
+    ("lora", {"r": 4, "targets": "all-linear"}, 2, 1),
+    ("ia3", {}, 2, 2),  # another method, with gradient accumulation
+    ("lora", {"r": 4}, 3, 1),  # 14 examples in global batches of 6: the last one is short
+])
+def test_two_processes_equal_one_process_on_the_double_batch(method, options, batch, accum):
+    one, two = lora_llama(method, **options), lora_llama(method, **options)
+    expected = fit(one, batch_size=2 * batch, grad_accum=accum)
+    got = fit(two, batch_size=batch, grad_accum=accum, processes=2)
+    assert got.steps == expected.steps == 4 and got.stopped is None
+    torch.testing.assert_close(got.losses, expected.losses, rtol=1e-5, atol=1e-6)
+    assert [r["tokens"] for r in got.history] == [r["tokens"] for r in expected.history]  # every process's tokens
+    assert_close(trained(two), trained(one))
+    assert trained(two).keys() and any(not torch.equal(v, trained(lora_llama(method, **options))[k])
+                                       for k, v in trained(two).items())  # it did train
+    assert got.device == "cpu ×2" and type(got) is type(expected)
+    assert not workers_alive()
+
+
+def test_the_live_display_sees_the_run_from_rank_0():
+    seen: list[tuple[str, object]] = []
+    fit(lora_llama(r=4), batch_size=2, processes=2, live=lambda kind, payload: seen.append((kind, payload)))
+    kinds = [kind for kind, _ in seen]
+    assert kinds[0] == "begin" and kinds.count("step") == 4 and kinds[-1] == "end"
+    begin = seen[0][1]
+    assert "×2 processes" in begin.device and begin.effective_batch == 4
+    assert seen[-1][1].result.steps == 4
+
+
+def stop_at(step: int):
+    def listener(kind, payload):
+        if kind == "step" and payload.step == step:
+            raise StopTraining
+    return listener
+
+
+def test_stop_from_the_notebook_ends_every_process_after_the_same_step():
+    model = lora_llama(r=4)
+    # the workers do not wait for the display: they stop at the first step end after Stop reaches them
+    result = fit(model, batch_size=2, processes=2, steps=60, live=stop_at(2))
+    assert result.stopped == "stopped" and 2 <= result.steps < 60
+    assert not workers_alive()
+    reference = lora_llama(r=4)
+    fit(reference, batch_size=4, steps=60, live=stop_at(result.steps))
+    assert_close(trained(model), trained(reference))  # the parent holds the adapter of the step it reports
+
+
+def failing_loss(rank: int, at_call: int):
+    calls = [0]
+
+    def loss(model, batch):
+        if torch.is_grad_enabled() and dist.get_rank() == rank:
+            calls[0] += 1
+            if calls[0] == at_call:
+                raise RuntimeError("boom in the loss\nsecond line")
+        return model(**batch, use_cache=False).loss
+    return loss
+
+
+def test_a_crash_in_rank_1_is_one_line_and_the_model_keeps_the_last_step():
+    model = lora_llama(r=4)
+    with pytest.raises(distributed.ProcessFailed) as info:
+        fit(model, batch_size=2, processes=2, loss_fn=failing_loss(1, at_call=2))
+    message = str(info.value)
+    assert "\n" not in message and "rank 1" in message and "RuntimeError: boom in the loss" in message
+    assert "step 1" in message
+    assert not workers_alive()
+    reference = lora_llama(r=4)
+    fit(reference, batch_size=4, steps=1, loss_fn=lambda m, b: m(**b, use_cache=False).loss)
+    assert_close(trained(model), trained(reference))  # the adapter of step 1: warm-up makes step 1 the same
+
+
+def test_a_crash_before_the_first_step_leaves_the_model_unchanged():
+    model = lora_llama(r=4)
+    before = trained(model)
+    with pytest.raises(distributed.ProcessFailed, match="process 0 \\(rank 0\\) failed: RuntimeError"):
+        fit(model, batch_size=2, processes=2, loss_fn=failing_loss(0, at_call=1))
+    assert_close(trained(model), before)
+    assert all(torch.equal(trained(model)[k], before[k]) for k in before)
+    assert not workers_alive()
+
+
+def test_a_killed_process_is_named_and_none_is_left_behind():
+    def kill_rank_1(kind, payload):
+        if kind == "step" and payload.step == 2:
+            worker = next(p for p in mp.active_children() if p.name == "nbpeft-rank-1")
+            os.kill(worker.pid, signal.SIGKILL)
+
+    model = lora_llama(r=4)
+    with pytest.raises(distributed.ProcessFailed) as info:
+        fit(model, batch_size=2, processes=2, steps=200, live=kill_rank_1)
+    message = str(info.value)
+    assert "\n" not in message and "rank 1" in message and "SIGKILL" in message
+    assert "keeps the adapter of step" in message
+    assert not workers_alive()
+
+
+@pytest.mark.parametrize("processes", [0, -1, "2", True])
+def test_bad_processes_is_a_one_line_config_error(processes):
+    model = lora_llama(r=4)
+    before = trained(model)
+    with pytest.raises(nbpeft.ConfigError, match="processes="):
+        fit(model, batch_size=2, processes=processes)
+    assert all(torch.equal(trained(model)[k], before[k]) for k in before)
