@@ -46,7 +46,7 @@ from . import core, fast
 from .errors import ConfigError
 from .events import Begin, End, Listener, Note, Step, StopTraining
 
-__all__ = ["ProcessFailed", "in_group", "run", "wanted"]
+__all__ = ["ProcessFailed", "fsdp2_available", "in_group", "run", "wanted"]
 
 IGNORE = -100
 _inside = False  # True while a worker runs the plain loop: train() must not hand off again
@@ -78,7 +78,7 @@ def run(train: Callable[..., Any], model: nn.Module, data: Any, *, processes: in
         raise ConfigError(f"train(): processes={processes!r} must be a positive number of processes, e.g. processes=2")
     if not isinstance(shard, bool):
         raise ConfigError(f"train(): shard={shard!r} must be True or False")
-    if shard and not _fsdp2():
+    if shard and not fsdp2_available():
         raise ConfigError(f"train(): shard=True needs FSDP2 (torch >= 2.6), this is torch {torch.__version__}; drop shard=True")
     if in_group():
         world = dist.get_world_size()
@@ -115,7 +115,7 @@ def _device(requested: str) -> str:
     return "cuda" if torch.backends.cuda.is_built() and torch.cuda.device_count() > 0 else "cpu"
 
 
-def _fsdp2() -> bool:
+def fsdp2_available() -> bool:
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401
     except ImportError:
@@ -423,7 +423,11 @@ def _train_rank(train: Callable[..., Any], model: nn.Module, data: Any, options:
 
 
 def _shard_base(model: nn.Module) -> None:
-    """FSDP2: each decoder block, then the rest, sharded across the ranks (the frozen base and the adapter alike)."""
+    """FSDP2: each decoder block, then the rest, sharded across the ranks (the frozen base and the adapter alike).
+
+    FSDP2 shards parameters, not buffers: QLoRA's 4-bit weights (buffers) stay whole on every
+    rank; its embeddings, norms, head and adapter are sharded.
+    """
     from torch.distributed.fsdp import fully_shard
 
     for block in fast.repeated_blocks(model):

@@ -152,3 +152,25 @@ def test_bad_processes_is_a_one_line_config_error(processes):
     with pytest.raises(nbpeft.ConfigError, match="processes="):
         fit(model, batch_size=2, processes=processes)
     assert all(torch.equal(trained(model)[k], before[k]) for k in before)
+
+
+def sharded_loss(model, batch):
+    """The model's loss, after checking that this rank holds only its half of the base's weights."""
+    embed = model.get_input_embeddings().weight
+    if type(embed).__name__ != "DTensor" or embed.to_local().shape[0] * 2 != embed.shape[0]:
+        raise AssertionError(f"the embedding is not sharded in two: {type(embed).__name__}")
+    return model(**batch, use_cache=False).loss
+
+
+@pytest.mark.skipif(not distributed.fsdp2_available(), reason="shard=True needs FSDP2 (torch.distributed.fsdp.fully_shard)")
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_sharded_base_trains_like_the_unsharded_run(method):
+    one, two = lora_llama(method, r=4, targets="all-linear"), lora_llama(method, r=4, targets="all-linear")
+    expected = fit(one, batch_size=4)
+    got = fit(two, batch_size=2, processes=2, shard=True, loss_fn=sharded_loss)
+    torch.testing.assert_close(got.losses, expected.losses, rtol=1e-5, atol=1e-6)
+    a, b = trained(one), trained(two)
+    assert a.keys() == b.keys()
+    for name in a:  # the sharded all-gathers and reduce-scatters sum in another order
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert not workers_alive()
