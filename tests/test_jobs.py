@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -85,3 +86,21 @@ def test_export_job_refuses_what_cannot_travel(saved_base, tmp_path):
         nbpeft.attach(other, "lora")
         nbpeft.export_job(other, tmp_path / "job", data=DATA)
     assert not (tmp_path / "job").exists()
+
+
+def test_the_magic_writes_the_same_job(saved_base, tmp_path):
+    from IPython import get_ipython
+    from IPython.testing.globalipapp import start_ipython
+
+    ip = start_ipython() or get_ipython()
+    if "nbpeft" not in ip.extension_manager.loaded:
+        ip.run_line_magic("load_ext", "nbpeft")
+    ip.user_ns.update(model=lora_model(saved_base), rows=DATA)
+    try:
+        ip.run_line_magic("peft_export_job", f"{tmp_path / 'job'} --data rows nodes=2 steps=3 batch_size=2")
+    finally:
+        ip.user_ns.pop("model"), ip.user_ns.pop("rows")
+    job = json.loads((tmp_path / "job" / "job.json").read_text())
+    assert job["base"] == str(saved_base) and job["train"] == {"steps": 3, "batch_size": 2}
+    assert "--nnodes 2" in (tmp_path / "job" / "launch.sh").read_text()
+    assert len((tmp_path / "job" / "data.jsonl").read_text().splitlines()) == len(DATA)
