@@ -18,7 +18,6 @@ as ``train(..., processes=N)`` does in the notebook, so both give the same adapt
 from __future__ import annotations
 
 import json
-import shlex
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +127,7 @@ def export_job(model: nn.Module, directory: str | Path, *, data: Any, tokenizer:
     (directory / "job.json").write_text(json.dumps(job, indent=2) + "\n")
     (directory / "train_job.py").write_text(SCRIPT)
     (directory / "accelerate_config.yaml").write_text(_accelerate_config(nodes, processes_per_node, address, port))
-    (directory / "launch.sh").write_text(_launch_script(directory, nodes, processes_per_node, address, port))
+    (directory / "launch.sh").write_text(_launch_script(nodes, processes_per_node, address, port))
     (directory / "launch.sh").chmod(0o755)
     return directory
 
@@ -164,15 +163,14 @@ def _accelerate_config(nodes: int, per_node: int, address: str, port: int) -> st
     )
 
 
-def _launch_script(directory: Path, nodes: int, per_node: int, address: str, port: int) -> str:
-    script = shlex.quote(str((directory / "train_job.py").resolve()))
-    config = shlex.quote(str((directory / "accelerate_config.yaml").resolve()))
+def _launch_script(nodes: int, per_node: int, address: str, port: int) -> str:
     return (
         "#!/bin/sh\n"
         f"# Run on each of the {nodes} node(s) with NODE_RANK=0 .. {nodes - 1}; node 0 is {address}.\n"
         "# With accelerate instead:\n"
-        f"#   accelerate launch --config_file {config} --machine_rank $NODE_RANK {script}\n"
+        "#   accelerate launch --config_file $HERE/accelerate_config.yaml --machine_rank $NODE_RANK $HERE/train_job.py\n"
         "set -e\n"
+        'HERE=$(cd "$(dirname "$0")" && pwd)\n'
         f"exec torchrun --nnodes {nodes} --nproc-per-node {per_node} --node-rank ${{NODE_RANK:-0}} \\\n"
-        f"  --master-addr ${{MASTER_ADDR:-{address}}} --master-port ${{MASTER_PORT:-{port}}} {script}\n"
+        f"  --master-addr ${{MASTER_ADDR:-{address}}} --master-port ${{MASTER_PORT:-{port}}} \"$HERE/train_job.py\"\n"
     )

@@ -52,11 +52,11 @@ def test_a_two_node_job_writes_the_adapter_the_notebook_trains(saved_base, tmp_p
     config = (job / "accelerate_config.yaml").read_text()
     assert "num_machines: 2" in config and "num_processes: 2" in config and f"main_process_port: {port}" in config
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(nbpeft.__file__).parent.parent))
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                               "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
-                               str(job / "train_job.py")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for rank in range(2)]
+    # launch.sh as a cluster would run it, once per "node", both on 127.0.0.1
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(nbpeft.__file__).parent.parent),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    nodes = [subprocess.Popen(["sh", str(job / "launch.sh")], env=dict(env, NODE_RANK=str(rank)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
     try:
         outputs = [node.communicate(timeout=180)[0] for node in nodes]
     finally:
