@@ -273,6 +273,9 @@ def _worker(rank: int, world: int, port: int, device: str, threads: int, events:
             train: Callable[..., Any], model: nn.Module, data: Any, options: dict[str, Any], shard: bool) -> None:
     try:
         _die_with_parent()
+        # Ctrl-C / the kernel's interrupt reaches the notebook, which stops every rank after the same step;
+        # ranks interrupted on their own would stop at different points of a collective and hang
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         torch.set_num_threads(threads)
         options = dict(options, live=False)
         if device == "cuda":

@@ -32,10 +32,10 @@ def trained(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def fit(model: torch.nn.Module, **options):
+def fit(model: torch.nn.Module, data: list | None = None, **options):
     options = {"tokenizer": char_tokenizer(chat=False), "steps": 4, "lr": 1e-2, "precision": "fp32", "live": False,
                **options}
-    return nbpeft.train(model, DATA, **options)
+    return nbpeft.train(model, DATA if data is None else data, **options)
 
 
 def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -69,9 +69,13 @@ def test_two_processes_equal_one_process_on_the_double_batch(method, options, ba
 
 def test_the_live_display_sees_the_run_from_rank_0():
     seen: list[tuple[str, object]] = []
-    fit(lora_llama(r=4), batch_size=2, processes=2, live=lambda kind, payload: seen.append((kind, payload)))
+    fit(lora_llama(r=4), batch_size=2, processes=2, eval_data=DATA[:4], eval_every=2,
+        live=lambda kind, payload: seen.append((kind, payload)))
     kinds = [kind for kind, _ in seen]
     assert kinds[0] == "begin" and kinds.count("step") == 4 and kinds[-1] == "end"
+    steps = [payload for kind, payload in seen if kind == "step"]
+    assert [s.eval_loss is not None for s in steps] == [False, True, False, True]
+    assert all(s.tokens_per_s > 0 and s.loss > 0 for s in steps)
     begin = seen[0][1]
     assert "×2 processes" in begin.device and begin.effective_batch == 4
     assert seen[-1][1].result.steps == 4
@@ -173,4 +177,41 @@ def test_sharded_base_trains_like_the_unsharded_run(method):
     assert a.keys() == b.keys()
     for name in a:  # the sharded all-gathers and reduce-scatters sum in another order
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert not workers_alive()
+
+
+def test_an_interrupt_in_the_notebook_stops_every_process_and_keeps_the_run():
+    def interrupt(kind, payload):
+        if kind == "step" and payload.step == 1:
+            for worker in mp.active_children():  # the kernel's interrupt reaches the workers too: they ignore it
+                if worker.name.startswith("nbpeft-rank-"):
+                    os.kill(worker.pid, signal.SIGINT)
+        if kind == "step" and payload.step == 2:
+            raise KeyboardInterrupt
+
+    model = lora_llama(r=4)
+    result = fit(model, batch_size=2, processes=2, steps=60, live=interrupt)
+    assert result.stopped == "interrupted" and 2 <= result.steps < 60
+    assert not workers_alive()
+    reference = lora_llama(r=4)
+    fit(reference, batch_size=4, steps=60, live=stop_at(result.steps))
+    assert_close(trained(model), trained(reference))
+
+
+def test_bad_data_is_the_same_one_line_config_error_as_in_one_process():
+    model = lora_llama(r=4)
+    before = trained(model)
+    with pytest.raises(nbpeft.ConfigError) as one:
+        fit(model, [{"question": "no text column"}], batch_size=2)
+    with pytest.raises(nbpeft.ConfigError) as two:
+        fit(model, [{"question": "no text column"}], batch_size=2, processes=2)
+    assert str(two.value) == str(one.value) and "\n" not in str(two.value)
+    assert all(torch.equal(trained(model)[k], before[k]) for k in before)
+    assert not workers_alive()
+
+
+def test_the_cuda_trap_is_one_line_saying_what_to_do(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(nbpeft.ConfigError, match="CUDA is already initialised in this kernel.*restart the kernel.*export_job"):
+        fit(lora_llama(r=4), batch_size=2, processes=2, device="cuda")
     assert not workers_alive()
