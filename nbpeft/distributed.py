@@ -138,16 +138,26 @@ def _launch(train: Callable[..., Any], model: nn.Module, data: Any, processes: i
     workers = [ctx.Process(target=_worker, name=f"nbpeft-rank-{rank}",
                            args=(rank, processes, port, device, threads, events, stop, train, model, data, options, shard))
                for rank in range(processes)]
-    latest: tuple[int, bytes] | None = None  # (step, trainable parameters) of the last completed step
-    result, failure = None, None
     try:
         for worker in workers:
             worker.start()
+        result, latest, failure = relay(events.get, lambda: _dead(workers), listener, stop.set)
+    finally:
+        _end(workers)
+    return finish(model, processes, listener, result, latest, failure)
+
+
+def relay(get: Callable[..., Any], dead: Callable[[], tuple[str, str] | None], listener: Listener,
+          stop: Callable[[], None]) -> tuple[Any, tuple[int, bytes] | None, tuple[str, str] | None]:
+    """Show rank 0's events until the run ends; returns (result, (step, adapter) of the last step, failure)."""
+    latest: tuple[int, bytes] | None = None  # (step, trainable parameters) of the last completed step
+    result, failure = None, None
+    try:
         while result is None and failure is None:
             try:
-                kind, *payload = events.get(timeout=POLL_S)
+                kind, *payload = get(timeout=POLL_S)
             except queue_module.Empty:
-                failure = _dead(workers)
+                failure = dead()
                 continue
             if kind == "begin":
                 listener.on_begin(payload[0])
@@ -158,21 +168,25 @@ def _launch(train: Callable[..., Any], model: nn.Module, data: Any, processes: i
                 try:
                     listener.on_step(payload[0])
                 except StopTraining:
-                    stop.set()
+                    stop()
             elif kind == "end":
                 result, latest = payload[0], (payload[0].steps, payload[1])
             elif kind == "error":
-                failure = _first_error(payload, events, workers)
+                failure = _first_error(payload, get, dead)
     except KeyboardInterrupt:
-        stop.set()
-        ended = _wait_end(events)
+        stop()
+        ended = _wait_end(get)
         if ended is None:
             failure = ("interrupted", "")
         else:
             result, latest = ended[0], (ended[0].steps, ended[1])
             result.stopped = "interrupted"
-    finally:
-        _end(workers)
+    return result, latest, failure
+
+
+def finish(model: nn.Module, processes: int, listener: Listener, result: Any, latest: tuple[int, bytes] | None,
+           failure: tuple[str, str] | None) -> Any:
+    """The notebook's model takes the last completed step's adapter; a failure becomes one line."""
     if latest is not None:
         _load_state(model, latest[1])
     if failure is not None:
@@ -180,8 +194,7 @@ def _launch(train: Callable[..., Any], model: nn.Module, data: Any, processes: i
         if kind == "ConfigError":
             raise ConfigError(text) from None
         if kind == "interrupted":
-            raise KeyboardInterrupt(f"train(processes={processes}): interrupted; "
-                                    + _kept(latest))
+            raise KeyboardInterrupt(f"train(processes={processes}): interrupted; {_kept(latest)}")
         raise ProcessFailed(f"train(processes={processes}): {text}; {_kept(latest)}") from None
     result.device = f"{result.device} ×{processes}"
     listener.on_end(End(result))
@@ -206,18 +219,18 @@ def _dead(workers: list[Any]) -> tuple[str, str] | None:
     return None
 
 
-def _first_error(payload: list[Any], events: Any, workers: list[Any]) -> tuple[str, str]:
+def _first_error(payload: list[Any], get: Callable[..., Any], dead: Callable[[], Any]) -> tuple[str, str]:
     """The error that started it: a killed process beats the connection errors it causes in its peers."""
     errors = [payload]
     deadline = time.monotonic() + 1.0
     while time.monotonic() < deadline:
         try:
-            kind, *more = events.get(timeout=0.1)
+            kind, *more = get(timeout=0.1)
         except queue_module.Empty:
             continue
         if kind == "error":
             errors.append(more)
-    killed = _dead(workers)
+    killed = dead()
     if killed is not None and "killed by" in killed[1]:
         return killed
     primary = [e for e in errors if not _is_peer_loss(e[2])] or errors
@@ -231,12 +244,12 @@ def _is_peer_loss(text: str) -> bool:
     return any(s in text for s in ("Connection closed by peer", "Connection reset", "Broken pipe", "NCCL communicator was aborted"))
 
 
-def _wait_end(events: Any) -> tuple[Any, bytes] | None:
+def _wait_end(get: Callable[..., Any]) -> tuple[Any, bytes] | None:
     """After an interrupt: the workers end their step together and rank 0 sends the result."""
     deadline = time.monotonic() + GRACE_S
     while time.monotonic() < deadline:
         try:
-            kind, *payload = events.get(timeout=POLL_S)
+            kind, *payload = get(timeout=POLL_S)
         except queue_module.Empty:
             continue
         except KeyboardInterrupt:
