@@ -22,6 +22,11 @@ line naming the rank. ``shard=True`` also shards the frozen base with FSDP2 (``f
 
 Called inside a process group that is already up (``torchrun``, ``accelerate launch``),
 ``train()`` runs the same worker code on each rank; rank 0 reports.
+
+When the kernel has already initialised CUDA, forked workers could not use it: the run is then
+written as a job (``nbpeft.jobs``) and started under ``torchrun --standalone`` in fresh
+processes, which rebuild the model from its path and the adapter as it is now; rank 0 reports
+over a local socket (:class:`Channel`) to the same display.
 """
 
 from __future__ import annotations
@@ -30,12 +35,18 @@ import contextlib
 import io
 import multiprocessing as mp
 import os
+import pickle
 import queue as queue_module
+import shutil
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,7 +57,8 @@ from . import core, fast
 from .errors import ConfigError
 from .events import Begin, End, Listener, Note, Step, StopTraining
 
-__all__ = ["ProcessFailed", "fsdp2_available", "in_group", "run", "wanted"]
+__all__ = ["Channel", "Forward", "ProcessFailed", "fsdp2_available", "in_group", "one_line", "run", "trainable_state",
+           "wanted"]
 
 IGNORE = -100
 _inside = False  # True while a worker runs the plain loop: train() must not hand off again
@@ -89,21 +101,18 @@ def run(train: Callable[..., Any], model: nn.Module, data: Any, *, processes: in
         options = dict(options)
         if rank != 0:
             options["live"] = False
-        return _train_rank(train, model, data, options, shard, None if rank else listener())
+        report = None if rank else listener()
+        return _train_rank(train, model, data, options, shard, report, getattr(report, "stop", None))
     device = _device(options.get("device", "auto"))
     if device == "cuda":
-        if torch.cuda.is_initialized():
-            raise ConfigError(
-                f"train(processes={processes}): CUDA is already initialised in this kernel, so new processes cannot "
-                "share its GPUs; restart the kernel and call train(..., processes=N) before anything touches the GPU "
-                "(keep the model on the CPU), or write a job with nbpeft.export_job(model, 'job', data=...) and "
-                "run it with torchrun")
         if processes > torch.cuda.device_count():
             raise ConfigError(f"train(): processes={processes} but {torch.cuda.device_count()} GPUs are visible; "
                               f"use processes={torch.cuda.device_count()} or fewer")
     if "fork" not in mp.get_all_start_methods():
         raise ConfigError(f"train(): processes={processes} needs the 'fork' start method, which {sys.platform} lacks; "
                           "write a job with nbpeft.export_job(...) and run it with torchrun")
+    if _fork_unsafe(device):
+        return _relaunch(model, data, processes, shard, options, listener)
     return _launch(train, model, data, processes, shard, options, listener(), device)
 
 
@@ -121,6 +130,11 @@ def fsdp2_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _fork_unsafe(device: str) -> bool:
+    """CUDA already initialised in this process: a forked child cannot use it (the CUDA trap)."""
+    return device == "cuda" and torch.cuda.is_initialized()
 
 
 def _free_port() -> int:
@@ -297,16 +311,16 @@ def _worker(rank: int, world: int, port: int, device: str, threads: int, events:
         dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                                 rank=rank, world_size=world)
         try:
-            forward = _Forward(events) if rank == 0 else None
+            forward = Forward(events) if rank == 0 else None
             result = _train_rank(train, model, data, options, shard, forward, stop)
-            blob = _state(model) if rank == 0 or shard else b""  # gathering sharded parameters takes every rank
+            blob = trainable_state(model) if rank == 0 or shard else b""  # gathering sharded parameters takes every rank
             if rank == 0:
                 events.put(("end", result, blob))
         finally:
             dist.destroy_process_group()
     except BaseException as exc:  # noqa: BLE001 - every failure goes to the notebook as one line
         events.put(("error", rank, "ConfigError" if isinstance(exc, ConfigError) else type(exc).__name__,
-                    _one_line(exc)))
+                    one_line(exc)))
         events.close()
         events.join_thread()
         os._exit(1)
@@ -315,7 +329,8 @@ def _worker(rank: int, world: int, port: int, device: str, threads: int, events:
     os._exit(0)  # skip the parent's atexit handlers, inherited through fork
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An exception's first line, for the notebook."""
     text = str(exc).strip()
     return " ".join(text.splitlines()[0].split()) if text else repr(exc)
 
@@ -329,11 +344,14 @@ def _die_with_parent() -> None:
             ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-class _Forward(Listener):
-    """Rank 0's events, sent to the notebook; each step also carries the trainable parameters."""
+class Forward(Listener):
+    """Rank 0's events, sent to the notebook; each step also carries the trainable parameters.
 
-    def __init__(self, events: Any) -> None:
-        self.events = events
+    ``events.put`` takes each message; ``stop.is_set()``, when given, says the notebook asked to stop.
+    """
+
+    def __init__(self, events: Any, stop: Any = None) -> None:
+        self.events, self.stop = events, stop
         self.state: Callable[[], bytes] = lambda: b""
         self.world = 1
 
@@ -363,10 +381,10 @@ class _Ranks(Listener):
             self.report.on_note(note)
 
     def on_step(self, step: Step) -> None:
-        blob = _state(self.model) if self.shard else None  # gathering sharded parameters takes every rank
+        blob = trainable_state(self.model) if self.shard else None  # gathering sharded parameters takes every rank
         stopped = False
         if self.report is not None:
-            if blob is not None and isinstance(self.report, _Forward):
+            if blob is not None and isinstance(self.report, Forward):
                 self.report.state = lambda: blob
             try:
                 self.report.on_step(step)
@@ -378,7 +396,7 @@ class _Ranks(Listener):
             raise StopTraining
 
     def on_end(self, end: End) -> None:
-        if self.report is not None and not isinstance(self.report, _Forward):
+        if self.report is not None and not isinstance(self.report, Forward):
             self.report.on_end(end)
 
 
@@ -386,7 +404,7 @@ def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def _state(model: nn.Module) -> bytes:
+def trainable_state(model: nn.Module) -> bytes:
     """The trainable parameters (every method's, and every parameter under full=True) as bytes."""
     tensors = {}
     for name, param in model.named_parameters():
@@ -420,9 +438,9 @@ def _train_rank(train: Callable[..., Any], model: nn.Module, data: Any, options:
     if shard:
         _shard_base(model)
         params = core.trainable_parameters(model)
-    if isinstance(report, _Forward):
+    if isinstance(report, Forward):
         report.world = world
-        report.state = lambda: _state(model)
+        report.state = lambda: trainable_state(model)
     sync = None if shard else _GradSync(params, world)
     options["loss_fn"] = _RankLoss(options.get("loss_fn"), model, params, rank, world, per_rank,
                                    options.get("grad_accum", 1), sync, shard)
@@ -551,3 +569,99 @@ def _rows(batch: dict[str, Any]) -> int:
 def _slice(batch: dict[str, Any], rows: int, lo: int, hi: int) -> dict[str, Any]:
     return {k: v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows else v
             for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------ CUDA already initialised: fresh processes
+
+class Channel:
+    """A relaunched job's messages to the notebook over a local socket: length-prefixed pickles.
+
+    The notebook writes one byte back to ask for a stop; :meth:`is_set` reads it without waiting.
+    """
+
+    def __init__(self, address: str) -> None:
+        host, port = address.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)))
+        self.stopped = False
+
+    def put(self, message: Any) -> None:
+        blob = pickle.dumps(message)
+        self.sock.sendall(len(blob).to_bytes(8, "little") + blob)
+
+    def is_set(self) -> bool:
+        if not self.stopped:
+            self.sock.setblocking(False)
+            try:
+                self.stopped = bool(self.sock.recv(1))
+            except BlockingIOError:
+                pass
+            finally:
+                self.sock.setblocking(True)
+        return self.stopped
+
+
+def _read_messages(conn: socket.socket, messages: queue_module.Queue) -> None:
+    with contextlib.suppress(OSError), conn.makefile("rb") as stream:
+        while header := stream.read(8):
+            messages.put(pickle.loads(stream.read(int.from_bytes(header, "little"))))
+
+
+def _accept(server: socket.socket, messages: queue_module.Queue, conns: list[socket.socket]) -> None:
+    with contextlib.suppress(OSError):
+        while True:
+            conn, _ = server.accept()
+            conns.append(conn)
+            threading.Thread(target=_read_messages, args=(conn, messages), daemon=True).start()
+
+
+def _relaunch(model: nn.Module, data: Any, processes: int, shard: bool, options: dict[str, Any],
+              listener: Callable[[], Listener]) -> Any:
+    """The run as a job in fresh processes (``torchrun --standalone``), which rebuild the model from its
+    path and the adapter as it is now; rank 0 reports here over a socket as a forked worker would."""
+    from . import jobs
+
+    folder = Path(tempfile.mkdtemp(prefix="nbpeft-run-"))
+    given = {k: v for k, v in options.items() if k not in ("live", "tokenizer") and (k not in jobs.NOT_EXPORTED or v)}
+    try:
+        jobs.export_job(model, folder, data=data, tokenizer=options.get("tokenizer"), processes_per_node=processes,
+                        overwrite=True, **given, **({"shard": True} if shard else {}))
+    except ConfigError as err:
+        shutil.rmtree(folder, ignore_errors=True)
+        reason = str(err).removeprefix("export_job(): ").split(";")[0]
+        raise ConfigError(f"train(processes={processes}): CUDA is already initialised in this kernel, so the run must "
+                          f"start in fresh processes, and it cannot be rebuilt there ({reason}); restart the kernel and "
+                          "call train(..., processes=N) before anything touches the GPU") from None
+    server = socket.create_server(("127.0.0.1", 0))
+    messages: queue_module.Queue = queue_module.Queue()
+    conns: list[socket.socket] = []
+    threading.Thread(target=_accept, args=(server, messages, conns), daemon=True).start()
+    env = dict(os.environ, NBPEFT_EVENTS=f"127.0.0.1:{server.getsockname()[1]}")
+    shown = listener()
+    with open(folder / "log.txt", "w") as log:
+        job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                str(processes), str(folder / "train_job.py")], env=env, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            def dead() -> tuple[str, str] | None:
+                code = job.poll()
+                if code is None:
+                    return None
+                return "killed", f"the relaunched job exited with status {code} (its log: {folder / 'log.txt'})"
+
+            def stop() -> None:
+                for conn in list(conns):
+                    with contextlib.suppress(OSError):
+                        conn.sendall(b"s")
+
+            result, latest, failure = relay(messages.get, dead, shown, stop)
+        finally:
+            if job.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+            server.close()
+            for conn in conns:
+                conn.close()
+    if failure is None:
+        shutil.rmtree(folder, ignore_errors=True)
+    return finish(model, processes, shown, result, latest, failure)

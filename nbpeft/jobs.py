@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 import nbpeft
+import nbpeft.distributed
 
 HERE = Path(__file__).resolve().parent
 
@@ -53,22 +54,35 @@ def main() -> None:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")  # rank, world size, address: from the launcher
-    job = json.loads((HERE / "job.json").read_text())
-    model, tokenizer = nbpeft.load_model(job["base"], task=job["task"], dtype=job["dtype"], **job["load"])
-    if (HERE / "tokenizer").exists():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(HERE / "tokenizer")
-    nbpeft.load_adapter(model, HERE / "adapter_init")
-    nbpeft.set_adapter(model, job["active"])
-    with open(HERE / "data.jsonl") as f:
-        data = [json.loads(line) for line in f]
     rank = dist.get_rank()
-    result = nbpeft.train(model, data, tokenizer=tokenizer, live=rank == 0, **job["train"])
-    if rank == 0:
-        nbpeft.save_adapter(model, HERE / "adapter", overwrite=True)
-        print(result)
-        print(f"adapter saved to {HERE / 'adapter'}")
+    # set when a notebook started this job itself: rank 0 reports to it, every rank sends its error
+    address = os.environ.get("NBPEFT_EVENTS")
+    channel = nbpeft.distributed.Channel(address) if address else None
+    try:
+        job = json.loads((HERE / "job.json").read_text())
+        model, tokenizer = nbpeft.load_model(job["base"], task=job["task"], dtype=job["dtype"], **job["load"])
+        if (HERE / "tokenizer").exists():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(HERE / "tokenizer")
+        nbpeft.load_adapter(model, HERE / "adapter_init")
+        nbpeft.set_adapter(model, job["active"])
+        with open(HERE / "data.jsonl") as f:
+            data = [json.loads(line) for line in f]
+        live = nbpeft.distributed.Forward(channel, stop=channel) if channel and rank == 0 else rank == 0
+        result = nbpeft.train(model, data, tokenizer=tokenizer, live=live, **job["train"])
+        state = nbpeft.distributed.trainable_state(model) if channel and (rank == 0 or job["train"].get("shard")) else b""
+        if rank == 0:
+            nbpeft.save_adapter(model, HERE / "adapter", overwrite=True)
+            print(result)
+            print(f"adapter saved to {HERE / 'adapter'}")
+            if channel:
+                channel.put(("end", result, state))
+    except BaseException as exc:
+        if channel:
+            kind = "ConfigError" if isinstance(exc, nbpeft.ConfigError) else type(exc).__name__
+            channel.put(("error", rank, kind, nbpeft.distributed.one_line(exc)))
+        raise
     dist.destroy_process_group()
 
 

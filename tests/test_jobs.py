@@ -104,3 +104,23 @@ def test_the_magic_writes_the_same_job(saved_base, tmp_path):
     assert job["base"] == str(saved_base) and job["train"] == {"steps": 3, "batch_size": 2}
     assert "--nnodes 2" in (tmp_path / "job" / "launch.sh").read_text()
     assert len((tmp_path / "job" / "data.jsonl").read_text().splitlines()) == len(DATA)
+
+
+def test_with_cuda_already_initialised_the_run_restarts_in_fresh_processes(saved_base, monkeypatch):
+    from nbpeft import distributed
+
+    monkeypatch.setattr(distributed, "_fork_unsafe", lambda device: True)  # as when the kernel touched CUDA
+    seen = []
+    model = lora_model(saved_base)
+    result = nbpeft.train(model, DATA, processes=2, live=lambda kind, payload: seen.append(kind), **TRAIN)
+    assert seen[0] == "begin" and seen.count("step") == 3 and seen[-1] == "end"
+    assert result.steps == 3 and result.device == "cpu ×2"
+    notebook = lora_model(saved_base)
+    expected = nbpeft.train(notebook, DATA, **dict(TRAIN, batch_size=4), live=False)
+    torch.testing.assert_close(result.losses, expected.losses, rtol=1e-5, atol=1e-6)
+    want = {n: p for n, p in notebook.named_parameters() if p.requires_grad}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param, want[name], rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(nbpeft.ConfigError, match="CUDA is already initialised.*cannot be rebuilt there.*loss_fn="):
+        nbpeft.train(model, DATA, processes=2, loss_fn=lambda m, b: m(**b).loss, **TRAIN)
