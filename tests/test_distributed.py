@@ -190,8 +190,8 @@ def test_an_interrupt_in_the_notebook_stops_every_process_and_keeps_the_run():
             raise KeyboardInterrupt
 
     model = lora_llama(r=4)
-    result = fit(model, batch_size=2, processes=2, steps=60, live=interrupt)
-    assert result.stopped == "interrupted" and 2 <= result.steps < 60
+    result = fit(model, batch_size=2, processes=2, steps=30, live=interrupt)
+    assert result.stopped == "interrupted" and 2 <= result.steps < 30
     assert not workers_alive()
     reference = lora_llama(r=4)
     fit(reference, batch_size=4, steps=30, live=stop_at(result.steps))
