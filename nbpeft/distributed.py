@@ -353,10 +353,8 @@ class Forward(Listener):
     def __init__(self, events: Any, stop: Any = None) -> None:
         self.events, self.stop = events, stop
         self.state: Callable[[], bytes] = lambda: b""
-        self.world = 1
 
     def on_begin(self, begin: Begin) -> None:
-        begin.device = f"{begin.device} ×{self.world} processes"
         self.events.put(("begin", begin))
 
     def on_note(self, note: Note) -> None:
@@ -374,6 +372,7 @@ class _Ranks(Listener):
 
     def on_begin(self, begin: Begin) -> None:
         if self.report is not None:
+            begin.device = f"{begin.device} ×{dist.get_world_size()} processes"
             self.report.on_begin(begin)
 
     def on_note(self, note: Note) -> None:
@@ -439,7 +438,6 @@ def _train_rank(train: Callable[..., Any], model: nn.Module, data: Any, options:
         _shard_base(model)
         params = core.trainable_parameters(model)
     if isinstance(report, Forward):
-        report.world = world
         report.state = lambda: trainable_state(model)
     sync = None if shard else _GradSync(params, world)
     options["loss_fn"] = _RankLoss(options.get("loss_fn"), model, params, rank, world, per_rank,

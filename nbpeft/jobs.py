@@ -9,7 +9,8 @@
   ``tokenizer/``;
 - ``accelerate_config.yaml`` and ``launch.sh``: the ``accelerate launch`` and ``torchrun``
   command lines, one per node (``--machine_rank`` / ``--node_rank``), with the rendezvous
-  address and port.
+  address and port. The accelerate config says MULTI_GPU, which accelerate starts through
+  torchrun (its multi-CPU mode needs MPI); the script uses gloo where there is no GPU.
 
 Each process trains on ``batch_size`` rows of every global batch (``batch_size`` × processes),
 as ``train(..., processes=N)`` does in the notebook, so both give the same adapter.
@@ -160,18 +161,17 @@ def _rows(data: Any) -> list[Any]:
 
 
 def _accelerate_config(nodes: int, per_node: int, address: str, port: int) -> str:
-    gpu = torch.backends.cuda.is_built() and torch.cuda.device_count() > 0
+    # MULTI_GPU: accelerate starts it through torchrun (its CPU mode wants MPI); on CPU nodes the job runs gloo
     return (
         "# accelerate launch --config_file accelerate_config.yaml --machine_rank <this node's rank> train_job.py\n"
         "compute_environment: LOCAL_MACHINE\n"
-        f"distributed_type: {'MULTI_GPU' if gpu else 'MULTI_CPU'}\n"
+        "distributed_type: MULTI_GPU\n"
         f"num_machines: {nodes}\n"
         "machine_rank: 0\n"
         f"num_processes: {nodes * per_node}\n"
         f"main_process_ip: {address}\n"
         f"main_process_port: {port}\n"
         "mixed_precision: 'no'\n"
-        f"use_cpu: {'false' if gpu else 'true'}\n"
         "same_network: true\n"
         "rdzv_backend: static\n"
     )
