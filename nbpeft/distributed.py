@@ -119,9 +119,16 @@ def run(train: Callable[..., Any], model: nn.Module, data: Any, *, processes: in
 # ------------------------------------------------------------------ the notebook side
 
 def _device(requested: str) -> str:
-    if requested != "auto":
-        return torch.device(requested).type
-    return "cuda" if torch.backends.cuda.is_built() and torch.cuda.device_count() > 0 else "cpu"
+    """Where the workers train: ``"cuda"`` (one GPU each, NCCL) or ``"cpu"`` (gloo)."""
+    if requested == "auto":
+        return "cuda" if torch.backends.cuda.is_built() and torch.cuda.device_count() > 0 else "cpu"
+    try:
+        kind = torch.device(requested).type
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"train(): device={requested!r} is not a device; use 'auto', 'cpu' or 'cuda'") from None
+    if kind not in ("cuda", "cpu"):
+        raise ConfigError(f"train(): processes= trains on CUDA GPUs or CPU processes, not {kind}; pass device='cpu'")
+    return kind
 
 
 def fsdp2_available() -> bool:
@@ -304,10 +311,9 @@ def _worker(rank: int, world: int, port: int, device: str, threads: int, events:
         # ranks interrupted on their own would stop at different points of a collective and hang
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         torch.set_num_threads(threads)
-        options = dict(options, live=False)
+        options = dict(options, live=False, device=f"cuda:{rank}" if device == "cuda" else "cpu")
         if device == "cuda":
             torch.cuda.set_device(rank)
-            options["device"] = f"cuda:{rank}"
         dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                                 rank=rank, world_size=world)
         try:

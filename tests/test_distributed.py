@@ -221,3 +221,9 @@ def test_the_cuda_trap_without_a_path_to_rebuild_from_is_one_line_saying_what_to
     assert "restart the kernel" in message
     assert all(torch.equal(trained(model)[k], before[k]) for k in before)
     assert not workers_alive()
+
+
+@pytest.mark.parametrize("device, message", [("gpu", "is not a device"), ("mps", "not mps; pass device='cpu'")])
+def test_devices_processes_cannot_use_are_one_line_errors(device, message):
+    with pytest.raises(nbpeft.ConfigError, match=message):
+        fit(lora_llama(r=4), batch_size=2, processes=2, device=device)
