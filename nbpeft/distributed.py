@@ -63,6 +63,9 @@ __all__ = ["Channel", "Forward", "ProcessFailed", "fsdp2_available", "in_group",
 IGNORE = -100
 _inside = False  # True while a worker runs the plain loop: train() must not hand off again
 POLL_S = 0.2
+# Rank 0 sends the trainable parameters after every step when they are at most this large (LoRA r=8 on
+# SmolLM2-135M: 1.8 MB); larger sets (full=True) travel only at the end of the run.
+STATE_EVERY_STEP_BYTES = 64 << 20
 GRACE_S = 10.0  # how long Stop / an interrupt waits for the workers to end their step before killing them
 
 
@@ -185,7 +188,8 @@ def relay(get: Callable[..., Any], dead: Callable[[], tuple[str, str] | None], l
             elif kind == "note":
                 listener.on_note(payload[0])
             elif kind == "step":
-                latest = (payload[0].step, payload[1])
+                if payload[1] is not None:
+                    latest = (payload[0].step, payload[1])
                 try:
                     listener.on_step(payload[0])
                 except StopTraining:
@@ -358,7 +362,7 @@ class Forward(Listener):
 
     def __init__(self, events: Any, stop: Any = None) -> None:
         self.events, self.stop = events, stop
-        self.state: Callable[[], bytes] = lambda: b""
+        self.state: Callable[[], bytes | None] = lambda: None  # None: this step's parameters stay in the worker
 
     def on_begin(self, begin: Begin) -> None:
         self.events.put(("begin", begin))
@@ -373,8 +377,8 @@ class Forward(Listener):
 class _Ranks(Listener):
     """Every rank: agree on Stop once a step (one scalar all-reduce), so all end after the same step."""
 
-    def __init__(self, report: Listener | None, stop: Any, model: nn.Module, shard: bool) -> None:
-        self.report, self.stop, self.model, self.shard = report, stop, model, shard
+    def __init__(self, report: Listener | None, stop: Any, model: nn.Module, gather: bool) -> None:
+        self.report, self.stop, self.model, self.gather = report, stop, model, gather
 
     def on_begin(self, begin: Begin) -> None:
         if self.report is not None:
@@ -386,7 +390,7 @@ class _Ranks(Listener):
             self.report.on_note(note)
 
     def on_step(self, step: Step) -> None:
-        blob = trainable_state(self.model) if self.shard else None  # gathering sharded parameters takes every rank
+        blob = trainable_state(self.model) if self.gather else None  # gathering sharded parameters takes every rank
         stopped = False
         if self.report is not None:
             if blob is not None and isinstance(self.report, Forward):
@@ -443,12 +447,13 @@ def _train_rank(train: Callable[..., Any], model: nn.Module, data: Any, options:
     if shard:
         _shard_base(model)
         params = core.trainable_parameters(model)
-    if isinstance(report, Forward):
+    every_step = sum(p.numel() * p.element_size() for p in params) <= STATE_EVERY_STEP_BYTES
+    if isinstance(report, Forward) and every_step:
         report.state = lambda: trainable_state(model)
     sync = None if shard else _GradSync(params, world)
     options["loss_fn"] = _RankLoss(options.get("loss_fn"), model, params, rank, world, per_rank,
                                    options.get("grad_accum", 1), sync, shard)
-    options["live"] = _Ranks(report, stop, model, shard)
+    options["live"] = _Ranks(report, stop, model, shard and every_step)
     _inside = True
     try:
         return train(model, data, **options)
