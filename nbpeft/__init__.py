@@ -13,6 +13,7 @@ from .core import Adapter, attach, detach, disable_adapters, merge, set_adapter,
 from .export import ExportCheck, ExportResult, check_export, export, to_lora
 from .generate import generate
 from .io import load_adapter, save_adapter
+from .jobs import export_job
 from .memory import Released, release
 from .methods.base import ConfigError, methods
 from .models import load_model
@@ -28,6 +29,7 @@ __all__ = [
     "Adapter",
     "TrainResult",
     "generate",
+    "export_job",
     "compare_answers",
     "Answers",
     "train",

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, core, fast, memory
+from . import checkpoint, core, distributed, fast, memory
 from .data import Batches
 from .events import Begin, End, Listener, Note, Step, StopTraining, as_listener
 from .methods.base import ConfigError
@@ -272,6 +272,8 @@ def train(
     compile: bool | None = None,
     columns: dict[str, str] | None = None,
     packing: bool = False,
+    processes: int = 1,
+    shard: bool = False,
 ) -> TrainResult:
     """Train the model's trainable parameters (its active adapter) on ``data``.
 
@@ -317,11 +319,23 @@ def train(
 
     Stops cleanly on KeyboardInterrupt or a non-finite loss, returning the history so
     far; the adapter stays attached either way.
+
+    ``processes=N`` trains data parallel on N processes (one per GPU, or N CPU processes),
+    each on ``batch_size`` rows of every global batch of N × ``batch_size``; ``shard=True``
+    also shards the frozen base over them (FSDP2). Inside a process group that is already up
+    (torchrun, accelerate launch) every rank trains its share. See :mod:`nbpeft.distributed`.
     """
+    options = {k: v for k, v in locals().items() if k not in ("model", "data", "processes", "shard")}
+    if batch_size == "auto" and distributed.wanted(processes, shard):
+        raise ConfigError("train(): batch_size='auto' works in one process; with processes= give batch_size=N "
+                          "(rows per process)")
     batch_size, auto_batch = _batch_plan(batch_size, grad_accum, effective_batch)
     _check_options(steps, epochs, lr, batch_size, grad_accum, max_length, schedule, warmup, weight_decay,
                    save_every, output_dir, metrics)
     _check_trainable(model, full)
+    if distributed.wanted(processes, shard):
+        return distributed.run(train, model, data, processes=processes, shard=shard, options=options,
+                               listener=lambda: _listener(live))
     resume_from = checkpoint.find(resume, output_dir) if resume else None
     batches = Batches(data, tokenizer, batch_size, max_length, seed, model=model, columns=columns, packing=packing)
     if auto_batch and (batches.kind == "batches" or batches.stream is not None):

@@ -27,7 +27,7 @@ from conftest import char_tokenizer
 
 MAGICS = ("peft_methods", "peft_attach", "peft_summary", "peft_use", "peft_detach", "peft_merge", "peft_unmerge",
           "peft_save", "peft_load", "peft_train", "peft_compare", "peft_panel", "peft_generate", "peft_compare_answers",
-          "peft_export", "peft_to_lora", "peft_show_example", "peft_release")
+          "peft_export", "peft_to_lora", "peft_show_example", "peft_release", "peft_export_job")
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:

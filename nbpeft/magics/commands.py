@@ -87,7 +87,8 @@ def prompts_of(magic: str, flags: dict[str, Any], cell: str | None) -> list[str]
 class PeftMagics(Magics):
     """%peft_methods, %peft_attach, %peft_summary, %peft_use, %peft_detach, %peft_merge, %peft_unmerge,
     %peft_save, %peft_load, %%peft_train, %peft_compare, %peft_panel, %peft_generate,
-    %peft_compare_answers, %peft_export, %peft_to_lora, %peft_show_example, %peft_release."""
+    %peft_compare_answers, %peft_export, %peft_to_lora, %peft_show_example, %peft_release,
+    %peft_export_job."""
 
     def _var(self, name: str, hint: str) -> Any:
         if name not in self.shell.user_ns:
@@ -237,6 +238,26 @@ class PeftMagics(Magics):
         options.update(train_flag_options(flags, options))
         self.shell.user_ns[out] = nbpeft.train(model, data, **options)
         print(f"result in {out}")
+
+    @line_magic
+    @usage_errors
+    def peft_export_job(self, line: str) -> None:
+        """Write a multi-node training job:  %peft_export_job DIR [--model VAR] [--data VAR] [--tokenizer VAR] [--overwrite] key=value ...
+
+        key=value are ``train()``'s options (``batch_size`` per process) and ``nodes=``,
+        ``processes_per_node=``, ``address=``, ``port=``. Same as
+        ``nbpeft.export_job(model, DIR, data=data, tokenizer=tokenizer, **options)``; DIR/launch.sh
+        has the torchrun and accelerate launch command lines.
+        """
+        words, flags, options = split_line(line, "peft_export_job", positional=1)
+        if not words:
+            fail(f"where to? usage: {USAGE['peft_export_job']}")
+        model = self._model(flags.get("model"))
+        data = self._var(flags.get("data", "data"), "make a list of examples or pass --data NAME")
+        folder = nbpeft.export_job(model, words[0], data=data, tokenizer=self._tokenizer(flags),
+                                   overwrite=flags.get("overwrite", False), **options)
+        print(f"wrote {folder}/: train_job.py, job.json, data.jsonl, adapter_init/, accelerate_config.yaml, launch.sh")
+        print(f"run on each node:  NODE_RANK=<0, 1, ...> sh {folder}/launch.sh")
 
     @line_magic
     @usage_errors

@@ -37,6 +37,7 @@ USAGE = {
     "peft_export": "%peft_export FORMAT PATH [--dtype D] [--quant Q] [--model VAR] [--tokenizer VAR]"
                    "  or  %peft_export check TARGET [FOLDER]",
     "peft_to_lora": "%peft_to_lora [NAME] [--rank R] [--name NAME] [--model VAR]",
+    "peft_export_job": "%peft_export_job DIR [--model VAR] [--data VAR] [--tokenizer VAR] [--overwrite] key=value ...",
     "peft_show_example": "%peft_show_example [I] [--data VAR] [--model VAR] [--tokenizer VAR] [max_length=N] [columns=...]",
 }
 # --flags that take no value (a switch); every other flag takes one

@@ -1,0 +1,126 @@
+"""export_job(): the notebook's attach + train, as a job two torchrun "nodes" on 127.0.0.1 run to the same adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import nbpeft
+
+from conftest import char_tokenizer, tiny_llama
+
+DATA = [f"example {i}: " + "abcdefgh"[: 1 + i % 8] * (1 + i % 3) for i in range(14)]
+TRAIN = {"steps": 3, "batch_size": 2, "lr": 1e-2, "precision": "fp32"}
+
+
+@pytest.fixture
+def saved_base(tmp_path: Path) -> Path:
+    tiny_llama().save_pretrained(tmp_path / "base")
+    char_tokenizer(chat=False).save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def lora_model(base: Path) -> torch.nn.Module:
+    model, _ = nbpeft.load_model(str(base))
+    torch.manual_seed(1)
+    nbpeft.attach(model, "lora", r=4, targets="all-linear")
+    return model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_two_node_job_writes_the_adapter_the_notebook_trains(saved_base, tmp_path):
+    port = free_port()
+    job = nbpeft.export_job(lora_model(saved_base), tmp_path / "job", data=DATA, nodes=2, processes_per_node=1,
+                            port=port, **TRAIN)
+    assert {"train_job.py", "job.json", "data.jsonl", "adapter_init", "tokenizer", "accelerate_config.yaml",
+            "launch.sh"} <= {p.name for p in job.iterdir()}
+    launch = (job / "launch.sh").read_text()
+    assert "--nnodes 2" in launch and "--node-rank ${NODE_RANK:-0}" in launch and f"{port}" in launch
+    assert "--machine_rank" in launch
+    config = (job / "accelerate_config.yaml").read_text()
+    assert "num_machines: 2" in config and "num_processes: 2" in config and f"main_process_port: {port}" in config
+
+    # launch.sh as a cluster would run it, once per "node", both on 127.0.0.1
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(nbpeft.__file__).parent.parent),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    nodes = [subprocess.Popen(["sh", str(job / "launch.sh")], env=dict(env, NODE_RANK=str(rank)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+    try:
+        outputs = [node.communicate(timeout=180)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert "adapter saved" in outputs[0] and "adapter saved" not in outputs[1]
+
+    notebook = lora_model(saved_base)  # the same run in one process on the global batch of 2 × 2
+    nbpeft.train(notebook, DATA, **dict(TRAIN, batch_size=4), live=False)
+    from_job, _ = nbpeft.load_model(str(saved_base))
+    nbpeft.load_adapter(from_job, job / "adapter")
+    got = {n: p for n, p in from_job.named_parameters() if "lora_" in n}
+    want = {n: p for n, p in notebook.named_parameters() if "lora_" in n}
+    assert got.keys() == want.keys() and got
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in got.items() if "lora_B" in n)  # it trained
+
+
+def test_export_job_refuses_what_cannot_travel(saved_base, tmp_path):
+    model = lora_model(saved_base)
+    with pytest.raises(nbpeft.ConfigError, match="loss_fn= cannot travel"):
+        nbpeft.export_job(model, tmp_path / "job", data=DATA, loss_fn=lambda m, b: 0)
+    with pytest.raises(nbpeft.ConfigError, match="no name or path"):
+        other = tiny_llama()
+        nbpeft.attach(other, "lora")
+        nbpeft.export_job(other, tmp_path / "job", data=DATA)
+    assert not (tmp_path / "job").exists()
+
+
+def test_the_magic_writes_the_same_job(saved_base, tmp_path):
+    from IPython import get_ipython
+    from IPython.testing.globalipapp import start_ipython
+
+    ip = start_ipython() or get_ipython()
+    if "nbpeft" not in ip.extension_manager.loaded:
+        ip.run_line_magic("load_ext", "nbpeft")
+    ip.user_ns.update(model=lora_model(saved_base), rows=DATA)
+    try:
+        ip.run_line_magic("peft_export_job", f"{tmp_path / 'job'} --data rows nodes=2 steps=3 batch_size=2")
+    finally:
+        ip.user_ns.pop("model"), ip.user_ns.pop("rows")
+    job = json.loads((tmp_path / "job" / "job.json").read_text())
+    assert job["base"] == str(saved_base) and job["train"] == {"steps": 3, "batch_size": 2}
+    assert "--nnodes 2" in (tmp_path / "job" / "launch.sh").read_text()
+    assert len((tmp_path / "job" / "data.jsonl").read_text().splitlines()) == len(DATA)
+
+
+def test_with_cuda_already_initialised_the_run_restarts_in_fresh_processes(saved_base, monkeypatch):
+    from nbpeft import distributed
+
+    monkeypatch.setattr(distributed, "_fork_unsafe", lambda device: True)  # as when the kernel touched CUDA
+    seen = []
+    model = lora_model(saved_base)
+    result = nbpeft.train(model, DATA, processes=2, live=lambda kind, payload: seen.append(kind), **TRAIN)
+    assert seen[0] == "begin" and seen.count("step") == 3 and seen[-1] == "end"
+    assert result.steps == 3 and result.device == "cpu ×2"
+    notebook = lora_model(saved_base)
+    expected = nbpeft.train(notebook, DATA, **dict(TRAIN, batch_size=4), live=False)
+    torch.testing.assert_close(result.losses, expected.losses, rtol=1e-5, atol=1e-6)
+    want = {n: p for n, p in notebook.named_parameters() if p.requires_grad}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param, want[name], rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(nbpeft.ConfigError, match="CUDA is already initialised.*cannot be rebuilt there.*loss_fn="):
+        nbpeft.train(model, DATA, processes=2, loss_fn=lambda m, b: m(**b).loss, **TRAIN)
