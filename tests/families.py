@@ -122,11 +122,6 @@ REFUSED: dict[tuple[str, str], str] = {
     ("whisper", "prompt"): "takes no inputs_embeds",
     ("vit", "prefix"): "takes no key/value cache",
     ("deberta-v2", "prefix"): "takes no key/value cache",
-    ("t5", "prompt"): "encoder-decoder",
-    ("bart", "prompt"): "encoder-decoder",
-    ("t5", "prefix"): "encoder-decoder",
-    ("bart", "prefix"): "encoder-decoder",
-    ("whisper", "prefix"): "encoder-decoder",
 }
 
 
