@@ -21,6 +21,7 @@ from torch import nn
 
 from .. import architectures, targeting
 from ..layers import AdapterLayer, adapter_factory
+from . import lora_experts
 from .base import Attached, ConfigError, Method, MethodConfig, option, register
 
 
@@ -54,6 +55,10 @@ class LoraConfig(MethodConfig):
     )
     modules_to_save: list[str] | None = option(
         None, "modules trained in full and saved with the adapter (default: a classifier's head)"
+    )
+    target_parameters: str | list[str] | None = option(
+        None, "3-D expert weights to adapt, e.g. ['mlp.experts.gate_up_proj'], or 'experts' for the family's "
+        "(alone, without targets=, only these are adapted)"
     )
 
     def validate(self) -> None:
@@ -184,8 +189,22 @@ class LoRA(Method):
     compare_options = {"r": 8}
 
     def select(self, model: nn.Module, config: LoraConfig, attached: Mapping[str, Attached]) -> list[str]:
+        if config.target_parameters is not None:
+            lora_experts.resolve_parameters(model, config.target_parameters, self.name)  # checked before any change
+            if config.targets is None:
+                return []
         targets = config.targets if config.targets is not None else default_targets(model, self.name)
         return targeting.resolve(model, targets, targeting.linear_types(), self.name)
+
+    def on_attach(self, model: nn.Module, name: str, config: LoraConfig) -> None:
+        if config.target_parameters is not None:
+            lora_experts.attach_experts(model, name, config)
+
+    def notes(self, model: nn.Module, config: LoraConfig, targets: list[str]) -> list[str]:
+        if config.target_parameters is None:
+            return []
+        found = lora_experts.resolve_parameters(model, config.target_parameters, self.name)
+        return [f"expert weights: {sum(map(len, found.values()))} parameters in {len(found)} modules"]
 
     def to_peft_config(self, config: LoraConfig, model: nn.Module, chosen: list[str]) -> dict[str, Any]:
         fan_in_fan_out = any(targeting.is_conv1d(targeting.base_modules(model)[p]) for p in chosen)
@@ -193,7 +212,8 @@ class LoRA(Method):
             "r": config.r,
             "lora_alpha": config.alpha,
             "lora_dropout": config.dropout,
-            "target_modules": targeting.compact_targets(model, chosen),
+            "target_modules": targeting.compact_targets(model, chosen) if chosen else [],
+            **({"target_parameters": lora_experts.parameter_names(model, config.target_parameters)} if config.target_parameters is not None else {}),
             "bias": "none",
             "use_rslora": config.rslora,
             "use_dora": False,
@@ -219,7 +239,11 @@ class LoRA(Method):
         if used:
             raise ConfigError(f"load_adapter: this LoRA file uses {', '.join(used)}, which nbpeft's lora does not support yet")
         targets = cfg.get("target_modules")
+        parameters = cfg.get("target_parameters") or None
+        if parameters and not targets:
+            targets = None  # the experts alone
         return {
+            **({"target_parameters": list(parameters)} if parameters else {}),
             "r": int(cfg.get("r", 8)),
             "alpha": float(cfg.get("lora_alpha", 8)),
             "dropout": float(cfg.get("lora_dropout", 0.0)),
