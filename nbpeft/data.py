@@ -313,9 +313,15 @@ def collate_features(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch
 
 def encode_seq2seq(example: dict[str, Any], tokenizer: Any, max_length: int) -> dict[str, Any]:
     """A ``{"prompt", "response"}`` example for an encoder-decoder: the prompt is the encoder's input,
-    the response the decoder's labels (each with the tokenizer's special tokens, cut to ``max_length``)."""
-    return {"input_ids": tokenizer(example["prompt"])["input_ids"][:max_length],
-            "labels": tokenizer(example["response"])["input_ids"][:max_length]}
+    the response the decoder's labels (each with the tokenizer's special tokens, cut to ``max_length``).
+
+    The labels end with the end token (added when the tokenizer does not add it), so the model learns to stop.
+    """
+    labels = tokenizer(example["response"])["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not labels or labels[-1] != eos):
+        labels = labels + [eos]
+    return {"input_ids": tokenizer(example["prompt"])["input_ids"][:max_length], "labels": labels[:max_length]}
 
 
 def collate_seq2seq(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
