@@ -67,7 +67,7 @@ def test_field_widgets_follow_the_option_types():
     kinds = {key: type(field.widget) for key, field in fields.items()}
     assert kinds == {"r": widgets.BoundedIntText, "alpha": widgets.FloatText, "dropout": widgets.FloatText,
                      "targets": widgets.Text, "rslora": widgets.Checkbox, "init": widgets.Dropdown,
-                     "modules_to_save": widgets.Text}
+                     "modules_to_save": widgets.Text, "target_parameters": widgets.Text}
     fields["modules_to_save"].widget.value = "lm_head"
     fields["targets"].widget.value = "q_proj, v_proj"
     fields["r"].widget.value = 4
