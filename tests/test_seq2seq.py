@@ -193,8 +193,9 @@ def test_tfew_recipe_on_t5_learns_a_multiple_choice_task() -> None:
         curve.append(nbpeft.choice_accuracy(model, test, tokenizer))
     print("accuracy every 10 steps:", curve)
     assert curve[0] < 0.65 and max(curve[-2:]) >= 0.85, curve
-    assert nbpeft.predict_choices(model, [{k: v for k, v in ex.items() if k != "label"} for ex in test[:4]],
-                                  tokenizer) == [ex["label"] for ex in test[:4]] or curve[-1] < 1.0
+    # predict_choices reads examples without labels and agrees with choice_accuracy
+    predicted = nbpeft.predict_choices(model, [{k: v for k, v in ex.items() if k != "label"} for ex in test], tokenizer)
+    assert sum(p == ex["label"] for p, ex in zip(predicted, test)) / len(test) == curve[-1]
 
 
 def test_tfew_terms_on_t5_score_the_choice_with_the_decoder() -> None:
