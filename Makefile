@@ -48,10 +48,12 @@ bench:
 	.venv-bench/bin/python benchmarks/scaling.py
 
 # Adapter files both ways between nbpeft and the reference peft (LoRA, DoRA, (IA)3, prompt, prefix)
-# on tiny random models of every family in tests/families.py; prints a pass/fail table.
+# on tiny random models of every family in tests/families.py; prints a pass/fail table. Then LoRA on
+# mixture-of-experts weights (target_parameters), both ways.
 compat:
 	bash benchmarks/setup_ref_venv.sh
 	.venv-bench/bin/python benchmarks/compat.py
+	.venv-bench/bin/python benchmarks/moe_parity.py
 
 bench-gpu:
 	bash benchmarks/setup_ref_venv.sh
