@@ -8,7 +8,7 @@ STAMP := $(VENV)/.nbpeft-installed
 # CPU build of torch: an unpinned torch pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test unit notebooks browser lint bench bench-gpu clean serve-check
+.PHONY: demo test unit notebooks browser lint bench bench-gpu compat clean serve-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,14 @@ bench:
 	bash benchmarks/setup_ref_venv.sh
 	.venv-bench/bin/python benchmarks/lora_step.py
 	.venv-bench/bin/python benchmarks/scaling.py
+
+# Adapter files both ways between nbpeft and the reference peft (LoRA, DoRA, (IA)3, prompt, prefix)
+# on tiny random models of every family in tests/families.py; prints a pass/fail table. Then LoRA on
+# mixture-of-experts weights (target_parameters), both ways.
+compat:
+	bash benchmarks/setup_ref_venv.sh
+	.venv-bench/bin/python benchmarks/compat.py
+	.venv-bench/bin/python benchmarks/moe_parity.py
 
 bench-gpu:
 	bash benchmarks/setup_ref_venv.sh

@@ -28,9 +28,10 @@ from . import chat, sources
 from .methods.base import ConfigError
 
 IGNORE = -100
-KINDS = ("text", "prompt-response", "chat", "classification")
+KINDS = ("text", "prompt-response", "chat", "classification", "features")
 _FIELDS = {"prompt-response": ("prompt", "response"), "chat": ("messages",), "classification": ("text", "label")}
-_FORMS = ("strings, {'prompt': ..., 'response': ...}, {'messages': [...]} or {'text': ..., 'label': ...}")
+_FORMS = ("strings, {'prompt': ..., 'response': ...}, {'messages': [...]}, {'text': ..., 'label': ...} "
+          "or {'pixel_values' or 'input_features': ..., 'labels': ...}")
 
 
 # ---------------------------------------------------------------- the tokenizer that goes with a model
@@ -94,6 +95,8 @@ def kind_of_example(ex: Any) -> str | None:
     if isinstance(ex, str):
         return "text"
     if isinstance(ex, dict):
+        if FEATURES & ex.keys():
+            return "features"
         if "messages" in ex:
             return "chat"
         if {"prompt", "response"} <= ex.keys():
@@ -111,6 +114,9 @@ def check_example(ex: Any, kind: str, where: str, caller: str = "train()") -> No
         return
     if kind == "chat":
         chat.check_conversation(ex, where, caller)
+        return
+    if kind == "features":
+        check_features(ex, where, caller)
         return
     needed = _FIELDS[kind]
     if not isinstance(ex, dict):
@@ -269,6 +275,69 @@ def collate_packed(rows: list[list[dict[str, Any]]], pad_id: int) -> dict[str, t
     return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
 
 
+# ---------------------------------------------------------------- images, audio: examples of tensors
+
+# Model inputs that are not token ids: an image's pixels, an audio clip's features.
+FEATURES = {"pixel_values", "input_features"}
+
+
+def check_features(ex: Any, where: str, caller: str = "train()") -> None:
+    """A one-line ConfigError unless ``ex`` has the same input key as row 0's kind and a ``labels``/``label``."""
+    if not isinstance(ex, dict) or not FEATURES & ex.keys():
+        raise ConfigError(f"{caller}: {where} has no 'pixel_values' or 'input_features'; give every row the same inputs")
+    if "labels" not in ex and "label" not in ex:
+        raise ConfigError(f"{caller}: {where} has no 'labels'; give every image or audio example its labels")
+
+
+def encode_features(ex: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """One image or audio example as tensors (arrays and lists are converted; ``label`` becomes ``labels``)."""
+    out = {("labels" if k == "label" else k): torch.as_tensor(v) for k, v in ex.items()}
+    for key in FEATURES & out.keys():
+        if not out[key].is_floating_point():
+            out[key] = out[key].float()
+    return out
+
+
+def collate_features(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Examples of equal shapes stacked into one batch."""
+    shapes = {k: {tuple(e[k].shape) for e in examples} for k in examples[0]}
+    uneven = [k for k, found in shapes.items() if len(found) > 1]
+    if uneven:
+        raise ConfigError(f"train(): {uneven[0]!r} differs in shape between examples ({sorted(shapes[uneven[0]])}); "
+                          "resize or pad them to one shape first")
+    return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+# ---------------------------------------------------------------- encoder-decoders: prompt in, response out
+
+
+def encode_seq2seq(example: dict[str, Any], tokenizer: Any, max_length: int) -> dict[str, Any]:
+    """A ``{"prompt", "response"}`` example for an encoder-decoder: the prompt is the encoder's input,
+    the response the decoder's labels (each with the tokenizer's special tokens, cut to ``max_length``).
+
+    The labels end with the end token (added when the tokenizer does not add it), so the model learns to stop.
+    """
+    labels = tokenizer(example["response"])["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not labels or labels[-1] != eos):
+        labels = labels + [eos]
+    return {"input_ids": tokenizer(example["prompt"])["input_ids"][:max_length], "labels": labels[:max_length]}
+
+
+def collate_seq2seq(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Encoder inputs and decoder labels, each right-padded to its own longest (labels with -100)."""
+    width = max(len(e["input_ids"]) for e in examples)
+    label_width = max(len(e["labels"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), label_width), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        input_ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        attention[i, : len(e["input_ids"])] = 1
+        labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
 # ---------------------------------------------------------------- the batch stream
 
 
@@ -305,11 +374,20 @@ class Batches:
         first = next(iter(source.rows), None) if self.stream is not None else None
         self.kind = _kind_of_rows(source.rows if self.stream is None else [first] if first is not None else [],
                                   source.where, caller)
-        if packing and self.kind == "classification":
+        if packing and self.kind in ("classification", "features"):
             raise ConfigError(f"{caller}: packing=True applies to text, prompt-response and conversations, "
-                              "not classification; pass packing=False")
-        self.tokenizer = tokenizer_for(model, tokenizer, caller=caller)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+                              f"not {self.kind} examples; pass packing=False")
+        self.seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        if self.seq2seq and self.kind not in ("prompt-response", "features"):
+            raise ConfigError(f"{caller}: an encoder-decoder model trains on {{'prompt': ..., 'response': ...}} examples "
+                              f"(the prompt goes to the encoder, the response is the target), not {self.kind} examples")
+        if self.seq2seq and packing:
+            raise ConfigError(f"{caller}: packing=True is for decoder-only models; pass packing=False")
+        if self.kind == "features":
+            self.tokenizer, self.pad_id = None, 0
+        else:
+            self.tokenizer = tokenizer_for(model, tokenizer, caller=caller)
+            self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         if self.stream is not None:  # an IterableDataset: encoded as it is read, counted as it goes
             self.examples, self.per_epoch = [], None
             self._template_note()
@@ -337,6 +415,10 @@ class Batches:
     def _encode(self, i: int, ex: Any) -> dict[str, Any] | None:
         """One row encoded and cut to max_length, or None (counted) when no labelled token survives."""
         where = self.where(i)
+        if self.kind == "features":
+            return encode_features(ex)
+        if self.seq2seq:
+            return encode_seq2seq(ex, self.tokenizer, self.max_length)
         enc = tokenize(ex, self.kind, self.tokenizer, where, self.caller)
         if len(enc["input_ids"]) <= self.max_length:
             return enc
@@ -373,10 +455,10 @@ class Batches:
             for e in examples:
                 group.append(e)
                 if len(group) == self.batch_size:
-                    yield collate(group, self.pad_id, PAD_MULTIPLE, self.max_length)
+                    yield self._collate(group)
                     group = []
             if group:
-                yield collate(group, self.pad_id, PAD_MULTIPLE, self.max_length)
+                yield self._collate(group)
             return
         if isinstance(examples, list):
             rows = pack(examples, self.max_length)
@@ -397,6 +479,13 @@ class Batches:
             rows.append(row)
         if rows:
             yield collate_packed(rows, self.pad_id)
+
+    def _collate(self, group: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.kind == "features":
+            return collate_features(group)
+        if self.seq2seq:
+            return collate_seq2seq(group, self.pad_id)
+        return collate(group, self.pad_id, PAD_MULTIPLE, self.max_length)
 
     def _read_stream(self) -> Iterator[dict[str, Any]]:
         for i, ex in enumerate(self.stream):

@@ -1,4 +1,4 @@
-"""Answer prompts with a causal LM: greedy or sampled, with stop strings, streaming and chat.
+"""Answer prompts with a causal LM or an encoder-decoder: greedy or sampled, with stop strings, streaming and chat.
 
 Plain prompts go through the tokenizer's chat template as one user turn when it has one;
 ``messages=`` takes a whole conversation. Several prompts run as one batch, padded on the
@@ -178,22 +178,28 @@ def _pad_id(tokenizer: Any) -> int:
 
 def _run(model: nn.Module, tokenizer: Any, texts: list[str], max_new_tokens: int, sampling: dict[str, Any],
          stops: list[str], display: _StreamDisplay | None) -> list[str]:
-    """One batch: prompts padded on the left, so each row's new tokens start at the same column."""
+    """One batch: prompts padded on the left, so each row's new tokens start at the same column.
+
+    An encoder-decoder reads the prompt (with the tokenizer's special tokens, T5's closing ``</s>``)
+    in its encoder; its output is the decoder's tokens alone, so the answer starts at column 0.
+    """
     device = next(model.parameters()).device
-    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    rows = [tokenizer(t, add_special_tokens=seq2seq)["input_ids"] for t in texts]
     width, pad = max(len(r) for r in rows), _pad_id(tokenizer)
     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
     attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     extra: dict[str, Any] = {}
+    skip = 0 if seq2seq else width
     if stops:
         from transformers import StoppingCriteriaList
 
-        extra["stopping_criteria"] = StoppingCriteriaList([_StopStrings(tokenizer, stops, width)])
+        extra["stopping_criteria"] = StoppingCriteriaList([_StopStrings(tokenizer, stops, skip)])
     if display is not None:
         extra["streamer"] = _Streamer(tokenizer, stops, display)
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                          pad_token_id=pad, **sampling, **extra)
-    return [_answer(tokenizer, row[width:], stops) for row in out]
+    return [_answer(tokenizer, row[skip:], stops) for row in out]
 
 
 def _answer(tokenizer: Any, ids: Any, stops: list[str]) -> str:

@@ -10,7 +10,9 @@ choice ``y`` (``T`` tokens, appended to the prompt) by its length-normalised log
     L_LN = -log softmax(β(y), β(ŷ¹), ..., β(ŷᴺ))[y]                  (length-normalised choice loss)
 
 each averaged over the examples of a batch. Prediction picks the choice with the highest β,
-the lowest length-normalised loss.
+the lowest length-normalised loss. On an encoder-decoder (T0, T5, BART, the paper's own
+setting) the prompt is the encoder's input and each choice, with its end token, the decoder's
+target; a decoder-only model reads ``prompt + separator + choice`` as one sequence.
 
     loader = nbpeft.choice_batches(examples, tokenizer, batch_size=4)
     nbpeft.attach(model, "ia3")
@@ -56,7 +58,9 @@ def encode_example(example: dict[str, Any], tokenizer: Any, max_length: int = 25
         answer = tokenizer(separator + choice, add_special_tokens=False)["input_ids"][: max_length - 1]
         context = prompt[-(max_length - len(answer)):]
         sequences.append((context + answer, [IGNORE] * len(context) + answer))
-    return {"sequences": sequences, "label": example["label"]}
+    # for an encoder-decoder: the prompt is the encoder's input, each choice (with its end token) the decoder's target
+    targets = [tokenizer(choice)["input_ids"][:max_length] for choice in example["choices"]]
+    return {"sequences": sequences, "label": example["label"], "encoder": prompt[-max_length:], "targets": targets}
 
 
 def collate_choices(encoded: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -80,8 +84,31 @@ def collate_choices(encoded: list[dict[str, Any]], pad_id: int) -> dict[str, tor
             attention[row, : len(ids)] = 1
             labels[row, : len(lab)] = torch.tensor(lab)
             choice_mask[b, n] = True
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
-            "choice_label": torch.tensor([e["label"] for e in encoded]), "choice_mask": choice_mask}
+    batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
+             "choice_label": torch.tensor([e["label"] for e in encoded]), "choice_mask": choice_mask}
+    if all("encoder" in e for e in encoded):
+        batch.update(_seq2seq_rows(encoded, n_choices, pad_id))
+    return batch
+
+
+def _seq2seq_rows(encoded: list[dict[str, Any]], n_choices: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """The same rows laid out for an encoder-decoder: ``encoder_ids``/``encoder_mask`` (the prompt, once per
+    choice) and ``choice_ids`` (the choice as decoder target, -100 past its end)."""
+    width = max(len(e["encoder"]) for e in encoded)
+    target_width = max(len(t) for e in encoded for t in e["targets"])
+    rows = len(encoded) * n_choices
+    encoder_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    encoder_mask = torch.zeros((rows, width), dtype=torch.long)
+    choice_ids = torch.full((rows, target_width), IGNORE, dtype=torch.long)
+    for b, example in enumerate(encoded):
+        prompt = torch.tensor(example["encoder"])
+        for n in range(n_choices):
+            row = b * n_choices + n
+            encoder_ids[row, : len(prompt)] = prompt
+            encoder_mask[row, : len(prompt)] = 1
+            if n < len(example["targets"]):
+                choice_ids[row, : len(example["targets"][n])] = torch.tensor(example["targets"][n])
+    return {"encoder_ids": encoder_ids, "encoder_mask": encoder_mask, "choice_ids": choice_ids}
 
 
 def choice_batches(examples: list[dict[str, Any]], tokenizer: Any, *, batch_size: int = 4, max_length: int = 256,
@@ -94,9 +121,21 @@ def choice_batches(examples: list[dict[str, Any]], tokenizer: Any, *, batch_size
 
 
 def choice_token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``log p(token)`` of every choice token, shape (B, N, L-1), and the mask of real choice tokens."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    targets = batch["labels"][:, 1:]
+    """``log p(token)`` of every choice token, shape (B, N, T), and the mask of real choice tokens.
+
+    A decoder-only model reads prompt and choice as one sequence (T = L-1 next-token predictions);
+    an encoder-decoder reads the prompt in its encoder and scores the choice with its decoder.
+    """
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        if "choice_ids" not in batch:
+            raise ConfigError("tfew: this batch has no encoder-decoder rows; make it with nbpeft.choice_batches()")
+        targets = batch["choice_ids"]
+        decoder_ids = model.prepare_decoder_input_ids_from_labels(labels=targets)
+        logits = model(input_ids=batch["encoder_ids"], attention_mask=batch["encoder_mask"],
+                       decoder_input_ids=decoder_ids).logits.float()
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        targets = batch["labels"][:, 1:]
     token_logp = -F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
     shape = (*batch["choice_mask"].shape, -1)
     return token_logp.view(shape), (targets != IGNORE).view(shape)

@@ -15,8 +15,6 @@ from torch import nn
 
 import nbpeft
 
-from conftest import assert_same, snapshot
-
 VOCAB = 96
 BATCH, LENGTH = 2, 6
 _DECODER = {"vocab_size": VOCAB, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
@@ -122,11 +120,6 @@ REFUSED: dict[tuple[str, str], str] = {
     ("whisper", "prompt"): "takes no inputs_embeds",
     ("vit", "prefix"): "takes no key/value cache",
     ("deberta-v2", "prefix"): "takes no key/value cache",
-    ("t5", "prompt"): "encoder-decoder",
-    ("bart", "prompt"): "encoder-decoder",
-    ("t5", "prefix"): "encoder-decoder",
-    ("bart", "prefix"): "encoder-decoder",
-    ("whisper", "prefix"): "encoder-decoder",
 }
 
 
@@ -145,6 +138,8 @@ def attach_default(model: nn.Module, method: str) -> None:
 
 def check_refusal(family: str, method: str) -> str:
     """Attach must refuse with one line naming why, leaving the model as it was; returns the message."""
+    from conftest import assert_same, snapshot  # here, so that benchmarks/compat.py can import this file without pytest
+
     model = tiny_model(family)
     before = snapshot(model)
     try:
@@ -162,6 +157,8 @@ def check_refusal(family: str, method: str) -> str:
 def check_method(family: str, method: str, folder) -> None:
     """Attach with default targets, identity at attach (where promised), one step changes outputs,
     save -> fresh copy -> load gives equal outputs, detach restores the base exactly, 2 steps of train."""
+    from conftest import assert_same, snapshot
+
     model, batch = tiny_model(family), tiny_batch(family)
     base, before = outputs(model, batch), snapshot(model)
     attach_default(model, method)

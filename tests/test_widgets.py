@@ -69,7 +69,7 @@ def test_field_widgets_follow_the_option_types():
                      "targets": widgets.Text, "rslora": widgets.Checkbox, "init": widgets.Dropdown,
                      "modules_to_save": widgets.Text, "rank_pattern": widgets.Text, "alpha_pattern": widgets.Text,
                      "layers": widgets.Text, "layers_pattern": widgets.Text, "exclude": widgets.Text,
-                     "lora_bias": widgets.Checkbox}
+                     "lora_bias": widgets.Checkbox, "target_parameters": widgets.Text}
     fields["modules_to_save"].widget.value = "lm_head"
     fields["targets"].widget.value = "q_proj, v_proj"
     fields["r"].widget.value = 4

@@ -28,6 +28,7 @@ from torch import nn
 
 from .. import architectures, targeting
 from ..layers import AdapterLayer, adapter_factory, get_module, innermost
+from . import lora_experts
 from .base import Attached, ConfigError, Method, MethodConfig, option, register
 
 
@@ -74,6 +75,10 @@ class LoraConfig(MethodConfig):
     )
     exclude: str | list[str] | None = option(None, "modules never adapted: names or suffixes, or a regex over the path")
     lora_bias: bool = option(False, "a trainable bias on B, starting at zero (merging needs a base layer with a bias)")
+    target_parameters: str | list[str] | None = option(
+        None, "3-D expert weights to adapt, e.g. ['mlp.experts.gate_up_proj'], or 'experts' for the family's "
+        "(alone, without targets=, only these are adapted)"
+    )
 
     def validate(self) -> None:
         if self.r < 1:
@@ -364,7 +369,7 @@ class LoRAEmbedding(AdapterLayer):
 # Keys of a LORA file that change the outputs in ways nbpeft's lora does not reproduce, with the value that
 # means "not used". A file that uses any of them is refused rather than loaded into a different model.
 _UNSUPPORTED_KEYS = {
-    "bias": "none", "layer_replication": None, "target_parameters": None, "alora_invocation_tokens": None,
+    "bias": "none", "layer_replication": None, "alora_invocation_tokens": None,
     "use_qalora": False, "velora_config": None, "kasa_config": None, "monteclora_config": None,
     "use_bdlora": None, "arrow_config": None, "ensure_weight_tying": False,
 }
@@ -384,6 +389,10 @@ class LoRA(Method):
         return targeting.linear_types() + ((nn.Embedding,) if self.adapts_embeddings else ())
 
     def select(self, model: nn.Module, config: LoraConfig, attached: Mapping[str, Attached]) -> list[str]:
+        if config.target_parameters is not None:
+            lora_experts.resolve_parameters(model, config.target_parameters, self.name)  # checked before any change
+            if config.targets is None:
+                return []
         targets = config.targets if config.targets is not None else default_targets(model, self.name)
         chosen = targeting.resolve(model, targets, self.kinds(), self.name)
         return targeting.narrow(model, chosen, targets, self.name, layers=config.layers,
@@ -397,7 +406,11 @@ class LoRA(Method):
         unused = [f"{option_name} key {key!r}"
                   for option_name, patterns in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern))
                   for key in patterns if not any(targeting.pattern_key({key: 0}, p) for p in targets)]
-        return [f"{', '.join(unused)} matched no adapted module"] if unused else []
+        notes = [f"{', '.join(unused)} matched no adapted module"] if unused else []
+        if config.target_parameters is not None:
+            found = lora_experts.resolve_parameters(model, config.target_parameters, self.name)
+            notes.append(f"expert weights: {sum(map(len, found.values()))} parameters in {len(found)} modules")
+        return notes
 
     def _saved_targets(self, config: LoraConfig, model: nn.Module, chosen: list[str]) -> dict[str, Any]:
         """target_modules with the layer and exclusion keys the reference re-derives ``chosen`` from.
@@ -418,8 +431,12 @@ class LoRA(Method):
                     exclude = sorted(config.exclude) if isinstance(config.exclude, list) else config.exclude
                     return {"target_modules": names, "layers_to_transform": config.layers,
                             "layers_pattern": config.layers_pattern, "exclude_modules": exclude}
-        return {"target_modules": targeting.compact_targets(model, chosen), "layers_to_transform": None,
+        return {"target_modules": targeting.compact_targets(model, chosen) if chosen else [], "layers_to_transform": None,
                 "layers_pattern": None, "exclude_modules": None}
+
+    def on_attach(self, model: nn.Module, name: str, config: LoraConfig) -> None:
+        if config.target_parameters is not None:
+            lora_experts.attach_experts(model, name, config)
 
     def to_peft_config(self, config: LoraConfig, model: nn.Module, chosen: list[str]) -> dict[str, Any]:
         fan_in_fan_out = any(targeting.is_conv1d(targeting.base_modules(model)[p]) for p in chosen)
@@ -427,6 +444,8 @@ class LoRA(Method):
             "r": config.r,
             "lora_alpha": config.alpha,
             "lora_dropout": config.dropout,
+            **({"target_parameters": lora_experts.parameter_names(model, config.target_parameters)}
+               if config.target_parameters is not None else {}),
             "bias": "none",
             "use_rslora": config.rslora,
             "use_dora": False,
@@ -450,7 +469,11 @@ class LoRA(Method):
             raise ConfigError(f"load_adapter: this LoRA file sets {', '.join(used)}, which nbpeft's {self.name} does not "
                               "support; loading it would change the model's outputs")
         targets = cfg.get("target_modules")
+        parameters = cfg.get("target_parameters") or None
+        if parameters and not targets:
+            targets = None  # the experts alone
         options = {
+            **({"target_parameters": list(parameters)} if parameters else {}),
             "r": int(cfg.get("r", 8)),
             "alpha": float(cfg.get("lora_alpha", 8)),
             "dropout": float(cfg.get("lora_dropout", 0.0)),

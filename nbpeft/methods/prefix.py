@@ -17,6 +17,13 @@ computed prefix, so it loads as a plain one.
 The prefix enters through the model's key/value cache: a forward pre-hook hands the model
 a cache prefilled with it (and ones in front of the attention mask). The real tokens then
 sit at positions ``n, n+1, ...``, as in the reference implementation.
+
+Encoder-decoders (T5, BART, Whisper) keep their cache in the decoder, so there the prefix
+sits in front of the decoder's self-attention, layer by layer, and the decoder mask widens;
+the encoder and the cross-attention run unchanged. This is where the reference puts it with
+the transformers installed (it writes the prefix into the cross-attention cache too, then
+clears that cache before use), so files move between the two with equal outputs; its
+``num_transformer_submodules`` is 2 for these models.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from .prompt import (
     forward_params,
     get_cache,
     install_hook,
+    is_encoder_decoder,
     model_sizes,
     remove_hook,
     split_checkpoint,
@@ -169,9 +177,16 @@ class PrefixKV(AdapterLayer):
 
 
 def _new_cache(model: nn.Module) -> Any:
-    from transformers import DynamicCache
+    from transformers import DynamicCache, EncoderDecoderCache
 
+    if is_encoder_decoder(model):
+        return EncoderDecoderCache(DynamicCache(), DynamicCache())
     return DynamicCache(config=model.config)
+
+
+def _self_attention_cache(cache: Any) -> Any:
+    """The part of a cache that holds self-attention keys and values (the decoder's, in an encoder-decoder)."""
+    return getattr(cache, "self_attention_cache", cache)
 
 
 def prefix_hook(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
@@ -185,19 +200,34 @@ def prefix_hook(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[
         if model.training and _checkpointing(model):
             raise ConfigError("prefix: gradient checkpointing cannot replay the key/value prefix; "
                               "train with gradient_checkpointing=False")
-        ref = kwargs.get("inputs_embeds")
-        ref = ref if ref is not None else kwargs.get("input_ids")
+        ref = next((kwargs.get(k) for k in _BATCH_KEYS if kwargs.get(k) is not None), None)
         if ref is None:
             raise ConfigError("prefix: the model was called without input_ids or inputs_embeds")
+        ref = ref if isinstance(ref, torch.Tensor) else ref[0]  # encoder_outputs
         arg = cache_arg(getattr(model, "base_model", model))
         cache = get_cache(kwargs)
         kwargs.pop("past_key_values", None)
         cache = cache if cache is not None else _new_cache(model)
+        target = _self_attention_cache(cache)
         for i, (keys, values) in enumerate(layer.key_values(ref.shape[0], layer.weight.dtype)):
-            cache.update(keys, values, i)
+            target.update(keys, values, i)
         kwargs[arg] = cache
-    extend_mask_and_positions(kwargs, sum(layer.shapes[a][0] for a in names))
+        if is_encoder_decoder(model) and kwargs.get("use_cache") is False:
+            # Whisper drops a cache it is told not to use, and the prefix with it; None means the config's choice
+            kwargs["use_cache"] = None
+    n = sum(layer.shapes[a][0] for a in names)
+    if is_encoder_decoder(model):
+        # the prefix is in the decoder's self-attention: its mask widens, the encoder's stays
+        mask = kwargs.get("decoder_attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            kwargs["decoder_attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+    else:
+        extend_mask_and_positions(kwargs, n)
     return (), kwargs
+
+
+# Where the batch size can be read from, first found first (decoder inputs come after the input).
+_BATCH_KEYS = ("inputs_embeds", "input_ids", "input_features", "encoder_outputs", "decoder_input_ids", "decoder_inputs_embeds")
 
 
 class PrefixTuning(Method):
@@ -212,9 +242,6 @@ class PrefixTuning(Method):
     def select(self, model: nn.Module, config: PrefixConfig, attached: Mapping[str, Attached]) -> list[str]:
         path = embedding_path(model, self.name)
         backbone = getattr(model, "base_model", model)
-        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-            raise ConfigError(f"prefix: {type(model).__name__} is an encoder-decoder, which nbpeft's prefix tuning does "
-                              "not support yet; use lora or ia3")
         if cache_arg(backbone) is None:
             instead = "method 'prompt', lora or ia3" if "inputs_embeds" in forward_params(model) else "lora, ia3 or adapter"
             raise ConfigError(f"prefix: {type(model).__name__} takes no key/value cache, so prefix tuning does not "
@@ -247,14 +274,15 @@ class PrefixTuning(Method):
             "num_layers": sizes["layers"],
             "token_dim": token_dim,
             "num_attention_heads": sizes["kv_heads"],
-            "num_transformer_submodules": 1,
+            "num_transformer_submodules": 2 if is_encoder_decoder(model) else 1,
             "encoder_hidden_size": token_dim,
             "prefix_projection": False,
         }
 
     def from_peft_config(self, cfg: dict[str, Any]) -> dict[str, Any]:
-        if int(cfg.get("num_transformer_submodules") or 1) != 1:
-            raise ConfigError("load_adapter(): this prefix file is for an encoder-decoder model, which nbpeft's prefix does not support")
+        if int(cfg.get("num_transformer_submodules") or 1) not in (1, 2):
+            raise ConfigError("load_adapter(): this prefix file has num_transformer_submodules other than 1 or 2; "
+                              "nbpeft reads only those")
         # the file holds the computed prefix, so it always loads without projection
         return {"num_virtual_tokens": int(cfg.get("num_virtual_tokens") or 20), "init": "random"}
 
@@ -278,16 +306,21 @@ def _vocab_prefix(model: nn.Module, layer: PrefixKV, name: str) -> torch.Tensor:
     n, layers, heads, head_dim = layer.shapes[name]
     ids = torch.randint(0, layer.weight.shape[0], (1, n), device=layer.weight.device)
     backbone = getattr(model, "base_model", model)
-    arg = cache_arg(backbone)
     cache = _new_cache(model)
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        backbone(input_ids=ids, **{arg: cache}, use_cache=True)
+        if is_encoder_decoder(model):  # the decoder's keys and values, reading one zero encoder state
+            decoder = model.get_decoder()
+            hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else None
+            states = torch.zeros(1, 1, hidden or layer.weight.shape[1], device=ids.device, dtype=layer.weight.dtype)
+            decoder(input_ids=ids, encoder_hidden_states=states, past_key_values=cache, use_cache=True)
+        else:
+            backbone(input_ids=ids, **{cache_arg(backbone): cache}, use_cache=True)
     finally:
         for module, training in modes.items():
             module.training = training
-    keys, values = _cache_tensors(cache)
+    keys, values = _cache_tensors(_self_attention_cache(cache))
     if len(keys) != layers or keys[0].shape[1:] != (heads, n, head_dim):
         raise ConfigError(f"prefix: the model's cache has {len(keys)} layers of {tuple(keys[0].shape[1:])}, expected "
                           f"{layers} of ({heads}, {n}, {head_dim}); pass init='random'")

@@ -278,8 +278,61 @@ def prompt_hook(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[
     if prompt is None:
         return None
     kwargs = as_kwargs(model, args, kwargs)
-    _prepend(model, prompt, kwargs)
+    if is_encoder_decoder(model):
+        _widen_encoder_mask(prompt.shape[0], kwargs)
+    else:
+        _prepend(model, prompt, kwargs)
     return (), kwargs
+
+
+# Encoder-decoders: the prompt goes in front of the encoder's input, added by a pre-hook on the
+# encoder itself, since generate() runs the encoder on its own. The model-level hook only widens
+# the attention mask, which the model hands to both the encoder and the decoder's cross-attention.
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def _widen_encoder_mask(n: int, kwargs: dict[str, Any]) -> None:
+    mask = kwargs.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return
+    encoded = kwargs.get("encoder_outputs")
+    if encoded is not None and mask.shape[1] + n != encoded[0].shape[1]:
+        return  # the caller's mask already covers the prompt
+    kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+
+
+def encoder_prompt_hook(encoder: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+    """Forward pre-hook of an encoder-decoder's encoder: the active prompts before its input."""
+    layer = encoder.__dict__.get("_prompt_layer")
+    prompt = layer.prompt() if layer is not None else None
+    if prompt is None:
+        return None
+    kwargs = as_kwargs(encoder, args, kwargs)
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None:
+        if kwargs.get("input_ids") is None:
+            raise ConfigError("prompt: the encoder was called without input_ids or inputs_embeds")
+        embeds = encoder.get_input_embeddings()(kwargs["input_ids"])
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == embeds.shape[1]:
+        kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], prompt.shape[0]), mask], dim=1)
+    kwargs["input_ids"] = None
+    batch = embeds.shape[0]
+    kwargs["inputs_embeds"] = torch.cat([prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1), embeds], dim=1)
+    return (), kwargs
+
+
+def _link_encoder(model: nn.Module, layer: PromptEmbedding | None) -> None:
+    """Point the encoder's hook at the prompt layer (a plain attribute: not a submodule, copied with the model)."""
+    encoder = model.get_encoder()
+    if layer is None:
+        encoder.__dict__.pop("_prompt_layer", None)
+        remove_hook(encoder, encoder_prompt_hook)
+    else:
+        object.__setattr__(encoder, "_prompt_layer", layer)
+        install_hook(encoder, encoder_prompt_hook, first=True)
 
 
 def _prepend(model: nn.Module, prompt: torch.Tensor, kwargs: dict[str, Any]) -> None:
@@ -323,18 +376,23 @@ class Prompt(Method):
         if "inputs_embeds" not in forward_params(model):
             raise ConfigError(f"prompt: {type(model).__name__}.forward takes no inputs_embeds (its input is not token "
                               "embeddings), so a prompt cannot be prepended; use lora, ia3 or adapter instead")
-        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-            raise ConfigError("prompt: encoder-decoder models are not supported yet; use a decoder-only or encoder model")
+        if is_encoder_decoder(model) and "inputs_embeds" not in forward_params(model.get_encoder()):
+            raise ConfigError(f"prompt: the encoder of {type(model).__name__} takes no inputs_embeds, so a prompt "
+                              "cannot be prepended; use lora, ia3 or adapter instead")
         return [path]
 
     def on_attach(self, model: nn.Module, name: str, config: PromptConfig) -> None:
         # first, so that it sees the caller's cache before a prefix adapter fills it
         install_hook(model, prompt_hook, first=True)
+        if is_encoder_decoder(model):
+            _link_encoder(model, find_wrapper(model, PromptEmbedding))
 
     def on_detach(self, model: nn.Module, name: str) -> None:
         layer = find_wrapper(model, PromptEmbedding)
         if layer is None or layer.adapter_names == [name]:
             remove_hook(model, prompt_hook)
+            if is_encoder_decoder(model):
+                _link_encoder(model, None)
 
     def notes(self, model: nn.Module, config: PromptConfig, targets: list[str]) -> list[str]:
         return [f"{config.num_virtual_tokens} virtual tokens before the input"]
@@ -348,7 +406,8 @@ class Prompt(Method):
         return {
             "num_virtual_tokens": config.num_virtual_tokens,
             "token_dim": int(targeting.base_modules(model)[targets[0]].weight.shape[1]),
-            "num_transformer_submodules": 1,
+            # the reference's layout for encoder-decoders: rows for a decoder prompt it never uses
+            "num_transformer_submodules": 2 if is_encoder_decoder(model) else 1,
             "num_layers": sizes["layers"],
             "num_attention_heads": sizes["heads"],
             "prompt_tuning_init": init,
@@ -357,18 +416,26 @@ class Prompt(Method):
         }
 
     def from_peft_config(self, cfg: dict[str, Any]) -> dict[str, Any]:
-        if int(cfg.get("num_transformer_submodules") or 1) != 1:
-            raise ConfigError("load_adapter(): this prompt file is for an encoder-decoder model, which nbpeft's prompt does not support")
+        if int(cfg.get("num_transformer_submodules") or 1) not in (1, 2):
+            raise ConfigError("load_adapter(): this prompt file has num_transformer_submodules other than 1 or 2; "
+                              "nbpeft reads only those")
         # the saved tensor replaces the initial prompt, so text init (which needs the tokenizer) is skipped
         init = "vocab" if cfg.get("prompt_tuning_init") == "SAMPLE_VOCAB" else "random"
         return {"num_virtual_tokens": int(cfg.get("num_virtual_tokens") or 20), "init": init}
 
     def checkpoint_tensors(self, model: nn.Module, adapter: Attached, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
         path = adapter.targets[0]
-        return {("prompt_embeddings" if key == f"{path}.prompt_embeddings" else HEAD_PREFIX + key): p.detach()
-                for key, p in params.items()}
+        out = {("prompt_embeddings" if key == f"{path}.prompt_embeddings" else HEAD_PREFIX + key): p.detach()
+               for key, p in params.items()}
+        if is_encoder_decoder(model):  # the second copy fills the decoder rows the reference keeps but never reads
+            out["prompt_embeddings"] = out["prompt_embeddings"].repeat(2, 1)
+        return out
 
     def from_checkpoint(self, model: nn.Module, adapter: Attached, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        n = adapter.config.num_virtual_tokens
+        if "prompt_embeddings" in tensors and tensors["prompt_embeddings"].shape[0] == 2 * n:
+            # an encoder-decoder file: the first n rows are the encoder's prompt, the only ones in use
+            tensors = {**tensors, "prompt_embeddings": tensors["prompt_embeddings"][:n]}
         return split_checkpoint(adapter, tensors, self.name)
 
 
