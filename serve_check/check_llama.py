@@ -61,11 +61,14 @@ def run_child(out: Path, name: str, model_path: str, lora_path: str | None = Non
 def compare(got: dict, reference: dict, key: str, tolerance: float | None) -> dict:
     """Greedy agreement and teacher-forced differences of one llama.cpp run against nbpeft's ``key`` logits."""
     result = {"prompts": len(reference["prompts"]), "same_greedy_tokens": 0, "max_abs_logit_diff": 0.0,
-              "steps": 0, "steps_same_top_token": 0, "near_ties": [], "errors": []}
+              "steps": 0, "steps_same_top_token": 0, "greedy_parts": [], "near_ties": [], "errors": []}
     for i, (prompt, want) in enumerate(zip(reference["prompts"], reference["tokens"])):
         ours = reference[key][i].float().numpy()
         scores = got[f"scores{i}"]
-        result["same_greedy_tokens"] += got[f"tokens{i}"].tolist() == want
+        free = got[f"tokens{i}"].tolist()
+        result["same_greedy_tokens"] += free == want
+        if free != want:
+            result["greedy_parts"].append({"prompt": i, "step": next(k for k, (a, b) in enumerate(zip(free, want)) if a != b)})
         result["max_abs_logit_diff"] = max(result["max_abs_logit_diff"], float(np.abs(scores - ours).max()))
         for step in range(len(want)):
             position = len(prompt) - 1 + step
@@ -125,6 +128,8 @@ def main(out: Path, base_f16: str, base_q8_0: str | None) -> int:
               f"teacher-forced top token equal on {result['steps_same_top_token']}/{result['steps']} steps; "
               f"largest |logit difference| {result['max_abs_logit_diff']:.4f} "
               f"(tolerance {tolerances[quant] if tolerances[quant] is None else round(tolerances[quant], 4)})", flush=True)
+        for where in result["greedy_parts"]:
+            print(f"  free-running greedy parts from nbpeft's: prompt {where['prompt']} at step {where['step']}")
         for kind in ("near_ties", "errors"):
             for where in result[kind]:
                 print(f"  {kind[:-1].replace('_', '-')}: prompt {where['prompt']} step {where['step']}: nbpeft "

