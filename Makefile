@@ -61,7 +61,7 @@ bench-gpu:
 	.venv-bench/bin/python benchmarks/nf4_dequant.py
 
 # Exported files loaded by llama.cpp, vLLM (CPU) and the reference peft, each in its own environment
-# under serve_check/ (never in the package's dependencies; the first run compiles llama.cpp, 10-25 min).
+# under serve_check/ (never in the package's dependencies; the first run compiles llama.cpp: 10-40 min on 2 busy cores).
 serve-check: $(STAMP)
 	PY=$(CURDIR)/$(PY) bash serve_check/run.sh
 

