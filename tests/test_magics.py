@@ -466,7 +466,7 @@ def test_methods_table_for_one_method_lists_its_options(shell):
     options = method_options(get_method("lora").config_class)
     assert len(text.splitlines()) == len(options)
     assert "lora r=8 (int): rank of the update B·A" in text
-    assert "(one of 'default', 'gaussian', 'random')" in text
+    assert "(one of 'default', 'gaussian', 'random', 'pissa', 'olora', 'loftq')" in text
 
 
 @pytest.mark.parametrize("code, message", [
