@@ -304,10 +304,10 @@ def train(
 
     ``data`` takes any form :mod:`nbpeft.data` reads; ``columns={"prompt": "question"}`` maps
     other column names, ``packing=True`` fills rows of ``max_length`` with whole examples.
+    Without ``tokenizer``, the one that belongs to the model is used (``data.tokenizer_for``).
 
     ``lr_ratio`` is LoRA+ (Hayou et al. 2024): LoRA's ``B`` matrices learn at ``lr_ratio``
     times ``lr``, ``A`` and everything else at ``lr``; the paper's choice is 16.
-    Without ``tokenizer``, the one that belongs to the model is used (``data.tokenizer_for``).
 
     Stops cleanly on KeyboardInterrupt or a non-finite loss, returning the history so
     far; the adapter stays attached either way.
