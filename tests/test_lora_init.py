@@ -42,6 +42,14 @@ def test_output_unchanged_at_attach_and_detach_restores_the_base_exactly(make, o
     assert_same(before, snapshot(model))
 
 
+def test_dora_over_a_pissa_residual_keeps_the_output_and_detaches_exactly(llama):
+    before, expected = snapshot(llama), logits(llama)
+    nbpeft.attach(llama, "dora", r=4, targets="all-linear", init="pissa")
+    torch.testing.assert_close(logits(llama), expected, atol=1e-5, rtol=0)
+    nbpeft.detach(llama)
+    assert_same(before, snapshot(llama))
+
+
 def test_pissa_moves_the_top_singular_triplets_into_the_adapter(llama):
     weight = llama.model.layers[0].self_attn.q_proj.weight.detach().clone()
     nbpeft.attach(llama, "lora", r=4, alpha=8, targets=["q_proj"], init="pissa")
