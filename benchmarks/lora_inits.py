@@ -15,7 +15,7 @@ It prints the training loss at a few steps, the mean of the last five and the he
 (pirate_eval) after the last step, and for the qlora runs the mean |logit - full-precision
 logit| at attach. ``--json PATH`` also writes every curve.
 
-    OMP_NUM_THREADS=2 PYTHONPATH=$PWD .venv/bin/python benchmarks/lora_inits.py
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD .venv/bin/python benchmarks/lora_inits.py
 """
 
 from __future__ import annotations

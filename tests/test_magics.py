@@ -653,7 +653,7 @@ def test_complete_option_keys_values_and_flags(shell):
     assert complete(shell, "%peft_attach lora ") == [f"{k}=" for k in options]
     assert complete(shell, "%peft_attach lora r") == ["r=", "rslora="]
     assert complete(shell, "%peft_attach lora r=4 r") == ["rslora="]  # r is given already
-    assert complete(shell, "%peft_attach lora init=") == ["init=default", "init=gaussian", "init=random"]
+    assert complete(shell, "%peft_attach lora init=") == ["init=default", "init=gaussian", "init=random", "init=pissa", "init=olora", "init=loftq"]
     assert complete(shell, "%peft_attach lora init=g") == ["init=gaussian"]
     assert complete(shell, "%peft_attach lora rslora=") == ["rslora=true", "rslora=false"]
     assert complete(shell, "%peft_attach lora --") == ["--model", "--name"]
