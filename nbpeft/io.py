@@ -18,7 +18,9 @@ from torch import nn
 
 from . import core, targeting, tokens
 from .errors import ConfigError
-from .methods.base import get_method, registered
+from .layers import adapter_layers
+from .methods import lora_init
+from .methods.base import REFERENCE_PREFIX, get_method, registered
 from .models import cache_dir
 
 CONFIG_FILE = "adapter_config.json"
@@ -57,12 +59,23 @@ def base_model_id(model: nn.Module) -> str | None:
     return recorded
 
 
-def save_adapter(model: nn.Module, path: str | Path, name: str | None = None, overwrite: bool = False) -> list[Path]:
+def save_adapter(
+    model: nn.Module, path: str | Path, name: str | None = None, overwrite: bool = False, as_plain_lora: bool = False
+) -> list[Path]:
     """Write adapter ``name`` (default: every adapter) to ``path``; returns the folders written.
 
     An existing adapter folder or a file in the way is replaced only with ``overwrite=True``.
+
+    A lora adapter with ``init='pissa'`` or ``'olora'`` is saved as the reference saves it: its
+    ``A`` and ``B``, and the init, which loading runs again on the original model to rebuild the
+    residual base. ``as_plain_lora=True`` writes instead the plain LoRA of rank ``2r`` that it
+    amounts to on the original base (``s·(B A - B₀ A₀)``, B₀ A₀ from attach): it loads on the
+    unchanged model and beside other adapters.
     """
     names = core.resolve_adapter_names(model, name, "save_adapter")
+    if as_plain_lora:
+        for n in names:
+            _check_plain_lora(model, n)
     path = Path(path)
     folders = [_folder(path, n) for n in names]
     files = [p for p in dict.fromkeys([path, *folders]) if p.is_file()]
@@ -89,12 +102,43 @@ def save_adapter(model: nn.Module, path: str | Path, name: str | None = None, ov
             key: value.detach().to("cpu").contiguous().clone()
             for key, value in spec.checkpoint_tensors(model, adapter, core.adapter_parameters(model, n)).items()
         }
+        if as_plain_lora:
+            config, tensors = _as_plain_lora(model, n, config, tensors)
         folder = _folder(path, n)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
         written.append(folder)
     return written
+
+
+def _initial_factors(model: nn.Module, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``(A₀, B₀)`` of adapter ``name`` by ``<prefix><module path>``, for layers whose init rewrote the base."""
+    return {REFERENCE_PREFIX + path: layer.initial_factors[name] for path, layer in adapter_layers(model)
+            if name in getattr(layer, "initial_factors", {})}
+
+
+def _check_plain_lora(model: nn.Module, name: str) -> None:
+    adapter = core.state(model).adapters[name]
+    init = getattr(adapter.config, "init", None)
+    if adapter.method != "lora" or init not in ("pissa", "olora") or not _initial_factors(model, name):
+        what = f"a {adapter.method} adapter" + (f" with init={init!r}" if init else "")
+        raise ConfigError(f"save_adapter(): as_plain_lora=True converts a lora adapter with init='pissa' or 'olora'; "
+                          f"{name!r} is {what}; save it without as_plain_lora")
+
+
+def _as_plain_lora(
+    model: nn.Module, name: str, config: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The config and tensors of the rank-2r plain LoRA equal to adapter ``name`` on the original base."""
+    tensors = lora_init.plain_lora(tensors, _initial_factors(model, name))
+    alpha_factor = 2**0.5 if config.get("use_rslora") else 2  # the scale alpha/r (or alpha/sqrt(r)) stays the same
+    config = {
+        **config, "init_lora_weights": True, "r": 2 * config["r"], "lora_alpha": alpha_factor * config["lora_alpha"],
+        "rank_pattern": {k: 2 * v for k, v in (config.get("rank_pattern") or {}).items()},
+        "alpha_pattern": {k: alpha_factor * v for k, v in (config.get("alpha_pattern") or {}).items()},
+    }
+    return config, tensors
 
 
 def _read_config(folder: Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import re
 import resource
 import sys
 import time
@@ -225,13 +226,29 @@ def _check_trainable(model: nn.Module, full: bool) -> None:
         raise ConfigError("train(): the model has no trainable parameters; attach an adapter first, e.g. nbpeft.attach(model, 'lora')")
 
 
-def _param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only: decaying biases and norm scales only hurts."""
+def _param_groups(params: list[nn.Parameter], weight_decay: float, faster: list[nn.Parameter] | tuple = (),
+                  lr_ratio: float = 1.0) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: decaying biases and norm scales only hurts.
+
+    ``faster`` (LoRA's ``B`` matrices) learn at ``lr_ratio`` times the rate (LoRA+): each group's
+    ``lr_scale`` multiplies the scheduled learning rate.
+    """
+    if lr_ratio != 1.0 and faster:
+        fast_ids = {id(p) for p in faster}
+        rest = [p for p in params if id(p) not in fast_ids]
+        scaled = [p for p in params if id(p) in fast_ids]
+        return [{**g, "lr_scale": 1.0} for g in _param_groups(rest, weight_decay)] + [
+            {**g, "lr_scale": lr_ratio} for g in _param_groups(scaled, weight_decay)]
     if not weight_decay:
         return [{"params": params, "weight_decay": 0.0}]
     decayed = [p for p in params if p.ndim >= 2]
     kept = [p for p in params if p.ndim < 2]
     return [g for g in ({"params": decayed, "weight_decay": weight_decay}, {"params": kept, "weight_decay": 0.0}) if g["params"]]
+
+
+def lora_b_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable ``B`` matrices of LoRA-family adapters (``lora_B``, ``lora_embedding_B``)."""
+    return [p for n, p in model.named_parameters() if p.requires_grad and re.search(r"\blora_(embedding_)?B\b", n)]
 
 
 def _device_info(dev: torch.device) -> tuple[str, int]:
@@ -272,6 +289,7 @@ def train(
     compile: bool | None = None,
     columns: dict[str, str] | None = None,
     packing: bool = False,
+    lr_ratio: float = 1.0,
     processes: int = 1,
     shard: bool = False,
 ) -> TrainResult:
@@ -317,6 +335,9 @@ def train(
     says what it chose. A step that runs out of memory is retried with half the micro-batch
     and twice the accumulation (the same step, nothing lost), said in one line.
 
+    ``lr_ratio`` is LoRA+ (Hayou et al. 2024): LoRA's ``B`` matrices learn at ``lr_ratio``
+    times ``lr``, ``A`` and everything else at ``lr``; the paper's choice is 16.
+
     Stops cleanly on KeyboardInterrupt or a non-finite loss, returning the history so
     far; the adapter stays attached either way.
 
@@ -360,6 +381,11 @@ def train(
     if compile and not fast.can_compile(dev):
         raise ConfigError(f"train(): compile=True needs a C++ compiler (CPU) or Triton (CUDA) on {dev.type}; use compile=False")
     listener = _listener(live)
+    if not (isinstance(lr_ratio, (int, float)) and lr_ratio > 0):
+        raise ConfigError(f"train(): lr_ratio={lr_ratio!r} must be a positive number (B's learning rate over A's), e.g. 16")
+    if lr_ratio != 1 and not lora_b_parameters(model):
+        raise ConfigError(f"train(): lr_ratio={lr_ratio} speeds up LoRA's B matrices, but no trainable lora_B was found; "
+                          "attach a LoRA-family adapter or leave lr_ratio=1")
 
     flags = {p: p.requires_grad for p in model.parameters()} if full else {}
     if full:
@@ -367,7 +393,7 @@ def train(
     try:
         return _run(model, batches, evals, listener, dev, prec, steps, lr, grad_accum, eval_every, metrics, schedule,
                     warmup_steps(warmup, steps), weight_decay, save_every, output_dir, saved, full,
-                    gradient_checkpointing, seed, loss_fn, compile, auto_batch)
+                    gradient_checkpointing, seed, loss_fn, compile, auto_batch, lr_ratio=lr_ratio)
     finally:
         for param, flag in flags.items():  # full=True: frozen again, as the rest of the API expects
             param.requires_grad = flag
@@ -377,7 +403,7 @@ def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Li
          steps: int, lr: float, grad_accum: int, eval_every: int | None, metrics: Callable | None, schedule: str,
          warmup: int, weight_decay: float, save_every: int | None, output_dir: Any, saved: dict | None, full: bool,
          gradient_checkpointing: bool, seed: int, loss_fn: Callable | None, compile: bool | None,
-         auto_batch: bool = False) -> TrainResult:
+         auto_batch: bool = False, lr_ratio: float = 1.0) -> TrainResult:
     prec = choice.name
     params = core.trainable_parameters(model)
     torch.manual_seed(seed)
@@ -385,7 +411,7 @@ def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Li
     use_cache = {"use_cache": False} if _accepts(model, "use_cache") else {}
     autocast = choice.autocast(dev) if choice.autocast_dtype is not None else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(dev.type) if choice.needs_scaler else None
-    optimizer = torch.optim.AdamW(_param_groups(params, weight_decay), lr=lr,
+    optimizer = torch.optim.AdamW(_param_groups(params, weight_decay, lora_b_parameters(model), lr_ratio), lr=lr,
                                   **({"fused": True} if dev.type == "cuda" else {}))
     stream = iter(batches)
     first = 0
@@ -432,7 +458,7 @@ def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Li
         for step in range(first + 1, steps + 1):
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
-                group["lr"] = lr * lr_factor(step, steps, warmup, schedule)
+                group["lr"] = lr * group.get("lr_scale", 1.0) * lr_factor(step, steps, warmup, schedule)
             step_batches = [next(stream) for _ in range(grad_accum)]
             while True:  # a step that runs out of memory is done again in micro-batches half the size
                 ran_out = None

@@ -263,7 +263,7 @@ def test_qwen_3b_count_matches_the_published_figure():
 def test_methods_registry_lists_lora_with_its_options():
     info = {m.name: m for m in nbpeft.methods()}["lora"]
     assert info.options["r"]["default"] == 8
-    assert info.options["init"]["choices"] == ("default", "gaussian", "random")
+    assert info.options["init"]["choices"] == ("default", "gaussian", "random", "pissa", "olora", "loftq")
     assert info.description
 
 

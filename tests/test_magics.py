@@ -523,7 +523,7 @@ def test_methods_table_for_one_method_lists_its_options(shell):
     options = method_options(get_method("lora").config_class)
     assert len(text.splitlines()) == len(options)
     assert "lora r=8 (int): rank of the update B·A" in text
-    assert "(one of 'default', 'gaussian', 'random')" in text
+    assert "(one of 'default', 'gaussian', 'random', 'pissa', 'olora', 'loftq')" in text
 
 
 @pytest.mark.parametrize("code, message", [
@@ -710,7 +710,8 @@ def test_complete_option_keys_values_and_flags(shell):
     assert complete(shell, "%peft_attach lora ") == [f"{k}=" for k in options]
     assert complete(shell, "%peft_attach lora r") == ["r=", "rslora=", "rank_pattern="]
     assert complete(shell, "%peft_attach lora r=4 r") == ["rslora=", "rank_pattern="]  # r is given already
-    assert complete(shell, "%peft_attach lora init=") == ["init=default", "init=gaussian", "init=random"]
+    assert complete(shell, "%peft_attach lora init=") == ["init=default", "init=gaussian", "init=random", "init=pissa",
+                                                           "init=olora", "init=loftq"]
     assert complete(shell, "%peft_attach lora init=g") == ["init=gaussian"]
     assert complete(shell, "%peft_attach lora rslora=") == ["rslora=true", "rslora=false"]
     assert complete(shell, "%peft_attach lora --") == ["--model", "--name"]

@@ -67,6 +67,7 @@ def test_field_widgets_follow_the_option_types():
     kinds = {key: type(field.widget) for key, field in fields.items()}
     assert kinds == {"r": widgets.BoundedIntText, "alpha": widgets.FloatText, "dropout": widgets.FloatText,
                      "targets": widgets.Text, "rslora": widgets.Checkbox, "init": widgets.Dropdown,
+                     "pissa_niter": widgets.BoundedIntText,
                      "modules_to_save": widgets.Text, "rank_pattern": widgets.Text, "alpha_pattern": widgets.Text,
                      "layers": widgets.Text, "layers_pattern": widgets.Text, "exclude": widgets.Text,
                      "lora_bias": widgets.Checkbox, "target_parameters": widgets.Text}

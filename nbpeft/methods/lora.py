@@ -28,7 +28,7 @@ from torch import nn
 
 from .. import architectures, targeting
 from ..layers import AdapterLayer, adapter_factory, get_module, innermost
-from . import lora_experts
+from . import lora_experts, lora_init
 from .base import Attached, ConfigError, Method, MethodConfig, option, register
 
 
@@ -58,9 +58,12 @@ class LoraConfig(MethodConfig):
     rslora: bool = option(False, "rank-stabilised scale alpha / sqrt(r)")
     init: str = option(
         "default",
-        "'default': A random, B zero (identity at attach); 'gaussian': A ~ N(0, 1/r); 'random': B random too",
-        choices=("default", "gaussian", "random"),
+        "'default': A random, B zero (identity at attach); 'gaussian': A ~ N(0, 1/r); 'random': B random too; "
+        "'pissa': top singular vectors of W, 'olora': QR of W (both move part of W into B·A, output unchanged); "
+        "'loftq' (qlora): B·A cancels the 4-bit error",
+        choices=("default", "gaussian", "random", "pissa", "olora", "loftq"),
     )
+    pissa_niter: int = option(0, "init='pissa': subspace iterations of a fast randomised SVD (0: exact SVD; e.g. 4)")
     modules_to_save: list[str] | None = option(
         None, "modules trained in full and saved with the adapter (default: a classifier's head)"
     )
@@ -80,7 +83,17 @@ class LoraConfig(MethodConfig):
         "(alone, without targets=, only these are adapted)"
     )
 
+    def __post_init__(self) -> None:
+        fast = lora_init.fast_pissa(self.init)  # the reference spells the fast SVD into the init's name
+        if fast is not None:
+            self.init, self.pissa_niter = "pissa", fast
+        super().__post_init__()
+
     def validate(self) -> None:
+        if self.init == "loftq" and self.method != "qlora":
+            raise ConfigError(f"{self.method}: init='loftq' needs a 4-bit base; attach 'qlora' with init='loftq'")
+        if self.pissa_niter < 0:
+            raise ConfigError(f"{self.method}: pissa_niter={self.pissa_niter} must be 0 (exact SVD) or more, e.g. 4")
         if self.r < 1:
             raise ConfigError(f"{self.method}: r={self.r} must be a positive integer, e.g. r=8")
         if self.alpha <= 0:
@@ -184,13 +197,21 @@ class LoRALinear(AdapterLayer):
             self.lora_B[name] = nn.Linear(config.r, self.out_features, bias=False, **factory)
         self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scaling[name] = config.scaling
-        self._init(name, config.init, config.r)
+        self._init(name, config)
         if config.lora_bias:
             nn.init.zeros_(self.lora_B[name].bias)
 
     @torch.no_grad()
-    def _init(self, name: str, init: str, r: int) -> None:
+    def _init(self, name: str, config: LoraConfig) -> None:
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        init, r = config.init, A.shape[0]
+        if init in lora_init.REWEIGHTING:
+            try:
+                self._init_from_weight(name, config)
+            except Exception:
+                self.delete(name)
+                raise
+            return
         if init == "gaussian":
             nn.init.normal_(A, std=1.0 / r)
         else:
@@ -200,7 +221,63 @@ class LoRALinear(AdapterLayer):
         else:
             nn.init.zeros_(B)
 
+    @torch.no_grad()
+    def _init_from_weight(self, name: str, config: LoraConfig) -> None:
+        """PiSSA, OLoRA or LoftQ (``lora_init``): ``A``, ``B`` and a new base weight from the base weight."""
+        weight = self.dense_weight()
+        if weight.is_meta:  # a shapes-only copy (nbpeft.compare): nothing to compute
+            return
+        reweighted = getattr(self, "_reweighted_by", None)
+        if isinstance(self.base_layer, AdapterLayer) or self.merged or reweighted:
+            why = f"adapter {reweighted!r} already changed it" if reweighted else "another adapter is merged into it or wraps it"
+            raise ConfigError(f"{config.method}: init={config.init!r} rewrites this layer's base weight, but {why}; "
+                              "attach it first or use init='default'")
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        weight = weight.to(A.device, torch.float32)
+        scaling = self.scaling[name]
+        if config.init == "pissa":
+            start = lora_init.pissa(weight, A.shape[0], scaling, config.pissa_niter)
+        elif config.init == "olora":
+            start = lora_init.olora(weight, A.shape[0], scaling)
+        else:
+            start = self._loftq(weight, A.shape[0], scaling, config)
+        A.copy_(start.A)
+        B.copy_(start.B)
+        self.replace_base_weight(start.base)
+        self._reweighted_by = name
+        self.initial_factors[name] = (start.A.to("cpu", copy=True), start.B.to("cpu", copy=True))
+
+    def _loftq(self, weight: torch.Tensor, rank: int, scaling: float, config: LoraConfig) -> lora_init.Init:
+        raise ConfigError(f"{config.method}: init='loftq' needs a 4-bit base; attach 'qlora' with init='loftq'")
+
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight as ``out x in``."""
+        weight = self.base_layer.weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    @torch.no_grad()
+    def replace_base_weight(self, dense: torch.Tensor) -> None:
+        """Put ``dense`` (out x in) in the base weight; a CPU copy of the original comes back on removal."""
+        weight = self.base_layer.weight
+        self._weight_before_init = weight.detach().to("cpu", copy=True)
+        weight.copy_((dense.T if self.fan_in_fan_out else dense).to(weight.dtype))
+
+    @torch.no_grad()
+    def restore_base_weight(self) -> None:
+        """Undo :meth:`replace_base_weight` bit for bit."""
+        self.base_layer.weight.copy_(self._weight_before_init)
+        self._weight_before_init = None
+
+    @property
+    def initial_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``(A₀, B₀)`` of each adapter whose init rewrote the base weight (CPU copies, for plain-LoRA saving)."""
+        return self.__dict__.setdefault("_initial_factors", {})
+
     def delete(self, name: str) -> None:
+        if getattr(self, "_reweighted_by", None) == name:
+            self.restore_base_weight()
+            self._reweighted_by = None
+        self.initial_factors.pop(name, None)
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
             del table[name]
         del self.scaling[name]
@@ -450,7 +527,7 @@ class LoRA(Method):
             "use_rslora": config.rslora,
             "use_dora": False,
             "fan_in_fan_out": fan_in_fan_out,
-            "init_lora_weights": {"default": True, "gaussian": "gaussian", "random": False}[config.init],
+            "init_lora_weights": lora_init.reference_init(config.init, config.pissa_niter),
             **self._saved_targets(config, model, chosen),
             "rank_pattern": _saved_pattern(config.rank_pattern, chosen, config.r),
             "alpha_pattern": _saved_pattern(config.alpha_pattern, chosen, config.alpha),
@@ -479,6 +556,7 @@ class LoRA(Method):
             "dropout": float(cfg.get("lora_dropout", 0.0)),
             "targets": sorted(targets) if isinstance(targets, (list, tuple, set)) else targets,
             "rslora": bool(cfg.get("use_rslora", False)),
+            **lora_init.from_reference_init(cfg.get("init_lora_weights", True)),
         }
         exclude = cfg.get("exclude_modules")
         found = {

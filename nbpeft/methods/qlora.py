@@ -48,6 +48,7 @@ from torch import nn
 
 from .. import nf4, targeting
 from ..layers import AdapterLayer, adapter_dtype, find_layer
+from . import lora_init
 from .base import Attached, ConfigError, option, register
 from .lora import LoRA, LoraConfig, LoRALinear, default_targets
 
@@ -67,10 +68,18 @@ class QLoraConfig(LoraConfig):
     double_quant: bool = option(True, "store the block scales in 8 bits too (0.516 instead of 0.5625 bytes/weight)")
     compute_dtype: str = option("auto", "dtype the weights are dequantised to ('auto': the original dtype)",
                                 choices=("auto", *_DTYPES))
+    loftq_iter: int = option(1, "init='loftq': alternating quantise / low-rank SVD steps (1 quantises W itself)")
     keep_original: str = option(
         "cpu", "where the original weights wait for detach: 'cpu' (host memory), 'disk' (a temporary file), "
         "or 'none' (dropped; detach restores the dequantised weights)", choices=("cpu", "disk", "none"),
     )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.loftq_iter < 1:
+            raise ConfigError(f"qlora: loftq_iter={self.loftq_iter} must be 1 or more, e.g. 1")
+        if self.init in lora_init.REWEIGHTING and self.keep_original == "none":
+            raise ConfigError(f"qlora: init={self.init!r} needs the original weights; use keep_original='cpu' or 'disk'")
 
     @property
     def quantisation(self) -> tuple[int, bool, str, str]:
@@ -148,6 +157,43 @@ class QLoRALinear(LoRALinear):
         self.base_layer = original
         self.quantisation = self._nf4_store = None
 
+    def dense_weight(self) -> torch.Tensor:
+        """The original full-precision weight (out x in), not its NF4 form."""
+        if self.quantisation[3] == "disk":
+            weight = load_file(self._nf4_store)["weight"]
+        else:
+            weight = self.__dict__["_nf4_original"].weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    @torch.no_grad()
+    def replace_base_weight(self, dense: torch.Tensor) -> None:
+        """Quantise ``dense`` (out x in) in place of the original; the original stays aside as before."""
+        if len(self.adapter_names) > 1:
+            raise ConfigError("qlora: an init that rewrites the 4-bit base must come with the layer's first qlora adapter")
+        self._requantise(dense)
+
+    @torch.no_grad()
+    def restore_base_weight(self) -> None:
+        if len(self.adapter_names) > 1:  # others stay: they get the plain NF4 form of the original back
+            self._requantise(self.dense_weight())
+
+    def _requantise(self, dense: torch.Tensor) -> None:
+        old = self.base_layer
+        original_dtype = self.__dict__["_nf4_original"].weight.dtype
+        compute = None if self.quantisation[2] == "auto" else _DTYPES[self.quantisation[2]]
+        self.base_layer = nf4.NF4Linear(dense.to(old.qweight.device, original_dtype), old.bias, old.block_size,
+                                        old.double_quant, compute)
+
+    def _loftq(self, weight: torch.Tensor, rank: int, scaling: float, config: QLoraConfig) -> lora_init.Init:
+        block, double = self.base_layer.block_size, self.base_layer.double_quant
+        dtype = self.__dict__["_nf4_original"].weight.dtype
+
+        def roundtrip(dense: torch.Tensor) -> torch.Tensor:
+            state = nf4.quantize(dense.to(dtype), block, double)
+            return nf4.dequantize(state, tuple(dense.shape), block, torch.float32)
+
+        return lora_init.loftq(weight, rank, scaling, roundtrip, config.loftq_iter)
+
     def merge(self, name: str) -> None:
         raise ConfigError(
             f"merge(): the qlora adapter {name!r} cannot be merged into 4-bit NF4 weights (re-quantising would round "
@@ -207,6 +253,7 @@ class QLoRA(LoRA):
             "block_size": config.block_size,
             "double_quant": config.double_quant,
             "compute_dtype": config.compute_dtype,
+            **({"loftq_config": {"loftq_bits": 4, "loftq_iter": config.loftq_iter}} if config.init == "loftq" else {}),
         }
 
     def from_peft_config(self, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -216,6 +263,8 @@ class QLoRA(LoRA):
         for key in ("block_size", "double_quant", "compute_dtype"):
             if key in cfg:
                 options[key] = cfg[key]
+        if options.get("init") == "loftq":
+            options["loftq_iter"] = int((cfg.get("loftq_config") or {}).get("loftq_iter", 1))
         return options
 
 
