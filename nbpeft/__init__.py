@@ -8,6 +8,7 @@
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from .answers import Answers, compare_answers
+from .combine import combine
 from .compare import Comparison, compare
 from .core import Adapter, attach, detach, disable_adapters, merge, set_adapter, unmerge
 from .export import ExportCheck, ExportResult, check_export, export, to_lora
@@ -44,6 +45,7 @@ __all__ = [
     "summary",
     "Summary",
     "unmerge",
+    "combine",
     "compare",
     "export",
     "check_export",

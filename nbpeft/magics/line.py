@@ -36,6 +36,8 @@ USAGE = {
                    "  or  %peft_export check TARGET [FOLDER]",
     "peft_to_lora": "%peft_to_lora [NAME] [--rank R] [--name NAME] [--model VAR]",
     "peft_show_example": "%peft_show_example [I] [--data VAR] [--model VAR] [--tokenizer VAR] [max_length=N] [columns=...]",
+    "peft_combine": "%peft_combine NAME=WEIGHT ... --name NAME [--how HOW] [--density D] [--majority-sign-method M] "
+                    "[--rank R] [--seed N] [--model VAR]",
 }
 # --flags that take no value (a switch); every other flag takes one
 SWITCHES = ("overwrite", "no-base")
