@@ -333,10 +333,12 @@ def row_plan(model: nn.Module, names: Sequence[str | None], fn: str) -> dict[str
             raise ConfigError(f"{fn}: adapter {n!r} is merged into the weights, which every row would use; "
                               "nbpeft.unmerge(model) first")
         if n in rows or n in st.active:
+            if not routable[n] and n in rows:
+                raise ConfigError(f"{fn}: adapter_names= names the {adapter.method} adapter {n!r}, which cannot run "
+                                  "on some rows only (LoRA-family adapters can)")
             if not routable[n]:
-                role = "named in adapter_names=" if n in rows else "active"
-                raise ConfigError(f"{fn}: the {role} {adapter.method} adapter {n!r} cannot take part in one adapter per "
-                                  "row (LoRA-family adapters can); set_adapter() to a lora adapter or detach it")
+                raise ConfigError(f"{fn}: the active {adapter.method} adapter {n!r} would act on every row; "
+                                  "set_adapter() to a LoRA-family adapter first")
             if adapter.saved_modules:
                 raise ConfigError(f"{fn}: adapter {n!r} also trains whole modules ({', '.join(adapter.saved_modules)}), "
                                   "which every row would use; one adapter per row needs adapters without modules_to_save")
