@@ -86,10 +86,10 @@ def main() -> None:
         names = [f"a{i % count}" for i in range(BATCH)]
         groups = {n: [i for i, m in enumerate(names) if m == n] for n in dict.fromkeys(names)}
 
-        def mixed() -> torch.Tensor:
+        def mixed(names: list[str] = names) -> torch.Tensor:
             return model(ids, adapter_names=names).logits
 
-        def loop() -> torch.Tensor:
+        def loop(groups: dict[str, list[int]] = groups) -> torch.Tensor:
             out = torch.empty(BATCH, args.seq_len, vocab, device=device)
             for name, rows in groups.items():
                 nbpeft.set_adapter(model, name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 import pytest
 import torch
 from torch import nn
@@ -229,3 +231,26 @@ def test_magic_maps_onto_the_api(two):
         assert completions(shell, "%peft_combine a=1 --how da")[1] == ["dare_linear", "dare_ties"]
     finally:
         shell.user_ns.pop("model", None)
+
+
+def test_the_adapters_tab_combines(two):
+    from nbpeft.widgets.adapters import AdaptersTab
+
+    tab = AdaptersTab(two)
+    assert tab.combine_density.disabled  # linear takes no density
+    tab.combine_weights.value = "a=0.7 b=0.3"
+    tab.combine_how.value = "ties"
+    assert not tab.combine_density.disabled
+    tab.combine_button.click()
+    assert "new adapter '' must be a simple identifier" in html.unescape(tab.message.value)
+    tab.combine_name.value = "mix"
+    tab.combine_how.value = "svd"
+    tab.combine_button.click()
+    assert "Adapter 'mix': lora on 6 modules" in html.unescape(tab.message.value), tab.message.value
+    reference = tiny_llama()
+    nbpeft.attach(reference, "lora", name="a", r=4, alpha=8)
+    nbpeft.attach(reference, "lora", name="b", r=2, alpha=8, targets=["q_proj", "k_proj"])
+    reference.load_state_dict(two.state_dict(), strict=False)
+    nbpeft.combine(reference, {"a": 0.7, "b": 0.3}, name="mix", how="svd")
+    torch.testing.assert_close(nbpeft_logits(two, "mix"), nbpeft_logits(reference, "mix"))
+    assert state(two).active == ["mix"]
