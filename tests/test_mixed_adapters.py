@@ -150,3 +150,12 @@ def test_hooks_come_with_lora_and_go_with_it_and_leave_the_fast_loss_on():
     assert fast.supports_fast_loss(model, {"input_ids": tokens(), "labels": tokens()})
     nbpeft.detach(model)
     assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+def test_generate_checks_the_names_before_answering(three):
+    tok = char_tokenizer()
+    with pytest.raises(nbpeft.ConfigError, match=r"generate\(\): adapter_names= needs one name per prompt \(2\)"):
+        nbpeft.generate(three, tok, ["Hi", "Ho"], max_new_tokens=2, adapter_names=["a"])
+    with pytest.raises(nbpeft.ConfigError, match=r"generate\(\): adapter_names\[2\]='zz' is not attached"):
+        nbpeft.generate(three, tok, ["Hi", "Ho", "Ha"], max_new_tokens=2, adapter_names=["a", "b", "zz"], batch_size=1)
+    assert all(layer.rows is None for _, layer in adapter_layers(three))
