@@ -12,7 +12,7 @@ tokens. For 1, 2, 4 and 8 distinct adapters in the batch (rows assigned round-ro
 Before timing, the mixed logits are checked against the loop's, row by row. Times are the
 median of --repeats runs after two warm-up runs, in milliseconds.
 
-    PYTHONPATH=$PWD /work/main/.venv/bin/python benchmarks/mixed_adapters.py [--device cuda] [--tiny]
+    PYTHONPATH=$PWD /work/main/.venv/bin/python benchmarks/mixed_adapters.py [--device cuda] [--model smollm2-4]
 """
 
 from __future__ import annotations
@@ -33,13 +33,17 @@ BATCH = 8
 COUNTS = (1, 2, 4, 8)
 
 
-def build(tiny: bool, device: str) -> torch.nn.Module:
-    if tiny:  # the code paths in seconds
-        import transformers
+def build(model_kind: str, device: str) -> torch.nn.Module:
+    import transformers
 
-        torch.manual_seed(0)
+    torch.manual_seed(0)
+    if model_kind == "tiny":  # the code paths in seconds
         config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2)
+        model = transformers.LlamaForCausalLM(config)
+    elif model_kind == "smollm2-4":  # SmolLM2-135M's widths, 4 of its 30 blocks, random weights
+        config = transformers.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=4,
+                                          num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
         model = transformers.LlamaForCausalLM(config)
     else:
         model, _ = nbpeft.load_model("smollm2-135m", dtype=torch.float32)
@@ -72,14 +76,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--model", choices=("smollm2", "smollm2-4", "tiny"), default="smollm2",
+                        help="the bundled SmolLM2-135M, a 4-block Llama of its widths, or a tiny Llama")
     args = parser.parse_args()
     device = args.device
-    model = build(args.tiny, device)
+    model = build(args.model, device)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (BATCH, args.seq_len), generator=torch.Generator().manual_seed(0)).to(device)
 
-    print(f"model: {'tiny llama' if args.tiny else 'SmolLM2-135M'}, device {device}, threads {torch.get_num_threads()}, "
+    print(f"model: {args.model}, device {device}, threads {torch.get_num_threads()}, "
           f"batch {BATCH} x {args.seq_len} tokens, LoRA r=16 on all linear layers")
     print(f"{'adapters':>8} {'mixed ms':>9} {'loop ms':>9} {'loop/mixed':>10} {'max |diff|':>11}")
     for count in COUNTS:

@@ -181,7 +181,8 @@ class LoRALinear(AdapterLayer):
         for name, rows in self.rows.items():
             if name in self.lora_A:
                 update = self.row_update(name, x.index_select(0, rows), result.index_select(0, rows))
-                result = result.index_add(0, rows, update.to(result.dtype))
+                # in place: one copy of the batch's output per adapter would cost more than the update itself
+                result.index_add_(0, rows, update.to(result.dtype))
         return result
 
     def row_update(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
