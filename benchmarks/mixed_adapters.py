@@ -10,7 +10,7 @@ tokens. For 1, 2, 4 and 8 distinct adapters in the batch (rows assigned round-ro
          without per-row adapters).
 
 Before timing, the mixed logits are checked against the loop's, row by row. Times are the
-median of --repeats runs after two warm-up runs, in milliseconds.
+median of --repeats runs after two warm-up runs, in milliseconds, the two ways taking turns.
 
     PYTHONPATH=$PWD /work/main/.venv/bin/python benchmarks/mixed_adapters.py [--device cuda] [--model smollm2-4]
 """
@@ -57,18 +57,20 @@ def build(model_kind: str, device: str) -> torch.nn.Module:
     return model
 
 
-def timed(fn, repeats: int, device: str) -> float:
-    times = []
+def timed(fns: list, repeats: int, device: str) -> list[float]:
+    """Median milliseconds of each of ``fns``, run in turn (so a busy machine slows each alike)."""
+    times: list[list[float]] = [[] for _ in fns]
     for i in range(repeats + 2):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+        for fn, kept in zip(fns, times):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i >= 2:
+                kept.append(time.perf_counter() - start)
+    return [statistics.median(kept) * 1000 for kept in times]
 
 
 def main() -> None:
@@ -103,7 +105,7 @@ def main() -> None:
 
         with torch.no_grad():
             diff = (mixed() - loop()).abs().max().item()
-            mixed_ms, loop_ms = timed(mixed, args.repeats, device), timed(loop, args.repeats, device)
+            mixed_ms, loop_ms = timed([mixed, loop], args.repeats, device)
         print(f"{count:>8} {mixed_ms:>9.1f} {loop_ms:>9.1f} {loop_ms / mixed_ms:>9.2f}x {diff:>11.1e}")
 
 

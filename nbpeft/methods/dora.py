@@ -123,13 +123,14 @@ class DoRALinear(LoRALinear):
                 result = result + lora.to(result.dtype)
         return result
 
-    def row_update(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        lora = super().row_update(name, x, result)
+    def row_update(self, name: str, x: torch.Tensor, result: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        lora = super().row_update(name, x, result, rows)
         if name not in self.lora_magnitude_vector:
             return lora
         bias = getattr(self.base_layer, "bias", None)
+        base_out = result.index_select(0, rows)  # W x (+ bias) of these rows: no other adapter has touched them
         k = self.lora_magnitude_vector[name] / self.weight_norm(name).detach().clamp_min(_EPS)
-        return (k - 1) * (result if bias is None else result - bias) + k * lora
+        return (k - 1) * (base_out if bias is None else base_out - bias) + k * lora
 
     def extra_repr(self) -> str:
         ranks = ", ".join(

@@ -180,13 +180,13 @@ class LoRALinear(AdapterLayer):
             raise ConfigError(f"adapter_names= has {self.row_count} names for a batch of {x.shape[0]} rows; give one per row")
         for name, rows in self.rows.items():
             if name in self.lora_A:
-                update = self.row_update(name, x.index_select(0, rows), result.index_select(0, rows))
+                update = self.row_update(name, x.index_select(0, rows), result, rows)
                 # in place: one copy of the batch's output per adapter would cost more than the update itself
                 result.index_add_(0, rows, update.to(result.dtype))
         return result
 
-    def row_update(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """Adapter ``name``'s update for the rows ``x`` whose base output is ``result``."""
+    def row_update(self, name: str, x: torch.Tensor, result: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Adapter ``name``'s update for the rows ``x`` (``rows`` of the batch, whose base output is ``result``)."""
         A = self.lora_A[name]
         x_in = x if torch.is_autocast_enabled(x.device.type) else x.to(A.weight.dtype)
         return self.lora_B[name](A(x_in) * self.scaling[name])
