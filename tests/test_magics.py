@@ -906,10 +906,12 @@ def test_generate_maps_the_same_flags_and_streams(shell, monkeypatch):
     result, out = run(shell, "%peft_generate --prompt 'Tell me a joke' --temperature 0.5 --seed 1")
     assert result.success, out.stderr
     assert calls[0] == {"model": shell.user_ns["model"], "tokenizer": "tok", "prompts": "Tell me a joke",
-                        **GENERATION, "temperature": 0.5, "seed": 1, "messages": None, "stream": True}
+                        **GENERATION, "temperature": 0.5, "seed": 1, "messages": None, "stream": True,
+                        "adapter_names": None}
     run(shell, "%%peft_generate --max-new-tokens 5 --stop END\nfirst\nsecond")
     assert calls[1] == {"model": shell.user_ns["model"], "tokenizer": "tok", "prompts": ["first", "second"],
-                        **GENERATION, "max_new_tokens": 5, "stop": "END", "messages": None, "stream": True}
+                        **GENERATION, "max_new_tokens": 5, "stop": "END", "messages": None, "stream": True,
+                        "adapter_names": None}
     result, out = run(shell, "%peft_generate first")
     assert_usage_error(result, out, "nbpeft: unexpected 'first'; usage: %peft_generate --prompt TEXT")
     assert len(calls) == 2
