@@ -8,8 +8,9 @@
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from .answers import Answers, compare_answers
+from .combine import combine
 from .compare import Comparison, compare
-from .core import Adapter, attach, detach, disable_adapters, merge, set_adapter, unmerge
+from .core import Adapter, adapter_rows, attach, detach, disable_adapters, merge, set_adapter, unmerge
 from .export import ExportCheck, ExportResult, check_export, export, to_lora
 from .generate import generate
 from .io import load_adapter, save_adapter
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
+    "adapter_rows",
     "TrainResult",
     "generate",
     "export_job",
@@ -47,6 +49,7 @@ __all__ = [
     "summary",
     "Summary",
     "unmerge",
+    "combine",
     "compare",
     "export",
     "check_export",

@@ -8,10 +8,11 @@ before the first attach. Everything else lives in the adapter layers themselves.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import targeting
@@ -19,7 +20,8 @@ from .errors import ConfigError
 from .layers import AdapterLayer, TrainedCopy, adapter_layers, add_adapter, base_path, set_module
 from .methods.base import MethodConfig, get_method
 
-__all__ = ["Adapter", "PeftState", "TrainedCopy", "adapter_layers", "adapter_owners", "adapter_parameters", "attach",
+__all__ = ["BASE_ROW", "ROW_HOOKS", "Adapter", "PeftState", "TrainedCopy", "adapter_layers", "adapter_owners", "adapter_parameters",
+           "adapter_rows", "attach",
            "detach", "disable_adapters", "merge", "packed_weights", "resolve_adapter_names", "set_adapter", "state",
            "trainable_parameters", "unmerge"]
 
@@ -128,6 +130,8 @@ def attach(model: nn.Module, method: str, *, name: str = "default", **options: A
         st.base_requires_grad = {
             base_path(n): p.requires_grad for n, p in model.named_parameters() if id(p) not in owners
         }
+    if _routes_rows(spec.name):
+        install_row_hooks(model)
     adapter = Adapter(name=name, method=spec.name, config=config, targets=chosen, saved_modules=list(saved),
                       notes=spec.notes(model, config, chosen))
     st.adapters[name] = adapter
@@ -204,6 +208,8 @@ def detach(model: nn.Module, name: str | None = None) -> None:
         for param_name, param in model.named_parameters():
             param.requires_grad = st.base_requires_grad.get(param_name, param.requires_grad)
         del model._nbpeft
+    if not any(_routes_rows(a.method) for a in st.adapters.values()):
+        remove_row_hooks(model)
 
 
 def _detach_order(st: PeftState, names: list[str]) -> list[str]:
@@ -268,3 +274,119 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
+
+
+# One adapter per row ---------------------------------------------------------------------------
+
+BASE_ROW = "__base__"  # the row name (like None) for "no adapter"
+
+
+@contextlib.contextmanager
+def adapter_rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Inside the block, row ``i`` of every batch uses adapter ``names[i]`` alone ("__base__" or None: none).
+
+    One forward pass serves a batch mixing adapters, with the outputs of running each row with
+    its adapter alone. ``model(..., adapter_names=[...])`` does the same for one call. Inference
+    only; for adapters whose layers can route rows (the LoRA family), unmerged.
+    """
+    start_rows(model, names, "adapter_rows()")
+    try:
+        yield model
+    finally:
+        end_rows(model)
+
+
+def start_rows(model: nn.Module, names: Sequence[str | None], fn: str) -> None:
+    """Route each row to its adapter on every layer that holds one, or a one-line ConfigError worded for ``fn``."""
+    rows = row_plan(model, names, fn)
+    by_device: dict[torch.device, dict[str, torch.Tensor]] = {}
+    for layer in _row_layers(model):
+        device = next(layer.parameters()).device
+        if device not in by_device:
+            by_device[device] = {n: torch.tensor(r, device=device) for n, r in rows.items()}
+        layer.route_rows(by_device[device], len(names))
+
+
+def row_plan(model: nn.Module, names: Sequence[str | None], fn: str) -> dict[str, list[int]]:
+    """Adapter name -> the rows that use it, once ``names`` is checked against the model (else a ConfigError)."""
+    if isinstance(names, str) or not isinstance(names, Sequence) or not names:
+        raise ConfigError(f"{fn}: adapter_names= takes one adapter name per row of the batch, e.g. ['chat', '__base__']")
+    st = state(model)
+    if not st.adapters:
+        raise ConfigError(f"{fn}: this model has no adapter; attach one first with nbpeft.attach(model, 'lora')")
+    if model.training:
+        raise ConfigError(f"{fn}: adapter_names= is for inference; call model.eval() first")
+    if any(layer.rows is not None for layer in _row_layers(model)):
+        raise ConfigError(f"{fn}: the rows are already routed to adapters (nested adapter_rows or adapter_names=)")
+    rows: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        if name is not None and name != BASE_ROW:
+            if name not in st.adapters:
+                raise ConfigError(f"{fn}: adapter_names[{i}]={name!r} is not attached; attached: {', '.join(st.adapters)}, "
+                                  f"or {BASE_ROW!r} for the base model")
+            rows.setdefault(name, []).append(i)
+    layers = list(adapter_layers(model))
+    routable = {n: bool(held) and all(callable(getattr(type(layer), "route_rows", None)) for layer in held)
+                for n in st.adapters for held in [[layer for _, layer in layers if n in layer.adapter_names]]}
+    for n, adapter in st.adapters.items():
+        if adapter.merged:
+            raise ConfigError(f"{fn}: adapter {n!r} is merged into the weights, which every row would use; "
+                              "nbpeft.unmerge(model) first")
+        if n in rows or n in st.active:
+            if not routable[n] and n in rows:
+                raise ConfigError(f"{fn}: adapter_names= names the {adapter.method} adapter {n!r}, which cannot run "
+                                  "on some rows only (LoRA-family adapters can)")
+            if not routable[n]:
+                raise ConfigError(f"{fn}: the active {adapter.method} adapter {n!r} would act on every row; "
+                                  "set_adapter() to a LoRA-family adapter first")
+            if adapter.saved_modules:
+                raise ConfigError(f"{fn}: adapter {n!r} also trains whole modules ({', '.join(adapter.saved_modules)}), "
+                                  "which every row would use; one adapter per row needs adapters without modules_to_save")
+    return rows
+
+
+def end_rows(model: nn.Module) -> None:
+    for layer in _row_layers(model):
+        layer.route_rows(None)
+
+
+def _routes_rows(method: str) -> bool:
+    return callable(getattr(get_method(method).layer_class, "route_rows", None))
+
+
+def _row_layers(model: nn.Module) -> list[AdapterLayer]:
+    return [layer for _, layer in adapter_layers(model) if callable(getattr(type(layer), "route_rows", None))]
+
+
+def _rows_from_call(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+    """Forward pre-hook: ``model(..., adapter_names=[...])`` routes the rows for this call."""
+    if "adapter_names" not in kwargs:
+        return None
+    names = kwargs.pop("adapter_names")
+    if names is not None:
+        start_rows(model, names, f"{type(model).__name__}.forward()")
+        model._nbpeft_rows_from_call = True
+    return args, kwargs
+
+
+def _end_rows_from_call(model: nn.Module, args: tuple, output: Any) -> None:
+    if model.__dict__.pop("_nbpeft_rows_from_call", False):
+        end_rows(model)
+
+
+ROW_HOOKS = (_rows_from_call, _end_rows_from_call)
+
+
+def install_row_hooks(model: nn.Module) -> None:
+    """Let ``model(..., adapter_names=[...])`` reach the layers (module-level hooks, found by identity: a deep copy works)."""
+    if _rows_from_call not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_rows_from_call, with_kwargs=True)
+        model.register_forward_hook(_end_rows_from_call, always_call=True)
+
+
+def remove_row_hooks(model: nn.Module) -> None:
+    for hooks, hook in ((model._forward_pre_hooks, _rows_from_call), (model._forward_hooks, _end_rows_from_call)):
+        for key in [k for k, h in hooks.items() if h is hook]:
+            del hooks[key]
+            model._forward_pre_hooks_with_kwargs.pop(key, None)
+            model._forward_hooks_always_called.pop(key, None)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import architectures
+from . import architectures, core
 
 IGNORE = -100
 # Config fields that change the logits after the head; a model setting any is left alone.
@@ -129,8 +129,10 @@ def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
         return None
     if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_POSTPROCESSING):
         return None
-    # A hook or an instance-level forward on the whole model (e.g. prompt tuning) would be skipped.
-    if model._forward_hooks or model._forward_pre_hooks or "forward" in vars(model):
+    # A hook or an instance-level forward on the whole model (e.g. prompt tuning) would be skipped;
+    # the hooks that route adapter_names= act at inference only.
+    hooks = [*model._forward_hooks.values(), *model._forward_pre_hooks.values()]
+    if any(hook not in core.ROW_HOOKS for hook in hooks) or "forward" in vars(model):
         return None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)

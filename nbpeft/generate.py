@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .core import end_rows, row_plan, start_rows
 from .data import chat_prompt, tokenizer_for
 from .live import in_notebook
 from .methods.base import ConfigError
@@ -41,6 +42,7 @@ def generate(
     stop: str | Sequence[str] | None = None,
     stream: bool = False,
     batch_size: int = 8,
+    adapter_names: Sequence[str | None] | None = None,
 ) -> str | list[str]:
     """The model's answer to ``prompts``: one string for one prompt, a list for a list.
 
@@ -50,7 +52,8 @@ def generate(
     the global random state. The answer ends before the first of the ``stop`` strings.
     ``messages=[{"role": "user", "content": ...}, ...]`` answers a conversation (a list of
     conversations gives a list). ``stream=True`` shows the answer as tokens arrive, in one
-    output area in a notebook and as plain printing elsewhere.
+    output area in a notebook and as plain printing elsewhere. ``adapter_names=[...]`` answers
+    each prompt with its own adapter ("__base__" or None: the base model), several in one batch.
     """
     if tokenizer is not None and prompts is None and _is_text(tokenizer):
         tokenizer, prompts = None, tokenizer  # generate(model, "a prompt")
@@ -59,10 +62,14 @@ def generate(
     stops = stop_strings(stop, "generate")
     tokenizer = find_tokenizer(model, tokenizer, "generate")
     rendered = [chat_prompt(tokenizer, t) if isinstance(t, str) else _render(tokenizer, t, "generate") for t in texts]
+    if adapter_names is not None and (isinstance(adapter_names, str) or len(adapter_names) != len(texts)):
+        raise ConfigError(f"generate(): adapter_names= needs one name per prompt ({len(texts)}), e.g. ['chat', '__base__']")
 
     was_training = model.training
     model.eval()
     try:
+        if adapter_names is not None:
+            row_plan(model, adapter_names, "generate()")  # every name checked before the first answer
         with _seeded(model, seed), torch.no_grad():
             if stream:
                 labels = [prompt_label(t) for t in texts] if not single else None
@@ -70,11 +77,14 @@ def generate(
                 answers = []
                 for i, text in enumerate(rendered):
                     display.start(i)
-                    answers += _run(model, tokenizer, [text], max_new_tokens, sampling, stops, display)
+                    with _rows(model, adapter_names, i, i + 1):
+                        answers += _run(model, tokenizer, [text], max_new_tokens, sampling, stops, display)
             else:
                 answers = []
                 for start in range(0, len(rendered), batch_size):
-                    answers += _run(model, tokenizer, rendered[start:start + batch_size], max_new_tokens, sampling, stops, None)
+                    with _rows(model, adapter_names, start, start + batch_size):
+                        answers += _run(model, tokenizer, rendered[start:start + batch_size], max_new_tokens, sampling,
+                                        stops, None)
     finally:
         model.train(was_training)
     return answers[0] if single else answers
@@ -168,6 +178,19 @@ def _seeded(model: nn.Module, seed: int | None) -> Iterator[None]:
 
 
 # Running the model ----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _rows(model: nn.Module, names: Sequence[str | None] | None, start: int, end: int) -> Iterator[None]:
+    """Prompts ``start:end`` answered by their adapters in ``names`` (nothing to route without names)."""
+    if names is None:
+        yield
+        return
+    start_rows(model, list(names)[start:end], "generate()")
+    try:
+        yield
+    finally:
+        end_rows(model)
+
 
 def _pad_id(tokenizer: Any) -> int:
     for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):

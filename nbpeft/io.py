@@ -9,6 +9,7 @@ the layout the reference implementation and serving tools read.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from .errors import ConfigError
 from .layers import adapter_layers
 from .methods import lora_init
 from .methods.base import REFERENCE_PREFIX, get_method, registered
+from .methods.lora import LoRALinear
 from .models import cache_dir
 
 CONFIG_FILE = "adapter_config.json"
@@ -148,12 +150,17 @@ def _read_config(folder: Path) -> dict[str, Any]:
         raise ConfigError(f"load_adapter(): {folder / CONFIG_FILE} is not valid JSON ({err})") from None
 
 
-def load_adapter(model: nn.Module, path: str | Path, name: str | None = None) -> list[core.Adapter]:
+def load_adapter(model: nn.Module, path: str | Path, name: str | None = None,
+                 hotswap: bool = False) -> list[core.Adapter]:
     """Attach the adapter(s) saved at ``path`` (by nbpeft or the reference implementation).
 
     Shapes and module names are checked against the model; on any mismatch the error
-    says what differs and the model is left as it was.
+    says what differs and the model is left as it was. ``hotswap=True`` writes the file's
+    LoRA into the already loaded adapter ``name`` (default 'default') instead, with no
+    recompile of a compiled model (see :func:`hotswap_adapter`).
     """
+    if hotswap:
+        return [hotswap_adapter(model, path, name or "default")]
     path = Path(path)
     if name is not None and (path / name / CONFIG_FILE).exists():
         folders = {name: path / name}
@@ -264,3 +271,67 @@ def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
     with torch.no_grad():
         for key, param in params.items():
             param.copy_(stripped[key].to(param.dtype))
+
+
+def hotswap_adapter(model: nn.Module, path: str | Path, name: str = "default") -> core.Adapter:
+    """Put the LoRA saved at ``path`` in place of adapter ``name``'s weights, tensor by tensor.
+
+    The file must adapt the same modules with a rank at most the loaded adapter's: a lower rank
+    is padded with zeros, and the ratio of the two scales (alpha / r) goes into ``B``, so the
+    outputs are those of the file's adapter while every tensor keeps its shape and dtype and
+    every layer its Python settings. A model compiled with ``torch.compile`` (or the compiled
+    wrapper itself) therefore runs the new adapter without recompiling. Nothing changes on error.
+    """
+    fn = "load_adapter(hotswap=True)"
+    model = getattr(model, "_orig_mod", model)  # the module under a torch.compile wrapper
+    st = core.state(model)
+    if name not in st.adapters:
+        raise ConfigError(f"{fn}: no adapter named {name!r} to replace; load the first one without hotswap=True")
+    adapter = st.adapters[name]
+    if adapter.method != "lora" or adapter.merged or adapter.saved_modules:
+        why = ("is merged; nbpeft.unmerge(model) first" if adapter.merged
+               else f"also trains {', '.join(adapter.saved_modules)}" if adapter.saved_modules else f"is {adapter.method}")
+        raise ConfigError(f"{fn}: adapter {name!r} {why}; hot-swapping takes an unmerged plain lora adapter")
+    folder = Path(path)
+    if not (folder / CONFIG_FILE).exists() and (folder / name / CONFIG_FILE).exists():
+        folder = folder / name
+    if not (folder / CONFIG_FILE).exists():
+        raise ConfigError(f"{fn}: no {CONFIG_FILE} in {folder}; save one with save_adapter()")
+    cfg = _read_config(folder)
+    if cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("modules_to_save") or cfg.get(tokens.CONFIG_KEY):
+        raise ConfigError(f"{fn}: {folder} is not a plain LoRA file (no DoRA, modules_to_save or new tokens); "
+                          "load it without hotswap=True")
+    options = get_method("lora").from_peft_config(cfg)
+    if options.get("rank_pattern") or options.get("alpha_pattern"):
+        raise ConfigError(f"{fn}: {folder} sets ranks per layer; load it without hotswap=True")
+    r, alpha = options["r"], options["alpha"]
+    scale = alpha / (math.sqrt(r) if options["rslora"] else r)
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.exists():
+        raise ConfigError(f"{fn}: {weights_path} is missing")
+    params = core.adapter_parameters(model, name)
+    found = get_method("lora").from_checkpoint(model, adapter, load_file(str(weights_path)))
+    # some writers keep the adapter name inside the key
+    found = {key if key in params else key.replace(f".{name}.", ".").replace(".default.", "."): value
+             for key, value in found.items()}
+    if set(found) != set(params):
+        missing, unexpected = sorted(set(params) - set(found)), sorted(set(found) - set(params))
+        what = f"lacks {missing[0]}" if missing else f"has {unexpected[0]}, which the loaded adapter has not"
+        raise ConfigError(f"{fn}: {folder} adapts other modules than {name!r} ({what}); load it without hotswap=True")
+    writes = []
+    for path_, layer in core.adapter_layers(model):
+        if not isinstance(layer, LoRALinear) or name not in layer.lora_A:
+            continue
+        A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+        new_A, new_B = found[f"{path_}.lora_A.weight"], found[f"{path_}.lora_B.weight"]
+        if new_A.shape[0] > A.shape[0]:
+            raise ConfigError(f"{fn}: {folder} has rank {new_A.shape[0]} at {path_}, above the loaded adapter's "
+                              f"{A.shape[0]}; load the adapter of the highest rank first, then swap in the others")
+        if new_A.shape[1:] != A.shape[1:] or new_B.shape[0] != B.shape[0] or new_B.shape[1] != new_A.shape[0]:
+            raise ConfigError(f"{fn}: {folder} does not fit {path_}: A {tuple(new_A.shape)}, B {tuple(new_B.shape)}")
+        writes.append((A, B, new_A, new_B * (scale / layer.scaling[name])))
+    with torch.no_grad():
+        for A, B, new_A, new_B in writes:
+            A.zero_()[: new_A.shape[0]].copy_(new_A)
+            B.zero_()[:, : new_B.shape[1]].copy_(new_B)
+    return adapter

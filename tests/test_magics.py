@@ -27,7 +27,7 @@ from conftest import char_tokenizer
 
 MAGICS = ("peft_methods", "peft_attach", "peft_summary", "peft_use", "peft_detach", "peft_merge", "peft_unmerge",
           "peft_save", "peft_load", "peft_train", "peft_compare", "peft_panel", "peft_generate", "peft_compare_answers",
-          "peft_export", "peft_to_lora", "peft_show_example", "peft_release", "peft_export_job")
+          "peft_export", "peft_to_lora", "peft_show_example", "peft_release", "peft_export_job", "peft_combine")
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
@@ -964,10 +964,12 @@ def test_generate_maps_the_same_flags_and_streams(shell, monkeypatch):
     result, out = run(shell, "%peft_generate --prompt 'Tell me a joke' --temperature 0.5 --seed 1")
     assert result.success, out.stderr
     assert calls[0] == {"model": shell.user_ns["model"], "tokenizer": "tok", "prompts": "Tell me a joke",
-                        **GENERATION, "temperature": 0.5, "seed": 1, "messages": None, "stream": True}
+                        **GENERATION, "temperature": 0.5, "seed": 1, "messages": None, "stream": True,
+                        "adapter_names": None}
     run(shell, "%%peft_generate --max-new-tokens 5 --stop END\nfirst\nsecond")
     assert calls[1] == {"model": shell.user_ns["model"], "tokenizer": "tok", "prompts": ["first", "second"],
-                        **GENERATION, "max_new_tokens": 5, "stop": "END", "messages": None, "stream": True}
+                        **GENERATION, "max_new_tokens": 5, "stop": "END", "messages": None, "stream": True,
+                        "adapter_names": None}
     result, out = run(shell, "%peft_generate first")
     assert_usage_error(result, out, "nbpeft: unexpected 'first'; usage: %peft_generate --prompt TEXT")
     assert len(calls) == 2

@@ -88,7 +88,7 @@ class PeftMagics(Magics):
     """%peft_methods, %peft_attach, %peft_summary, %peft_use, %peft_detach, %peft_merge, %peft_unmerge,
     %peft_save, %peft_load, %%peft_train, %peft_compare, %peft_panel, %peft_generate,
     %peft_compare_answers, %peft_export, %peft_to_lora, %peft_show_example, %peft_release,
-    %peft_export_job."""
+    %peft_export_job, %peft_combine."""
 
     def _var(self, name: str, hint: str) -> Any:
         if name not in self.shell.user_ns:
@@ -464,3 +464,25 @@ class PeftMagics(Magics):
         """
         words, flags, _ = split_line(line, "peft_release", positional=1, options=False)
         print(nbpeft.release(self._model(words[0] if words else flags.get("model"))))
+
+    @line_magic
+    @usage_errors
+    def peft_combine(self, line: str) -> None:
+        """Mix LoRA adapters into a new one:  %peft_combine NAME=WEIGHT ... --name NAME [--how HOW] [--density D] [--majority-sign-method M] [--rank R] [--seed N] [--model VAR]
+
+        For example ``%peft_combine chat=0.7 sql=0.3 --name mix --how ties --density 0.5``.
+        --how is one of linear (default), cat, svd, ties, dare_linear, dare_ties; --density (the
+        share of entries kept) is for ties and dare; --rank for svd; --seed makes dare's draw
+        repeatable. Same as ``nbpeft.combine(model, {NAME: WEIGHT, ...}, name=NAME, how=HOW, ...)``;
+        the new adapter is attached and made active.
+        """
+        _, flags, weights = split_line(line, "peft_combine")
+        if not weights:
+            fail(f"which adapters? give NAME=WEIGHT pairs, e.g. chat=0.7 sql=0.3; usage: {USAGE['peft_combine']}")
+        if "name" not in flags:
+            fail(f"name the new adapter with --name NAME; usage: {USAGE['peft_combine']}")
+        options = {flag.replace("-", "_"): parse_value(flags[flag])
+                   for flag in ("density", "rank", "seed") if flag in flags}
+        options.update({flag.replace("-", "_"): flags[flag] for flag in ("how", "majority-sign-method") if flag in flags})
+        model = self._model(flags.get("model"))
+        display(nbpeft.combine(model, weights, name=flags["name"], **options))

@@ -11,6 +11,7 @@ from torch import nn
 
 import nbpeft
 
+from ..combine import HOWS, SIGN_METHODS
 from ..export import DTYPES, FORMATS, TARGETS
 from ..frontend import data_variables, tokenizer_variables
 from ..gguf_export import QUANTS
@@ -25,7 +26,8 @@ _MODEL_FIRST = ("peft_summary", "peft_panel")
 # what a --flag's value can be, where it is one of a known few (free text: nothing to offer)
 _FLAG_VALUES = {"dtype": list(DTYPES), "quant": list(QUANTS), "out": [], "prompt": [], "max-new-tokens": [],
                 "temperature": [], "top-p": [], "seed": [], "stop": [], "rank": [],
-                "processes": [], "batch-size": ["auto"]}
+                "processes": [], "batch-size": ["auto"], "how": list(HOWS), "density": [],
+                "majority-sign-method": list(SIGN_METHODS)}
 
 
 def option_keys(magic: str, method: str | None) -> dict[str, dict[str, Any]]:

@@ -39,6 +39,8 @@ USAGE = {
     "peft_to_lora": "%peft_to_lora [NAME] [--rank R] [--name NAME] [--model VAR]",
     "peft_export_job": "%peft_export_job DIR [--model VAR] [--data VAR] [--tokenizer VAR] [--overwrite] key=value ...",
     "peft_show_example": "%peft_show_example [I] [--data VAR] [--model VAR] [--tokenizer VAR] [max_length=N] [columns=...]",
+    "peft_combine": "%peft_combine NAME=WEIGHT ... --name NAME [--how HOW] [--density D] [--majority-sign-method M] "
+                    "[--rank R] [--seed N] [--model VAR]",
 }
 # --flags that take no value (a switch); every other flag takes one
 SWITCHES = ("overwrite", "no-base", "shard")

@@ -111,6 +111,8 @@ class DoRALinear(LoRALinear):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if self.rows is not None:
+            return self.forward_rows(x, result)
         names = [] if self.disabled else [n for n in self.active if n in self.lora_A and n not in self.merged]
         if not names:
             return result
@@ -125,6 +127,15 @@ class DoRALinear(LoRALinear):
             else:
                 result = result + lora.to(result.dtype)
         return result
+
+    def row_update(self, name: str, x: torch.Tensor, result: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        lora = super().row_update(name, x, result, rows)
+        if name not in self.lora_magnitude_vector:
+            return lora
+        bias = getattr(self.base_layer, "bias", None)
+        base_out = result.index_select(0, rows)  # W x (+ bias) of these rows: no other adapter has touched them
+        k = self.lora_magnitude_vector[name] / self.weight_norm(name).detach().clamp_min(_EPS)
+        return (k - 1) * (base_out if bias is None else base_out - bias) + k * lora
 
     def extra_repr(self) -> str:
         ranks = ", ".join(

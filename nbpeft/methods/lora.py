@@ -325,6 +325,8 @@ class LoRALinear(AdapterLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if self.rows is not None:
+            return self.forward_rows(x, result)
         if self.disabled:
             return result
         names = [name for name in self.active if name not in self.merged and name in self.lora_A]
@@ -343,6 +345,31 @@ class LoRALinear(AdapterLayer):
             h = self.lora_A[name](self.lora_dropout[name](x_in)) * self.scaling[name]
             result = result + self.lora_B[name](h).to(result.dtype)
         return result
+
+    # One adapter per row of the batch (nbpeft.adapter_rows): adapter name -> the rows that use it.
+    rows: dict[str, torch.Tensor] | None = None
+    row_count = 0
+
+    def route_rows(self, rows: dict[str, torch.Tensor] | None, count: int = 0) -> None:
+        """From now on each adapter in ``rows`` updates only its rows of a ``count``-row batch (None: back to normal)."""
+        self.rows, self.row_count = rows, count
+
+    def forward_rows(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result`` plus, on each row, the update of that row's adapter (rows of one adapter run together)."""
+        if x.shape[0] != self.row_count:
+            raise ConfigError(f"adapter_names= has {self.row_count} names for a batch of {x.shape[0]} rows; give one per row")
+        for name, rows in self.rows.items():
+            if name in self.lora_A:
+                update = self.row_update(name, x.index_select(0, rows), result, rows)
+                # in place: one copy of the batch's output per adapter would cost more than the update itself
+                result.index_add_(0, rows, update.to(result.dtype))
+        return result
+
+    def row_update(self, name: str, x: torch.Tensor, result: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Adapter ``name``'s update for the rows ``x`` (``rows`` of the batch, whose base output is ``result``)."""
+        A = self.lora_A[name]
+        x_in = x if torch.is_autocast_enabled(x.device.type) else x.to(A.weight.dtype)
+        return self.lora_B[name](A(x_in) * self.scaling[name])
 
     def _stackable(self, names: list[str]) -> bool:
         """Whether the adapters can run as one: no dropout in the way, one dtype."""

@@ -13,8 +13,9 @@ from torch import nn
 
 import nbpeft
 
+from ..combine import HOWS
 from ..export import DTYPES, FORMATS, TARGETS
-from ..frontend import one_line
+from ..frontend import one_line, parse_options
 from ..gguf_export import QUANTS
 from ..methods.base import ConfigError
 from .attach import say
@@ -24,6 +25,8 @@ from .fields import LABEL
 SPELLINGS = {"pass overwrite=True": "tick overwrite",
              "pass tokenizer= (the one load_model returned)": "open the panel with nbpeft.panel(model, tokenizer)",
              "export format=": "export as ", "nbpeft.unmerge(model) first": "press Unmerge first"}
+# the combine row's fields as this tab labels them
+COMBINE_SPELLINGS = {"weights=": "weights ", "name=": "new adapter ", "density=": "density ", "how=": "how "}
 # every field of the export rows is this wide, so the buttons after them line up
 FIELD_WIDTH = "330px"
 # (head, alignment) of each column: prose left, numbers right, every head over its column
@@ -102,6 +105,7 @@ class AdaptersTab(widgets.VBox):
             widgets.HBox([self.load_name, self.load_button]),
             widgets.HTML("<b>Export</b> (the active adapter, merged into a copy of the model unless a GGUF adapter)"),
             *self.export_rows,
+            *self._combine_section(),
             self.message,
         ])
         self.activate_button.on_click(lambda _: self._do("activate", lambda n: nbpeft.set_adapter(self.model, n)))
@@ -141,6 +145,41 @@ class AdaptersTab(widgets.VBox):
         return [widgets.HBox([self.export_format]), widgets.HBox([self.export_dtype]), widgets.HBox([self.export_quant]),
                 widgets.HBox([self.export_path, self.export_button]), widgets.HBox([self.check_target, self.check_button]),
                 widgets.HBox([self.lora_rank, self.to_lora_button])]
+
+    def _combine_section(self) -> list[widgets.Widget]:
+        """Weights, how, density and a new name with Combine (nbpeft.combine)."""
+        field = {"layout": {"width": FIELD_WIDTH}, **LABEL}
+        self.combine_weights = widgets.Text(placeholder="e.g. chat=0.7 sql=0.3", description="weights", **field)
+        self.combine_how = widgets.Dropdown(options=list(HOWS), value=HOWS[0], description="how", **field)
+        self.combine_density = widgets.BoundedFloatText(value=0.5, min=0.01, max=1.0, step=0.05,
+                                                        description="density (ties, dare)", disabled=True, **field)
+        self.combine_name = widgets.Text(placeholder="e.g. mix", description="new adapter", **field)
+        self.combine_button = _button("Combine", "object-group", tooltip="attach the mix as a new adapter")
+        self.combine_button.add_class("nbpeft-adapters-combine")
+        self.combine_how.observe(lambda _: setattr(self.combine_density, "disabled", self.combine_how.value not in
+                                                   ("ties", "dare_linear", "dare_ties")), names="value")
+        self.combine_button.on_click(self.combine)
+        return [widgets.HTML("<b>Combine</b> (LoRA adapters, weighted, into a new one)"),
+                widgets.HBox([self.combine_weights]), widgets.HBox([self.combine_how]),
+                widgets.HBox([self.combine_density]), widgets.HBox([self.combine_name, self.combine_button])]
+
+    def combine(self, *_: Any) -> None:
+        """``nbpeft.combine(model, {name: weight, ...}, name=..., how=..., density=...)``; the mix becomes active."""
+        self._hide_confirm()
+        try:
+            self._idle()
+            self.enable()
+            weights = parse_options(self.combine_weights.value)
+            if not weights:
+                raise ConfigError("combine: type the adapters and their weights first, e.g. chat=0.7 sql=0.3")
+            how = self.combine_how.value
+            density = {} if self.combine_density.disabled else {"density": self.combine_density.value}
+            adapter = nbpeft.combine(self.model, weights, name=self.combine_name.value.strip(), how=how, **density)
+        except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
+            say(self.message, one_line(err, COMBINE_SPELLINGS), error=True)
+            return
+        say(self.message, repr(adapter))
+        self.on_change()
 
     def _follow_format(self) -> None:
         """dtype applies to a merged folder, quant to a GGUF model."""
