@@ -13,7 +13,9 @@ Packing (``packing=True``) fills rows of ``max_length`` with whole examples. Eac
 ``position_ids`` restart at 0 and no ``attention_mask`` is passed, so transformers' causal
 mask keeps attention inside each example (its packed-sequence support); the first label
 of every example is masked, since the token before it belongs to another example. The loss
-is then the same mean over the same labelled tokens as without packing.
+is then the same mean over the same labelled tokens as without packing. On SDPA models the
+training loss runs attention example by example instead of through that mask
+(``fast.packed_attention``): a row costs the attention of its examples, not of its full width.
 """
 
 from __future__ import annotations
