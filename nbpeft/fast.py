@@ -198,7 +198,8 @@ def packed_attention(model: nn.Module, batch: dict[str, Any]) -> Iterator[None]:
     config = getattr(model, "config", None)
     packed = isinstance(batch.get("position_ids"), torch.Tensor) and batch.get("attention_mask") is None
     blocks = repeated_blocks(model) if packed else []
-    if (not packed or getattr(config, "_attn_implementation", None) != "sdpa"
+    # (a config with sub-configs would pass the setting on to them: left alone)
+    if (not packed or getattr(config, "_attn_implementation", None) != "sdpa" or getattr(config, "sub_configs", None)
             or any(block._compiled_call_impl is not None for block in blocks) or not _register_packed_attention()):
         yield
         return
