@@ -18,9 +18,11 @@ other model returns ``None`` and the caller falls back to ``model(**batch).loss`
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -163,7 +165,8 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], rows: int |
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if "use_cache" in _forward_params(backbone):
         inputs["use_cache"] = False
-    output = backbone(**inputs)
+    with packed_attention(model, batch):
+        output = backbone(**inputs)
     hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
     # Position t predicts token t+1; positions whose next token is ignored need no logits.
     next_tokens = batch["labels"][:, 1:].to(hidden.device)
@@ -174,6 +177,88 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], rows: int |
     else:
         hidden, targets = hidden[keep], next_tokens[keep]
     return linear_cross_entropy(hidden, head.weight, head.bias, targets, rows)
+
+
+# ---------------------------------------------------------------- packed rows: attention per example
+
+PACKED_ATTENTION = "nbpeft_packed_sdpa"
+_segments_cache: list[Any] = [None, None]  # the last mask seen and its segments (one mask serves every layer)
+
+
+@contextlib.contextmanager
+def packed_attention(model: nn.Module, batch: dict[str, Any]) -> Iterator[None]:
+    """For packed rows (``position_ids``, no ``attention_mask``), attention runs example by example.
+
+    transformers gives packed rows a block-diagonal causal mask, and SDPA with a mask computes
+    every query against every key of the row, masked or not: for rows of 256 tokens holding
+    three examples of ~85, three times the attention work of the examples alone, and the
+    masked path also repeats the grouped key/value heads. Here each example of each row runs
+    causal SDPA on its own tokens (no mask, grouped heads kept): the same softmax over the same
+    keys, so the same loss. The mask is checked to be exactly block-diagonal causal; anything
+    else runs the masked SDPA as before. Only models on transformers' "sdpa" attention, eager.
+    """
+    config = getattr(model, "config", None)
+    packed = isinstance(batch.get("position_ids"), torch.Tensor) and batch.get("attention_mask") is None
+    blocks = repeated_blocks(model) if packed else []
+    # (a config with sub-configs would pass the setting on to them: left alone)
+    if (not packed or getattr(config, "_attn_implementation", None) != "sdpa" or getattr(config, "sub_configs", None)
+            or any(block._compiled_call_impl is not None for block in blocks) or not _register_packed_attention()):
+        yield
+        return
+    config._attn_implementation = PACKED_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
+        _segments_cache[:] = [None, None]
+
+
+@functools.cache
+def _register_packed_attention() -> bool:
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        return False
+    AttentionInterface.register(PACKED_ATTENTION, _packed_sdpa)
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+    return True
+
+
+def _segments(mask: torch.Tensor) -> list[list[tuple[int, int]]] | None:
+    """Each row's runs of tokens ``(start, end)`` if ``mask`` (b, 1, L, L) is exactly causal within them, else None."""
+    if _segments_cache[0] is mask:
+        return _segments_cache[1]
+    found = None
+    if mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == mask.shape[3]:
+        rows = mask[:, 0]
+        length = rows.shape[-1]
+        first = rows.int().argmax(-1)  # the first key each query sees: the start of its example
+        index = torch.arange(length, device=mask.device)
+        expected = (first[:, :, None] == first[:, None, :]) & (index[None, :, None] >= index[None, None, :])
+        if torch.equal(rows, expected):
+            found = []
+            for starts in first.tolist():
+                bounds = [i for i in range(length) if starts[i] == i] + [length]
+                found.append(list(zip(bounds[:-1], bounds[1:])))
+    _segments_cache[:] = [mask, found]
+    return found
+
+
+def _packed_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    segments = _segments(attention_mask) if attention_mask is not None and query.shape[2] > 1 else None
+    if segments is None or kwargs.get("position_bias") is not None or torch.compiler.is_compiling():
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    kwargs["is_causal"] = True
+    rows = []
+    for row, runs in enumerate(segments):
+        q, k, v = query[row:row + 1], key[row:row + 1], value[row:row + 1]
+        rows.append(torch.cat([sdpa_attention_forward(module, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None, **kwargs)[0]
+                               for a, b in runs], dim=1))
+    return torch.cat(rows), None
 
 
 def _forward_params(module: nn.Module) -> set[str]:

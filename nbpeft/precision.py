@@ -22,10 +22,14 @@ import functools
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+from .layers import AdapterLayer, innermost
 from .methods.base import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -153,3 +157,106 @@ def cpu_bf16_time_ratio(rounds: int = 8) -> float:
             if round_index >= 2:
                 best[dtype] = min(best[dtype], elapsed)
     return best[torch.bfloat16] / best[torch.float32]
+
+
+# ---------------------------------------------------------------- frozen weights held in bf16
+
+
+def hold_frozen_weights_in_bf16(model: nn.Module, choice: Choice) -> Callable[[], None]:
+    """Under bf16 autocast, keep frozen linear weights in bf16 for the run; returns the exact undo.
+
+    Autocast caches its bf16 casts only for weights that require grad, so every frozen base
+    weight is cast again in every forward, and the cast copy is kept for the backward: a
+    pass over all the weights and 2 more bytes per weight alive at the peak, every step.
+    Instead each frozen weight's own 4 bytes are rewritten, in place, as its bf16 value
+    (rounded to nearest, ties away from zero) followed by a 16-bit remainder, so that::
+
+        fp32 bits = (bf16 bits << 16) + remainder      (remainder in [-2^15, 2^15))
+
+    The module computes with the bf16 half (what autocast would have cast it to) and the
+    undo puts the exact fp32 bits back: no byte more than the fp32 weights, and no copy of
+    them. Outside bf16 autocast (e.g. a ``metrics=`` function) a held layer rebuilds its
+    exact fp32 weight for the call. Only weights of plain ``nn.Linear`` layers that nothing
+    else shares (a tied embedding keeps fp32) are held, and only under adapter layers whose
+    forward calls the base layer without reading its weight (``reads_base_weight = False``).
+    """
+    if choice.autocast_dtype is not torch.bfloat16:
+        return lambda: None
+    held: list[tuple[nn.Linear, nn.Parameter, torch.Tensor, torch.Tensor]] = []
+
+    def undo() -> None:
+        with torch.no_grad():
+            while held:
+                module, weight, fp32, remainder = held.pop()
+                del module.forward
+                _join_into(weight.data, remainder, fp32)
+                weight.data = fp32
+
+    try:
+        with torch.no_grad():
+            for module in _holdable_linears(model):
+                weight = module.weight
+                fp32 = weight.data
+                high, remainder = _split_in_place(fp32)
+                weight.data = high
+                module.forward = _held_forward(module, remainder)
+                held.append((module, weight, fp32, remainder))
+    except BaseException:  # e.g. interrupted half-way: put back what was held
+        undo()
+        raise
+    return undo
+
+
+def _holdable_linears(model: nn.Module) -> list[nn.Linear]:
+    readers = {id(innermost(layer)) for layer in model.modules()
+               if isinstance(layer, AdapterLayer) and getattr(layer, "reads_base_weight", True)}
+    owners: dict[int, list[nn.Module]] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        for param in module._parameters.values():
+            if param is not None:
+                owners.setdefault(id(param), []).append(module)
+    chosen, seen = [], set()
+    for module in model.modules():
+        weight = getattr(module, "weight", None) if type(module) is nn.Linear else None
+        if weight is None or id(module) in seen or id(module) in readers or "forward" in vars(module):
+            continue
+        seen.add(id(module))
+        if (weight.requires_grad or weight.dtype != torch.float32 or weight.is_meta or not weight.is_contiguous()
+                or type(weight.data) is not torch.Tensor or any(m is not module for m in owners.get(id(weight), []))
+                or not bool(torch.isfinite(weight).all())):
+            continue
+        chosen.append(module)
+    return chosen
+
+
+def _split_in_place(fp32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewrite ``fp32``'s bytes as its bf16 value then the remainder; returns views of both halves."""
+    bits = fp32.view(torch.int32).reshape(-1)
+    high = (bits + 0x8000) >> 16  # round to nearest, ties away from zero: |remainder| <= 2^15
+    remainder = (bits - (high << 16)).to(torch.int16)
+    halves = fp32.view(torch.int16).view(-1)
+    n = bits.numel()
+    halves[:n] = high.to(torch.int16)
+    halves[n:] = remainder
+    return halves[:n].view(torch.bfloat16).view(fp32.shape), halves[n:]
+
+
+def _joined(high: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
+    """The exact fp32 weight from its bf16 value and remainder."""
+    bits = (high.reshape(-1).view(torch.int16).to(torch.int32) << 16) + remainder.to(torch.int32)
+    return bits.view(torch.float32).view(high.shape)
+
+
+def _join_into(high: torch.Tensor, remainder: torch.Tensor, fp32: torch.Tensor) -> None:
+    fp32.copy_(_joined(high, remainder))
+
+
+def _held_forward(module: nn.Linear, remainder: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        weight = module.weight
+        kind = weight.device.type
+        if not (torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16):
+            weight = _joined(weight, remainder)
+        return F.linear(x, weight, module.bias)
+
+    return forward

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, core, distributed, fast, memory
+from . import checkpoint, core, distributed, fast, memory, precision
 from .data import Batches
 from .events import Begin, End, Listener, Note, Step, StopTraining, as_listener
 from .methods.base import ConfigError
@@ -454,6 +454,7 @@ def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Li
     run_tokens, run_step_time = 0, 0.0
     model.train()
     restore_allocator = fast.steady_allocator(dev)
+    restore_weights = precision.hold_frozen_weights_in_bf16(model, choice)
     try:
         for step in range(first + 1, steps + 1):
             t0 = time.perf_counter()
@@ -530,6 +531,7 @@ def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Li
             "of the last completed step and is ready to use"
         )
     finally:
+        restore_weights()
         restore_allocator()
         model.eval()
         if gradient_checkpointing:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import nbpeft
-from nbpeft import fast
+from nbpeft import data, fast
 from nbpeft.data import IGNORE, Batches, collate, collate_packed, pack
 from nbpeft.datasets import load_dataset
 
@@ -27,7 +27,23 @@ def test_pack_fills_rows_with_whole_examples_each_once():
     rows = pack(exs, 16)
     assert all(sum(len(e["input_ids"]) for e in row) <= 16 for row in rows)
     assert sorted(id(e) for row in rows for e in row) == sorted(id(e) for e in exs)
-    assert len(rows) == 3  # 40 tokens in rows of 16: first fit packs them in the fewest rows here
+    assert len(rows) == 3  # 40 tokens in rows of 16: the fewest rows
+
+
+def test_pack_fills_each_row_as_full_as_the_next_examples_allow_in_their_order():
+    exs = examples((3, 4, 5, 6, 2))
+    rows = pack(exs, 10)
+    # first fit would leave [3, 4, 2], [5], [6]; the best fill of each row needs two
+    assert [[len(e["input_ids"]) for e in row] for row in rows] == [[3, 5, 2], [4, 6]]
+    many = examples([1 + (7 * i) % 23 for i in range(2000)], seed=1)
+    rows = pack(many, 64)
+    placed = [id(e) for row in rows for e in row]
+    assert sorted(placed) == sorted(id(e) for e in many)
+    assert all(sum(len(e["input_ids"]) for e in row) == 64 for row in rows[:-3])  # full rows, but for the last few
+    order = {id(e): i for i, e in enumerate(many)}
+    starts = [order[id(row[0])] for row in rows]
+    assert starts == sorted(starts)  # each row starts with the earliest example not yet placed
+    assert all(order[id(e)] - order[id(row[0])] <= data.PACK_LOOKAHEAD + len(rows) for row in rows for e in row)
 
 
 def test_positions_restart_per_example_and_no_example_predicts_the_next_ones_first_token():
@@ -56,6 +72,25 @@ def test_packed_loss_equals_the_padded_loss_on_the_same_examples(make):
     # without restarting positions, examples would see each other and the loss would differ
     leaky = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"]))
     assert not torch.allclose(fast.model_loss(model, leaky, {}), want, atol=1e-3)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_packed_rows_attend_example_by_example_with_the_masked_loss_and_gradients(make, monkeypatch):
+    model = make()
+    nbpeft.attach(model, "lora", r=4, targets="all-linear", init="random")
+    model.eval()
+    packed = collate_packed(pack(examples(), 16), pad_id=0)
+    segmented = []
+    find = fast._segments
+    monkeypatch.setattr(fast, "_segments", lambda mask: segmented.append(find(mask)) or segmented[-1])
+    params = [p for p in model.parameters() if p.requires_grad]
+    ours = fast.model_loss(model, packed, {})
+    assert segmented and all(runs is not None for runs in segmented)  # the per-example path ran
+    assert model.config._attn_implementation == "sdpa"  # and was put back
+    masked = model(**packed, use_cache=False).loss  # the model's own: SDPA with the block-diagonal mask
+    assert ours.item() == pytest.approx(masked.item(), abs=1e-6)
+    for a, b in zip(torch.autograd.grad(ours, params), torch.autograd.grad(masked, params)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_packed_training_runs_and_lowers_the_loss(llama):

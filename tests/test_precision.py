@@ -9,6 +9,7 @@ import torch
 
 import nbpeft
 from nbpeft import precision
+from nbpeft.events import Listener
 from nbpeft.precision import Choice, choose
 from nbpeft.train import pick_precision
 
@@ -221,3 +222,112 @@ def test_bf16_and_fp32_runs_on_the_bundled_model_learn_alike(smol):
         assert result.precision == name and result.losses[-1] < result.losses[0]
         nbpeft.detach(model)
     assert abs(finals["bf16"] - finals["fp32"]) <= 0.02 * finals["fp32"], finals
+
+
+# ---------------------------------------------------------------- frozen weights held in bf16
+
+BF16 = Choice("bf16", "test")
+
+
+def test_the_split_keeps_every_fp32_bit_and_rounds_like_autocast():
+    generator = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31 - 1, (100_000,), generator=generator, dtype=torch.int64).to(torch.int32)
+    values = bits.view(torch.float32)
+    edges = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-40, 3.4e38, -3.4e38, 1 + 2**-8, -(1 + 2**-9), 0.1])
+    for weight in (values[torch.isfinite(values)], edges, torch.randn(64, 48, generator=generator)):
+        original = weight.clone()
+        high, remainder = precision._split_in_place(weight)
+        assert high.dtype == torch.bfloat16 and high.data_ptr() == weight.data_ptr()  # in place, no copy
+        ties = (original.view(torch.int32) & 0xFFFF) == 0x8000  # the only values rounded differently
+        assert torch.equal(high[~ties].float(), original[~ties].to(torch.bfloat16).float())
+        assert torch.equal(precision._joined(high, remainder).view(torch.int32), original.view(torch.int32))
+        precision._join_into(high, remainder, weight)
+        assert torch.equal(weight.view(torch.int32), original.view(torch.int32))
+
+
+def lora_llama() -> torch.nn.Module:
+    model = tiny_llama()
+    nbpeft.attach(model, "lora", r=4, targets=["q_proj", "v_proj"], init="random")
+    return model
+
+
+def test_held_weights_compute_as_autocast_would_and_come_back_bit_exact():
+    model = lora_llama().eval()
+    ids = tokens(2, 8)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pointers = {n: p.data_ptr() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cast = model(input_ids=ids).logits
+    undo = precision.hold_frozen_weights_in_bf16(model, BF16)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    held = {n for n, dtype in dtypes.items() if dtype == torch.bfloat16}
+    assert any("q_proj.base_layer.weight" in n for n in held) and any("mlp.up_proj.weight" in n for n in held)
+    assert not any("lora_" in n or "embed" in n or "norm" in n for n in held)  # trainable, embedding, norms: fp32
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(model(input_ids=ids).logits, cast, rtol=0, atol=1e-2)
+        assert torch.equal(model(input_ids=ids).logits, plain)  # outside autocast: the exact fp32 weights
+    undo()
+    assert all(torch.equal(p, before[n]) and p.dtype == before[n].dtype for n, p in model.named_parameters())
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == pointers  # the same memory throughout
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_only_plain_unshared_linears_outside_weight_readers_are_held():
+    model = tiny_llama()
+    nbpeft.attach(model, "dora", r=4, targets=["q_proj"])
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied: the embedding must stay fp32
+    undo = precision.hold_frozen_weights_in_bf16(model, BF16)
+    try:
+        attention = model.model.layers[0].self_attn
+        assert attention.q_proj.base_layer.weight.dtype == torch.float32  # DoRA reads its norm
+        assert attention.k_proj.weight.dtype == torch.bfloat16
+        assert model.lm_head.weight.dtype == torch.float32
+    finally:
+        undo()
+    undo = precision.hold_frozen_weights_in_bf16(model, Choice("fp32", "test"))  # nothing to hold without bf16
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    undo()
+
+
+class Interrupt(Listener):
+    def on_step(self, event):
+        if event.step == 2:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "bitfit", "qlora", "adapter", "prompt"])
+def test_training_in_bf16_leaves_the_base_weights_bit_identical(method):
+    model = tiny_llama()
+    attach_method(model, method)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    ids = tokens(2, 8)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    result = nbpeft.train(model, [batch] * 4, steps=4, lr=1e-2, precision="bf16", live=False)
+    assert result.precision == "bf16" and result.losses[-1] < result.losses[0]
+    interrupted = nbpeft.train(model, [batch] * 4, steps=4, lr=1e-2, precision="bf16", live=Interrupt())
+    assert interrupted.stopped == "interrupted"
+    after = dict(model.named_parameters())
+    for name, weight in frozen.items():
+        assert after[name].dtype == weight.dtype and torch.equal(after[name], weight), name
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_merge_and_detach_after_bf16_training_are_exact():
+    from conftest import assert_same, snapshot
+
+    model = tiny_llama()
+    before = snapshot(model)
+    nbpeft.attach(model, "lora", r=4, targets="all-linear", init="random")
+    ids = tokens(2, 8)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    nbpeft.train(model, [batch] * 2, steps=2, lr=1e-2, precision="bf16", live=False)
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+    nbpeft.merge(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=1e-5, atol=1e-5)
+    nbpeft.detach(model)
+    assert_same(before, snapshot(model))

@@ -43,6 +43,8 @@ class DoraConfig(LoraConfig):
 class DoRALinear(LoRALinear):
     """A LoRA layer whose DoRA adapters also hold ``lora_magnitude_vector``; plain LoRA adapters may share it."""
 
+    reads_base_weight = True  # the weight norm ||W + s·B·A|| needs the exact base weight
+
     def __init__(self, base_layer: nn.Module) -> None:
         if isinstance(base_layer, AdapterLayer):
             raise ConfigError(

@@ -171,6 +171,8 @@ class ScaledBiasLinear(nn.Linear):
 class LoRALinear(AdapterLayer):
     """``nn.Linear`` or ``Conv1D`` plus named low-rank updates: ``y = base(x) + s·B(A(drop(x)))``."""
 
+    reads_base_weight = False  # forward only calls the base layer (see precision.hold_frozen_weights_in_bf16)
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         inner = self.innermost()  # another method's layer may sit in between
