@@ -47,9 +47,8 @@ def main() -> None:
     nbpeft.attach(model, "lora", r=8, alpha=16, targets=["q_proj", "v_proj"])
     examples = Batches(load_dataset("radio_chat"), tokenizer, 1, args.max_length, 0).examples
     pad_id = tokenizer.pad_token_id
-    generator = torch.Generator().manual_seed(0)
-
     def batches(packed: bool):
+        generator = torch.Generator().manual_seed(0)  # each stream its own: both see the same orders
         while True:
             order = [examples[j] for j in torch.randperm(len(examples), generator=generator).tolist()]
             if packed:

@@ -49,6 +49,33 @@ def block_rows(n_rows: int, vocab_size: int, device: torch.device) -> int:
     return -(-max(n_rows, 1) // blocks)
 
 
+# While a run holds them (frozen_head_casts), compute-dtype copies of frozen head weights, made once
+# instead of every step: SmolLM2's tied 49152 x 576 head is 28M weights to convert each step.
+_head_casts: dict[tuple[int, torch.dtype], tuple[torch.Tensor, int, torch.Tensor]] | None = None
+
+
+def frozen_head_casts() -> Callable[[], None]:
+    """Keep each frozen head weight's compute-dtype copy from one step to the next; returns the undo."""
+    global _head_casts
+    _head_casts = {}
+
+    def undo() -> None:
+        global _head_casts
+        _head_casts = None
+
+    return undo
+
+
+def _head_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if weight.dtype == dtype or weight.requires_grad or _head_casts is None:
+        return weight.to(dtype)
+    key = (id(weight), dtype)
+    held = _head_casts.get(key)
+    if held is None or held[0] is not weight or held[1] != weight._version:  # a changed weight is cast again
+        held = _head_casts[key] = (weight, weight._version, weight.to(dtype))
+    return held[2]
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Sum of CE over rows of ``hidden @ weight.T + bias``, gradients computed in the forward pass.
 
@@ -59,7 +86,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 targets: torch.Tensor, rows: int, compute_dtype: torch.dtype) -> torch.Tensor:
-        w = weight.to(compute_dtype)
+        w = _head_weight(weight, compute_dtype)
         b = bias.to(compute_dtype) if bias is not None else None
         want_w = weight.requires_grad
         want_b = bias is not None and bias.requires_grad

@@ -455,6 +455,7 @@ def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Li
     model.train()
     restore_allocator = fast.steady_allocator(dev)
     restore_weights = precision.hold_frozen_weights_in_bf16(model, choice)
+    forget_head_casts = fast.frozen_head_casts()
     try:
         for step in range(first + 1, steps + 1):
             t0 = time.perf_counter()
@@ -531,6 +532,7 @@ def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Li
             "of the last completed step and is ready to use"
         )
     finally:
+        forget_head_casts()
         restore_weights()
         restore_allocator()
         model.eval()

@@ -250,3 +250,23 @@ def test_causal_lm_loss_under_bf16_autocast_on_gpu():
     assert ours.item() == pytest.approx(plain.item(), rel=2e-2)
     ours.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable(model))
+
+
+def test_a_frozen_head_is_cast_once_per_run_and_again_when_it_changes():
+    weight, hidden = torch.randn(50, 8), torch.randn(6, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (6,))
+    undo = fast.frozen_head_casts()
+    try:
+        first = fast._head_weight(weight, torch.bfloat16)
+        assert fast._head_weight(weight, torch.bfloat16) is first
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            held = fast.linear_cross_entropy(hidden, weight, None, targets)
+        weight.mul_(2)  # a weight changed between steps is cast again
+        again = fast._head_weight(weight, torch.bfloat16)
+        assert again is not first and torch.equal(again, weight.to(torch.bfloat16))
+    finally:
+        undo()
+    assert fast._head_weight(weight, torch.bfloat16) is not fast._head_weight(weight, torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = fast.linear_cross_entropy(hidden, weight / 2, None, targets)
+    assert torch.equal(held, plain)
