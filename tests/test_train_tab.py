@@ -201,3 +201,10 @@ def test_auto_reaches_train_which_explains_ready_made_batches():
     tab.start_button.click()
     tab.wait(timeout=60)
     assert "batch_size='auto' needs examples with a length" in text(tab.message)
+
+
+def test_the_lora_plus_ratio_is_a_train_keyword_when_set():
+    tab = tab_for({"data": batches()})
+    assert "lr_ratio" not in tab.options()  # 1: plain LoRA, train()'s default
+    tab.lr_ratio.value = 16
+    assert tab.options()["lr_ratio"] == 16

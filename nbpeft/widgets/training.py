@@ -112,6 +112,10 @@ class TrainTab(widgets.VBox):
         self.epochs = widgets.BoundedFloatText(value=1.0, min=0.01, max=10**4, step=0.5, description="epochs",
                                                disabled=True, **label)
         self.lr = widgets.FloatText(value=defaults["lr"], description="learning rate", **label)
+        # LoRA+: B's learning rate over A's (1: plain LoRA; the LoRA+ paper uses 16)
+        self.lr_ratio = widgets.BoundedFloatText(value=1.0, min=0.01, max=1000.0, description="LoRA+ lr ratio",
+                                                 tooltip="LoRA's B matrices learn at this multiple of the rate",
+                                                 **label)
         # a number, or "auto": the largest micro-batch that fits, accumulated up to the effective batch
         self.batch_size = widgets.Combobox(value=str(defaults["batch_size"]), options=["auto"], ensure_option=False,
                                            placeholder="a number, or auto", description="batch size", **label)
@@ -152,7 +156,7 @@ class TrainTab(widgets.VBox):
         self._stop = threading.Event()
         super().__init__([
             widgets.HBox([self.data, self.refresh_button]), widgets.HBox([self.eval_data, self.tokenizer_name]),
-            widgets.HBox([self.length_unit, self.steps, self.epochs]), widgets.HBox([self.lr, self.batch_size]),
+            widgets.HBox([self.length_unit, self.steps, self.epochs]), widgets.HBox([self.lr, self.lr_ratio, self.batch_size]),
             widgets.HBox([self.grad_accum, self.max_length]), widgets.HBox([self.effective_batch, self.processes, self.shard]),
             widgets.HBox([self.precision, self.device]),
             widgets.HBox([self.example_index, self.example_button]), self.example,
@@ -233,9 +237,10 @@ class TrainTab(widgets.VBox):
         # processes= and shard= only when asked for: one process, unsharded, is train()'s own default
         scale_out = {"processes": self.processes.value} if self.processes.value > 1 else {}
         scale_out.update({"shard": True} if self.shard.value else {})
+        lora_plus = {"lr_ratio": self.lr_ratio.value} if self.lr_ratio.value != 1.0 else {}  # 1 is train()'s default
         return {"model": self.model, "data": data, "eval_data": eval_data, "tokenizer": tokenizer, **length,
                 "lr": self.lr.value, **self._batch_options(), "max_length": self.max_length.value,
-                "precision": self.precision.value, "device": self.device.value, **scale_out}
+                "precision": self.precision.value, "device": self.device.value, **lora_plus, **scale_out}
 
     def show_example(self, *_: Any) -> None:
         """Render ``nbpeft.show_example`` for the chosen data, tokenizer, example number and max_length."""
