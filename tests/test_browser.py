@@ -216,8 +216,8 @@ def test_panel_in_jupyterlab(lab):
             targets_help = panel.locator(".nbpeft-targets-help")
             expect(targets_help).to_contain_text("2 selected: q_proj, v_proj")  # as the notebook chose them
             options = panel.locator(".nbpeft-targets select option")
-            assert options.count() == 7 and not {"embed_tokens", "lm_head", "norm"} & {
-                o.split(" ")[0] for o in options.all_inner_texts()}
+            offered = {o.split()[0] for o in options.all_inner_texts()}  # the 7 linears and the embedding
+            assert options.count() == 8 and "embed_tokens" in offered and not {"lm_head", "norm"} & offered
             panel.locator(".nbpeft-targets select").select_option(label=["q_proj ×30", "k_proj ×30", "v_proj ×30"])
             expect(targets_help).to_contain_text("3 selected: q_proj, k_proj, v_proj", timeout=30_000)
             attach.click()
