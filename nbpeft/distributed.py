@@ -32,11 +32,13 @@ over a local socket (:class:`Channel`) to the same display.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import io
 import multiprocessing as mp
 import os
 import pickle
 import queue as queue_module
+import secrets
 import shutil
 import signal
 import socket
@@ -585,12 +587,16 @@ def _slice(batch: dict[str, Any], rows: int, lo: int, hi: int) -> dict[str, Any]
 class Channel:
     """A relaunched job's messages to the notebook over a local socket: length-prefixed pickles.
 
+    The connection opens with the run's key (``NBPEFT_EVENTS_KEY``): the notebook unpickles
+    nothing from a connection that does not, so another local process cannot feed it objects.
+
     The notebook writes one byte back to ask for a stop; :meth:`is_set` reads it without waiting.
     """
 
     def __init__(self, address: str) -> None:
         host, port = address.rsplit(":", 1)
         self.sock = socket.create_connection((host, int(port)))
+        self.sock.sendall(bytes.fromhex(os.environ.get("NBPEFT_EVENTS_KEY", "")))
         self.stopped = False
 
     def put(self, message: Any) -> None:
@@ -609,18 +615,21 @@ class Channel:
         return self.stopped
 
 
-def _read_messages(conn: socket.socket, messages: queue_module.Queue) -> None:
+def _read_messages(conn: socket.socket, messages: queue_module.Queue, key: bytes) -> None:
     with contextlib.suppress(OSError), conn.makefile("rb") as stream:
+        if not hmac.compare_digest(stream.read(len(key)), key):
+            conn.close()  # not the job this run started
+            return
         while header := stream.read(8):
             messages.put(pickle.loads(stream.read(int.from_bytes(header, "little"))))
 
 
-def _accept(server: socket.socket, messages: queue_module.Queue, conns: list[socket.socket]) -> None:
+def _accept(server: socket.socket, messages: queue_module.Queue, conns: list[socket.socket], key: bytes) -> None:
     with contextlib.suppress(OSError):
         while True:
             conn, _ = server.accept()
             conns.append(conn)
-            threading.Thread(target=_read_messages, args=(conn, messages), daemon=True).start()
+            threading.Thread(target=_read_messages, args=(conn, messages, key), daemon=True).start()
 
 
 def _relaunch(model: nn.Module, data: Any, processes: int, shard: bool, options: dict[str, Any],
@@ -643,8 +652,9 @@ def _relaunch(model: nn.Module, data: Any, processes: int, shard: bool, options:
     server = socket.create_server(("127.0.0.1", 0))
     messages: queue_module.Queue = queue_module.Queue()
     conns: list[socket.socket] = []
-    threading.Thread(target=_accept, args=(server, messages, conns), daemon=True).start()
-    env = dict(os.environ, NBPEFT_EVENTS=f"127.0.0.1:{server.getsockname()[1]}")
+    key = secrets.token_bytes(32)
+    threading.Thread(target=_accept, args=(server, messages, conns, key), daemon=True).start()
+    env = dict(os.environ, NBPEFT_EVENTS=f"127.0.0.1:{server.getsockname()[1]}", NBPEFT_EVENTS_KEY=key.hex())
     shown = listener()
     with open(folder / "log.txt", "w") as log:
         job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,27 @@ def test_with_cuda_already_initialised_the_run_restarts_in_fresh_processes(saved
             torch.testing.assert_close(param, want[name], rtol=1e-5, atol=1e-6, msg=name)
     with pytest.raises(nbpeft.ConfigError, match="CUDA is already initialised.*cannot be rebuilt there.*loss_fn="):
         nbpeft.train(model, DATA, processes=2, loss_fn=lambda m, b: m(**b).loss, **TRAIN)
+
+
+def test_the_event_socket_unpickles_nothing_from_a_connection_without_the_runs_key():
+    import pickle
+    import queue
+    import socket
+    import threading
+
+    from nbpeft import distributed
+
+    server = socket.create_server(("127.0.0.1", 0))
+    messages, key = queue.Queue(), bytes(range(32))
+    threading.Thread(target=distributed._accept, args=(server, messages, [], key), daemon=True).start()
+    blob = pickle.dumps({"step": 1})
+    for sent_key, expected in ((bytes(32), 0), (key, 1)):
+        with socket.create_connection(server.getsockname()) as conn:
+            conn.sendall(sent_key + len(blob).to_bytes(8, "little") + blob)
+        deadline = time.monotonic() + 10
+        while messages.qsize() < expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        assert messages.qsize() == expected
+    assert messages.get() == {"step": 1}
+    server.close()
