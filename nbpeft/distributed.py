@@ -32,11 +32,11 @@ over a local socket (:class:`Channel`) to the same display.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hmac
-import io
+import json
 import multiprocessing as mp
 import os
-import pickle
 import queue as queue_module
 import secrets
 import shutil
@@ -51,13 +51,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from . import core, fast
 from .errors import ConfigError
-from .events import Begin, End, Listener, Note, Step, StopTraining
+from .events import Begin, End, Listener, Note, Step, StopTraining, TrainResult
 
 __all__ = ["Channel", "Forward", "ProcessFailed", "fsdp2_available", "in_group", "one_line", "run", "trainable_state",
            "wanted"]
@@ -300,7 +301,7 @@ def _end(workers: list[Any]) -> None:
 
 
 def _load_state(model: nn.Module, blob: bytes) -> None:
-    tensors = torch.load(io.BytesIO(blob), weights_only=True)
+    tensors = safetensors.torch.load(blob)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in tensors.items():
@@ -422,9 +423,7 @@ def trainable_state(model: nn.Module) -> bytes:
         if param.requires_grad:
             value = param.full_tensor() if hasattr(param, "full_tensor") else param
             tensors[name] = value.detach().cpu().clone()
-    buffer = io.BytesIO()
-    torch.save(tensors, buffer)
-    return buffer.getvalue()
+    return safetensors.torch.save(tensors)
 
 
 def _train_rank(train: Callable[..., Any], model: nn.Module, data: Any, options: dict[str, Any], shard: bool,
@@ -584,11 +583,49 @@ def _slice(batch: dict[str, Any], rows: int, lo: int, hi: int) -> dict[str, Any]
 
 # ------------------------------------------------------------------ CUDA already initialised: fresh processes
 
-class Channel:
-    """A relaunched job's messages to the notebook over a local socket: length-prefixed pickles.
+# A relaunched job's messages are tuples of JSON values, bytes (the trainable parameters, as
+# safetensors) and the run's records. On the socket: the header, a JSON list with each bytes
+# item replaced by {"bytes": i} and each record by {"record": name, "fields": {...}}, then the
+# bytes items; each part length-prefixed (8 bytes, little-endian).
+RECORDS = {cls.__name__: cls for cls in (Begin, Note, Step, TrainResult)}
 
-    The connection opens with the run's key (``NBPEFT_EVENTS_KEY``): the notebook unpickles
-    nothing from a connection that does not, so another local process cannot feed it objects.
+
+def encode(message: tuple) -> bytes:
+    blobs: list[bytes] = []
+
+    def item(value: Any) -> Any:
+        if isinstance(value, bytes):
+            blobs.append(value)
+            return {"bytes": len(blobs) - 1}
+        if type(value).__name__ in RECORDS and dataclasses.is_dataclass(value):
+            return {"record": type(value).__name__, "fields": dataclasses.asdict(value)}
+        return {"value": value}
+
+    header = json.dumps([item(value) for value in message]).encode()
+    return b"".join(len(part).to_bytes(8, "little") + part for part in (header, *blobs))
+
+
+def decode(read: Callable[[int], bytes]) -> tuple | None:
+    """One message from ``read(n)`` (a stream's read), or None at the end of the stream."""
+    def part() -> bytes | None:
+        size = read(8)
+        return read(int.from_bytes(size, "little")) if len(size) == 8 else None
+
+    header = part()
+    if header is None:
+        return None
+    items = json.loads(header)
+    blobs = [part() for item in items if "bytes" in item]
+    return tuple(blobs[item["bytes"]] if "bytes" in item
+                 else RECORDS[item["record"]](**item["fields"]) if "record" in item
+                 else item["value"] for item in items)
+
+
+class Channel:
+    """A relaunched job's messages to the notebook over a local socket (see :func:`encode`).
+
+    The connection opens with the run's key (``NBPEFT_EVENTS_KEY``): the notebook reads
+    nothing from a connection that does not, so another local process cannot feed it messages.
 
     The notebook writes one byte back to ask for a stop; :meth:`is_set` reads it without waiting.
     """
@@ -599,9 +636,8 @@ class Channel:
         self.sock.sendall(bytes.fromhex(os.environ.get("NBPEFT_EVENTS_KEY", "")))
         self.stopped = False
 
-    def put(self, message: Any) -> None:
-        blob = pickle.dumps(message)
-        self.sock.sendall(len(blob).to_bytes(8, "little") + blob)
+    def put(self, message: tuple) -> None:
+        self.sock.sendall(encode(message))
 
     def is_set(self) -> bool:
         if not self.stopped:
@@ -616,12 +652,12 @@ class Channel:
 
 
 def _read_messages(conn: socket.socket, messages: queue_module.Queue, key: bytes) -> None:
-    with contextlib.suppress(OSError), conn.makefile("rb") as stream:
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError), conn.makefile("rb") as stream:
         if not hmac.compare_digest(stream.read(len(key)), key):
             conn.close()  # not the job this run started
             return
-        while header := stream.read(8):
-            messages.put(pickle.loads(stream.read(int.from_bytes(header, "little"))))
+        while (message := decode(stream.read)) is not None:
+            messages.put(message)
 
 
 def _accept(server: socket.socket, messages: queue_module.Queue, conns: list[socket.socket], key: bytes) -> None:

@@ -1,4 +1,5 @@
-"""What the training loop tells its listeners: four typed events, in the spirit of fastprogress.
+"""What the training loop tells its listeners: four typed events, in the spirit of fastprogress,
+the last carrying the run's :class:`TrainResult`.
 
 A listener subclasses :class:`Listener` and overrides the methods it cares about::
 
@@ -76,10 +77,66 @@ class Note:
 
 
 @dataclass
-class End:
-    """The run is over; ``result`` is the :class:`nbpeft.TrainResult` that ``train`` returns."""
+class TrainResult:
+    """What a run did: one history row per step (and the eval losses), its time, speed and memory."""
 
-    result: Any
+    history: list[dict[str, Any]] = field(default_factory=list)
+    device: str = "cpu"
+    precision: str = "fp32"
+    total_steps: int = 0
+    stopped: str | None = None
+    message: str = ""
+    seconds: float = 0.0
+    trainable: int = 0
+    full: bool = False
+    checkpoint: str | None = None  # the last checkpoint written, if any
+    truncated: int = 0  # training examples cut by max_length
+    dropped: int = 0  # of those, the ones left with no labelled token (not trained on)
+    batch_size: int = 0  # the micro-batch at the end (batch_size="auto" or an out-of-memory retry may change it)
+    grad_accum: int = 1  # micro-batches a step at the end
+
+    @property
+    def steps(self) -> int:
+        return len(self.history)
+
+    @property
+    def losses(self) -> list[float]:
+        return [row["loss"] for row in self.history]
+
+    @property
+    def eval_losses(self) -> list[tuple[int, float]]:
+        return [(row["step"], row["eval_loss"]) for row in self.history if row.get("eval_loss") is not None]
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.history[-1]["loss"] if self.history else None
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Average speed of the run: every token trained on over the time the steps took."""
+        seconds = sum(row["step_time_s"] for row in self.history)
+        return sum(row["tokens"] for row in self.history) / seconds if seconds else 0.0
+
+    @property
+    def peak_mem_bytes(self) -> int:
+        return max((row["peak_mem_bytes"] for row in self.history), default=0)
+
+    def __repr__(self) -> str:
+        if not self.history:
+            return f"TrainResult(no steps; {self.message or 'nothing ran'})"
+        first, last = self.history[0]["loss"], self.history[-1]["loss"]
+        state = f", stopped: {self.stopped}" if self.stopped else ""
+        return (
+            f"TrainResult({self.steps}/{self.total_steps} steps on {self.device} {self.precision}, "
+            f"loss {first:.4f} -> {last:.4f}, {self.seconds:.1f} s, {self.tokens_per_s:,.0f} tok/s{state})"
+        )
+
+
+@dataclass
+class End:
+    """The run is over; ``result`` is the :class:`TrainResult` that ``train`` returns."""
+
+    result: TrainResult
 
 
 class Listener:

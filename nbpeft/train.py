@@ -17,7 +17,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from torch import nn
 
 from . import checkpoint, core, distributed, fast, memory, precision
 from .data import Batches
-from .events import Begin, End, Listener, Note, Step, StopTraining, as_listener
+from .events import Begin, End, Listener, Note, Step, StopTraining, TrainResult, as_listener
 from .methods.base import ConfigError
 from .precision import PRECISIONS, Choice, choose  # noqa: F401  (PRECISIONS: the panel imports it from here)
 
@@ -35,62 +35,6 @@ __all__ = ["Listener", "StopTraining", "TrainResult", "train", "evaluate", "pick
 SCHEDULES = ("constant", "linear", "cosine")
 LR_FLOOR = 0.1  # linear and cosine decay to 10% of the peak: the last steps still learn
 DEFAULT_EFFECTIVE_BATCH = 8  # batch_size="auto" without effective_batch=: as many as the default batch_size
-
-
-@dataclass
-class TrainResult:
-    """What a run did: one history row per step (and the eval losses), its time, speed and memory."""
-
-    history: list[dict[str, Any]] = field(default_factory=list)
-    device: str = "cpu"
-    precision: str = "fp32"
-    total_steps: int = 0
-    stopped: str | None = None
-    message: str = ""
-    seconds: float = 0.0
-    trainable: int = 0
-    full: bool = False
-    checkpoint: str | None = None  # the last checkpoint written, if any
-    truncated: int = 0  # training examples cut by max_length
-    dropped: int = 0  # of those, the ones left with no labelled token (not trained on)
-    batch_size: int = 0  # the micro-batch at the end (batch_size="auto" or an out-of-memory retry may change it)
-    grad_accum: int = 1  # micro-batches a step at the end
-
-    @property
-    def steps(self) -> int:
-        return len(self.history)
-
-    @property
-    def losses(self) -> list[float]:
-        return [row["loss"] for row in self.history]
-
-    @property
-    def eval_losses(self) -> list[tuple[int, float]]:
-        return [(row["step"], row["eval_loss"]) for row in self.history if row.get("eval_loss") is not None]
-
-    @property
-    def final_loss(self) -> float | None:
-        return self.history[-1]["loss"] if self.history else None
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Average speed of the run: every token trained on over the time the steps took."""
-        seconds = sum(row["step_time_s"] for row in self.history)
-        return sum(row["tokens"] for row in self.history) / seconds if seconds else 0.0
-
-    @property
-    def peak_mem_bytes(self) -> int:
-        return max((row["peak_mem_bytes"] for row in self.history), default=0)
-
-    def __repr__(self) -> str:
-        if not self.history:
-            return f"TrainResult(no steps; {self.message or 'nothing ran'})"
-        first, last = self.history[0]["loss"], self.history[-1]["loss"]
-        state = f", stopped: {self.stopped}" if self.stopped else ""
-        return (
-            f"TrainResult({self.steps}/{self.total_steps} steps on {self.device} {self.precision}, "
-            f"loss {first:.4f} -> {last:.4f}, {self.seconds:.1f} s, {self.tokens_per_s:,.0f} tok/s{state})"
-        )
 
 
 def pick_device(device: str = "auto") -> torch.device:

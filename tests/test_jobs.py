@@ -127,8 +127,7 @@ def test_with_cuda_already_initialised_the_run_restarts_in_fresh_processes(saved
         nbpeft.train(model, DATA, processes=2, loss_fn=lambda m, b: m(**b).loss, **TRAIN)
 
 
-def test_the_event_socket_unpickles_nothing_from_a_connection_without_the_runs_key():
-    import pickle
+def test_the_event_socket_reads_nothing_from_a_connection_without_the_runs_key():
     import queue
     import socket
     import threading
@@ -138,14 +137,47 @@ def test_the_event_socket_unpickles_nothing_from_a_connection_without_the_runs_k
     server = socket.create_server(("127.0.0.1", 0))
     messages, key = queue.Queue(), bytes(range(32))
     threading.Thread(target=distributed._accept, args=(server, messages, [], key), daemon=True).start()
-    blob = pickle.dumps({"step": 1})
+    blob = distributed.encode(("note", nbpeft.events.Note("hello")))
     for sent_key, expected in ((bytes(32), 0), (key, 1)):
         with socket.create_connection(server.getsockname()) as conn:
-            conn.sendall(sent_key + len(blob).to_bytes(8, "little") + blob)
+            conn.sendall(sent_key + blob)
         deadline = time.monotonic() + 10
         while messages.qsize() < expected and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.2)
         assert messages.qsize() == expected
-    assert messages.get() == {"step": 1}
+    assert messages.get() == ("note", nbpeft.events.Note("hello"))
     server.close()
+
+
+def test_event_messages_carry_records_parameters_and_plain_values_as_json_and_safetensors(llama):
+    import io
+
+    from nbpeft import distributed
+    from nbpeft.events import Begin, Step, TrainResult
+
+    nbpeft.attach(llama, "lora", r=2, init="random")
+    state = distributed.trainable_state(llama)
+    step = Step(step=3, total_steps=9, loss=1.5, lr=1e-3, tokens=64, step_time_s=0.25, elapsed_s=0.8,
+                tokens_per_s=256.0, eta_s=1.5, peak_mem_bytes=1 << 20, eval_loss=None, metrics={"acc": 0.5})
+    result = TrainResult(history=[{"step": 1, "loss": float("nan")}], device="cpu", total_steps=9, stopped="stopped")
+    sent = [("begin", Begin(total_steps=9, trainable=10, device="cpu", precision="fp32")), ("step", step, state),
+            ("step", step, None), ("end", result, b""), ("error", 1, "RuntimeError", "boom")]
+    stream = io.BytesIO(b"".join(distributed.encode(message) for message in sent))
+    got = []
+    while (message := distributed.decode(stream.read)) is not None:
+        got.append(message)
+    assert [m[0] for m in got] == [m[0] for m in sent]
+    assert got[0] == sent[0] and got[2] == sent[2] and got[4] == sent[4]
+    assert got[1][1] == step and isinstance(got[1][2], bytes)
+    assert got[3][1].stopped == "stopped" and got[3][1].total_steps == 9 and got[3][2] == b""
+    assert got[3][1].steps == 1 and got[3][1].losses[0] != got[3][1].losses[0]  # NaN survives
+    before = {n: p.detach().clone() for n, p in llama.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for p in llama.parameters():
+            if p.requires_grad:
+                p.zero_()
+    distributed._load_state(llama, got[1][2])
+    for name, param in llama.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(param, before[name]), name
