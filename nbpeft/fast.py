@@ -279,6 +279,12 @@ def _packed_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     segments = _segments(attention_mask) if attention_mask is not None and query.shape[2] > 1 else None
     if segments is None or kwargs.get("position_bias") is not None or torch.compiler.is_compiling():
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    dtype = _matmul_dtype(query, kwargs)
+    if dtype is not None:
+        scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        rows = [torch.cat([causal_attention(query[r:r + 1, :, a:b], key[r:r + 1, :, a:b], value[r:r + 1, :, a:b], scale,
+                                            dtype) for a, b in runs], dim=2) for r, runs in enumerate(segments)]
+        return torch.cat(rows).transpose(1, 2).contiguous(), None
     kwargs["is_causal"] = True
     rows = []
     for row, runs in enumerate(segments):
@@ -286,6 +292,38 @@ def _packed_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
         rows.append(torch.cat([sdpa_attention_forward(module, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None, **kwargs)[0]
                                for a, b in runs], dim=1))
     return torch.cat(rows), None
+
+
+def _matmul_dtype(query: torch.Tensor, kwargs: dict[str, Any]) -> torch.dtype | None:
+    """The dtype :func:`causal_attention` runs in instead of SDPA, or None to run SDPA.
+
+    bf16/fp16 on CPU (the query's dtype, or autocast's), no dropout, no soft-capping: there
+    PyTorch's CPU flash-attention kernel, backward included, takes ~1.7x the time of the
+    two matmuls and a softmax for an example of ~100 tokens.
+    """
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+    usable = (query.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+              and not kwargs.get("dropout") and kwargs.get("softcap") is None)
+    return dtype if usable else None
+
+
+def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                     dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Causal attention of ``query`` (b, heads, n, d) over ``key``/``value`` (b, kv_heads, n, d).
+
+    As SDPA computes it in ``dtype`` (default: the query's): inputs rounded to ``dtype``, scores
+    and softmax in fp32, the probabilities meeting the values in ``dtype``; the result is in
+    ``dtype``. Grouped heads share their key/value head without copies.
+    """
+    dtype = dtype or query.dtype
+    b, heads, n, d = query.shape
+    kv_heads = key.shape[1]
+    with torch.autocast(query.device.type, enabled=False):
+        grouped = query.reshape(b, kv_heads, heads // kv_heads, n, d).to(dtype).float()
+        scores = torch.matmul(grouped, key.unsqueeze(2).transpose(-1, -2).to(dtype).float()) * scale
+        future = torch.ones(n, n, dtype=torch.bool, device=query.device).triu(1)
+        probs = scores.masked_fill(future, float("-inf")).softmax(-1).to(dtype)
+        return torch.matmul(probs, value.unsqueeze(2).to(dtype)).reshape(b, heads, n, value.shape[-1])
 
 
 def _forward_params(module: nn.Module) -> set[str]:

@@ -93,6 +93,48 @@ def test_packed_rows_attend_example_by_example_with_the_masked_loss_and_gradient
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_attention_by_matmul_equals_sdpa_with_its_gradients(dtype):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, heads, 37, 16, dtype=dtype, requires_grad=True) for heads in (6, 2, 2))
+    grad = torch.randn(2, 6, 37, 16, dtype=dtype)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    got = fast.causal_attention(q, k, v, 16 ** -0.5)
+    assert got.dtype == dtype
+    tol = {"rtol": 0, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 0, "atol": 2e-2}
+    torch.testing.assert_close(got, want, **tol)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, **({"rtol": 0, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}))
+    # under autocast, fp32 inputs are computed as SDPA computes them there: in bf16, with a bf16 result
+    q32, k32, v32 = (x.detach().float() for x in (q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = torch.nn.functional.scaled_dot_product_attention(q32, k32, v32, is_causal=True, enable_gqa=True)
+    got = fast.causal_attention(q32, k32, v32, 16 ** -0.5, torch.bfloat16)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-2)
+
+
+def test_under_bf16_autocast_packed_rows_attend_by_matmul_with_the_masked_loss_and_gradients(monkeypatch):
+    model = tiny_llama()
+    nbpeft.attach(model, "lora", r=4, targets="all-linear", init="random")
+    model.eval()
+    packed = collate_packed(pack(examples(), 16), pad_id=0)
+    calls = []
+    attend = fast.causal_attention
+    monkeypatch.setattr(fast, "causal_attention", lambda *a: calls.append(a[0].shape) or attend(*a))
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = fast.model_loss(model, packed, {})
+        masked = model(**packed, use_cache=False).loss  # SDPA (its bf16 kernel) with the block-diagonal mask
+    rows = pack(examples(), 16)
+    width = packed["input_ids"].shape[1]
+    runs = sum(len(row) + (sum(len(e["input_ids"]) for e in row) < width) for row in rows)  # trailing padding: one more
+    assert len(calls) == model.config.num_hidden_layers * runs
+    assert ours.item() == pytest.approx(masked.item(), rel=1e-2)
+    for a, b in zip(torch.autograd.grad(ours, params), torch.autograd.grad(masked, params)):
+        assert (a - b).norm() <= 0.05 * b.norm()
+
+
 def test_packed_training_runs_and_lowers_the_loss(llama):
     class Chars:
         eos_token, pad_token_id, chat_template = "\x03", 0, None
