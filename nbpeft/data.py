@@ -15,7 +15,7 @@ mask keeps attention inside each example (its packed-sequence support); the firs
 of every example is masked, since the token before it belongs to another example. The loss
 is then the same mean over the same labelled tokens as without packing. On SDPA models the
 training loss runs attention example by example instead of through that mask
-(``fast.packed_attention``): a row costs the attention of its examples, not of its full width.
+(``fast.fast_attention``): a row costs the attention of its examples, not of its full width.
 """
 
 from __future__ import annotations

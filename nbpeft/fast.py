@@ -192,7 +192,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], rows: int |
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if "use_cache" in _forward_params(backbone):
         inputs["use_cache"] = False
-    with packed_attention(model, batch):
+    with fast_attention(model, batch):
         output = backbone(**inputs)
     hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
     # Position t predicts token t+1; positions whose next token is ignored need no logits.
@@ -206,33 +206,42 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], rows: int |
     return linear_cross_entropy(hidden, head.weight, head.bias, targets, rows)
 
 
-# ---------------------------------------------------------------- packed rows: attention per example
+# ---------------------------------------------------------------- attention while the loss is computed
 
-PACKED_ATTENTION = "nbpeft_packed_sdpa"
+ATTENTION = "nbpeft_sdpa"
 _segments_cache: list[Any] = [None, None]  # the last mask seen and its segments (one mask serves every layer)
+# Keywords transformers passes to attention that the mask or the inputs already account for;
+# any other (a softcap, attention sinks, ...) leaves the layer to SDPA.
+PLAIN_KWARGS = {"dropout", "scaling", "sliding_window", "position_ids", "use_cache", "is_causal", "cache_position",
+                "output_attentions"}
 
 
 @contextlib.contextmanager
-def packed_attention(model: nn.Module, batch: dict[str, Any]) -> Iterator[None]:
-    """For packed rows (``position_ids``, no ``attention_mask``), attention runs example by example.
+def fast_attention(model: nn.Module, batch: dict[str, Any]) -> Iterator[None]:
+    """On CPU, attention that SDPA computes slowly runs another way, to the same result.
 
-    transformers gives packed rows a block-diagonal causal mask, and SDPA with a mask computes
-    every query against every key of the row, masked or not: for rows of 256 tokens holding
-    three examples of ~85, three times the attention work of the examples alone, and the
-    masked path also repeats the grouped key/value heads. Here each example of each row runs
-    causal SDPA on its own tokens (no mask, grouped heads kept): the same softmax over the same
-    keys, so the same loss. The mask is checked to be exactly block-diagonal causal; anything
-    else runs the masked SDPA as before. Only models on transformers' "sdpa" attention, eager.
+    - Packed rows (``position_ids``, no ``attention_mask``): transformers gives them a
+      block-diagonal causal mask, and SDPA with a mask computes every query against every key
+      of the row, masked or not (three times the work of the examples alone for rows of 256
+      holding three examples of ~85), and repeats the grouped key/value heads. Here each
+      example runs causal attention on its own tokens: the same softmax over the same keys,
+      so the same loss. The mask is checked to be exactly block-diagonal causal.
+    - bf16/fp16 (autocast's or the weights'): PyTorch's CPU flash-attention kernel, backward
+      included, takes ~2x the time of :func:`causal_attention`'s two matmuls and fp32 softmax
+      at a few hundred tokens, so that runs instead, with the mask transformers built.
+
+    Anything else runs SDPA as before. Only models on transformers' "sdpa" attention, eager.
     """
     config = getattr(model, "config", None)
-    packed = isinstance(batch.get("position_ids"), torch.Tensor) and batch.get("attention_mask") is None
-    blocks = repeated_blocks(model) if packed else []
+    first = next(model.parameters(), None)
+    on_cpu = first is not None and first.device.type == "cpu"
+    blocks = repeated_blocks(model) if on_cpu else []
     # (a config with sub-configs would pass the setting on to them: left alone)
-    if (not packed or getattr(config, "_attn_implementation", None) != "sdpa" or getattr(config, "sub_configs", None)
-            or any(block._compiled_call_impl is not None for block in blocks) or not _register_packed_attention()):
+    if (not on_cpu or getattr(config, "_attn_implementation", None) != "sdpa" or getattr(config, "sub_configs", None)
+            or any(block._compiled_call_impl is not None for block in blocks) or not _register_attention()):
         yield
         return
-    config._attn_implementation = PACKED_ATTENTION
+    config._attn_implementation = ATTENTION
     try:
         yield
     finally:
@@ -241,14 +250,14 @@ def packed_attention(model: nn.Module, batch: dict[str, Any]) -> Iterator[None]:
 
 
 @functools.cache
-def _register_packed_attention() -> bool:
+def _register_attention() -> bool:
     try:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError:
         return False
-    AttentionInterface.register(PACKED_ATTENTION, _packed_sdpa)
-    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+    AttentionInterface.register(ATTENTION, _attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
     return True
 
 
@@ -272,26 +281,34 @@ def _segments(mask: torch.Tensor) -> list[list[tuple[int, int]]] | None:
     return found
 
 
-def _packed_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    segments = _segments(attention_mask) if attention_mask is not None and query.shape[2] > 1 else None
-    if segments is None or kwargs.get("position_bias") is not None or torch.compiler.is_compiling():
+    causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
+    n = query.shape[2]
+    if (n == 1 or key.shape[2] != n or not causal or set(kwargs) - PLAIN_KWARGS or torch.compiler.is_compiling()
+            or (attention_mask is not None and (attention_mask.dtype != torch.bool or attention_mask.dim() != 4
+                                                or attention_mask.shape[1] != 1))):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     dtype = _matmul_dtype(query, kwargs)
-    if dtype is not None:
-        scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    segments = _segments(attention_mask) if attention_mask is not None else None
+    if segments is not None and dtype is not None:
         rows = [torch.cat([causal_attention(query[r:r + 1, :, a:b], key[r:r + 1, :, a:b], value[r:r + 1, :, a:b], scale,
                                             dtype) for a, b in runs], dim=2) for r, runs in enumerate(segments)]
         return torch.cat(rows).transpose(1, 2).contiguous(), None
-    kwargs["is_causal"] = True
-    rows = []
-    for row, runs in enumerate(segments):
-        q, k, v = query[row:row + 1], key[row:row + 1], value[row:row + 1]
-        rows.append(torch.cat([sdpa_attention_forward(module, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None, **kwargs)[0]
-                               for a, b in runs], dim=1))
-    return torch.cat(rows), None
+    if segments is not None:
+        kwargs["is_causal"] = True
+        rows = []
+        for row, runs in enumerate(segments):
+            q, k, v = query[row:row + 1], key[row:row + 1], value[row:row + 1]
+            rows.append(torch.cat([sdpa_attention_forward(module, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None,
+                                                          **kwargs)[0] for a, b in runs], dim=1))
+        return torch.cat(rows), None
+    if dtype is not None:
+        return causal_attention(query, key, value, scale, dtype, attention_mask).transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def _matmul_dtype(query: torch.Tensor, kwargs: dict[str, Any]) -> torch.dtype | None:
@@ -307,23 +324,59 @@ def _matmul_dtype(query: torch.Tensor, kwargs: dict[str, Any]) -> torch.dtype | 
     return dtype if usable else None
 
 
+class _Attention(torch.autograd.Function):
+    """Attention by two matmuls and an fp32 softmax that keeps only its inputs for backward.
+
+    The probabilities, (b, heads, n, n), are computed again in backward rather than held
+    from forward to backward across every layer, as a flash kernel does.
+    """
+
+    @staticmethod
+    def _probs(grouped: torch.Tensor, key: torch.Tensor, hidden: torch.Tensor, scale: float) -> torch.Tensor:
+        scores = torch.matmul(grouped.float(), key.unsqueeze(2).transpose(-1, -2).float()) * scale
+        return scores.masked_fill_(hidden, torch.finfo(torch.float32).min).softmax(-1)
+
+    @staticmethod
+    def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, hidden: torch.Tensor,
+                scale: float, dtype: torch.dtype) -> torch.Tensor:
+        b, heads, n, d = query.shape
+        grouped = query.to(dtype).reshape(b, key.shape[1], heads // key.shape[1], n, d)
+        key, value = key.to(dtype), value.to(dtype)
+        probs = _Attention._probs(grouped, key, hidden, scale)
+        ctx.save_for_backward(grouped, key, value, hidden)
+        ctx.scale, ctx.dtypes = scale, (query.dtype, key.dtype, value.dtype)
+        return torch.matmul(probs.to(dtype), value.unsqueeze(2)).reshape(b, heads, n, value.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
+        grouped, key, value, hidden = ctx.saved_tensors
+        probs = _Attention._probs(grouped, key, hidden, ctx.scale)
+        grad_out = grad_out.to(value.dtype).reshape(*grouped.shape[:-1], value.shape[-1])
+        grad_value = torch.matmul(probs.to(value.dtype).transpose(-1, -2), grad_out).float().sum(2)
+        grad_probs = torch.matmul(grad_out, value.unsqueeze(2).transpose(-1, -2)).float()
+        grad_scores = probs.mul_(grad_probs - (grad_probs * probs).sum(-1, keepdim=True)).mul_(ctx.scale)
+        grad_query = torch.matmul(grad_scores, key.unsqueeze(2).float()).flatten(1, 2)
+        grad_key = torch.matmul(grad_scores.transpose(-1, -2), grouped.float()).sum(2)
+        return (grad_query.to(ctx.dtypes[0]), grad_key.to(ctx.dtypes[1]), grad_value.to(ctx.dtypes[2]),
+                None, None, None)
+
+
 def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
-                     dtype: torch.dtype | None = None) -> torch.Tensor:
+                     dtype: torch.dtype | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of ``query`` (b, heads, n, d) over ``key``/``value`` (b, kv_heads, n, d).
 
-    As SDPA computes it in ``dtype`` (default: the query's): inputs rounded to ``dtype``, scores
-    and softmax in fp32, the probabilities meeting the values in ``dtype``; the result is in
-    ``dtype``. Grouped heads share their key/value head without copies.
+    ``mask`` (bool, True where a query sees a key, (b, 1, n, n) or (n, n)) replaces the causal
+    one when given, as SDPA's ``attn_mask``. Computed as SDPA computes in ``dtype`` (default:
+    the query's): inputs rounded to ``dtype``, scores and softmax in fp32, the probabilities
+    meeting the values in ``dtype``; the result is in ``dtype``. Grouped heads share their
+    key/value head without copies. A query that sees no key gets the mean of the values.
     """
-    dtype = dtype or query.dtype
-    b, heads, n, d = query.shape
-    kv_heads = key.shape[1]
+    n = query.shape[2]
+    if mask is None:
+        mask = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+    hidden = ~mask.unsqueeze(-3) if mask.dim() == 4 else ~mask  # against scores (b, kv_heads, group, n, n)
     with torch.autocast(query.device.type, enabled=False):
-        grouped = query.reshape(b, kv_heads, heads // kv_heads, n, d).to(dtype).float()
-        scores = torch.matmul(grouped, key.unsqueeze(2).transpose(-1, -2).to(dtype).float()) * scale
-        future = torch.ones(n, n, dtype=torch.bool, device=query.device).triu(1)
-        probs = scores.masked_fill(future, float("-inf")).softmax(-1).to(dtype)
-        return torch.matmul(probs, value.unsqueeze(2).to(dtype)).reshape(b, heads, n, value.shape[-1])
+        return _Attention.apply(query, key, value, hidden, scale, dtype or query.dtype)
 
 
 def _forward_params(module: nn.Module) -> set[str]:

@@ -93,25 +93,35 @@ def test_packed_rows_attend_example_by_example_with_the_masked_loss_and_gradient
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_causal_attention_by_matmul_equals_sdpa_with_its_gradients(dtype):
+def test_causal_attention_by_matmul_equals_sdpa_with_its_gradients(dtype, padded):
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, heads, 37, 16, dtype=dtype, requires_grad=True) for heads in (6, 2, 2))
     grad = torch.randn(2, 6, 37, 16, dtype=dtype)
-    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    got = fast.causal_attention(q, k, v, 16 ** -0.5)
+    mask = None
+    if padded:  # the second row's last 9 keys are padding, as transformers masks a right-padded batch
+        mask = torch.ones(37, 37, dtype=torch.bool).tril().expand(2, 1, 37, 37).clone()
+        mask[1, :, :, 28:] = False
+        mask[1, :, 28:, 0] = True
+        grad[1, :, 28:] = 0  # padding's outputs go nowhere
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                            enable_gqa=True)
+    got = fast.causal_attention(q, k, v, 16 ** -0.5, mask=mask)
     assert got.dtype == dtype
+    real = (slice(None), slice(None), slice(0, 28 if padded else 37))
     tol = {"rtol": 0, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 0, "atol": 2e-2}
-    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(got[real], want[real], **tol)
     for a, b in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)):
         torch.testing.assert_close(a, b, **({"rtol": 0, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}))
     # under autocast, fp32 inputs are computed as SDPA computes them there: in bf16, with a bf16 result
     q32, k32, v32 = (x.detach().float() for x in (q, k, v))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        want = torch.nn.functional.scaled_dot_product_attention(q32, k32, v32, is_causal=True, enable_gqa=True)
-    got = fast.causal_attention(q32, k32, v32, 16 ** -0.5, torch.bfloat16)
+        want = torch.nn.functional.scaled_dot_product_attention(q32, k32, v32, attn_mask=mask, is_causal=mask is None,
+                                                                enable_gqa=True)
+    got = fast.causal_attention(q32, k32, v32, 16 ** -0.5, torch.bfloat16, mask)
     assert got.dtype == want.dtype == torch.bfloat16
-    torch.testing.assert_close(got, want, rtol=0, atol=2e-2)
+    torch.testing.assert_close(got[real], want[real], rtol=0, atol=2e-2)
 
 
 def test_under_bf16_autocast_packed_rows_attend_by_matmul_with_the_masked_loss_and_gradients(monkeypatch):
@@ -132,6 +142,30 @@ def test_under_bf16_autocast_packed_rows_attend_by_matmul_with_the_masked_loss_a
     assert len(calls) == model.config.num_hidden_layers * runs
     assert ours.item() == pytest.approx(masked.item(), rel=1e-2)
     for a, b in zip(torch.autograd.grad(ours, params), torch.autograd.grad(masked, params)):
+        assert (a - b).norm() <= 0.05 * b.norm()
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("padded", [False, True])
+def test_under_bf16_autocast_attention_by_matmul_gives_sdpas_loss_and_gradients(make, padded, monkeypatch):
+    model = make()
+    nbpeft.attach(model, "lora", r=4, targets="all-linear", init="random")
+    model.eval()
+    batch = collate(examples(), 0, 1, 16) if padded else {"input_ids": torch.randint(1, 128, (3, 12))}
+    batch.setdefault("labels", batch["input_ids"].clone())
+    assert padded == ("attention_mask" in batch and not bool(batch["attention_mask"].all()))
+    calls = []
+    attend = fast.causal_attention
+    monkeypatch.setattr(fast, "causal_attention", lambda *a: calls.append(a) or attend(*a))
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = fast.model_loss(model, batch, {})
+        own = model(**batch, use_cache=False).loss  # SDPA's bf16 kernel
+    assert len(calls) == model.config.num_hidden_layers
+    assert all((args[5] is not None) == padded for args in calls)  # the padding mask, else plain causal
+    assert model.config._attn_implementation == "sdpa"  # put back
+    assert ours.item() == pytest.approx(own.item(), rel=1e-2)
+    for a, b in zip(torch.autograd.grad(ours, params), torch.autograd.grad(own, params)):
         assert (a - b).norm() <= 0.05 * b.norm()
 
 
