@@ -230,14 +230,17 @@ def fast_attention(model: nn.Module, batch: dict[str, Any]) -> Iterator[None]:
       included, takes ~2x the time of :func:`causal_attention`'s two matmuls and fp32 softmax
       at a few hundred tokens, so that runs instead, with the mask transformers built.
 
-    Anything else runs SDPA as before. Only models on transformers' "sdpa" attention, eager.
+    Anything else runs SDPA as before. Only models on transformers' "sdpa" attention, eager,
+    without gradient checkpointing.
     """
     config = getattr(model, "config", None)
     first = next(model.parameters(), None)
     on_cpu = first is not None and first.device.type == "cpu"
     blocks = repeated_blocks(model) if on_cpu else []
-    # (a config with sub-configs would pass the setting on to them: left alone)
+    # (a config with sub-configs would pass the setting on to them: left alone; gradient checkpointing
+    # recomputes the forward in backward, after the setting is put back, and must see the same attention)
     if (not on_cpu or getattr(config, "_attn_implementation", None) != "sdpa" or getattr(config, "sub_configs", None)
+            or getattr(model, "is_gradient_checkpointing", False)
             or any(block._compiled_call_impl is not None for block in blocks) or not _register_attention()):
         yield
         return

@@ -186,6 +186,26 @@ def test_packed_training_runs_and_lowers_the_loss(llama):
     assert result.losses[-1] < result.losses[0]
 
 
+def test_packed_training_with_gradient_checkpointing_gives_the_same_losses():
+    # checkpointing recomputes each layer in backward, after the loss's own attention is put back
+    data = [{"prompt": f"q{i}", "response": "the cat sat " * (1 + i % 3)} for i in range(12)]
+
+    class Chars:
+        eos_token, pad_token_id, chat_template = "\x03", 0, None
+
+        def __call__(self, text, add_special_tokens=True, **_):
+            return {"input_ids": [1 + ord(c) % 120 for c in text]}
+
+    losses = []
+    for checkpointing in (False, True):
+        model = tiny_llama()
+        nbpeft.attach(model, "lora", r=4, init="random")
+        result = nbpeft.train(model, data, tokenizer=Chars(), steps=3, batch_size=2, max_length=64, lr=1e-2,
+                              packing=True, gradient_checkpointing=checkpointing, live=False)
+        losses.append(result.losses)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-2)
+
+
 def test_packing_is_refused_where_it_cannot_apply():
     rows = [{"text": "good", "label": 1}]
     with pytest.raises(nbpeft.ConfigError, match="packing=True applies to text, prompt-response and conversations"):
