@@ -51,9 +51,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 import torch.distributed as dist
+from safetensors.torch import load as tensors_from_bytes
+from safetensors.torch import save as tensors_to_bytes
 from torch import nn
 
 from . import core, fast
@@ -301,7 +302,7 @@ def _end(workers: list[Any]) -> None:
 
 
 def _load_state(model: nn.Module, blob: bytes) -> None:
-    tensors = safetensors.torch.load(blob)
+    tensors = tensors_from_bytes(blob)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in tensors.items():
@@ -423,7 +424,7 @@ def trainable_state(model: nn.Module) -> bytes:
         if param.requires_grad:
             value = param.full_tensor() if hasattr(param, "full_tensor") else param
             tensors[name] = value.detach().cpu().clone()
-    return safetensors.torch.save(tensors)
+    return tensors_to_bytes(tensors)
 
 
 def _train_rank(train: Callable[..., Any], model: nn.Module, data: Any, options: dict[str, Any], shard: bool,
