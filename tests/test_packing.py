@@ -11,6 +11,7 @@ from nbpeft.data import IGNORE, Batches, collate, collate_packed, pack
 from nbpeft.datasets import load_dataset
 
 from conftest import tiny_gpt2, tiny_llama
+from families import FAMILIES, KIND, tiny_batch, tiny_model
 
 
 def examples(lengths=(5, 9, 3, 12, 7, 4), seed=0):
@@ -231,3 +232,28 @@ def test_on_smollm2_the_packed_loss_equals_the_unpacked_loss(smol):
         got = fast.model_loss(model, packed_batch, {"use_cache": False})
         own = model(**packed_batch, use_cache=False).loss
     assert abs(got.item() - want.item()) < 1e-4 and abs(own.item() - want.item()) < 1e-4
+
+
+# Families whose attention takes the matmul path under bf16 on CPU (without dropout, as here in eval
+# mode); the others keep SDPA (soft-capping, their own attention code, ...). Either way the training
+# loss is the model's own.
+BY_MATMUL = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt_neox", "gpt2"}
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if KIND[f] == "causal-lm"])
+def test_every_decoder_family_keeps_its_own_loss_under_bf16_with_a_padded_row(family, monkeypatch):
+    model = tiny_model(family)
+    batch = dict(tiny_batch(family))
+    batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
+    batch["labels"] = batch["input_ids"].clone()
+    batch["attention_mask"][0, -3:] = 0
+    batch["labels"][0, -3:] = IGNORE
+    nbpeft.attach(model, "lora", r=4, init="random")
+    calls = []
+    attend = fast.causal_attention
+    monkeypatch.setattr(fast, "causal_attention", lambda *a: calls.append(a) or attend(*a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = fast.model_loss(model, batch, {"use_cache": False})
+        own = model(**batch, use_cache=False).loss
+    assert len(calls) == (model.config.num_hidden_layers if family in BY_MATMUL else 0)
+    assert ours.item() == pytest.approx(own.item(), rel=5e-3)
