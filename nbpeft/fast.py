@@ -240,7 +240,7 @@ def fast_attention(model: nn.Module, batch: dict[str, Any]) -> Iterator[None]:
     # (a config with sub-configs would pass the setting on to them: left alone; gradient checkpointing
     # recomputes the forward in backward, after the setting is put back, and must see the same attention)
     if (not on_cpu or getattr(config, "_attn_implementation", None) != "sdpa" or getattr(config, "sub_configs", None)
-            or getattr(model, "is_gradient_checkpointing", False)
+            or _checkpointing(model)
             or any(block._compiled_call_impl is not None for block in blocks) or not _register_attention()):
         yield
         return
@@ -250,6 +250,12 @@ def fast_attention(model: nn.Module, batch: dict[str, Any]) -> Iterator[None]:
     finally:
         config._attn_implementation = "sdpa"
         _segments_cache[:] = [None, None]
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether transformers' activation (gradient) checkpointing is on (the newer name first: the older warns)."""
+    on = getattr(model, "is_activation_checkpointing", None)
+    return bool(on if on is not None else getattr(model, "is_gradient_checkpointing", False))
 
 
 @functools.cache
@@ -389,9 +395,15 @@ def _forward_params(module: nn.Module) -> set[str]:
 
 
 def model_loss(model: nn.Module, batch: dict[str, torch.Tensor], use_cache: dict[str, bool]) -> torch.Tensor:
-    """The model's own loss: through :func:`causal_lm_loss` where supported, else ``model(**batch).loss``."""
+    """The model's own loss: through :func:`causal_lm_loss` where supported, else ``model(**batch).loss``.
+
+    Either way under :func:`fast_attention`, so that every method's loss sees the same attention.
+    """
     loss = causal_lm_loss(model, batch)
-    return loss if loss is not None else model(**batch, **use_cache).loss
+    if loss is not None:
+        return loss
+    with fast_attention(model, batch):
+        return model(**batch, **use_cache).loss
 
 
 # ---------------------------------------------------------------- regional compilation

@@ -37,6 +37,19 @@ LR_FLOOR = 0.1  # linear and cosine decay to 10% of the peak: the last steps sti
 DEFAULT_EFFECTIVE_BATCH = 8  # batch_size="auto" without effective_batch=: as many as the default batch_size
 
 
+def _checkpointing(model: nn.Module, on: bool) -> None:
+    """Turn transformers' activation (gradient) checkpointing on or off; the newer names first, the older warn."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def pick_device(device: str = "auto") -> torch.device:
     """CUDA, then Apple's MPS, then CPU."""
     if device != "auto":
@@ -369,7 +382,7 @@ def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Li
             next(stream)
         checkpoint.restore_rng(saved)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpointing(model, True)
     rows = batches.batch_size if batches.kind != "batches" else None  # a DataLoader's batches: their own size
     micro, batch_reason = rows, ""
     if auto_batch:
@@ -481,7 +494,7 @@ def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Li
         restore_allocator()
         model.eval()
         if gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+            _checkpointing(model, False)
         fast.uncompile_blocks(compiled)
     result.seconds = time.perf_counter() - start
     result.truncated, result.dropped = batches.truncated, batches.dropped

@@ -237,7 +237,7 @@ def test_on_smollm2_the_packed_loss_equals_the_unpacked_loss(smol):
 # Families whose attention takes the matmul path under bf16 on CPU (without dropout, as here in eval
 # mode); the others keep SDPA (soft-capping, their own attention code, ...). Either way the training
 # loss is the model's own.
-BY_MATMUL = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt_neox", "gpt2"}
+BY_MATMUL = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt_neox", "gpt2", "gemma3_text", "opt"}
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if KIND[f] == "causal-lm"])
