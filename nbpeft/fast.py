@@ -227,8 +227,8 @@ def fast_attention(model: nn.Module, batch: dict[str, Any]) -> Iterator[None]:
       example runs causal attention on its own tokens: the same softmax over the same keys,
       so the same loss. The mask is checked to be exactly block-diagonal causal.
     - bf16/fp16 (autocast's or the weights'): PyTorch's CPU flash-attention kernel, backward
-      included, takes ~2x the time of :func:`causal_attention`'s two matmuls and fp32 softmax
-      at a few hundred tokens, so that runs instead, with the mask transformers built.
+      included, takes about twice the time of :func:`causal_attention`'s two matmuls and fp32
+      softmax at a few hundred tokens, so that runs instead, with the mask transformers built.
 
     Anything else runs SDPA as before. Only models on transformers' "sdpa" attention, eager,
     without gradient checkpointing.
@@ -323,13 +323,12 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
 def _matmul_dtype(query: torch.Tensor, kwargs: dict[str, Any]) -> torch.dtype | None:
     """The dtype :func:`causal_attention` runs in instead of SDPA, or None to run SDPA.
 
-    bf16/fp16 on CPU (the query's dtype, or autocast's), no dropout, no soft-capping: there
-    PyTorch's CPU flash-attention kernel, backward included, takes ~1.7x the time of the
-    two matmuls and a softmax for an example of ~100 tokens.
+    bf16/fp16 on CPU (the query's dtype, or autocast's) without dropout: there PyTorch's CPU
+    flash-attention kernel, backward included, takes about twice the time of the two matmuls
+    and a softmax at ~100 tokens an example.
     """
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
-    usable = (query.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
-              and not kwargs.get("dropout") and kwargs.get("softcap") is None)
+    usable = query.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not kwargs.get("dropout")
     return dtype if usable else None
 
 
@@ -349,11 +348,11 @@ class _Attention(torch.autograd.Function):
     def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, hidden: torch.Tensor,
                 scale: float, dtype: torch.dtype) -> torch.Tensor:
         b, heads, n, d = query.shape
+        ctx.scale, ctx.dtypes = scale, (query.dtype, key.dtype, value.dtype)  # the gradients' dtypes
         grouped = query.to(dtype).reshape(b, key.shape[1], heads // key.shape[1], n, d)
         key, value = key.to(dtype), value.to(dtype)
         probs = _Attention._probs(grouped, key, hidden, scale)
         ctx.save_for_backward(grouped, key, value, hidden)
-        ctx.scale, ctx.dtypes = scale, (query.dtype, key.dtype, value.dtype)
         return torch.matmul(probs.to(dtype), value.unsqueeze(2)).reshape(b, heads, n, value.shape[-1])
 
     @staticmethod
