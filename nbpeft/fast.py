@@ -236,12 +236,12 @@ def fast_attention(model: nn.Module, batch: dict[str, Any]) -> Iterator[None]:
     config = getattr(model, "config", None)
     first = next(model.parameters(), None)
     on_cpu = first is not None and first.device.type == "cpu"
-    blocks = repeated_blocks(model) if on_cpu else []
     # (a config with sub-configs would pass the setting on to them: left alone; gradient checkpointing
     # recomputes the forward in backward, after the setting is put back, and must see the same attention)
     if (not on_cpu or getattr(config, "_attn_implementation", None) != "sdpa" or getattr(config, "sub_configs", None)
             or _checkpointing(model)
-            or any(block._compiled_call_impl is not None for block in blocks) or not _register_attention()):
+            or any(block._compiled_call_impl is not None for block in repeated_blocks(model))
+            or not _register_attention()):
         yield
         return
     config._attn_implementation = ATTENTION
@@ -303,17 +303,14 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     dtype = _matmul_dtype(query, kwargs)
     scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
     segments = _segments(attention_mask) if attention_mask is not None else None
-    if segments is not None and dtype is not None:
-        rows = [torch.cat([causal_attention(query[r:r + 1, :, a:b], key[r:r + 1, :, a:b], value[r:r + 1, :, a:b], scale,
-                                            dtype) for a, b in runs], dim=2) for r, runs in enumerate(segments)]
-        return torch.cat(rows).transpose(1, 2).contiguous(), None
-    if segments is not None:
-        kwargs["is_causal"] = True
-        rows = []
-        for row, runs in enumerate(segments):
-            q, k, v = query[row:row + 1], key[row:row + 1], value[row:row + 1]
-            rows.append(torch.cat([sdpa_attention_forward(module, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None,
-                                                          **kwargs)[0] for a, b in runs], dim=1))
+    if segments is not None:  # packed rows: each example on its own tokens, causal, no mask
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # -> (1, n, heads, d)
+            if dtype is not None:
+                return causal_attention(q, k, v, scale, dtype).transpose(1, 2)
+            return sdpa_attention_forward(module, q, k, v, None, **dict(kwargs, is_causal=True))[0]
+
+        rows = [torch.cat([attend(query[r:r + 1, :, a:b], key[r:r + 1, :, a:b], value[r:r + 1, :, a:b]) for a, b in runs],
+                          dim=1) for r, runs in enumerate(segments)]
         return torch.cat(rows), None
     if dtype is not None:
         return causal_attention(query, key, value, scale, dtype, attention_mask).transpose(1, 2).contiguous(), None
