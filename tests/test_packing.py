@@ -23,6 +23,15 @@ def examples(lengths=(5, 9, 3, 12, 7, 4), seed=0):
     return out
 
 
+@pytest.fixture
+def attention_calls(monkeypatch):
+    """The arguments of every fast.causal_attention call made during the test."""
+    calls = []
+    attend = fast.causal_attention
+    monkeypatch.setattr(fast, "causal_attention", lambda *a: calls.append(a) or attend(*a))
+    return calls
+
+
 def test_pack_fills_rows_with_whole_examples_each_once():
     exs = examples()
     rows = pack(exs, 16)
@@ -125,14 +134,11 @@ def test_causal_attention_by_matmul_equals_sdpa_with_its_gradients(dtype, padded
     torch.testing.assert_close(got[real], want[real], rtol=0, atol=2e-2)
 
 
-def test_under_bf16_autocast_packed_rows_attend_by_matmul_with_the_masked_loss_and_gradients(monkeypatch):
+def test_under_bf16_autocast_packed_rows_attend_by_matmul_with_the_masked_loss_and_gradients(attention_calls):
     model = tiny_llama()
     nbpeft.attach(model, "lora", r=4, targets="all-linear", init="random")
     model.eval()
     packed = collate_packed(pack(examples(), 16), pad_id=0)
-    calls = []
-    attend = fast.causal_attention
-    monkeypatch.setattr(fast, "causal_attention", lambda *a: calls.append(a[0].shape) or attend(*a))
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ours = fast.model_loss(model, packed, {})
@@ -140,7 +146,7 @@ def test_under_bf16_autocast_packed_rows_attend_by_matmul_with_the_masked_loss_a
     rows = pack(examples(), 16)
     width = packed["input_ids"].shape[1]
     runs = sum(len(row) + (sum(len(e["input_ids"]) for e in row) < width) for row in rows)  # trailing padding: one more
-    assert len(calls) == model.config.num_hidden_layers * runs
+    assert len(attention_calls) == model.config.num_hidden_layers * runs
     assert ours.item() == pytest.approx(masked.item(), rel=1e-2)
     for a, b in zip(torch.autograd.grad(ours, params), torch.autograd.grad(masked, params)):
         assert (a - b).norm() <= 0.05 * b.norm()
@@ -148,22 +154,19 @@ def test_under_bf16_autocast_packed_rows_attend_by_matmul_with_the_masked_loss_a
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
 @pytest.mark.parametrize("padded", [False, True])
-def test_under_bf16_autocast_attention_by_matmul_gives_sdpas_loss_and_gradients(make, padded, monkeypatch):
+def test_under_bf16_autocast_attention_by_matmul_gives_sdpas_loss_and_gradients(make, padded, attention_calls):
     model = make()
     nbpeft.attach(model, "lora", r=4, targets="all-linear", init="random")
     model.eval()
     batch = collate(examples(), 0, 1, 16) if padded else {"input_ids": torch.randint(1, 128, (3, 12))}
     batch.setdefault("labels", batch["input_ids"].clone())
     assert padded == ("attention_mask" in batch and not bool(batch["attention_mask"].all()))
-    calls = []
-    attend = fast.causal_attention
-    monkeypatch.setattr(fast, "causal_attention", lambda *a: calls.append(a) or attend(*a))
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ours = fast.model_loss(model, batch, {})
         own = model(**batch, use_cache=False).loss  # SDPA's bf16 kernel
-    assert len(calls) == model.config.num_hidden_layers
-    assert all((args[5] is not None) == padded for args in calls)  # the padding mask, else plain causal
+    assert len(attention_calls) == model.config.num_hidden_layers
+    assert all((args[5] is not None) == padded for args in attention_calls)  # the padding mask, else plain causal
     assert model.config._attn_implementation == "sdpa"  # put back
     assert ours.item() == pytest.approx(own.item(), rel=1e-2)
     for a, b in zip(torch.autograd.grad(ours, params), torch.autograd.grad(own, params)):
@@ -241,7 +244,7 @@ BY_MATMUL = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt_neox", "gpt2", "
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if KIND[f] == "causal-lm"])
-def test_every_decoder_family_keeps_its_own_loss_under_bf16_with_a_padded_row(family, monkeypatch):
+def test_every_decoder_family_keeps_its_own_loss_under_bf16_with_a_padded_row(family, attention_calls):
     model = tiny_model(family)
     batch = dict(tiny_batch(family))
     batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
@@ -249,11 +252,8 @@ def test_every_decoder_family_keeps_its_own_loss_under_bf16_with_a_padded_row(fa
     batch["attention_mask"][0, -3:] = 0
     batch["labels"][0, -3:] = IGNORE
     nbpeft.attach(model, "lora", r=4, init="random")
-    calls = []
-    attend = fast.causal_attention
-    monkeypatch.setattr(fast, "causal_attention", lambda *a: calls.append(a) or attend(*a))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ours = fast.model_loss(model, batch, {"use_cache": False})
         own = model(**batch, use_cache=False).loss
-    assert len(calls) == (model.config.num_hidden_layers if family in BY_MATMUL else 0)
+    assert len(attention_calls) == (model.config.num_hidden_layers if family in BY_MATMUL else 0)
     assert ours.item() == pytest.approx(own.item(), rel=5e-3)
