@@ -120,7 +120,7 @@ def nbpeft_to_reference(config, ref_kwargs: dict, nb_kwargs: dict, ids: torch.Te
     token_rows = options.pop("token_rows", None)
     nbpeft.attach(model, method, r=4, alpha=8, **options)
     if token_rows:  # what nbpeft.add_tokens does once the tokenizer has named the ids
-        nbpeft.tokens.add_rows(model, "default", {"model.embed_tokens": token_rows})
+        nbpeft.data.new_tokens.add_rows(model, "default", {"model.embed_tokens": token_rows})
     randomise(nbpeft.core.adapter_parameters(model, "default").values(), seed=2)
     nbpeft.save_adapter(model, folder)
     expected = logits(model, ids)

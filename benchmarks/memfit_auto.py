@@ -21,10 +21,10 @@ import time
 import torch
 
 import nbpeft
-from nbpeft import fast, memory
-from nbpeft.data import Batches
+from nbpeft.data.batches import Batches
 from nbpeft.datasets import load_dataset
-from nbpeft.events import Listener
+from nbpeft.training import lm_loss, memory
+from nbpeft.training.events import Listener
 
 
 class Banner(Listener):
@@ -71,7 +71,7 @@ def main() -> None:
 
     batches = Batches(data, tokenizer, 16, 256, 0)
     def loss_of(batch):  # train()'s own loss: block-wise cross-entropy from the hidden states
-        return fast.model_loss(model, batch, {"use_cache": False})
+        return lm_loss.model_loss(model, batch, {"use_cache": False})
 
     estimate = memory.saved_activation_bytes(model, memory.probe_batch(batches, 1), loss_of,
                                              torch.autocast("cpu", enabled=False))

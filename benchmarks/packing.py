@@ -28,9 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import nbpeft  # noqa: E402
-from nbpeft import fast  # noqa: E402
-from nbpeft.data import PAD_MULTIPLE, Batches, collate, collate_packed, pack  # noqa: E402
+from nbpeft.data.batches import PAD_MULTIPLE, Batches, collate, collate_packed, pack  # noqa: E402
 from nbpeft.datasets import load_dataset  # noqa: E402
+from nbpeft.training import lm_loss  # noqa: E402
 
 
 def main() -> None:
@@ -76,7 +76,7 @@ def main() -> None:
             batch, useful = next(stream)
             start = time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                loss = fast.model_loss(model, batch, {"use_cache": False})
+                loss = lm_loss.model_loss(model, batch, {"use_cache": False})
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()

@@ -35,7 +35,7 @@ def run(precision: str) -> dict:
 
     import nbpeft
     from nbpeft.datasets import load_dataset
-    from nbpeft.precision import choose
+    from nbpeft.training.precision import choose
 
     model, tokenizer = nbpeft.load_model("smollm2-135m")
     torch.manual_seed(0)

@@ -6,25 +6,73 @@
     nbpeft.save_adapter(model, "my-adapter")
 """
 
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+import warnings
+
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
-from .answers import Answers, compare_answers
-from .combine import combine
-from .compare import Comparison, compare
+from .adapters.combine import combine
+from .adapters.compare import Comparison, compare
+from .adapters.summary import Summary, summary
 from .core import Adapter, adapter_rows, attach, detach, disable_adapters, merge, set_adapter, unmerge
-from .export import ExportCheck, ExportResult, check_export, export, to_lora
-from .generate import generate
-from .io import load_adapter, save_adapter
-from .jobs import export_job
-from .memory import Released, release
-from .methods.base import ConfigError, methods
+from .data.new_tokens import NewTokens, add_tokens
+from .data.preview import Example, show_example
+from .errors import ConfigError
+from .formats.export import ExportCheck, ExportResult, check_export, export, to_lora
+from .formats.peft_folder import load_adapter, save_adapter
+from .inference.answers import Answers, compare_answers
+from .inference.generate import generate
+from .methods.base import methods
 from .models import load_model
-from .show import Example, show_example
-from .summary import Summary, summary
-from .tfew import choice_accuracy, choice_batches, predict_choices, tfew_loss
-from .tokens import NewTokens, add_tokens
-from .train import TrainResult, train
+from .training.jobs import export_job
+from .training.loop import TrainResult, train
+from .training.memory import Released, release
+from .training.tfew import choice_accuracy, choice_batches, predict_choices, tfew_loss
 
 __version__ = "0.1.0"
+
+# Modules that moved into the subpackages: their old import paths still work, with a DeprecationWarning.
+# (train, generate, export, summary, compare and combine are the functions of those names.)
+MOVED = {
+    "nbpeft.answers": "nbpeft.inference.answers",
+    "nbpeft.chat": "nbpeft.data.chat",
+    "nbpeft.checkpoint": "nbpeft.training.checkpoints",
+    "nbpeft.distributed": "nbpeft.training.distributed",
+    "nbpeft.events": "nbpeft.training.events",
+    "nbpeft.fast": "nbpeft.training.lm_loss",
+    "nbpeft.gguf_export": "nbpeft.formats.gguf",
+    "nbpeft.io": "nbpeft.formats.peft_folder",
+    "nbpeft.jobs": "nbpeft.training.jobs",
+    "nbpeft.live": "nbpeft.training.display",
+    "nbpeft.memory": "nbpeft.training.memory",
+    "nbpeft.precision": "nbpeft.training.precision",
+    "nbpeft.show": "nbpeft.data.preview",
+    "nbpeft.sources": "nbpeft.data.sources",
+    "nbpeft.tfew": "nbpeft.training.tfew",
+    "nbpeft.tokens": "nbpeft.data.new_tokens",
+}
+
+
+class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """``import nbpeft.events`` gives a module that reads every name from ``nbpeft.training.events``, with a warning."""
+
+    def find_spec(self, name, path=None, target=None):  # noqa: ANN001, ANN201
+        return importlib.util.spec_from_loader(name, self) if name in MOVED else None
+
+    def create_module(self, spec):  # noqa: ANN001, ANN201
+        return None  # a fresh module, filled in below
+
+    def exec_module(self, module):  # noqa: ANN001, ANN201
+        warnings.warn(f"{module.__name__} moved to {MOVED[module.__name__]}; import it from there",
+                      DeprecationWarning, stacklevel=2)
+        target = importlib.import_module(MOVED[module.__name__])
+        module.__getattr__ = lambda name: getattr(target, name)
+
+
+if not any(isinstance(finder, _MovedModules) for finder in sys.meta_path):
+    sys.meta_path.append(_MovedModules())
 
 __all__ = [
     "Adapter",

@@ -20,7 +20,7 @@ Encoder-decoder rows name the projections of both stacks (self- and cross-attent
 A role's patterns are module names or name suffixes (``"mlp.down_proj"`` matches every
 ``...layers.N.mlp.down_proj``) or, where a suffix would be ambiguous, a :class:`Regex`
 matched against the full module path. ``plain_lm_head`` marks causal LMs whose logits are
-exactly the last hidden state through a linear head (``nbpeft.fast`` computes their loss
+exactly the last hidden state through a linear head (``nbpeft.training.lm_loss`` computes their loss
 in blocks). Adding a family is adding a row; a role left out means no method defaults to it.
 """
 

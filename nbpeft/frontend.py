@@ -12,8 +12,8 @@ import ast
 import re
 from typing import Any
 
-from . import data
-from .methods.base import ConfigError
+from .data import batches as data
+from .errors import ConfigError
 
 _WORDS = {"true": True, "false": False, "none": None}
 OPTION = re.compile(r"([A-Za-z_][\w-]*)\s*[=:]\s*(.*)", re.DOTALL)

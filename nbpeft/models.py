@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import remember_tokenizer
-from .methods.base import ConfigError
+from .data.batches import remember_tokenizer
+from .errors import ConfigError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN = {

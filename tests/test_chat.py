@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import nbpeft
-from nbpeft import chat
-from nbpeft.data import IGNORE, Batches, tokenize
+from nbpeft.data.batches import IGNORE, Batches, chat, tokenize
 from nbpeft.datasets import load_dataset, path
 
 from conftest import assert_same, snapshot
@@ -66,14 +65,14 @@ def test_an_assistant_reply_that_repeats_the_prompt_is_still_found_by_position(s
 def test_a_tokenizer_without_a_template_gets_the_documented_default(plain_tokenizer):
     batches = Batches([{"messages": CONVERSATION}], plain_tokenizer, 1, 256, 0)
     assert plain_tokenizer.chat_template == chat.DEFAULT_TEMPLATE
-    assert batches.notes == ["this tokenizer has no chat template; conversations use nbpeft.chat.DEFAULT_TEMPLATE, "
+    assert batches.notes == ["this tokenizer has no chat template; conversations use nbpeft.data.chat.DEFAULT_TEMPLATE, "
                              "now set as tokenizer.chat_template so generation matches training"]
     enc = batches.examples[0]
     eos = plain_tokenizer.eos_token
     assert plain_tokenizer.decode(enc["input_ids"]).startswith(f"<|system|>\nAnswer in one line.{eos}\n<|user|>\n")
     assert labelled_text(plain_tokenizer, enc) == f"Paris.{eos}Madrid.{eos}"
     # generation prompts now follow the same template
-    assert nbpeft.data.chat_prompt(plain_tokenizer, "Hi").endswith("<|user|>\nHi" + eos + "\n<|assistant|>\n")
+    assert nbpeft.data.batches.chat_prompt(plain_tokenizer, "Hi").endswith("<|user|>\nHi" + eos + "\n<|assistant|>\n")
 
 
 def test_a_conversation_whose_assistant_turns_are_all_cut_is_refused_in_one_line(smol_tokenizer, llama):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import nbpeft
-from nbpeft.data import IGNORE, Batches, MissingTokenizer, remember_tokenizer, tokenizer_for
+from nbpeft.data.batches import IGNORE, Batches, MissingTokenizer, remember_tokenizer, tokenizer_for
 
 from conftest import assert_same, snapshot, tiny_llama
 

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 
 import nbpeft
-from nbpeft import distributed
-from nbpeft.events import StopTraining
+from nbpeft.training import distributed
+from nbpeft.training.events import StopTraining
 
 from conftest import char_tokenizer, tiny_llama
 

@@ -16,9 +16,9 @@ import torch
 import transformers
 
 import nbpeft
-from nbpeft import gguf_export
-from nbpeft.export import check_export, export, merged_state_dict, to_lora
-from nbpeft.gguf_export import reorder_rotary_rows
+from nbpeft.formats import gguf as gguf_export
+from nbpeft.formats.export import check_export, export, merged_state_dict, to_lora
+from nbpeft.formats.gguf import reorder_rotary_rows
 from nbpeft.methods.base import ConfigError
 from nbpeft.models import resolve_name
 

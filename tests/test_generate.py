@@ -14,8 +14,8 @@ from nbpeft.methods.base import ConfigError
 
 from conftest import char_tokenizer, tiny_bert, tiny_llama
 
-gen_module = importlib.import_module("nbpeft.generate")
-answers_module = importlib.import_module("nbpeft.answers")
+gen_module = importlib.import_module("nbpeft.inference.generate")
+answers_module = importlib.import_module("nbpeft.inference.answers")
 
 @pytest.fixture
 def tok() -> PreTrainedTokenizerFast:

@@ -108,7 +108,7 @@ def test_the_magic_writes_the_same_job(saved_base, tmp_path):
 
 
 def test_with_cuda_already_initialised_the_run_restarts_in_fresh_processes(saved_base, monkeypatch):
-    from nbpeft import distributed
+    from nbpeft.training import distributed
 
     monkeypatch.setattr(distributed, "_fork_unsafe", lambda device: True)  # as when the kernel touched CUDA
     seen = []
@@ -132,12 +132,12 @@ def test_the_event_socket_reads_nothing_from_a_connection_without_the_runs_key()
     import socket
     import threading
 
-    from nbpeft import distributed
+    from nbpeft.training import distributed
 
     server = socket.create_server(("127.0.0.1", 0))
     messages, key = queue.Queue(), bytes(range(32))
     threading.Thread(target=distributed._accept, args=(server, messages, [], key), daemon=True).start()
-    blob = distributed.encode(("note", nbpeft.events.Note("hello")))
+    blob = distributed.encode(("note", nbpeft.training.events.Note("hello")))
     for sent_key, expected in ((bytes(32), 0), (key, 1)):
         with socket.create_connection(server.getsockname()) as conn:
             conn.sendall(sent_key + blob)
@@ -146,15 +146,15 @@ def test_the_event_socket_reads_nothing_from_a_connection_without_the_runs_key()
             time.sleep(0.05)
         time.sleep(0.2)
         assert messages.qsize() == expected
-    assert messages.get() == ("note", nbpeft.events.Note("hello"))
+    assert messages.get() == ("note", nbpeft.training.events.Note("hello"))
     server.close()
 
 
 def test_event_messages_carry_records_parameters_and_plain_values_as_json_and_safetensors(llama):
     import io
 
-    from nbpeft import distributed
-    from nbpeft.events import Begin, Step, TrainResult
+    from nbpeft.training import distributed
+    from nbpeft.training.events import Begin, Step, TrainResult
 
     nbpeft.attach(llama, "lora", r=2, init="random")
     state = distributed.trainable_state(llama)

@@ -3,7 +3,7 @@
 from IPython.core.formatters import DisplayFormatter
 from matplotlib.figure import Figure
 
-from nbpeft.live import _FigurePNG
+from nbpeft.training.display import _FigurePNG
 
 
 def test_loss_figure_renders_as_png_without_pyplot():

@@ -365,7 +365,7 @@ def test_dict_options_parse_from_a_line_and_from_a_panel_box():
 
 @pytest.mark.parametrize("options", [{"rank_pattern": {"v_proj": 2}}, {"lora_bias": True}, {"targets": ["embed_tokens", "q_proj"]}])
 def test_a_gguf_adapter_refuses_what_it_cannot_hold(llama, options):
-    from nbpeft.gguf_export import check_adapter
+    from nbpeft.formats.gguf import check_adapter
 
     nbpeft.attach(llama, "lora", **options)
     with pytest.raises(nbpeft.ConfigError, match="which a GGUF adapter cannot hold; export format='gguf' \\(merged\\)"):

@@ -987,7 +987,7 @@ def test_generate_streams_what_generate_returns(shell):
 # %peft_export and %peft_to_lora ----------------------------------------------------------------
 
 def test_export_maps_format_path_and_flags(shell, monkeypatch, tmp_path):
-    from nbpeft.export import ExportResult
+    from nbpeft.formats.export import ExportResult
 
     double, calls = recording(nbpeft.export, lambda call, n: ExportResult(call["path"], call["format"], ["model.gguf"]))
     monkeypatch.setattr(nbpeft, "export", double)
@@ -1123,7 +1123,7 @@ def shown(out) -> str:
 
 def test_show_example_is_the_api_call(shell, monkeypatch):
 
-    from nbpeft.data import remember_tokenizer
+    from nbpeft.data.batches import remember_tokenizer
 
     chars = char_tokenizer()
     data = [{"prompt": "hi", "response": "yo"}, {"prompt": "how are you", "response": "well, thanks"}]

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import nbpeft
-from nbpeft import memory
-from nbpeft.events import Begin, Listener, Note
-from nbpeft.live import banner_text
+from nbpeft.training import memory
+from nbpeft.training.display import banner_text
+from nbpeft.training.events import Begin, Listener, Note
 
 from conftest import char_tokenizer, tiny_llama
 
@@ -135,7 +135,7 @@ def test_other_errors_are_not_retried():
 
 
 def test_split_batch_matches_batches_formed_from_the_smaller_groups():
-    from nbpeft.data import PAD_MULTIPLE, collate
+    from nbpeft.data.batches import PAD_MULTIPLE, collate
 
     examples = [{"input_ids": list(range(1, n + 1)), "labels": list(range(1, n + 1))} for n in (3, 40, 5, 7)]
     whole = collate(examples, 0, PAD_MULTIPLE, 64)
@@ -162,7 +162,7 @@ def test_out_of_memory_errors_are_recognised():
 
 def per_example_bytes(model: torch.nn.Module, rows: int = 1) -> int:
     """What the probe measures, measured here on the same widest example."""
-    from nbpeft.data import Batches
+    from nbpeft.data.batches import Batches
 
     batches = Batches(DATA, char_tokenizer(chat=False), 8, 48, 0)
     return memory.saved_activation_bytes(model, memory.probe_batch(batches, rows),

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import nbpeft
-from nbpeft import fast
 from nbpeft.core import ROW_HOOKS, adapter_layers
+from nbpeft.training import lm_loss
 
 from conftest import assert_same, char_tokenizer, snapshot, tiny_gpt2, tiny_llama, tokens
 
@@ -147,7 +147,7 @@ def test_hooks_come_with_lora_and_go_with_it_and_leave_the_fast_loss_on():
     nbpeft.attach(model, "lora", name="a")
     assert [h for h in model._forward_pre_hooks.values() if h in ROW_HOOKS]
     nbpeft.detach(model, "p")
-    assert fast.supports_fast_loss(model, {"input_ids": tokens(), "labels": tokens()})
+    assert lm_loss.supports_fast_loss(model, {"input_ids": tokens(), "labels": tokens()})
     nbpeft.detach(model)
     assert not model._forward_pre_hooks and not model._forward_hooks
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import nbpeft
-from nbpeft import data, fast
-from nbpeft.data import IGNORE, Batches, collate, collate_packed, pack
+from nbpeft.data import batches as data
+from nbpeft.data.batches import IGNORE, Batches, collate, collate_packed, pack
 from nbpeft.datasets import load_dataset
+from nbpeft.training import attention, lm_loss
 
 from conftest import tiny_gpt2, tiny_llama
 from families import FAMILIES, KIND, tiny_batch, tiny_model
@@ -25,10 +26,10 @@ def examples(lengths=(5, 9, 3, 12, 7, 4), seed=0):
 
 @pytest.fixture
 def attention_calls(monkeypatch):
-    """The arguments of every fast.causal_attention call made during the test."""
+    """The arguments of every attention.causal_attention call made during the test."""
     calls = []
-    attend = fast.causal_attention
-    monkeypatch.setattr(fast, "causal_attention", lambda *a: calls.append(a) or attend(*a))
+    attend = attention.causal_attention
+    monkeypatch.setattr(attention, "causal_attention", lambda *a: calls.append(a) or attend(*a))
     return calls
 
 
@@ -76,12 +77,12 @@ def test_packed_loss_equals_the_padded_loss_on_the_same_examples(make):
     padded = collate(exs, pad_id=0)
     packed = collate_packed(pack(exs, 16), pad_id=0)
     want = model(**padded).loss
-    assert torch.allclose(fast.model_loss(model, padded, {}), want, atol=1e-6)
-    assert torch.allclose(fast.model_loss(model, packed, {}), want, atol=1e-6)  # the blockwise path
+    assert torch.allclose(lm_loss.model_loss(model, padded, {}), want, atol=1e-6)
+    assert torch.allclose(lm_loss.model_loss(model, packed, {}), want, atol=1e-6)  # the blockwise path
     assert torch.allclose(model(**packed, use_cache=False).loss, want, atol=1e-6)  # the model's own
     # without restarting positions, examples would see each other and the loss would differ
     leaky = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"]))
-    assert not torch.allclose(fast.model_loss(model, leaky, {}), want, atol=1e-3)
+    assert not torch.allclose(lm_loss.model_loss(model, leaky, {}), want, atol=1e-3)
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
@@ -91,10 +92,10 @@ def test_packed_rows_attend_example_by_example_with_the_masked_loss_and_gradient
     model.eval()
     packed = collate_packed(pack(examples(), 16), pad_id=0)
     segmented = []
-    find = fast._segments
-    monkeypatch.setattr(fast, "_segments", lambda mask: segmented.append(find(mask)) or segmented[-1])
+    find = attention._segments
+    monkeypatch.setattr(attention, "_segments", lambda mask: segmented.append(find(mask)) or segmented[-1])
     params = [p for p in model.parameters() if p.requires_grad]
-    ours = fast.model_loss(model, packed, {})
+    ours = lm_loss.model_loss(model, packed, {})
     assert segmented and all(runs is not None for runs in segmented)  # the per-example path ran
     assert model.config._attn_implementation == "sdpa"  # and was put back
     masked = model(**packed, use_cache=False).loss  # the model's own: SDPA with the block-diagonal mask
@@ -117,7 +118,7 @@ def test_causal_attention_by_matmul_equals_sdpa_with_its_gradients(dtype, padded
         grad[1, :, 28:] = 0  # padding's outputs go nowhere
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                             enable_gqa=True)
-    got = fast.causal_attention(q, k, v, 16 ** -0.5, mask=mask)
+    got = attention.causal_attention(q, k, v, 16 ** -0.5, mask=mask)
     assert got.dtype == dtype
     real = (slice(None), slice(None), slice(0, 28 if padded else 37))
     tol = {"rtol": 0, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 0, "atol": 2e-2}
@@ -129,7 +130,7 @@ def test_causal_attention_by_matmul_equals_sdpa_with_its_gradients(dtype, padded
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = torch.nn.functional.scaled_dot_product_attention(q32, k32, v32, attn_mask=mask, is_causal=mask is None,
                                                                 enable_gqa=True)
-    got = fast.causal_attention(q32, k32, v32, 16 ** -0.5, torch.bfloat16, mask)
+    got = attention.causal_attention(q32, k32, v32, 16 ** -0.5, torch.bfloat16, mask)
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got[real], want[real], rtol=0, atol=2e-2)
 
@@ -141,7 +142,7 @@ def test_under_bf16_autocast_packed_rows_attend_by_matmul_with_the_masked_loss_a
     packed = collate_packed(pack(examples(), 16), pad_id=0)
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = fast.model_loss(model, packed, {})
+        ours = lm_loss.model_loss(model, packed, {})
         masked = model(**packed, use_cache=False).loss  # SDPA (its bf16 kernel) with the block-diagonal mask
     rows = pack(examples(), 16)
     width = packed["input_ids"].shape[1]
@@ -163,7 +164,7 @@ def test_under_bf16_autocast_attention_by_matmul_gives_sdpas_loss_and_gradients(
     assert padded == ("attention_mask" in batch and not bool(batch["attention_mask"].all()))
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = fast.model_loss(model, batch, {})
+        ours = lm_loss.model_loss(model, batch, {})
         own = model(**batch, use_cache=False).loss  # SDPA's bf16 kernel
     assert len(attention_calls) == model.config.num_hidden_layers
     assert all((args[5] is not None) == padded for args in attention_calls)  # the padding mask, else plain causal
@@ -231,8 +232,8 @@ def test_on_smollm2_the_packed_loss_equals_the_unpacked_loss(smol):
     assert packed_batch["input_ids"].shape[0] < padded_batch["input_ids"].shape[0]
     assert int((packed_batch["labels"] != IGNORE).sum()) == int((padded_batch["labels"][:, 1:] != IGNORE).sum())
     with torch.no_grad():
-        want = fast.model_loss(model, padded_batch, {"use_cache": False})
-        got = fast.model_loss(model, packed_batch, {"use_cache": False})
+        want = lm_loss.model_loss(model, padded_batch, {"use_cache": False})
+        got = lm_loss.model_loss(model, packed_batch, {"use_cache": False})
         own = model(**packed_batch, use_cache=False).loss
     assert abs(got.item() - want.item()) < 1e-4 and abs(own.item() - want.item()) < 1e-4
 
@@ -241,6 +242,9 @@ def test_on_smollm2_the_packed_loss_equals_the_unpacked_loss(smol):
 # mode); the others keep SDPA (soft-capping, their own attention code, ...). Either way the training
 # loss is the model's own.
 BY_MATMUL = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt_neox", "gpt2", "gemma3_text", "opt"}
+# Falcon's attention goes through transformers' attention interface in newer releases (5.25: the matmul
+# path), through its own code in older ones (SDPA): either is right as long as the loss is the model's.
+EITHER = {"falcon"}
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if KIND[f] == "causal-lm"])
@@ -253,7 +257,9 @@ def test_every_decoder_family_keeps_its_own_loss_under_bf16_with_a_padded_row(fa
     batch["labels"][0, -3:] = IGNORE
     nbpeft.attach(model, "lora", r=4, init="random")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = fast.model_loss(model, batch, {"use_cache": False})
+        ours = lm_loss.model_loss(model, batch, {"use_cache": False})
         own = model(**batch, use_cache=False).loss
-    assert len(attention_calls) == (model.config.num_hidden_layers if family in BY_MATMUL else 0)
+    layers = model.config.num_hidden_layers
+    expected = {layers} if family in BY_MATMUL else {0, layers} if family in EITHER else {0}
+    assert len(attention_calls) in expected
     assert ours.item() == pytest.approx(own.item(), rel=5e-3)

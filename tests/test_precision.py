@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import nbpeft
-from nbpeft import precision
-from nbpeft.events import Listener
-from nbpeft.precision import Choice, choose
-from nbpeft.train import pick_precision
+from nbpeft.training import precision
+from nbpeft.training.events import Listener
+from nbpeft.training.loop import pick_precision
+from nbpeft.training.precision import Choice, choose
 
 from conftest import tiny_llama, tokens
 

@@ -16,7 +16,7 @@ import torch
 import transformers
 
 import nbpeft
-from nbpeft.data import Batches
+from nbpeft.data.batches import Batches
 from nbpeft.methods.lora_experts import ExpertLoRA
 
 from conftest import assert_same, char_tokenizer, snapshot
@@ -203,7 +203,7 @@ def test_tfew_terms_on_t5_score_the_choice_with_the_decoder() -> None:
     model = small_t5()
     examples = [{"prompt": "cat a", "choices": ["yes", "no"], "label": 0}]
     batch = next(iter(nbpeft.choice_batches(examples, tokenizer, shuffle=False)))
-    token_logp, mask = nbpeft.tfew.choice_token_logprobs(model, batch)
+    token_logp, mask = nbpeft.training.tfew.choice_token_logprobs(model, batch)
     # by hand: the decoder's log-probabilities of "no</s>" given the prompt in the encoder
     target = torch.tensor([tokenizer("no")["input_ids"]])
     with torch.no_grad():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import nbpeft
-from nbpeft.data import remember_tokenizer
+from nbpeft.data.batches import remember_tokenizer
 
 from conftest import tiny_llama
 
@@ -30,7 +30,7 @@ def test_a_conversation_shows_the_assistant_turn_under_the_loss(smol_tokenizer):
 
 def test_in_a_notebook_it_is_html_with_trained_tokens_highlighted_and_masked_ones_dimmed(smol_tokenizer):
     page = nbpeft.show_example([CONVERSATION], smol_tokenizer, 0)._repr_html_()
-    from nbpeft.show import MASKED_STYLE, TRAINED_STYLE
+    from nbpeft.data.preview import MASKED_STYLE, TRAINED_STYLE
 
     assert page.count(f'<span style="{TRAINED_STYLE}">') == 1 + nbpeft.show_example([CONVERSATION], smol_tokenizer).num_trained
     assert f'<span style="{TRAINED_STYLE}">Paris</span>' in page

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import nbpeft
-from nbpeft import fast
+from nbpeft.training import compiling, lm_loss, memory
 
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
 
@@ -50,7 +50,7 @@ def test_linear_cross_entropy_matches_cross_entropy_and_its_gradients(rows):
     weight = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(40, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 40, (11,))
-    ours = fast.linear_cross_entropy(hidden, weight, bias, targets, rows=rows)
+    ours = lm_loss.linear_cross_entropy(hidden, weight, bias, targets, rows=rows)
     plain = F.cross_entropy(hidden @ weight.T + bias, targets)
     assert ours.item() == pytest.approx(plain.item(), rel=1e-12)
     for a, b in zip(torch.autograd.grad(3.0 * ours, (hidden, weight, bias)),
@@ -63,13 +63,13 @@ def test_linear_cross_entropy_passes_gradcheck():
     hidden = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 7, (5,))
-    assert torch.autograd.gradcheck(lambda h, w: fast.linear_cross_entropy(h, w, None, targets, rows=2), (hidden, weight))
+    assert torch.autograd.gradcheck(lambda h, w: lm_loss.linear_cross_entropy(h, w, None, targets, rows=2), (hidden, weight))
 
 
 def test_frozen_head_gets_no_gradient_and_no_weight_work():
     hidden = torch.randn(6, 8, requires_grad=True)
     weight = torch.randn(20, 8)
-    loss = fast.linear_cross_entropy(hidden, weight, None, torch.randint(0, 20, (6,)), rows=4)
+    loss = lm_loss.linear_cross_entropy(hidden, weight, None, torch.randint(0, 20, (6,)), rows=4)
     loss.backward()
     assert hidden.grad is not None and weight.grad is None
 
@@ -79,7 +79,7 @@ def test_causal_lm_loss_equals_the_models_loss_and_gradients(make, targets):
     model = lora_model(make, targets)
     batch = masked_batch()
     plain_loss, plain_grads = loss_and_grads(model, model(**batch).loss)
-    fast_loss, fast_grads = loss_and_grads(model, fast.causal_lm_loss(model, batch, rows=4))
+    fast_loss, fast_grads = loss_and_grads(model, lm_loss.causal_lm_loss(model, batch, rows=4))
     assert fast_loss == pytest.approx(plain_loss, rel=1e-6)
     for a, b in zip(fast_grads, plain_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
@@ -91,7 +91,7 @@ def test_causal_lm_loss_skips_positions_without_a_label():
     only_last = batch["labels"].clone()
     only_last[:, :-1] = -100  # one labelled token per row: three rows of logits instead of 27
     batch["labels"] = only_last
-    assert fast.causal_lm_loss(model, batch).item() == pytest.approx(model(**batch).loss.item(), rel=1e-6)
+    assert lm_loss.causal_lm_loss(model, batch).item() == pytest.approx(model(**batch).loss.item(), rel=1e-6)
 
 
 def test_unsupported_models_and_batches_fall_back():
@@ -102,11 +102,11 @@ def test_unsupported_models_and_batches_fall_back():
     nbpeft.attach(head_adapted, "lora", r=2, targets=["lm_head"])
     classifier = tiny_bert()
     for model in (prompt_hooked, head_adapted, classifier):
-        assert fast.causal_lm_loss(model, batch) is None
+        assert lm_loss.causal_lm_loss(model, batch) is None
     one_label_per_row = {"input_ids": batch["input_ids"], "labels": torch.tensor([1, 0, 1])}
-    assert fast.causal_lm_loss(lora_model(), one_label_per_row) is None
+    assert lm_loss.causal_lm_loss(lora_model(), one_label_per_row) is None
     # the fallback is the model's own loss
-    torch.testing.assert_close(fast.model_loss(prompt_hooked, batch, {}), prompt_hooked(**batch).loss)
+    torch.testing.assert_close(lm_loss.model_loss(prompt_hooked, batch, {}), prompt_hooked(**batch).loss)
 
 
 @pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-5), ("bf16", 1e-3)])  # bf16: rounding of the gradients
@@ -123,24 +123,24 @@ def test_train_default_path_follows_the_plain_loss_curve(precision, tolerance):
 
 def test_repeated_blocks_are_the_decoder_layers():
     model = tiny_llama()
-    assert fast.repeated_blocks(model) == list(model.model.layers)
+    assert compiling.repeated_blocks(model) == list(model.model.layers)
 
 
 def test_block_rows_are_even_and_stay_under_the_budget():
     cpu = torch.device("cpu")
     # smollm2: 511 labelled rows x 49,152 words -> 4 even blocks of 128 rows (24 MiB of fp32 each)
-    assert fast.block_rows(511, 49152, cpu) == 128
-    assert fast.block_rows(511, 49152, cpu) * 49152 * 4 < 32 << 20
-    assert fast.block_rows(7, 100, cpu) == 7  # one block when it fits
-    assert fast.block_rows(0, 100, cpu) == 1
-    assert fast.block_rows(3, 10**9, cpu) == 1  # a vocabulary over the budget: one row at a time
+    assert lm_loss.block_rows(511, 49152, cpu) == 128
+    assert lm_loss.block_rows(511, 49152, cpu) * 49152 * 4 < 32 << 20
+    assert lm_loss.block_rows(7, 100, cpu) == 7  # one block when it fits
+    assert lm_loss.block_rows(0, 100, cpu) == 1
+    assert lm_loss.block_rows(3, 10**9, cpu) == 1  # a vocabulary over the budget: one row at a time
 
 
 def test_linear_cross_entropy_is_stable_for_extreme_logits():
     hidden = torch.tensor([[50.0, 0.0], [-50.0, 0.0]], requires_grad=True)
     weight = torch.tensor([[4.0, 0.0], [-4.0, 0.0], [0.0, 1.0]])
     targets = torch.tensor([1, 0])  # each target's logit is 400 below the row's best
-    ours = fast.linear_cross_entropy(hidden, weight, None, targets)
+    ours = lm_loss.linear_cross_entropy(hidden, weight, None, targets)
     expected = F.cross_entropy(hidden @ weight.t(), targets)
     torch.testing.assert_close(ours, expected)
     assert torch.isfinite(ours) and ours.item() == pytest.approx(400.0)
@@ -150,19 +150,19 @@ def test_linear_cross_entropy_is_stable_for_extreme_logits():
 
 def test_compile_pays_off_only_for_long_enough_runs():
     cpu = torch.device("cpu")
-    assert not fast.compile_pays_off(cpu, step_seconds=1.0, steps_left=10)
-    assert fast.compile_pays_off(cpu, step_seconds=1.0, steps_left=10_000)
+    assert not compiling.compile_pays_off(cpu, step_seconds=1.0, steps_left=10)
+    assert compiling.compile_pays_off(cpu, step_seconds=1.0, steps_left=10_000)
     # slower steps pay the compile back sooner
-    assert fast.compile_pays_off(cpu, step_seconds=30.0, steps_left=100)
-    assert not fast.compile_pays_off(torch.device("meta"), step_seconds=30.0, steps_left=10**6)
+    assert compiling.compile_pays_off(cpu, step_seconds=30.0, steps_left=100)
+    assert not compiling.compile_pays_off(torch.device("meta"), step_seconds=30.0, steps_left=10**6)
 
 
 def test_compile_auto_decides_after_two_timed_steps(monkeypatch):
     """compile=None times two eager steps, then asks compile_pays_off with the faster one."""
     asked, compiled = [], []
-    monkeypatch.setattr(fast, "can_compile", lambda device: True)
-    monkeypatch.setattr(fast, "compile_pays_off", lambda device, seconds, left: asked.append((seconds, left)) or True)
-    monkeypatch.setattr(fast, "compile_blocks", lambda model: compiled.append(len(asked)) or [])
+    monkeypatch.setattr(compiling, "can_compile", lambda device: True)
+    monkeypatch.setattr(compiling, "compile_pays_off", lambda device, seconds, left: asked.append((seconds, left)) or True)
+    monkeypatch.setattr(compiling, "compile_blocks", lambda model: compiled.append(len(asked)) or [])
     model = lora_model()
     events = []
     result = nbpeft.train(model, [masked_batch()], steps=5, lr=1e-3,
@@ -181,7 +181,7 @@ def test_compile_auto_decides_after_two_timed_steps(monkeypatch):
 _ALLOCATOR_PROBE = """
 import json, resource, sys
 import torch
-from nbpeft import fast
+from nbpeft.training import compiling, lm_loss, memory
 
 def rss_mib():
     with open("/proc/self/status") as status:
@@ -191,7 +191,7 @@ def step():  # one step's worth of activations: 40 x 3 MiB, all freed at the end
     held = [torch.ones(3 << 18) for _ in range(40)]
     del held
 
-undo = fast.steady_allocator(torch.device("cpu")) if sys.argv[1] == "on" else (lambda: None)
+undo = memory.steady_allocator(torch.device("cpu")) if sys.argv[1] == "on" else (lambda: None)
 step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(3):
@@ -203,7 +203,7 @@ print(json.dumps({"faults": faults, "held_mib": held, "after_mib": rss_mib()}))
 """
 
 
-@pytest.mark.skipif(fast._glibc() is None, reason="glibc's allocator only")
+@pytest.mark.skipif(memory._glibc() is None, reason="glibc's allocator only")
 def test_steady_allocator_reuses_pages_between_steps_and_gives_them_back_after():
     """In a fresh process each (page faults count every thread of a process)."""
     import json
@@ -226,17 +226,17 @@ def test_steady_allocator_reuses_pages_between_steps_and_gives_them_back_after()
 def test_compile_auto_stays_off_for_short_runs_and_blocks_run_eagerly_after():
     model = lora_model()
     nbpeft.train(model, [masked_batch()], steps=2, lr=1e-3, live=False)
-    assert all(block._compiled_call_impl is None for block in fast.repeated_blocks(model))
+    assert all(block._compiled_call_impl is None for block in compiling.repeated_blocks(model))
 
 
-@pytest.mark.skipif(not fast.can_compile(torch.device("cpu")), reason="torch.compile needs a C++ compiler")
+@pytest.mark.skipif(not compiling.can_compile(torch.device("cpu")), reason="torch.compile needs a C++ compiler")
 def test_compiled_training_matches_eager_training():
     batches = [masked_batch() for _ in range(2)]
     runs = []
     for compile in (False, True):
         model = lora_model()
         runs.append(nbpeft.train(model, batches, steps=2, lr=1e-2, live=False, compile=compile).losses)
-        assert all(block._compiled_call_impl is None for block in fast.repeated_blocks(model))
+        assert all(block._compiled_call_impl is None for block in compiling.repeated_blocks(model))
     assert runs[1] == pytest.approx(runs[0], rel=1e-4)
 
 
@@ -246,7 +246,7 @@ def test_causal_lm_loss_under_bf16_autocast_on_gpu():
     batch = {k: v.cuda() for k, v in masked_batch().items()}
     with torch.autocast("cuda", dtype=torch.bfloat16):
         plain = model(**batch).loss.float()
-        ours = fast.causal_lm_loss(model, batch)
+        ours = lm_loss.causal_lm_loss(model, batch)
     assert ours.item() == pytest.approx(plain.item(), rel=2e-2)
     ours.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable(model))
@@ -255,18 +255,18 @@ def test_causal_lm_loss_under_bf16_autocast_on_gpu():
 def test_a_frozen_head_is_cast_once_per_run_and_again_when_it_changes():
     weight, hidden = torch.randn(50, 8), torch.randn(6, 8, requires_grad=True)
     targets = torch.randint(0, 50, (6,))
-    undo = fast.frozen_head_casts()
+    undo = lm_loss.frozen_head_casts()
     try:
-        first = fast._head_weight(weight, torch.bfloat16)
-        assert fast._head_weight(weight, torch.bfloat16) is first
+        first = lm_loss._head_weight(weight, torch.bfloat16)
+        assert lm_loss._head_weight(weight, torch.bfloat16) is first
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            held = fast.linear_cross_entropy(hidden, weight, None, targets)
+            held = lm_loss.linear_cross_entropy(hidden, weight, None, targets)
         weight.mul_(2)  # a weight changed between steps is cast again
-        again = fast._head_weight(weight, torch.bfloat16)
+        again = lm_loss._head_weight(weight, torch.bfloat16)
         assert again is not first and torch.equal(again, weight.to(torch.bfloat16))
     finally:
         undo()
-    assert fast._head_weight(weight, torch.bfloat16) is not fast._head_weight(weight, torch.bfloat16)
+    assert lm_loss._head_weight(weight, torch.bfloat16) is not lm_loss._head_weight(weight, torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        plain = fast.linear_cross_entropy(hidden, weight / 2, None, targets)
+        plain = lm_loss.linear_cross_entropy(hidden, weight / 2, None, targets)
     assert torch.equal(held, plain)

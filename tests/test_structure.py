@@ -16,8 +16,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "nbpeft"
 
-# The ladder, bottom first: a module may import modules of its own layer or of a lower one.
-# A module takes the layer of its most specific pattern; a module no pattern names is a service.
+# The ladder, bottom first: a module may import modules of its own rung or of a lower one.
+# A module takes the rung of its most specific pattern; every module is named by one (no catch-all).
 LAYERS: list[tuple[str, list[str], str]] = [
     ("foundation", ["nbpeft.errors", "nbpeft.layers", "nbpeft.methods.base", "nbpeft.nf4", "nbpeft._nf4_triton"],
      "the error type, the adapter layer contract and wrapper chain, the method registry, NF4 storage"),
@@ -27,8 +27,18 @@ LAYERS: list[tuple[str, list[str], str]] = [
      "one module per method; the core hands them what they need, they never import it"),
     ("core", ["nbpeft.core"],
      "attach, detach, merge, set_adapter, the model's adapter record"),
-    ("services", ["nbpeft.*"],
-     "io, train, compare, summary, data, models, fast, live, ...: plain-torch features built on the core"),
+    ("data", ["nbpeft.data", "nbpeft.data.*", "nbpeft.datasets"],
+     "training data in: sources, conversations, batches and packing, the example view, new tokens; bundled sets"),
+    ("models", ["nbpeft.models"],
+     "load a model and its tokenizer"),
+    ("adapters", ["nbpeft.adapters", "nbpeft.adapters.*"],
+     "attached adapters counted, methods compared, adapters combined"),
+    ("formats", ["nbpeft.formats", "nbpeft.formats.*"],
+     "adapters out: the PEFT folder, merged checkpoints, GGUF, checks per serving program"),
+    ("training", ["nbpeft.training", "nbpeft.training.*"],
+     "options, the loop, events, display, checkpoints, memory, precision, loss and attention, processes, jobs"),
+    ("inference", ["nbpeft.inference", "nbpeft.inference.*"],
+     "generation, and adapters answering the same prompts side by side"),
     ("public API", ["nbpeft"],
      "the package root: re-exports the API"),
     ("front-ends", ["nbpeft.frontend", "nbpeft.magics", "nbpeft.magics.*", "nbpeft.widgets", "nbpeft.widgets.*"],
@@ -205,14 +215,15 @@ def test_no_private_name_across_modules() -> None:
 
 def test_the_checks_catch_what_they_claim() -> None:
     """The layer table puts a plugin below the core and front-ends on top: an upward arrow is visible."""
-    assert layer_of("nbpeft.methods.lora") < layer_of("nbpeft.core") < layer_of("nbpeft.io") < layer_of("nbpeft")
+    assert layer_of("nbpeft.methods.lora") < layer_of("nbpeft.core") < layer_of("nbpeft.formats.peft_folder") < layer_of("nbpeft")
     assert layer_of("nbpeft.methods.base") < layer_of("nbpeft.targeting") < layer_of("nbpeft.methods")
     assert layer_of("nbpeft") < layer_of("nbpeft.magics") == layer_of("nbpeft.widgets.attach") == layer_of("nbpeft.frontend")
-    assert layer_of("nbpeft.some_new_module") == layer_of("nbpeft.io")
+    with pytest.raises(AssertionError, match="in no layer"):
+        layer_of("nbpeft.some_new_module")  # no catch-all rung: a new top-level module must be placed
     assert _in(("nbpeft.widgets.attach", "nbpeft.magics"), FORBIDDEN)
-    assert ("nbpeft.io", "nbpeft.core") in EDGES
+    assert ("nbpeft.formats.peft_folder", "nbpeft.core") in EDGES
     # the implicit package import: importing nbpeft.methods.base runs nbpeft/methods/__init__.py
     assert ("nbpeft.core", "nbpeft.methods") in EDGES
     # a function-level import counts, and so does the discovery of the plugins
-    assert ("nbpeft.train", "nbpeft.live") in EDGES
+    assert ("nbpeft.training.loop", "nbpeft.training.display") in EDGES
     assert ("nbpeft.methods", "nbpeft.methods.lora") in EDGES

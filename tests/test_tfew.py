@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import nbpeft
-from nbpeft import tfew
-from nbpeft.data import IGNORE
+from nbpeft.data.batches import IGNORE
+from nbpeft.training import tfew
 
 from conftest import tiny_llama
 

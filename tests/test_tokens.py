@@ -10,8 +10,8 @@ import transformers
 from safetensors.torch import load_file
 
 import nbpeft
+from nbpeft.data.new_tokens import TokenEmbedding, TokenHead
 from nbpeft.models import resolve_name
-from nbpeft.tokens import TokenEmbedding, TokenHead
 
 from conftest import assert_same, snapshot
 

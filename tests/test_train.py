@@ -10,11 +10,11 @@ import torch
 from torch.utils.data import DataLoader
 
 import nbpeft
-from nbpeft.data import IGNORE, Batches, encode
-from nbpeft.events import Begin, End, Listener, Note, Step
-from nbpeft.live import LossCurve, NotebookDisplay, TextDisplay, banner_text, progress_text, summary_text
-from nbpeft.precision import choose
-from nbpeft.train import StopTraining, TrainResult, lr_factor, pick_device, pick_precision
+from nbpeft.data.batches import IGNORE, Batches, encode
+from nbpeft.training.display import LossCurve, NotebookDisplay, TextDisplay, banner_text, progress_text, summary_text
+from nbpeft.training.events import Begin, End, Listener, Note, Step
+from nbpeft.training.loop import StopTraining, TrainResult, lr_factor, pick_device, pick_precision
+from nbpeft.training.precision import choose
 
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
 

@@ -136,7 +136,7 @@ def test_show_example_renders_the_chosen_row_with_the_chosen_tokenizer():
 
 def test_show_example_and_start_use_the_models_own_tokenizer():
 
-    from nbpeft.data import remember_tokenizer
+    from nbpeft.data.batches import remember_tokenizer
 
     chars = char_tokenizer()
     tab = tab_for({"data": QA})

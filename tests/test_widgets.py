@@ -275,7 +275,7 @@ def test_panel_rejects_what_is_not_a_model():
 # training ----------------------------------------------------------------------------------------
 
 def test_train_tab_shows_notes_from_the_loop():
-    from nbpeft.events import Note
+    from nbpeft.training.events import Note
     from nbpeft.widgets.training import PanelDisplay
 
     status = widgets.HTML()
@@ -598,8 +598,8 @@ def test_dtype_and_quant_follow_the_format(llama):
         tab.export_format.value = fmt
         states[fmt] = (tab.export_dtype.disabled, tab.export_quant.disabled)
     assert states == {"merged": (False, True), "gguf": (True, False), "gguf-adapter": (True, True)}
-    from nbpeft.export import DTYPES, FORMATS
-    from nbpeft.gguf_export import QUANTS
+    from nbpeft.formats.export import DTYPES, FORMATS
+    from nbpeft.formats.gguf import QUANTS
 
     assert list(tab.export_format.options) == list(FORMATS) and list(tab.export_quant.options) == list(QUANTS)
     assert [value for _, value in tab.export_dtype.options] == ["base", *DTYPES]

@@ -15,10 +15,10 @@ from torch import nn
 
 import nbpeft
 
-from ..data import MissingTokenizer
-from ..export import FORMATS, TARGETS
+from ..data.batches import MissingTokenizer
+from ..formats.export import FORMATS, TARGETS
+from ..formats.peft_folder import WEIGHTS_FILE
 from ..frontend import option_value, parse_options, parse_value
-from ..io import WEIGHTS_FILE
 from ..methods.base import get_method, method_options
 from .line import USAGE, fail, split_line, usage_errors
 from .tables import MethodTable

@@ -11,10 +11,10 @@ from torch import nn
 
 import nbpeft
 
-from ..combine import HOWS, SIGN_METHODS
-from ..export import DTYPES, FORMATS, TARGETS
+from ..adapters.combine import HOWS, SIGN_METHODS
+from ..formats.export import DTYPES, FORMATS, TARGETS
+from ..formats.gguf import QUANTS
 from ..frontend import data_variables, tokenizer_variables
-from ..gguf_export import QUANTS
 from ..methods.base import get_method, method_options
 from .commands import SHOW_VARIABLES, TRAIN_VARIABLES
 from .line import FLAGS, SWITCHES

@@ -38,8 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import architectures, targeting
+from ..errors import ConfigError
 from ..layers import AdapterLayer, TrainedCopy, adapter_factory, add_adapter, innermost, set_module, wrappers
-from .base import Attached, ConfigError, Method, MethodConfig, option, register
+from .base import Attached, Method, MethodConfig, option, register
 
 DEFAULT_REDUCTION = 16
 

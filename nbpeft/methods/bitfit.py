@@ -24,8 +24,9 @@ from torch import nn
 from torch.func import functional_call
 
 from .. import targeting
+from ..errors import ConfigError
 from ..layers import AdapterLayer, adapter_dtype, wrappers
-from .base import Attached, ConfigError, Method, MethodConfig, option, register
+from .base import Attached, Method, MethodConfig, option, register
 
 
 def _is_norm(module: nn.Module) -> bool:

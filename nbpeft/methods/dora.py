@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..layers import AdapterLayer
-from .base import ConfigError, register
+from .base import register
 from .lora import LoRA, LoraConfig, LoRALinear
 
 _EPS = 1e-12

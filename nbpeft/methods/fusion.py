@@ -36,8 +36,9 @@ import torch
 from torch import nn
 
 from .. import targeting
+from ..errors import ConfigError
 from .adapter import BottleneckAdapter
-from .base import Attached, ConfigError, Method, MethodConfig, option, register
+from .base import Attached, Method, MethodConfig, option, register
 
 
 @dataclass

@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from .. import architectures, targeting
+from ..errors import ConfigError
 from ..layers import AdapterLayer, adapter_factory, adapter_layers, find_layer
-from .base import Attached, ConfigError, Method, MethodConfig, option, register
+from .base import Attached, Method, MethodConfig, option, register
 
 
 @dataclass

@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import architectures, targeting
+from ..errors import ConfigError
 from ..layers import AdapterLayer, adapter_factory, get_module, innermost
 from . import lora_experts, lora_init
-from .base import Attached, ConfigError, Method, MethodConfig, option, register
+from .base import Attached, Method, MethodConfig, option, register
 
 
 def default_targets(model: nn.Module, method: str) -> list[str] | str:

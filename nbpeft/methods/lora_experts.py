@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from .. import architectures, targeting
+from ..errors import ConfigError
 from ..layers import AdapterLayer, adapter_factory, add_adapter
-from .base import ConfigError
 
 # target_parameters="experts": the family's expert weights (architectures.FAMILIES, role expert_parameters)
 EXPERTS = "experts"

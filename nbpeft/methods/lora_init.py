@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .base import ConfigError
+from ..errors import ConfigError
 
 # Inits that replace the base weight (the layer must keep the original to restore it on detach).
 REWEIGHTING = ("pissa", "olora", "loftq")

@@ -35,8 +35,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..layers import AdapterLayer, adapter_factory
-from .base import Attached, ConfigError, Method, MethodConfig, option, register
+from .base import Attached, Method, MethodConfig, option, register
 from .prompt import (
     HEAD_PREFIX,
     as_kwargs,

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from .. import architectures, targeting
+from ..errors import ConfigError
 from ..layers import AdapterLayer, adapter_dtype, find_layer, innermost
-from .base import REFERENCE_PREFIX, Attached, ConfigError, Method, MethodConfig, option, register
+from .base import REFERENCE_PREFIX, Attached, Method, MethodConfig, option, register
 
 # The reference keeps a prompt adapter's saved modules (a classifier head) under "base_model."
 # alone: it wraps no tuner model around the transformers model for these methods.

@@ -47,9 +47,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import nf4, targeting
+from ..errors import ConfigError
 from ..layers import AdapterLayer, adapter_dtype, find_layer
 from . import lora_init
-from .base import Attached, ConfigError, option, register
+from .base import Attached, option, register
 from .lora import LoRA, LoraConfig, LoRALinear, default_targets
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

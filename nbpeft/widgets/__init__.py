@@ -14,7 +14,7 @@ from typing import Any
 import ipywidgets as widgets
 from torch import nn
 
-from ..methods.base import ConfigError
+from ..errors import ConfigError
 from .adapters import AdaptersTab
 from .attach import AttachTab
 from .preview import Preview, preview

@@ -13,11 +13,11 @@ from torch import nn
 
 import nbpeft
 
-from ..combine import HOWS
-from ..export import DTYPES, FORMATS, TARGETS
+from ..adapters.combine import HOWS
+from ..errors import ConfigError
+from ..formats.export import DTYPES, FORMATS, TARGETS
+from ..formats.gguf import QUANTS
 from ..frontend import one_line, parse_options
-from ..gguf_export import QUANTS
-from ..methods.base import ConfigError
 from .attach import say
 from .fields import LABEL
 

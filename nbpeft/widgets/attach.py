@@ -12,8 +12,9 @@ from torch import nn
 import nbpeft
 
 from .. import core, targeting
+from ..errors import ConfigError
 from ..frontend import one_line
-from ..methods.base import ConfigError, Method, get_method
+from ..methods.base import Method, get_method
 from .fields import LABEL, OptionField, help_label, option_fields, read_options
 from .preview import Preview, preview
 

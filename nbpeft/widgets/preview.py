@@ -15,7 +15,7 @@ from torch import nn
 
 import nbpeft
 
-from ..compare import meta_copy
+from ..adapters.compare import meta_copy
 from ..errors import ConfigError
 
 

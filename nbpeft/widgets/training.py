@@ -21,12 +21,12 @@ from torch import nn
 
 import nbpeft
 
-from ..data import MissingTokenizer, kind_of, tokenizer_for
-from ..events import Begin, End, Listener, Note, Step, StopTraining
+from ..data.batches import MissingTokenizer, kind_of, tokenizer_for
+from ..errors import ConfigError
 from ..frontend import data_variables, one_line, tokenizer_variables
-from ..live import LossCurve, banner_text, progress_text, summary_text
-from ..methods.base import ConfigError
-from ..train import DEFAULT_EFFECTIVE_BATCH, PRECISIONS, TrainResult
+from ..training.display import LossCurve, banner_text, progress_text, summary_text
+from ..training.events import Begin, End, Listener, Note, Step, StopTraining
+from ..training.loop import DEFAULT_EFFECTIVE_BATCH, PRECISIONS, TrainResult
 from .attach import say
 
 RESULT_VARIABLE = "_peft_result"

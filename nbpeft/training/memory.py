@@ -7,8 +7,10 @@ much memory a step needs, never what it computes.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
+import platform
 import resource
 import sys
 import time
@@ -20,8 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import fast
-from .data import PAD_MULTIPLE, collate, collate_packed, pack
+from ..data.batches import PAD_MULTIPLE, collate, collate_packed, pack
 
 __all__ = ["Released", "fit_micro_batch", "is_out_of_memory", "release", "split_batch"]
 
@@ -257,7 +258,7 @@ def release(model: nn.Module | None = None) -> Released:
     if on_cuda:
         torch.cuda.empty_cache()
         return Released("cuda", before, torch.cuda.memory_allocated(), reserved_before, torch.cuda.memory_reserved())
-    fast.trim_heap()
+    trim_heap()
     return Released("cpu", before, resident_bytes())
 
 
@@ -278,3 +279,51 @@ def _clear_frames(tb: types.TracebackType | None) -> None:
             except RuntimeError:  # still running (the kernel's own frames)
                 pass
         tb = tb.tb_next
+
+
+# ---------------------------------------------------------------- the CPU allocator between steps
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling on 64-bit; its own dynamic threshold tops out here
+_AFTER_TRIM_THRESHOLD = 2 * _MMAP_THRESHOLD_MAX  # where glibc's dynamic trim threshold would settle
+
+
+def _glibc() -> Any | None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def trim_heap() -> None:
+    """Hand glibc's free heap back to the kernel, so the resident set shrinks to what is in use (no-op without glibc)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def steady_allocator(device: torch.device) -> Callable[[], None]:
+    """Keep freed CPU memory in the process between training steps; returns the undo.
+
+    By default glibc hands large freed blocks back to the kernel, so every step's
+    activations arrive as fresh pages that fault in one at a time: 15,000-35,000 page faults
+    per step for smollm2-135m at 4 x 128 tokens, 2-3% of the step. During training the heap
+    keeps what it frees (requests up to 32 MiB come from it, freed memory is not trimmed) and
+    the next step reuses the same, already mapped pages; the peak is the same working set.
+    The undo returns the free memory to the kernel and leaves glibc's thresholds where its
+    own dynamic adjustment would have settled. Does nothing off CPU or without glibc.
+    """
+    libc = _glibc() if device.type == "cpu" else None
+    if libc is None:
+        return lambda: None
+    libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+
+    def undo() -> None:
+        libc.mallopt(_M_TRIM_THRESHOLD, _AFTER_TRIM_THRESHOLD)
+        libc.malloc_trim(0)
+
+    return undo

@@ -27,9 +27,9 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from . import core
-from .errors import ConfigError
-from .methods.lora import LoRALinear
+from .. import core
+from ..errors import ConfigError
+from ..methods.lora import LoRALinear
 
 __all__ = ["HOWS", "SIGN_METHODS", "combine"]
 

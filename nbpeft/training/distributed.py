@@ -24,7 +24,7 @@ Called inside a process group that is already up (``torchrun``, ``accelerate lau
 ``train()`` runs the same worker code on each rank; rank 0 reports.
 
 When the kernel has already initialised CUDA, forked workers could not use it: the run is then
-written as a job (``nbpeft.jobs``) and started under ``torchrun --standalone`` in fresh
+written as a job (``nbpeft.training.jobs``) and started under ``torchrun --standalone`` in fresh
 processes, which rebuild the model from its path and the adapter as it is now; rank 0 reports
 over a local socket (:class:`Channel`) to the same display.
 """
@@ -57,8 +57,9 @@ from safetensors.torch import load as tensors_from_bytes
 from safetensors.torch import save as tensors_to_bytes
 from torch import nn
 
-from . import core, fast
-from .errors import ConfigError
+from .. import core
+from ..errors import ConfigError
+from . import compiling, lm_loss
 from .events import Begin, End, Listener, Note, Step, StopTraining, TrainResult
 
 __all__ = ["Channel", "Forward", "ProcessFailed", "fsdp2_available", "in_group", "one_line", "run", "trainable_state",
@@ -475,7 +476,7 @@ def _shard_base(model: nn.Module) -> None:
     """
     from torch.distributed.fsdp import fully_shard
 
-    for block in fast.repeated_blocks(model):
+    for block in compiling.repeated_blocks(model):
         fully_shard(block)
     fully_shard(model)
 
@@ -534,7 +535,7 @@ class _RankLoss:
         if inner is None:
             use_cache = {"use_cache": False} if "use_cache" in _forward_args(model) else {}
             self.inner = ((lambda m, b: m(**b, **use_cache).loss) if shard
-                          else (lambda m, b: fast.model_loss(m, b, use_cache)))
+                          else (lambda m, b: lm_loss.model_loss(m, b, use_cache)))
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if not torch.is_grad_enabled():  # evaluation: every rank scores the whole batch

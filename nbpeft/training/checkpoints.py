@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .methods.base import ConfigError
+from ..errors import ConfigError
 
 STATE_FILE = "state.pt"
 _PATTERN = re.compile(r"checkpoint-(\d+)$")

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import core
-from .methods.base import ConfigError
+from .. import core
+from ..errors import ConfigError
 
 QUANTS = ("f16", "q8_0")
 # transformers model_type -> (llama.cpp architecture, whether q/k rows are reordered)

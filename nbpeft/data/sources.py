@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .methods.base import ConfigError
+from ..errors import ConfigError
 
 FIELDS = ("prompt", "response", "text", "label", "messages")
 FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")

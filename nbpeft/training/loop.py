@@ -1,9 +1,9 @@
 """A small training loop for adapters, with the device and precision picked for you.
 
-The loop tells listeners what happens through four typed events (``nbpeft.events``):
+The loop tells listeners what happens through four typed events (``nbpeft.training.events``):
 ``on_begin(Begin)``, ``on_step(Step)`` once per optimizer step (with the eval loss and
 metrics on evaluation steps), ``on_note(Note)`` (e.g. a one-off compile pause) and
-``on_end(End)``. The live displays in ``nbpeft.live`` are such listeners; the loop knows
+``on_end(End)``. The live displays in ``nbpeft.training.display`` are such listeners; the loop knows
 nothing of them.
 """
 
@@ -24,10 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, core, distributed, fast, memory, precision
-from .data import Batches
+from .. import core
+from ..data.batches import Batches
+from ..errors import ConfigError
+from . import checkpoints as checkpoint
+from . import compiling, distributed, lm_loss, memory, precision
 from .events import Begin, End, Listener, Note, Step, StopTraining, TrainResult, as_listener
-from .methods.base import ConfigError
 from .precision import PRECISIONS, Choice, choose  # noqa: F401  (PRECISIONS: the panel imports it from here)
 
 __all__ = ["Listener", "StopTraining", "TrainResult", "train", "evaluate", "pick_device", "pick_precision"]
@@ -68,7 +70,7 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def pick_precision(device: torch.device, precision: str = "auto") -> str:
-    """The precision name for ``device`` (see ``nbpeft.precision.choose``, which also says why)."""
+    """The precision name for ``device`` (see ``nbpeft.training.precision.choose``, which also says why)."""
     return choose(device, precision).name
 
 
@@ -271,16 +273,16 @@ def train(
 
     ``loss_fn(model, batch)`` replaces the model's own loss (``model(**batch).loss``),
     e.g. for the T-Few multiple-choice losses. Without it, causal LMs get the same loss
-    computed block by block from the hidden states (``nbpeft.fast``), never holding the
+    computed block by block from the hidden states (``nbpeft.training.lm_loss``), never holding the
     full fp32 logits.
 
     ``compile=True`` compiles the repeated decoder block with ``torch.compile`` (faster
     steps after a one-off compile); ``None`` (default) times two eager steps and compiles
-    when the remaining steps would pay the compile back (``fast.compile_pays_off``), where
+    when the remaining steps would pay the compile back (``compiling.compile_pays_off``), where
     a compiler is available.
 
     ``live``: True draws a live loss curve in notebooks (plain lines elsewhere); False is
-    silent; a :class:`nbpeft.events.Listener` or a function ``fn(event, payload)`` gets
+    silent; a :class:`nbpeft.training.events.Listener` or a function ``fn(event, payload)`` gets
     the events.
 
     ``data`` takes any form :mod:`nbpeft.data` reads; ``columns={"prompt": "question"}`` maps
@@ -288,7 +290,7 @@ def train(
     Without ``tokenizer``, the one that belongs to the model is used (``data.tokenizer_for``).
 
     ``batch_size="auto"`` trains ``effective_batch`` examples a step (default 8) in the largest
-    micro-batch that fits, accumulating the rest (see ``nbpeft.memory``); the start banner
+    micro-batch that fits, accumulating the rest (see ``nbpeft.training.memory``); the start banner
     says what it chose. A step that runs out of memory is retried with half the micro-batch
     and twice the accumulation (the same step, nothing lost), said in one line.
 
@@ -301,7 +303,7 @@ def train(
     ``processes=N`` trains data parallel on N processes (one per GPU, or N CPU processes),
     each on ``batch_size`` rows of every global batch of N × ``batch_size``; ``shard=True``
     also shards the frozen base over them (FSDP2). Inside a process group that is already up
-    (torchrun, accelerate launch) every rank trains its share. See :mod:`nbpeft.distributed`.
+    (torchrun, accelerate launch) every rank trains its share. See :mod:`nbpeft.training.distributed`.
     """
     options = {k: v for k, v in locals().items() if k not in ("model", "data", "processes", "shard")}
     if batch_size == "auto" and distributed.wanted(processes, shard):
@@ -335,7 +337,7 @@ def train(
     prec = choose(dev, precision)
     if gradient_checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
         raise ConfigError("train(): gradient_checkpointing=True needs a transformers model")
-    if compile and not fast.can_compile(dev):
+    if compile and not compiling.can_compile(dev):
         raise ConfigError(f"train(): compile=True needs a C++ compiler (CPU) or Triton (CUDA) on {dev.type}; use compile=False")
     listener = _listener(live)
     if not (isinstance(lr_ratio, (int, float)) and lr_ratio > 0):
@@ -388,11 +390,11 @@ def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Li
     if auto_batch:
         micro, batch_reason = memory.fit_micro_batch(
             model, batches, rows, dev, params,
-            lambda batch: loss_fn(model, batch) if loss_fn else fast.model_loss(model, batch, use_cache), autocast)
+            lambda batch: loss_fn(model, batch) if loss_fn else lm_loss.model_loss(model, batch, use_cache), autocast)
         if evals is not None:  # evaluation batches no larger than the training micro-batch
             evals.batch_size = min(evals.batch_size, micro)
-    decide_compile = compile is None and not gradient_checkpointing and fast.can_compile(dev)
-    compiled = fast.compile_blocks(model) if compile else []
+    decide_compile = compile is None and not gradient_checkpointing and compiling.can_compile(dev)
+    compiled = compiling.compile_blocks(model) if compile else []
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
@@ -410,9 +412,9 @@ def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Li
     start = time.perf_counter()
     run_tokens, run_step_time = 0, 0.0
     model.train()
-    restore_allocator = fast.steady_allocator(dev)
+    restore_allocator = memory.steady_allocator(dev)
     restore_weights = precision.hold_frozen_weights_in_bf16(model, choice)
-    forget_head_casts = fast.frozen_head_casts()
+    forget_head_casts = lm_loss.frozen_head_casts()
     try:
         for step in range(first + 1, steps + 1):
             t0 = time.perf_counter()
@@ -474,10 +476,10 @@ def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Li
                                                         step, result.history))
             listener.on_step(event)
             if decide_compile and step == first + 2:
-                if fast.compile_pays_off(dev, min(r["step_time_s"] for r in result.history[-2:]), steps - step):
+                if compiling.compile_pays_off(dev, min(r["step_time_s"] for r in result.history[-2:]), steps - step):
                     listener.on_note(Note("compiling the decoder block for faster steps "
                                           "(a one-off pause; compile=False turns this off)"))
-                    compiled = fast.compile_blocks(model)
+                    compiled = compiling.compile_blocks(model)
     except StopTraining:
         result.stopped = result.stopped or "stopped"
         result.message = result.message or f"stopped after step {len(result.history)} of {steps}; the adapter stays attached"
@@ -495,7 +497,7 @@ def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Li
         model.eval()
         if gradient_checkpointing:
             _checkpointing(model, False)
-        fast.uncompile_blocks(compiled)
+        compiling.uncompile_blocks(compiled)
     result.seconds = time.perf_counter() - start
     result.truncated, result.dropped = batches.truncated, batches.dropped
     result.batch_size, result.grad_accum = micro or 0, grad_accum * _parts(rows, micro)
@@ -521,7 +523,7 @@ def _accumulate(model: nn.Module, step_batches: list[dict[str, torch.Tensor]], m
         for part, share in memory.split_batch(whole, micro):
             batch = {k: v.to(dev) for k, v in part.items()}
             with autocast:
-                loss = loss_fn(model, batch) if loss_fn else fast.model_loss(model, batch, use_cache)
+                loss = loss_fn(model, batch) if loss_fn else lm_loss.model_loss(model, batch, use_cache)
                 loss = (loss * share if share != 1.0 else loss) / len(step_batches)
             if not torch.isfinite(loss):
                 return loss.item(), tokens
@@ -562,7 +564,7 @@ def evaluate(model: nn.Module, batches: Batches, dev: torch.device, autocast: An
         for batch in batches.once():
             batch = {k: v.to(dev) for k, v in batch.items()}
             with autocast:
-                loss = loss_fn(model, batch) if loss_fn else fast.model_loss(model, batch, use_cache)
+                loss = loss_fn(model, batch) if loss_fn else lm_loss.model_loss(model, batch, use_cache)
                 losses.append(loss.float().item())
     return sum(losses) / max(len(losses), 1)
 
@@ -571,7 +573,7 @@ def _listener(live: bool | Listener | Callable[[str, Any], None]) -> Listener:
     if isinstance(live, Listener) or callable(live):
         return as_listener(live)
     if live:
-        from .live import make_display
+        from .display import make_display
 
         return make_display()
     return Listener()  # silent: every handler does nothing

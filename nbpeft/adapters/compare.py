@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import core
-from .errors import ConfigError
-from .methods.base import get_method, registered
+from .. import core
+from ..errors import ConfigError
+from ..methods.base import get_method, registered
 
 
 @dataclass

@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import core
-from .errors import ConfigError
-from .layers import AdapterLayer, adapter_factory, add_adapter, base_path, find_layer, get_module, innermost
-from .methods.base import get_method
+from .. import core
+from ..errors import ConfigError
+from ..layers import AdapterLayer, adapter_factory, add_adapter, base_path, find_layer, get_module, innermost
+from ..methods.base import get_method
 
 __all__ = ["NewTokens", "TokenEmbedding", "TokenHead", "add_tokens", "add_rows", "check_fits", "peft_config",
            "without_base_rows"]

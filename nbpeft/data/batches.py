@@ -2,9 +2,9 @@
 
 Accepted examples: strings (causal LM), ``{"prompt", "response"}`` (loss on the response
 only), ``{"messages": [...]}`` conversations (loss on every assistant turn, see
-:mod:`nbpeft.chat`), ``{"text", "label"}`` (classification), or already tokenised batches
+:mod:`nbpeft.data.chat`), ``{"text", "label"}`` (classification), or already tokenised batches
 (dicts of tensors with ``input_ids``, or a DataLoader). The forms they come in (lists,
-``datasets``, DataFrames, files) are read by :mod:`nbpeft.sources`.
+``datasets``, DataFrames, files) are read by :mod:`nbpeft.data.sources`.
 
 Examples longer than ``max_length`` are cut; one that loses every labelled token is
 dropped. :class:`Batches` counts both and :meth:`Batches.report` says so in one line.
@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
 from . import chat, sources
-from .methods.base import ConfigError
 
 IGNORE = -100
 KINDS = ("text", "prompt-response", "chat", "classification", "features")

@@ -17,13 +17,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import core, targeting, tokens
-from .errors import ConfigError
-from .layers import adapter_layers
-from .methods import lora_init
-from .methods.base import REFERENCE_PREFIX, get_method, registered
-from .methods.lora import LoRALinear
-from .models import cache_dir
+from .. import core, targeting
+from ..data import new_tokens as tokens
+from ..errors import ConfigError
+from ..layers import adapter_layers
+from ..methods import lora_init
+from ..methods.base import REFERENCE_PREFIX, get_method, registered
+from ..methods.lora import LoRALinear
+from ..models import cache_dir
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -12,9 +12,9 @@ from typing import Any
 
 from torch import nn
 
-from . import core
+from .. import core
+from ..errors import ConfigError
 from .generate import find_tokenizer, generate, prompt_label, prompt_texts, sampling_options, stop_strings
-from .methods.base import ConfigError
 
 BASE = "base"
 # The options of generate() that compare_answers() passes on, with their defaults.

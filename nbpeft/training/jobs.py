@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import core, io
-from .data import tokenizer_for
-from .errors import ConfigError
+from .. import core
+from ..data.batches import tokenizer_for
+from ..errors import ConfigError
+from ..formats import peft_folder as io
 
 __all__ = ["export_job"]
 
@@ -45,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 import nbpeft
-import nbpeft.distributed
+import nbpeft.training.distributed
 
 HERE = Path(__file__).resolve().parent
 
@@ -58,7 +59,7 @@ def main() -> None:
     rank = dist.get_rank()
     # set when a notebook started this job itself: rank 0 reports to it, every rank sends its error
     address = os.environ.get("NBPEFT_EVENTS")
-    channel = nbpeft.distributed.Channel(address) if address else None
+    channel = nbpeft.training.distributed.Channel(address) if address else None
     try:
         job = json.loads((HERE / "job.json").read_text())
         model, tokenizer = nbpeft.load_model(job["base"], task=job["task"], dtype=job["dtype"], **job["load"])
@@ -70,9 +71,9 @@ def main() -> None:
         nbpeft.set_adapter(model, job["active"])
         with open(HERE / "data.jsonl") as f:
             data = [json.loads(line) for line in f]
-        live = nbpeft.distributed.Forward(channel, stop=channel) if channel and rank == 0 else rank == 0
+        live = nbpeft.training.distributed.Forward(channel, stop=channel) if channel and rank == 0 else rank == 0
         result = nbpeft.train(model, data, tokenizer=tokenizer, live=live, **job["train"])
-        state = nbpeft.distributed.trainable_state(model) if channel and (rank == 0 or job["train"].get("shard")) else b""
+        state = nbpeft.training.distributed.trainable_state(model) if channel and (rank == 0 or job["train"].get("shard")) else b""
         if rank == 0:
             nbpeft.save_adapter(model, HERE / "adapter", overwrite=True)
             print(result)
@@ -82,7 +83,7 @@ def main() -> None:
     except BaseException as exc:
         if channel:
             kind = "ConfigError" if isinstance(exc, nbpeft.ConfigError) else type(exc).__name__
-            channel.put(("error", rank, kind, nbpeft.distributed.one_line(exc)))
+            channel.put(("error", rank, kind, nbpeft.training.distributed.one_line(exc)))
         raise
     dist.destroy_process_group()
 

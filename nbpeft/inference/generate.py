@@ -16,16 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core import end_rows, row_plan, start_rows
-from .data import chat_prompt, tokenizer_for
-from .live import in_notebook
-from .methods.base import ConfigError
+from ..core import end_rows, row_plan, start_rows
+from ..data.batches import chat_prompt, tokenizer_for
+from ..errors import ConfigError
+from ..training.display import in_notebook
 
 Messages = list[dict[str, str]]
 
 
 def find_tokenizer(model: nn.Module, tokenizer: Any, fn: str) -> Any:
-    """``tokenizer``, else the one that belongs to the model (:func:`nbpeft.data.tokenizer_for`)."""
+    """``tokenizer``, else the one that belongs to the model (:func:`nbpeft.data.batches.tokenizer_for`)."""
     return tokenizer_for(model, tokenizer, caller=f"{fn}()", fix="pass tokenizer=tokenizer (load_model returns it)")
 
 

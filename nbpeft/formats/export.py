@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import core
-from .layers import base_path
-from .methods.base import AdapterLayer, ConfigError
+from .. import core
+from ..errors import ConfigError
+from ..layers import base_path
+from ..methods.base import AdapterLayer
 
 FORMATS = ("merged", "gguf", "gguf-adapter")
 TARGETS = ("vllm", "llama.cpp", "ollama", "peft")
@@ -227,7 +228,7 @@ def export(
         if dtype not in DTYPES:
             raise ConfigError(f"export(): dtype={dtype!r} is not supported; use one of {', '.join(map(repr, DTYPES))}")
         dtype = DTYPES[dtype]
-    from . import gguf_export
+    from . import gguf as gguf_export
 
     if quant not in gguf_export.QUANTS:
         raise ConfigError(f"export(): quant={quant!r} is not supported; use one of {', '.join(map(repr, gguf_export.QUANTS))}")
@@ -325,7 +326,7 @@ def check_export(model_or_path: nn.Module | str | Path, target: str) -> ExportCh
     """
     if target not in TARGETS:
         raise ConfigError(f"check_export(): target={target!r} is not known; use one of {', '.join(map(repr, TARGETS))}")
-    from . import gguf_export
+    from . import gguf as gguf_export
 
     facts = _folder_facts(Path(model_or_path)) if isinstance(model_or_path, (str, Path)) else _model_facts(model_or_path)
     lines: list[str] = []

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import AdapterLayer, innermost
-from .methods.base import ConfigError
+from ..errors import ConfigError
+from ..layers import AdapterLayer, innermost
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # x86 flags (as /proc/cpuinfo spells them) and Arm features that mean bf16 matmuls in hardware, best first.

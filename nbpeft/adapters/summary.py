@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .core import adapter_owners, packed_weights, state
+from ..core import adapter_owners, packed_weights, state
 
 
 @dataclass

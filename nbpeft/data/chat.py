@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .methods.base import ConfigError
+from ..errors import ConfigError
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant", "tool")
@@ -45,7 +45,7 @@ def use_default_template(tokenizer: Any) -> str | None:
     if has_template(tokenizer):
         return None
     tokenizer.chat_template = DEFAULT_TEMPLATE
-    return ("this tokenizer has no chat template; conversations use nbpeft.chat.DEFAULT_TEMPLATE, "
+    return ("this tokenizer has no chat template; conversations use nbpeft.data.chat.DEFAULT_TEMPLATE, "
             "now set as tokenizer.chat_template so generation matches training")
 
 

@@ -1,0 +1,1 @@
+"""Working with attached adapters: parameter counts, methods compared, adapters combined."""

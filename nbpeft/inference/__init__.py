@@ -1,0 +1,1 @@
+"""Using a trained adapter: generation, and several adapters answering the same prompts."""

@@ -1,0 +1,193 @@
+"""Attention while the training loss is computed: per example for packed rows, by two matmuls under bf16 on CPU.
+
+Both give SDPA's result (same softmax over the same keys) where SDPA on CPU is slow; see :func:`fast_attention`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .compiling import repeated_blocks
+
+ATTENTION = "nbpeft_sdpa"
+_segments_cache: list[Any] = [None, None]  # the last mask seen and its segments (one mask serves every layer)
+# Keywords transformers passes to attention that the mask or the inputs already account for;
+# any other (a softcap, attention sinks, ...) leaves the layer to SDPA.
+PLAIN_KWARGS = {"dropout", "scaling", "sliding_window", "position_ids", "use_cache", "is_causal", "cache_position",
+                "output_attentions"}
+
+
+@contextlib.contextmanager
+def fast_attention(model: nn.Module, batch: dict[str, Any]) -> Iterator[None]:
+    """On CPU, attention that SDPA computes slowly runs another way, to the same result.
+
+    - Packed rows (``position_ids``, no ``attention_mask``): transformers gives them a
+      block-diagonal causal mask, and SDPA with a mask computes every query against every key
+      of the row, masked or not (three times the work of the examples alone for rows of 256
+      holding three examples of ~85), and repeats the grouped key/value heads. Here each
+      example runs causal attention on its own tokens: the same softmax over the same keys,
+      so the same loss. The mask is checked to be exactly block-diagonal causal.
+    - bf16/fp16 (autocast's or the weights'): PyTorch's CPU flash-attention kernel, backward
+      included, takes about twice the time of :func:`causal_attention`'s two matmuls and fp32
+      softmax at a few hundred tokens, so that runs instead, with the mask transformers built.
+
+    Anything else runs SDPA as before. Only models on transformers' "sdpa" attention, eager,
+    without gradient checkpointing.
+    """
+    config = getattr(model, "config", None)
+    first = next(model.parameters(), None)
+    on_cpu = first is not None and first.device.type == "cpu"
+    # (a config with sub-configs would pass the setting on to them: left alone; gradient checkpointing
+    # recomputes the forward in backward, after the setting is put back, and must see the same attention)
+    if (not on_cpu or getattr(config, "_attn_implementation", None) != "sdpa" or getattr(config, "sub_configs", None)
+            or _checkpointing(model)
+            or any(block._compiled_call_impl is not None for block in repeated_blocks(model))
+            or not _register_attention()):
+        yield
+        return
+    config._attn_implementation = ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
+        _segments_cache[:] = [None, None]
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether transformers' activation (gradient) checkpointing is on (the newer name first: the older warns)."""
+    on = getattr(model, "is_activation_checkpointing", None)
+    return bool(on if on is not None else getattr(model, "is_gradient_checkpointing", False))
+
+
+@functools.cache
+def _register_attention() -> bool:
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        return False
+    AttentionInterface.register(ATTENTION, _attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    return True
+
+
+def _segments(mask: torch.Tensor) -> list[list[tuple[int, int]]] | None:
+    """Each row's runs of tokens ``(start, end)`` if ``mask`` (b, 1, L, L) is exactly causal within them, else None."""
+    if _segments_cache[0] is mask:
+        return _segments_cache[1]
+    found = None
+    if mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == mask.shape[3]:
+        rows = mask[:, 0]
+        length = rows.shape[-1]
+        first = rows.int().argmax(-1)  # the first key each query sees: the start of its example
+        index = torch.arange(length, device=mask.device)
+        expected = (first[:, :, None] == first[:, None, :]) & (index[None, :, None] >= index[None, None, :])
+        if torch.equal(rows, expected):
+            found = []
+            for starts in first.tolist():
+                bounds = [i for i in range(length) if starts[i] == i] + [length]
+                found.append(list(zip(bounds[:-1], bounds[1:])))
+    _segments_cache[:] = [mask, found]
+    return found
+
+
+def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
+    n = query.shape[2]
+    if (n == 1 or key.shape[2] != n or not causal or set(kwargs) - PLAIN_KWARGS or torch.compiler.is_compiling()
+            or (attention_mask is not None and (attention_mask.dtype != torch.bool or attention_mask.dim() != 4
+                                                or attention_mask.shape[1] != 1))):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    dtype = _matmul_dtype(query, kwargs)
+    scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    segments = _segments(attention_mask) if attention_mask is not None else None
+    if segments is not None:  # packed rows: each example on its own tokens, causal, no mask
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # -> (1, n, heads, d)
+            if dtype is not None:
+                return causal_attention(q, k, v, scale, dtype).transpose(1, 2)
+            return sdpa_attention_forward(module, q, k, v, None, **dict(kwargs, is_causal=True))[0]
+
+        rows = [torch.cat([attend(query[r:r + 1, :, a:b], key[r:r + 1, :, a:b], value[r:r + 1, :, a:b]) for a, b in runs],
+                          dim=1) for r, runs in enumerate(segments)]
+        return torch.cat(rows), None
+    if dtype is not None:
+        return causal_attention(query, key, value, scale, dtype, attention_mask).transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _matmul_dtype(query: torch.Tensor, kwargs: dict[str, Any]) -> torch.dtype | None:
+    """The dtype :func:`causal_attention` runs in instead of SDPA, or None to run SDPA.
+
+    bf16/fp16 on CPU (the query's dtype, or autocast's) without dropout: there PyTorch's CPU
+    flash-attention kernel, backward included, takes about twice the time of the two matmuls
+    and a softmax at ~100 tokens an example.
+    """
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+    usable = query.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not kwargs.get("dropout")
+    return dtype if usable else None
+
+
+class _Attention(torch.autograd.Function):
+    """Attention by two matmuls and an fp32 softmax that keeps only its inputs for backward.
+
+    The probabilities, (b, heads, n, n), are computed again in backward rather than held
+    from forward to backward across every layer, as a flash kernel does.
+    """
+
+    @staticmethod
+    def _probs(grouped: torch.Tensor, key: torch.Tensor, hidden: torch.Tensor, scale: float) -> torch.Tensor:
+        scores = torch.matmul(grouped.float(), key.unsqueeze(2).transpose(-1, -2).float()) * scale
+        return scores.masked_fill_(hidden, torch.finfo(torch.float32).min).softmax(-1)
+
+    @staticmethod
+    def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, hidden: torch.Tensor,
+                scale: float, dtype: torch.dtype) -> torch.Tensor:
+        b, heads, n, d = query.shape
+        ctx.scale, ctx.dtypes = scale, (query.dtype, key.dtype, value.dtype)  # the gradients' dtypes
+        grouped = query.to(dtype).reshape(b, key.shape[1], heads // key.shape[1], n, d)
+        key, value = key.to(dtype), value.to(dtype)
+        probs = _Attention._probs(grouped, key, hidden, scale)
+        ctx.save_for_backward(grouped, key, value, hidden)
+        return torch.matmul(probs.to(dtype), value.unsqueeze(2)).reshape(b, heads, n, value.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
+        grouped, key, value, hidden = ctx.saved_tensors
+        probs = _Attention._probs(grouped, key, hidden, ctx.scale)
+        grad_out = grad_out.to(value.dtype).reshape(*grouped.shape[:-1], value.shape[-1])
+        grad_value = torch.matmul(probs.to(value.dtype).transpose(-1, -2), grad_out).float().sum(2)
+        grad_probs = torch.matmul(grad_out, value.unsqueeze(2).transpose(-1, -2)).float()
+        grad_scores = probs.mul_(grad_probs - (grad_probs * probs).sum(-1, keepdim=True)).mul_(ctx.scale)
+        grad_query = torch.matmul(grad_scores, key.unsqueeze(2).float()).flatten(1, 2)
+        grad_key = torch.matmul(grad_scores.transpose(-1, -2), grouped.float()).sum(2)
+        return (grad_query.to(ctx.dtypes[0]), grad_key.to(ctx.dtypes[1]), grad_value.to(ctx.dtypes[2]),
+                None, None, None)
+
+
+def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                     dtype: torch.dtype | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of ``query`` (b, heads, n, d) over ``key``/``value`` (b, kv_heads, n, d).
+
+    ``mask`` (bool, True where a query sees a key, (b, 1, n, n) or (n, n)) replaces the causal
+    one when given, as SDPA's ``attn_mask``. Computed as SDPA computes in ``dtype`` (default:
+    the query's): inputs rounded to ``dtype``, scores and softmax in fp32, the probabilities
+    meeting the values in ``dtype``; the result is in ``dtype``. Grouped heads share their
+    key/value head without copies. A query that sees no key gets the mean of the values.
+    """
+    n = query.shape[2]
+    if mask is None:
+        mask = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+    hidden = ~mask.unsqueeze(-3) if mask.dim() == 4 else ~mask  # against scores (b, kv_heads, group, n, n)
+    with torch.autocast(query.device.type, enabled=False):
+        return _Attention.apply(query, key, value, hidden, scale, dtype or query.dtype)
+
+
