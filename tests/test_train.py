@@ -492,7 +492,7 @@ def test_weight_decay_shrinks_adapter_matrices():
     ({"save_every": 2}, "save_every= needs output_dir="),
     ({"save_every": 0, "output_dir": "x"}, "save_every=0 must be a positive number of steps"),
     ({"resume": True}, "resume=True needs output_dir="),
-    ({"metrics": 3}, "metrics= must be a function of the model"),
+    ({"metrics": 3}, "metrics=3 must be a function of the model"),
 ])
 def test_bad_schedule_and_checkpoint_options(llama, kwargs, message):
     nbpeft.attach(llama, "lora")

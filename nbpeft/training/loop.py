@@ -18,7 +18,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,11 +29,11 @@ from ..errors import ConfigError
 from . import checkpoints as checkpoint
 from . import compiling, distributed, lm_loss, memory, precision
 from .events import Begin, End, Listener, Note, Step, StopTraining, TrainResult, as_listener
+from .options import SCHEDULES, Settings, docstring, signature  # noqa: F401  (SCHEDULES: imported from here)
 from .precision import PRECISIONS, Choice, choose  # noqa: F401  (PRECISIONS: the panel imports it from here)
 
 __all__ = ["Listener", "StopTraining", "TrainResult", "train", "evaluate", "pick_device", "pick_precision"]
 
-SCHEDULES = ("constant", "linear", "cosine")
 LR_FLOOR = 0.1  # linear and cosine decay to 10% of the peak: the last steps still learn
 DEFAULT_EFFECTIVE_BATCH = 8  # batch_size="auto" without effective_batch=: as many as the default batch_size
 
@@ -125,33 +124,21 @@ def warmup_steps(warmup: int | float | None, steps: int) -> int:
     return int(warmup)
 
 
-def _check_options(steps: int | None, epochs: float | None, lr: float, batch_size: int, grad_accum: int,
-                   max_length: int, schedule: str, warmup: int | float | None, weight_decay: float,
-                   save_every: int | None, output_dir: Any, metrics: Any) -> None:
-    for name, value in (("batch_size", batch_size), ("grad_accum", grad_accum), ("max_length", max_length)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"train(): {name}={value!r} must be a positive integer")
-    if steps is not None and (not isinstance(steps, int) or steps < 1):
-        raise ConfigError(f"train(): steps={steps!r} must be a positive integer")
-    if epochs is not None and (not isinstance(epochs, (int, float)) or epochs <= 0):
-        raise ConfigError(f"train(): epochs={epochs!r} must be positive")
-    if steps is not None and epochs is not None:
+def _check_combinations(model: nn.Module, s: Settings) -> None:
+    """What no single option's check can see: options that go together or exclude each other."""
+    if s.steps is not None and s.epochs is not None:
         raise ConfigError("train(): give steps= or epochs=, not both")
-    if not isinstance(lr, (int, float)) or not 0 < lr < 1:
-        raise ConfigError(f"train(): lr={lr!r} must be between 0 and 1, e.g. lr=2e-4")
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"train(): schedule={schedule!r} is not known; use one of {', '.join(SCHEDULES)}")
-    if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or warmup < 0
-                               or isinstance(warmup, float) and 1 <= warmup and not warmup.is_integer()):
-        raise ConfigError(f"train(): warmup={warmup!r} must be a number of steps (e.g. 10) or a share of them (e.g. 0.1)")
-    if not isinstance(weight_decay, (int, float)) or isinstance(weight_decay, bool) or not 0 <= weight_decay < 1:
-        raise ConfigError(f"train(): weight_decay={weight_decay!r} must be between 0 and 1, e.g. weight_decay=0.01")
-    if save_every is not None and (not isinstance(save_every, int) or isinstance(save_every, bool) or save_every < 1):
-        raise ConfigError(f"train(): save_every={save_every!r} must be a positive number of steps")
-    if save_every is not None and output_dir is None:
+    if s.save_every is not None and s.output_dir is None:
         raise ConfigError("train(): save_every= needs output_dir=, the folder to write checkpoints to")
-    if metrics is not None and not callable(metrics):
-        raise ConfigError("train(): metrics= must be a function of the model returning a dict, e.g. {'accuracy': 0.9}")
+    if s.batch_size == "auto" and distributed.wanted(s.processes, s.shard):
+        raise ConfigError("train(): batch_size='auto' works in one process; with processes= give batch_size=N "
+                          "(rows per process)")
+    if s.gradient_checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
+        raise ConfigError("train(): gradient_checkpointing=True needs a transformers model")
+    if s.lr_ratio != 1 and not lora_b_parameters(model):
+        raise ConfigError(f"train(): lr_ratio={s.lr_ratio} speeds up LoRA's B matrices, but no trainable lora_B was "
+                          "found; attach a LoRA-family adapter or leave lr_ratio=1")
+    _check_trainable(model, s.full)
 
 
 def _batch_plan(batch_size: int | str, grad_accum: int, effective_batch: int | None) -> tuple[Any, bool]:
@@ -217,41 +204,7 @@ def _device_info(dev: torch.device) -> tuple[str, int]:
     return props.name, props.total_memory
 
 
-def train(
-    model: nn.Module,
-    data: Any,
-    *,
-    tokenizer: Any = None,
-    steps: int | None = None,
-    epochs: float | None = None,
-    lr: float = 2e-4,
-    batch_size: int | str = 8,
-    grad_accum: int = 1,
-    effective_batch: int | None = None,
-    max_length: int = 512,
-    eval_data: Any = None,
-    eval_every: int | None = None,
-    metrics: Callable[[nn.Module], dict[str, float]] | None = None,
-    schedule: str = "linear",
-    warmup: int | float | None = None,
-    weight_decay: float = 0.0,
-    save_every: int | None = None,
-    output_dir: str | Path | None = None,
-    resume: bool | str | Path = False,
-    full: bool = False,
-    device: str = "auto",
-    precision: str = "auto",
-    gradient_checkpointing: bool = False,
-    live: bool | Listener | Callable[[str, Any], None] = True,
-    seed: int = 0,
-    loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
-    compile: bool | None = None,
-    columns: dict[str, str] | None = None,
-    packing: bool = False,
-    lr_ratio: float = 1.0,
-    processes: int = 1,
-    shard: bool = False,
-) -> TrainResult:
+def train(model: nn.Module, data: Any, **options: Any) -> TrainResult:
     """Train the model's trainable parameters (its active adapter) on ``data``.
 
     A model with no adapter is refused unless ``full=True``, which trains every parameter
@@ -305,54 +258,46 @@ def train(
     also shards the frozen base over them (FSDP2). Inside a process group that is already up
     (torchrun, accelerate launch) every rank trains its share. See :mod:`nbpeft.training.distributed`.
     """
-    options = {k: v for k, v in locals().items() if k not in ("model", "data", "processes", "shard")}
-    if batch_size == "auto" and distributed.wanted(processes, shard):
-        raise ConfigError("train(): batch_size='auto' works in one process; with processes= give batch_size=N "
-                          "(rows per process)")
-    batch_size, auto_batch = _batch_plan(batch_size, grad_accum, effective_batch)
-    _check_options(steps, epochs, lr, batch_size, grad_accum, max_length, schedule, warmup, weight_decay,
-                   save_every, output_dir, metrics)
-    _check_trainable(model, full)
-    if distributed.wanted(processes, shard):
-        return distributed.run(train, model, data, processes=processes, shard=shard, options=options,
-                               listener=lambda: _listener(live))
-    resume_from = checkpoint.find(resume, output_dir) if resume else None
+    s = Settings.of("train()", {"data": data, **options})
+    _check_combinations(model, s)
+    if distributed.wanted(s.processes, s.shard):
+        rest = {k: v for k, v in vars(s).items() if k not in ("data", "processes", "shard")}
+        return distributed.run(train, model, data, processes=s.processes, shard=s.shard, options=rest,
+                               listener=lambda: _listener(s.live))
+    batch_size, auto_batch = _batch_plan(s.batch_size, s.grad_accum, s.effective_batch)
+    tokenizer, max_length, seed, columns, packing = s.tokenizer, s.max_length, s.seed, s.columns, s.packing
+    resume_from = checkpoint.find(s.resume, s.output_dir) if s.resume else None
     batches = Batches(data, tokenizer, batch_size, max_length, seed, model=model, columns=columns, packing=packing)
     if auto_batch and (batches.kind == "batches" or batches.stream is not None):
         raise ConfigError("train(): batch_size='auto' needs examples with a length (a list or a Dataset); "
                           "a DataLoader or a stream keeps the batch size it has, so give batch_size=")
-    evals = (Batches(eval_data, tokenizer, batch_size, max_length, seed, model=model, columns=columns, packing=packing)
-             if eval_data is not None else None)
+    evals = (Batches(s.eval_data, tokenizer, batch_size, max_length, seed, model=model, columns=columns, packing=packing)
+             if s.eval_data is not None else None)
+    steps, eval_every = s.steps, s.eval_every
     if steps is None:
         if batches.per_epoch is None:
             raise ConfigError("train(): this data has no length; pass steps=")
-        steps = max(1, math.ceil((epochs or 1) * batches.per_epoch / grad_accum))
-    if (evals is not None or metrics is not None) and eval_every is None:
+        steps = max(1, math.ceil((s.epochs or 1) * batches.per_epoch / s.grad_accum))
+    if (evals is not None or s.metrics is not None) and eval_every is None:
         eval_every = max(1, steps // 5)
     saved = checkpoint.load(resume_from) if resume_from else None
     if saved is not None and saved["step"] >= steps:
         raise ConfigError(f"train(): the checkpoint is at step {saved['step']}, the run has {steps} steps; "
                           "raise steps= to train further")
-    dev = pick_device(device)
-    prec = choose(dev, precision)
-    if gradient_checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
-        raise ConfigError("train(): gradient_checkpointing=True needs a transformers model")
-    if compile and not compiling.can_compile(dev):
+    dev = pick_device(s.device)
+    prec = choose(dev, s.precision)
+    if s.compile and not compiling.can_compile(dev):
         raise ConfigError(f"train(): compile=True needs a C++ compiler (CPU) or Triton (CUDA) on {dev.type}; use compile=False")
-    listener = _listener(live)
-    if not (isinstance(lr_ratio, (int, float)) and lr_ratio > 0):
-        raise ConfigError(f"train(): lr_ratio={lr_ratio!r} must be a positive number (B's learning rate over A's), e.g. 16")
-    if lr_ratio != 1 and not lora_b_parameters(model):
-        raise ConfigError(f"train(): lr_ratio={lr_ratio} speeds up LoRA's B matrices, but no trainable lora_B was found; "
-                          "attach a LoRA-family adapter or leave lr_ratio=1")
-
+    listener = _listener(s.live)
+    full = s.full
     flags = {p: p.requires_grad for p in model.parameters()} if full else {}
     if full:
         model.requires_grad_(True)
     try:
-        return _run(model, batches, evals, listener, dev, prec, steps, lr, grad_accum, eval_every, metrics, schedule,
-                    warmup_steps(warmup, steps), weight_decay, save_every, output_dir, saved, full,
-                    gradient_checkpointing, seed, loss_fn, compile, auto_batch, lr_ratio=lr_ratio)
+        return _run(model, batches, evals, listener, dev, prec, steps, s.lr, s.grad_accum, eval_every, s.metrics,
+                    s.schedule, warmup_steps(s.warmup, steps), s.weight_decay, s.save_every, s.output_dir, saved, full,
+                    s.gradient_checkpointing, seed, s.loss_fn, s.compile, auto_batch, lr_ratio=s.lr_ratio,
+                    max_grad_norm=s.max_grad_norm)
     finally:
         for param, flag in flags.items():  # full=True: frozen again, as the rest of the API expects
             param.requires_grad = flag
@@ -362,7 +307,7 @@ def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Li
          steps: int, lr: float, grad_accum: int, eval_every: int | None, metrics: Callable | None, schedule: str,
          warmup: int, weight_decay: float, save_every: int | None, output_dir: Any, saved: dict | None, full: bool,
          gradient_checkpointing: bool, seed: int, loss_fn: Callable | None, compile: bool | None,
-         auto_batch: bool = False, lr_ratio: float = 1.0) -> TrainResult:
+         auto_batch: bool = False, lr_ratio: float = 1.0, max_grad_norm: float | None = 1.0) -> TrainResult:
     prec = choice.name
     params = core.trainable_parameters(model)
     torch.manual_seed(seed)
@@ -454,7 +399,8 @@ def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Li
                 raise StopTraining
             if scaler:
                 scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step_time = time.perf_counter() - t0
@@ -577,3 +523,7 @@ def _listener(live: bool | Listener | Callable[[str, Any], None]) -> Listener:
 
         return make_display()
     return Listener()  # silent: every handler does nothing
+
+
+train.__signature__ = signature([inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD)])
+train.__doc__ = inspect.cleandoc(train.__doc__) + "\n\n" + docstring()
