@@ -12,7 +12,7 @@ import importlib.util
 import sys
 import warnings
 
-from . import methods as _methods  # noqa: F401  (registers the built-in methods)
+from . import methods  # the package, callable: nbpeft.methods() lists the methods
 from .adapters.combine import combine
 from .adapters.compare import Comparison, compare
 from .adapters.summary import Summary, summary
@@ -24,7 +24,6 @@ from .formats.export import ExportCheck, ExportResult, check_export, export, to_
 from .formats.peft_folder import load_adapter, save_adapter
 from .inference.answers import Answers, compare_answers
 from .inference.generate import generate
-from .methods.base import methods
 from .models import load_model
 from .training.jobs import export_job
 from .training.loop import TrainResult, train

@@ -14,6 +14,7 @@ from typing import Any
 
 from .data import batches as data
 from .errors import ConfigError
+from .training.display import notebook_shell
 
 _WORDS = {"true": True, "false": False, "none": None}
 OPTION = re.compile(r"([A-Za-z_][\w-]*)\s*[=:]\s*(.*)", re.DOTALL)
@@ -140,12 +141,7 @@ def one_line(err: BaseException, spellings: dict[str, str] | None = None) -> str
 
 def _hidden_names() -> set[str]:
     """IPython's own variables (In, Out, exit...), which are no data of the user's."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return set()
-    shell = get_ipython()
-    return set(getattr(shell, "user_ns_hidden", {}))
+    return set(getattr(notebook_shell(), "user_ns_hidden", {}))
 
 
 def trainable_data(value: Any) -> bool:

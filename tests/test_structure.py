@@ -227,3 +227,36 @@ def test_the_checks_catch_what_they_claim() -> None:
     # a function-level import counts, and so does the discovery of the plugins
     assert ("nbpeft.training.loop", "nbpeft.training.display") in EDGES
     assert ("nbpeft.methods", "nbpeft.methods.lora") in EDGES
+
+
+def test_the_package_root_shadows_no_submodule() -> None:
+    """``nbpeft.<name>`` is the submodule wherever a submodule of that name exists (``nbpeft.methods`` is callable)."""
+    import importlib
+    import pkgutil
+
+    import nbpeft
+
+    for info in pkgutil.iter_modules(nbpeft.__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"nbpeft.{info.name}")
+        assert getattr(nbpeft, info.name, module) is module, f"nbpeft.{info.name} is shadowed"
+    assert [m.name for m in nbpeft.methods()] == [m.name for m in nbpeft.methods.base.methods()]
+
+
+def test_moved_modules_still_import_from_their_old_paths() -> None:
+    import importlib
+    import sys
+
+    import nbpeft
+
+    for old, new in nbpeft.MOVED.items():
+        sys.modules.pop(old, None)
+        with pytest.warns(DeprecationWarning, match=f"{old} moved to {new}"):
+            moved = importlib.import_module(old)
+        target = importlib.import_module(new)
+        public = [n for n in vars(target) if not n.startswith("_")]
+        assert public and all(getattr(moved, n) is getattr(target, n) for n in public)
+    from nbpeft.events import Listener  # the README's old spelling
+
+    assert Listener is importlib.import_module("nbpeft.training.events").Listener

@@ -20,12 +20,16 @@ from typing import Any
 from .events import Begin, End, Listener, Note, Step
 
 
+def notebook_shell() -> Any | None:
+    """The running IPython shell, or None; IPython is looked up only if something already imported it."""
+    ipython = sys.modules.get("IPython")
+    return ipython.get_ipython() if ipython is not None else None
+
+
 def in_notebook() -> bool:
-    shell = sys.modules.get("IPython")
-    if shell is None:
-        return False
-    ip = shell.get_ipython()
-    return ip is not None and hasattr(ip, "kernel")
+    """Whether this runs in a notebook's kernel (a terminal IPython has no kernel)."""
+    shell = notebook_shell()
+    return shell is not None and hasattr(shell, "kernel")
 
 
 def make_display() -> Listener:

@@ -15,6 +15,7 @@ import ipywidgets as widgets
 from torch import nn
 
 from ..errors import ConfigError
+from ..training.display import notebook_shell
 from .adapters import AdaptersTab
 from .attach import AttachTab
 from .preview import Preview, preview
@@ -24,11 +25,7 @@ __all__ = ["AdaptersTab", "AttachTab", "Panel", "Preview", "TrainTab", "panel", 
 
 
 def _notebook_namespace() -> dict[str, Any]:
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return {}
-    shell = get_ipython()
+    shell = notebook_shell()
     return shell.user_ns if shell is not None else {}
 
 
