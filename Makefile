@@ -34,7 +34,7 @@ unit: $(STAMP)
 	$(PY) -m pytest -q tests
 
 notebooks: $(STAMP)
-	$(PY) -m pytest -q --nbval-lax --nbval-cell-timeout=600 -p no:cacheprovider notebooks
+	$(PY) -m pytest -q --nbval-lax -p no:cacheprovider notebooks
 
 browser: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_browser.py
