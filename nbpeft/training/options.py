@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +54,9 @@ KINDS = {
     "mapping": "name: name pairs",
     "listener": "true, false, or a notebook variable holding a listener or function",
 }
+# Kinds whose values belong to this kernel (its objects, or a checkpoint of this machine's run):
+# a job written for other machines cannot carry them.
+KERNEL_KINDS = ("data", "tokenizer", "function", "listener", "bool-or-path")
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,19 @@ class TrainOption:
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
+
+    @property
+    def flag_name(self) -> str:
+        """The option as a magic's ``--flag`` (``batch_size`` is ``--batch-size``)."""
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def kernel_bound(self) -> bool:
+        """Whether the option's value lives in this kernel (see ``KERNEL_KINDS``)."""
+        return self.kind in KERNEL_KINDS
+
+    def default_text(self) -> str:
+        return "(required)" if self.required else repr(self.default)
 
     def validate(self, value: Any, caller: str = "train()") -> None:
         """Raise a one-line ConfigError when ``value`` does not pass the check."""
@@ -267,12 +283,14 @@ def signature(first: list[inspect.Parameter]) -> inspect.Signature:
     return inspect.Signature(params)
 
 
-def docstring() -> str:
-    """The options as the docstring's reference: one line each, grouped."""
-    lines = ["Options (every keyword, by group):"]
+def docstring(skip: Collection[str] = (), heading: str = "Options (every keyword, by group):") -> str:
+    """The options (but ``skip``) as a reference: one line each, ``name=default: help``, grouped."""
+    lines = [heading]
     for title, members in grouped():
-        lines += ["", f"{title}:"]
-        lines += [f"    {o.name}={'(required)' if o.required else repr(o.default)}: {o.help}" for o in members]
+        shown = [o for o in members if o.name not in skip]
+        if shown:
+            lines += ["", f"{title}:"]
+            lines += [f"    {o.name}={o.default_text()}: {o.help}" for o in shown]
     return "\n".join(lines)
 
 
