@@ -13,23 +13,13 @@ import nbpeft
 
 from .. import core, targeting
 from ..errors import ConfigError
-from ..frontend import one_line
 from ..methods.base import Method, get_method
 from .fields import LABEL, OptionField, help_label, option_fields, read_options
+from .messages import note, say, shows_errors
 from .preview import Preview, preview
 
 # the API's keyword spellings as this tab labels them
 SPELLINGS = {"name=": "adapter name "}
-
-
-def say(target: widgets.HTML, text: str, error: bool = False) -> None:
-    color = "#b00020" if error else "#1b5e20"
-    target.value = f'<span style="color:{color}">{html.escape(text)}</span>' if text else ""
-
-
-def note(target: widgets.HTML, text: str) -> None:
-    """A neutral remark (grey): neither an error nor a result."""
-    target.value = f'<span style="color:#666">{html.escape(text)}</span>'
 
 
 def target_choices(model: nn.Module, method: Method) -> list[tuple[str, str]]:
@@ -160,13 +150,13 @@ class AttachTab(widgets.VBox):
             note(self.preview, f"an adapter named {name!r} is already attached: type a new adapter name "
                                "to attach another, or Detach it")
         else:
-            try:
-                self.last_preview = preview(self.model, self.method.value, name=name, **self.options())
-            except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
-                say(self.preview, one_line(err, SPELLINGS), error=True)
-            else:
-                self.preview.value = f"<b>would train {self.last_preview}</b>"
+            self._preview(name)
         self.attach_button.disabled = self.last_preview is None
+
+    @shows_errors("preview", SPELLINGS)
+    def _preview(self, name: str) -> None:
+        self.last_preview = preview(self.model, self.method.value, name=name, **self.options())
+        self.preview.value = f"<b>would train {self.last_preview}</b>"
 
     def _idle(self) -> None:
         reason = self.busy()
@@ -174,25 +164,19 @@ class AttachTab(widgets.VBox):
             raise ConfigError(reason)
         self.before()
 
+    @shows_errors("message", SPELLINGS)
     def attach(self, *_: Any) -> nbpeft.Adapter | None:
         """``nbpeft.attach(model, method, name=name, **options)``; errors show below the buttons."""
-        try:
-            self._idle()
-            adapter = nbpeft.attach(self.model, self.method.value, name=self.name.value, **self.options())
-        except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
-            say(self.message, one_line(err, SPELLINGS), error=True)
-            return None
+        self._idle()
+        adapter = nbpeft.attach(self.model, self.method.value, name=self.name.value, **self.options())
         say(self.message, repr(adapter))
         self.on_change()
         return adapter
 
+    @shows_errors("message")
     def detach(self, *_: Any) -> None:
         """``nbpeft.detach(model, name)`` for the adapter named in the name field."""
-        try:
-            self._idle()
-            nbpeft.detach(self.model, self.name.value)
-        except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
-            say(self.message, one_line(err), error=True)
-            return
+        self._idle()
+        nbpeft.detach(self.model, self.name.value)
         say(self.message, f"detached {self.name.value!r}")
         self.on_change()
