@@ -160,7 +160,8 @@ def test_show_example_errors_are_one_line_in_the_panels_words():
     assert text(tab.example).strip() == "show_example(): example 5 is past the end; the data has 2 rows (0 to 1)"
     tab.data.value = "missing"
     tab.example_button.click()
-    assert text(tab.example).strip() == "show_example: no variable 'missing' in the notebook; make a list of examples first"
+    assert text(tab.example).strip() == ("show_example: no variable 'missing' in the notebook, nor a file or glob of "
+                                         "that name; make a list of examples first, or type a file path")
     tab.data.value = ""
     tab.example_button.click()
     assert text(tab.example).strip().startswith("show_example: which data?")
