@@ -45,6 +45,16 @@ def target_choices(model: nn.Module, method: Method) -> list[tuple[str, str]]:
     return adaptable
 
 
+def default_targets(model: nn.Module, method: Method) -> list[str]:
+    """The leaf names of the modules ``method`` adapts on ``model`` when no targets are given (none: it has no
+    default for this model). The method's own ``select`` decides, as ``attach`` will."""
+    try:
+        paths = method.select(model, method.config_class.from_options({}), core.state(model).adapters)
+    except ConfigError:
+        return []
+    return list(dict.fromkeys(path.rsplit(".", 1)[-1] for path in paths))
+
+
 class AttachTab(widgets.VBox):
     """Method dropdown, generated option fields, target picker, live preview, Attach and Detach."""
 
@@ -77,6 +87,7 @@ class AttachTab(widgets.VBox):
         self.message = widgets.HTML()
         self.message.add_class("nbpeft-message")
         self.fields: dict[str, OptionField] = {}
+        self.defaults: list[str] = []
         self.last_preview: Preview | None = None
         self._quiet = False
         super().__init__([
@@ -105,6 +116,7 @@ class AttachTab(widgets.VBox):
         self._quiet = True
         self.targets.value, self.regex.value = (), ""
         choices = target_choices(self.model, spec) if self.has_targets else []
+        self.defaults = default_targets(self.model, spec) if self.has_targets else []
         self.targets.options, self.targets.rows = choices, min(8, max(len(choices), 1))
         self._quiet = False
         self._edited()
@@ -128,7 +140,9 @@ class AttachTab(widgets.VBox):
             return "the regex below chooses the targets" if not chosen else "clear the selection or the regex"
         if chosen:
             return f"{len(chosen)} selected: {', '.join(chosen)}"
-        return "none selected: the method's default targets"
+        if not self.defaults:
+            return "none selected, and the method has no default targets on this model: select some"
+        return f"none selected: the method's default targets ({', '.join(self.defaults)})"
 
     def _edited(self, *_: Any) -> None:
         """A setting changed: an error from an earlier click no longer applies."""
