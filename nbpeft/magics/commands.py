@@ -21,6 +21,7 @@ from ..formats.peft_folder import WEIGHTS_FILE
 from ..frontend import data_or_files, option_value, parse_options, parse_value, train_value
 from ..methods.base import get_method, method_options
 from ..training import options as train_options
+from ..training.jobs import not_exported
 from .help import train_help
 from .line import USAGE, fail, split_line, usage, usage_errors
 from .tables import MethodTable
@@ -259,8 +260,9 @@ class PeftMagics(Magics):
     def peft_export_job(self, line: str) -> None:
         """Write a multi-node training job:  %peft_export_job DIR [--model VAR] [--data VAR] [--tokenizer VAR] [--overwrite] key=value ...
 
-        key=value are ``train()``'s options (``batch_size`` per process) and ``nodes=``,
-        ``processes_per_node=``, ``address=``, ``port=``. Same as
+        key=value are ``train()``'s options that can travel to other machines (listed below;
+        ``batch_size`` per process) and ``nodes=``, ``processes_per_node=``, ``address=``,
+        ``port=``. Same as
         ``nbpeft.export_job(model, DIR, data=data, tokenizer=tokenizer, **options)``; DIR/launch.sh
         has the torchrun and accelerate launch command lines.
         """
@@ -511,6 +513,15 @@ def train_doc() -> str:
     return f"Train the active adapters:  {usage('peft_train')}\n{TRAIN_TEXT}{train_help()}"
 
 
+EXPORT_JOB_TEXT = inspect.cleandoc(PeftMagics.peft_export_job.__doc__)
+
+
+def export_job_doc() -> str:
+    """``%peft_export_job?``: its usage and the declared train options a job carries, read when asked."""
+    return EXPORT_JOB_TEXT + train_help(tuple(not_exported()))
+
+
 # IPython's ``?`` asks an object for getdoc() before reading __doc__: the help follows the declarations
 PeftMagics.peft_train.getdoc = train_doc
 PeftMagics.peft_train.__doc__ = train_doc()
+PeftMagics.peft_export_job.getdoc = export_job_doc

@@ -215,6 +215,11 @@ OPTIONS: list[TrainOption] = [
 ]
 
 
+def differs(value: Any, default: Any) -> bool:
+    """Whether ``value`` is not ``default`` (compared by value only for values of one type: a DataFrame is no default)."""
+    return value is not default and not (type(value) is type(default) and value == default)
+
+
 def by_name() -> dict[str, TrainOption]:
     return {option.name: option for option in OPTIONS}
 
@@ -268,8 +273,7 @@ class Settings:
 
     def changed(self) -> dict[str, Any]:
         """The options that differ from their defaults (what a call said)."""
-        return {o.name: getattr(self, o.name) for o in OPTIONS
-                if not o.required and getattr(self, o.name) is not o.default and getattr(self, o.name) != o.default}
+        return {o.name: getattr(self, o.name) for o in OPTIONS if not o.required and differs(getattr(self, o.name), o.default)}
 
     def __repr__(self) -> str:
         return f"Settings({', '.join(f'{k}={v!r}' for k, v in self.__dict__.items())})"

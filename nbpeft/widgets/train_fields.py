@@ -81,11 +81,6 @@ def make_widget(option: TrainOption, namespace: dict[str, Any], shown: Any = Non
     return widgets.Text(value="", placeholder=placeholder, continuous_update=False)
 
 
-def differs(value: Any, default: Any) -> bool:
-    """Whether a field's value is not the option's default (compared by value only for values of one type)."""
-    return value is not default and not (type(value) is type(default) and value == default)
-
-
 class TrainField:
     """One option of ``train()`` in the Train tab: its widget, the row with its hint, its value."""
 

@@ -28,7 +28,7 @@ from ..training.display import LossCurve, banner_text, progress_text, summary_te
 from ..training.events import Begin, End, Listener, Note, Step, StopTraining
 from ..training.loop import DEFAULT_EFFECTIVE_BATCH, TrainResult
 from .messages import say, shows_errors
-from .train_fields import TrainField, differs, train_fields
+from .train_fields import TrainField, train_fields
 
 RESULT_VARIABLE = "_peft_result"
 # the panel draws the run itself: live= is no field
@@ -220,7 +220,7 @@ class TrainTab(widgets.VBox):
         found = {}
         for name, field in self.fields.items():
             value = field.read("train") if name not in TAB_READ else None
-            if name not in TAB_READ and (field.option.required or differs(value, field.option.default)):
+            if name not in TAB_READ and (field.option.required or train_options.differs(value, field.option.default)):
                 found[name] = value
         tokenizer = self._chosen_tokenizer("train")
         if tokenizer is None and kind_of(found["data"]) != "batches":
