@@ -215,7 +215,7 @@ def test_the_lora_plus_ratio_is_a_train_keyword_when_set():
 
 def test_every_declared_option_but_live_is_a_field_with_its_help_in_group_order():
     from nbpeft.training import options
-    from nbpeft.widgets.train_fields import TRAIN_LABEL
+    from nbpeft.widgets.train_fields import FIELD_WIDTH, TRAIN_LABEL
 
     tab = tab_for({"data": batches()})
     assert list(tab.fields) == [o.name for o in options.OPTIONS if o.name != "live"]
@@ -223,6 +223,7 @@ def test_every_declared_option_but_live_is_a_field_with_its_help_in_group_order(
         assert field.widget.description == name and field.widget.tooltip == field.option.help
         assert text(field.hint).strip() == field.option.help  # a visible hint, e.g. LoRA+'s lr_ratio
         assert field.widget.style.description_width == TRAIN_LABEL["style"]["description_width"]
+        assert field.widget.layout.width == FIELD_WIDTH  # the hints line up too
         assert f"nbpeft-train-{name.replace('_', '-')}" in field.widget._dom_classes
     titles = [text(w).strip() for w in tab.children if isinstance(w, widgets.HTML) and w.value.startswith("<b>")]
     assert titles == [title for title, _ in options.grouped()]
@@ -241,9 +242,10 @@ def test_options_are_the_required_and_the_changed_ones():
     tab = tab_for({"data": batches(), "my_metrics": my_metrics})
     tab.lr.value, tab.device.value = 2e-4, "auto"  # back to train()'s defaults
     assert set(tab.options()) == {"model", "data", "tokenizer", "steps", "batch_size", "grad_accum"}
+    assert tab.compile.value == "auto" and tab.fields["compile"].read() is None
     tab.metrics.value, tab.columns.value, tab.warmup.value = "my_metrics", "prompt: question, response: answer", "0.1"
     tab.packing.value, tab.schedule.value, tab.output_dir.value, tab.resume.value = True, "cosine", "out", "true"
-    tab.compile.value, tab.eval_every.value = False, "5"
+    tab.compile.value, tab.eval_every.value = "false", "5"
     options = tab.options()
     assert options["metrics"] is my_metrics and options["columns"] == {"prompt": "question", "response": "answer"}
     assert (options["warmup"], options["packing"], options["schedule"], options["output_dir"], options["resume"],

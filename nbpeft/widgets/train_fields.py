@@ -18,8 +18,12 @@ from ..training.options import KINDS, TrainOption
 from .fields import help_label
 
 _INT_LIMIT = 2**31 - 1
-# one label width for every Train field (the longest name, gradient_checkpointing, fits), so the boxes line up
+# one label width for every Train field (the longest name, gradient_checkpointing, fits) and one field width
+# (a checkbox's label sits right of its box, so it needs the room), so the boxes and the hints line up
 TRAIN_LABEL = {"style": {"description_width": "170px"}}
+FIELD_WIDTH = "350px"
+# a bool option whose None means "the run decides" (compile): a dropdown of words, since a Dropdown's None is no choice
+TRISTATE = {"auto": None, "true": True, "false": False}
 # what a text box shows before anything is typed, by kind
 PLACEHOLDERS = {
     "data": "a variable of examples, or a file path or glob",
@@ -66,8 +70,8 @@ def make_widget(option: TrainOption, namespace: dict[str, Any], shown: Any = Non
         return number
     if option.kind == "bool" and isinstance(option.default, bool):
         return widgets.Checkbox(value=option.default, indent=True)
-    if option.kind == "bool":  # None: the run decides (compile)
-        return widgets.Dropdown(options=[("auto", None), ("true", True), ("false", False)], value=option.default)
+    if option.kind == "bool":
+        return widgets.Dropdown(options=list(TRISTATE), value=next(k for k, v in TRISTATE.items() if v is option.default))
     if option.kind == "choice":
         return widgets.Dropdown(options=list(option.choices), value=option.default)
     if option.kind in ("data", "tokenizer", "function"):
@@ -90,6 +94,7 @@ class TrainField:
         self.widget = make_widget(option, namespace, shown, suggestions)
         self.widget.description, self.widget.tooltip = option.name, option.help
         self.widget.style.description_width = TRAIN_LABEL["style"]["description_width"]
+        self.widget.layout.width = FIELD_WIDTH
         self.widget.add_class(f"nbpeft-train-{option.name.replace('_', '-')}")
         self.hint = help_label(option.help)
         self.row = widgets.HBox([self.widget, self.hint])
@@ -103,7 +108,8 @@ class TrainField:
         """The option's value as ``train()`` takes it; an empty box is the default."""
         text = self.text
         if text is None:
-            return self.widget.value
+            tristate = self.option.kind == "bool" and not isinstance(self.option.default, bool)
+            return TRISTATE[self.widget.value] if tristate else self.widget.value
         if not text:
             if self.option.required:
                 raise ConfigError(f"{caller}: which {self.option.name}? type {KINDS[self.option.kind]}")
