@@ -21,7 +21,7 @@ _INT_LIMIT = 2**31 - 1
 # one label width for every Train field (the longest name, gradient_checkpointing, fits) and one field width
 # (a checkbox's label sits right of its box, so it needs the room), so the boxes and the hints line up
 TRAIN_LABEL = {"style": {"description_width": "170px"}}
-FIELD_WIDTH = "350px"
+FIELD_WIDTH = "390px"
 # a bool option whose None means "the run decides" (compile): a dropdown of words, since a Dropdown's None is no choice
 TRISTATE = {"auto": None, "true": True, "false": False}
 # what a text box shows before anything is typed, by kind
