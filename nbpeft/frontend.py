@@ -9,12 +9,18 @@ the same thing.
 from __future__ import annotations
 
 import ast
+import functools
+import glob
 import re
+import types
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .data import batches as data
 from .errors import ConfigError
 from .training.display import notebook_shell
+from .training.options import TrainOption
 
 _WORDS = {"true": True, "false": False, "none": None}
 OPTION = re.compile(r"([A-Za-z_][\w-]*)\s*[=:]\s*(.*)", re.DOTALL)
@@ -101,8 +107,8 @@ def tokens(text: str) -> list[str]:
     return found
 
 
-def options_from_tokens(found: list[str]) -> dict[str, Any]:
-    """``key=value`` tokens as a dict of parsed values (``eval-every`` is ``eval_every``)."""
+def options_from_tokens(found: list[str], parse: Callable[[str], Any] = parse_value) -> dict[str, Any]:
+    """``key=value`` tokens as a dict of values read by ``parse`` (``eval-every`` is ``eval_every``)."""
     options: dict[str, Any] = {}
     for token in found:
         match = OPTION.fullmatch(token)
@@ -113,17 +119,17 @@ def options_from_tokens(found: list[str]) -> dict[str, Any]:
             raise ConfigError(f"option {key!r} is given twice")
         if not value:
             raise ConfigError(f"option {key!r} has no value, e.g. {key}=8")
-        options[key] = parse_value(value)
+        options[key] = parse(value)
     return options
 
 
-def parse_options(text: str) -> dict[str, Any]:
+def parse_options(text: str, parse: Callable[[str], Any] = parse_value) -> dict[str, Any]:
     """Options from ``key=value`` words or ``key: value`` lines; blank lines and ``#`` comments are skipped.
 
     >>> parse_options("r=8 targets=q_proj,v_proj\\n# note\\nrslora: true")
     {'r': 8, 'targets': ['q_proj', 'v_proj'], 'rslora': True}
     """
-    return options_from_tokens(tokens(text))
+    return options_from_tokens(tokens(text), parse)
 
 
 def one_line(err: BaseException, spellings: dict[str, str] | None = None) -> str:
@@ -164,3 +170,71 @@ def tokenizer_variables(namespace: dict[str, Any]) -> list[str]:
     """Names of notebook variables that look like tokenizers (they encode text and know their padding)."""
     return [name for name, value in namespace.items()
             if not name.startswith("_") and callable(value) and hasattr(value, "pad_token_id")]
+
+
+def function_variables(namespace: dict[str, Any]) -> list[str]:
+    """Names of notebook variables holding functions (for ``metrics=``, ``loss_fn=``, ``live=``)."""
+    hidden = _hidden_names()
+    return [name for name, value in namespace.items() if not name.startswith("_") and name not in hidden
+            and isinstance(value, (types.FunctionType, functools.partial))]
+
+
+def names_files(text: str) -> bool:
+    """Whether ``text`` is a path that exists or a glob that matches a file: what ``train()`` reads as data."""
+    if any(ch in text for ch in "*?["):
+        return any(Path(p).is_file() for p in glob.glob(text, recursive=True))
+    return Path(text).exists()
+
+
+def data_or_files(name: str, namespace: dict[str, Any], fix: str, caller: str = "") -> Any:
+    """The notebook variable ``name``, else ``name`` itself where it names files (train() reads them).
+
+    Neither: a one-line ConfigError that names both, then ``fix``; ``caller`` starts it (``"train: "``).
+    """
+    if name in namespace:
+        return namespace[name]
+    if names_files(name):
+        return name
+    raise ConfigError(f"{caller}no variable {name!r} in the notebook, nor a file or glob of that name; {fix}")
+
+
+def name_pairs(text: str, option: str) -> dict[str, str]:
+    """``prompt: question, response: answer`` or ``{prompt: question}`` as ``{'prompt': 'question', ...}``."""
+    text = text.strip()
+    if text[:1] == "{" and text[-1:] == "}":
+        value = parse_value(text)
+        if isinstance(value, dict):
+            return {str(k): str(v) for k, v in value.items()}
+        text = text[1:-1]
+    try:
+        return {key: str(value) for key, value in name_values(text).items()}
+    except ConfigError:
+        raise ConfigError(f"{option}={text!r} must be name: name pairs, e.g. {option}=prompt: question, "
+                          "response: answer") from None
+
+
+def unquoted(text: str) -> str:
+    """``'a b'`` -> ``a b``; text without quotes as it is."""
+    value = parse_value(text) if text[:1] in "'\"" else text
+    return value if isinstance(value, str) else text
+
+
+def train_value(option: TrainOption, text: str, variable: Callable[[TrainOption, str], Any]) -> Any:
+    """``text`` (as typed in a magic or a panel's text box) as ``option``'s value for ``train()``.
+
+    Numbers, true/false/none and choices are read as in ``parse_value``; a path or text stays
+    text; ``columns`` reads ``name: name`` pairs; kinds that name notebook objects (data,
+    tokenizers, functions, listeners) get what ``variable(option, name)`` finds.
+    """
+    text = text.strip()
+    if option.kind == "mapping":
+        return name_pairs(text, option.name)
+    if option.kind in ("data", "tokenizer", "function"):
+        return variable(option, unquoted(text))
+    value = parse_value(text)
+    if option.kind in ("path", "text", "bool-or-path"):
+        keep = (str, bool) if option.kind == "bool-or-path" else str
+        return value if value is None or isinstance(value, keep) else unquoted(text)
+    if option.kind == "listener" and isinstance(value, str):
+        return variable(option, value)
+    return value

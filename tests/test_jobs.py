@@ -181,3 +181,29 @@ def test_event_messages_carry_records_parameters_and_plain_values_as_json_and_sa
     for name, param in llama.named_parameters():
         if param.requires_grad:
             assert torch.equal(param, before[name]), name
+
+
+def test_export_job_checks_its_train_keywords_against_the_declaration(saved_base, tmp_path):
+    from nbpeft.training import options
+    from nbpeft.training.jobs import not_exported
+
+    model = lora_model(saved_base)
+    for keywords, message in [
+        ({"lrr": 1e-3}, "export_job(): unknown option lrr=0.001; did you mean lr=?"),
+        ({"node": 2}, "export_job(): unknown option node=2; did you mean nodes=?"),
+        ({"steps": 0}, "export_job(): steps=0 must be a positive integer"),
+        ({"processes": 2}, "export_job(): processes= is the launcher's; give nodes= and processes_per_node= instead"),
+        ({"metrics": print}, "export_job(): metrics= cannot travel to a cluster job"),
+    ]:
+        with pytest.raises(nbpeft.ConfigError) as caught:
+            nbpeft.export_job(model, tmp_path / "job", data=DATA, **keywords)
+        assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+    assert not (tmp_path / "job").exists()
+    # what cannot travel follows the kinds: a new option holding a function is refused without a list to edit
+    extra = options.TrainOption("on_batch", None, "called on each batch", "run", "function", callable, "a function")
+    with options.declared(extra):
+        assert "on_batch" in not_exported()
+        with pytest.raises(nbpeft.ConfigError, match="on_batch= cannot travel"):
+            nbpeft.export_job(model, tmp_path / "job", data=DATA, on_batch=print)
+    assert {"live", "loss_fn", "metrics", "eval_data", "resume", "processes"} <= set(not_exported())
+    assert "steps=None: optimizer steps" in nbpeft.export_job.__doc__ and "loss_fn=" not in nbpeft.export_job.__doc__

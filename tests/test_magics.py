@@ -19,7 +19,7 @@ import nbpeft
 from nbpeft.core import state
 from nbpeft.frontend import parse_options
 from nbpeft.magics import PeftMagics
-from nbpeft.magics.line import USAGE
+from nbpeft.magics.line import USAGE, usage
 from nbpeft.methods.base import ConfigError, get_method, method_options
 from nbpeft.models import cache_dir
 
@@ -327,6 +327,83 @@ def test_train_help_lists_its_options(shell, fake_train):
     assert "--eval-data VAR" in doc and "steps=None" in doc and "gradient_checkpointing=False" in doc
 
 
+def test_train_data_is_a_variable_or_a_file_path_or_glob(shell, fake_train, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "qa.csv").write_text("prompt,response\nhi,yo\n")
+    (tmp_path / "part").mkdir()
+    (tmp_path / "part" / "a.jsonl").write_text('{"text": "x"}\n')
+    shell.user_ns["val"] = ["v"]
+    result, out = run(shell, "%%peft_train --data qa.csv\neval_data: val\nlive: false\n")
+    assert result.success, out.stderr
+    result, out = run(shell, "%%peft_train\ndata: part/*.jsonl\neval_data: qa.csv\nlive: false\n")
+    assert result.success, out.stderr
+    (first, second) = fake_train
+    assert first["data"] == "qa.csv" and first["eval_data"] is shell.user_ns["val"]  # train() reads the file
+    assert second["data"] == "part/*.jsonl" and second["eval_data"] == "qa.csv"
+    result, out = run(shell, "%peft_train --data qa.jsonl")
+    assert_usage_error(result, out, "nbpeft: no variable 'qa.jsonl' in the notebook, nor a file or glob of that "
+                                    "name; make a list of examples, or pass --data NAME or --data PATH")
+    result, out = run(shell, "%peft_train --data 'part/*.csv'")
+    assert_usage_error(result, out, "nbpeft: no variable 'part/*.csv' in the notebook, nor a file or glob")
+    assert len(fake_train) == 2
+
+
+def test_train_functions_columns_and_every_kind_reach_train(shell, fake_train):
+    def my_metrics(model):
+        return {"accuracy": 1.0}
+
+    def my_loss(model, batch):
+        return 0
+
+    shell.user_ns.update(data=["a"], my_metrics=my_metrics, my_loss=my_loss)
+    try:
+        result, out = run(shell, "%%peft_train metrics=my_metrics loss_fn=my_loss\n"
+                                 "columns: prompt: question, response: answer\nwarmup: 0.1\nschedule: cosine\n"
+                                 "output_dir: 'out/run 1'\nresume: true\ndevice: cuda:1\ncompile: none\nlive: my_metrics\n")
+        assert result.success, out.stderr
+        (call,) = fake_train
+        assert call["metrics"] is my_metrics and call["loss_fn"] is my_loss and call["live"] is my_metrics
+        assert call["columns"] == {"prompt": "question", "response": "answer"}
+        assert (call["warmup"], call["schedule"], call["output_dir"], call["resume"], call["device"], call["compile"]) == (
+            0.1, "cosine", "out/run 1", True, "cuda:1", None)
+        result, out = run(shell, "%peft_train columns={prompt: question} resume=ckpt/step-3 output_dir=123")
+        assert result.success, out.stderr
+        assert (fake_train[1]["columns"], fake_train[1]["resume"], fake_train[1]["output_dir"]) == (
+            {"prompt": "question"}, "ckpt/step-3", "123")  # a path stays text, even one of digits
+    finally:
+        shell.user_ns.pop("my_metrics"), shell.user_ns.pop("my_loss")
+
+
+@pytest.mark.parametrize("code, message", [
+    ("%peft_train metrics=nothing", "nbpeft: no variable 'nothing' in the notebook; metrics= takes a notebook "
+                                    "variable holding a function"),
+    ("%peft_train columns=prompt", "nbpeft: columns='prompt' must be name: name pairs, e.g. columns=prompt: question"),
+    ("%peft_train --data data data=data", "nbpeft: --data and data= say the same; give one of them"),
+])
+def test_train_value_errors_are_one_line(shell, fake_train, code, message):
+    shell.user_ns["data"] = ["a"]
+    result, out = run(shell, code)
+    assert_usage_error(result, out, message)
+    assert not fake_train
+
+
+def test_train_completes_values_by_kind(shell):
+    def my_metrics(model):
+        return {}
+
+    shell.user_ns.update(data=["a"], my_metrics=my_metrics)
+    try:
+        assert complete(shell, "%peft_train schedule=") == ["schedule=constant", "schedule=linear", "schedule=cosine"]
+        assert complete(shell, "%peft_train packing=") == ["packing=true", "packing=false"]
+        assert complete(shell, "%peft_train metrics=") == ["metrics=my_metrics"]
+        assert complete(shell, "%peft_train eval_data=") == ["eval_data=data"]
+        assert complete(shell, "%%peft_train\nbatch_size=a") == ["batch_size=auto"]
+        assert complete(shell, "%peft_train --eval-data ") == ["data"]
+        assert "gradient_checkpointing=" in complete(shell, "%peft_train gr")
+    finally:
+        shell.user_ns.pop("my_metrics")
+
+
 @pytest.fixture
 def any_train(monkeypatch):
     """nbpeft.train as a recording double with train()'s signature plus processes= and shard= where it lacks them."""
@@ -465,7 +542,7 @@ def test_attach_help_lists_every_option_of_every_method(shell):
 @pytest.mark.parametrize("name", MAGICS)
 def test_every_magic_documents_its_usage(shell, name):
     magic = shell.find_line_magic(name) or shell.find_cell_magic(name)
-    assert magic.__doc__.splitlines()[0].endswith(USAGE[name])  # the line the parser and errors use
+    assert magic.__doc__.splitlines()[0].endswith(usage(name))  # the line the parser and errors use
 
 
 def test_unload_removes_the_magics_and_load_brings_them_back(shell):
@@ -766,7 +843,7 @@ def test_every_magic_that_acts_on_one_adapter_takes_its_name_positionally(shell,
 
 def test_api_keywords_of_a_magics_flags_are_spelled_as_flags():
     from nbpeft.frontend import one_line
-    from nbpeft.magics.line import FLAGS, spellings
+    from nbpeft.magics.line import flags, spellings
 
     err = ConfigError("attach(): an adapter named 'x' is already attached; pick another name= or detach it first")
     assert one_line(err, spellings("peft_attach")) == (
@@ -776,7 +853,7 @@ def test_api_keywords_of_a_magics_flags_are_spelled_as_flags():
     # only a magic's own flags: %peft_use has no --name, and options stay key=value
     assert one_line(err, spellings("peft_use")) == one_line(err)
     assert one_line(ConfigError("lora: no module matched targets=['x']"), spellings("peft_attach")).endswith("targets=['x']")
-    assert FLAGS["peft_save"] == ("name", "model", "overwrite")
+    assert flags("peft_save") == ("name", "model", "overwrite")
 
 
 def test_save_refuses_to_overwrite_unless_told(shell, tmp_path):

@@ -160,7 +160,8 @@ def test_show_example_errors_are_one_line_in_the_panels_words():
     assert text(tab.example).strip() == "show_example(): example 5 is past the end; the data has 2 rows (0 to 1)"
     tab.data.value = "missing"
     tab.example_button.click()
-    assert text(tab.example).strip() == "show_example: no variable 'missing' in the notebook; make a list of examples first"
+    assert text(tab.example).strip() == ("show_example: no variable 'missing' in the notebook, nor a file or glob of "
+                                         "that name; make a list of examples first, or type a file path")
     tab.data.value = ""
     tab.example_button.click()
     assert text(tab.example).strip().startswith("show_example: which data?")
@@ -208,3 +209,79 @@ def test_the_lora_plus_ratio_is_a_train_keyword_when_set():
     assert "lr_ratio" not in tab.options()  # 1: plain LoRA, train()'s default
     tab.lr_ratio.value = 16
     assert tab.options()["lr_ratio"] == 16
+
+
+# fields from the declaration -------------------------------------------------------------------
+
+def test_every_declared_option_but_live_is_a_field_with_its_help_in_group_order():
+    from nbpeft.training import options
+    from nbpeft.widgets.train_fields import FIELD_WIDTH, TRAIN_LABEL
+
+    tab = tab_for({"data": batches()})
+    assert list(tab.fields) == [o.name for o in options.OPTIONS if o.name != "live"]
+    for name, field in tab.fields.items():
+        assert field.widget.description == name and field.widget.tooltip == field.option.help
+        assert text(field.hint).strip() == field.option.help  # a visible hint, e.g. LoRA+'s lr_ratio
+        assert field.widget.style.description_width == TRAIN_LABEL["style"]["description_width"]
+        assert field.widget.layout.width == FIELD_WIDTH  # the hints line up too
+        assert f"nbpeft-train-{name.replace('_', '-')}" in field.widget._dom_classes
+    titles = [text(w).strip() for w in tab.children if isinstance(w, widgets.HTML) and w.value.startswith("<b>")]
+    assert titles == [title for title, _ in options.grouped()]
+    assert "LoRA+" in text(tab.fields["lr_ratio"].hint)
+    kinds = {name: type(field.widget).__name__ for name, field in tab.fields.items()}
+    assert (kinds["max_length"], kinds["lr"], kinds["packing"], kinds["schedule"], kinds["batch_size"],
+            kinds["warmup"], kinds["data"], kinds["metrics"], kinds["columns"], kinds["compile"]) == (
+        "BoundedIntText", "FloatText", "Checkbox", "Dropdown", "Combobox", "Text", "Combobox", "Combobox", "Text",
+        "Dropdown")
+
+
+def test_options_are_the_required_and_the_changed_ones():
+    def my_metrics(model):
+        return {"one": 1.0}
+
+    tab = tab_for({"data": batches(), "my_metrics": my_metrics})
+    tab.lr.value, tab.device.value = 2e-4, "auto"  # back to train()'s defaults
+    assert set(tab.options()) == {"model", "data", "tokenizer", "steps", "batch_size", "grad_accum"}
+    assert tab.compile.value == "auto" and tab.fields["compile"].read() is None
+    tab.metrics.value, tab.columns.value, tab.warmup.value = "my_metrics", "prompt: question, response: answer", "0.1"
+    tab.packing.value, tab.schedule.value, tab.output_dir.value, tab.resume.value = True, "cosine", "out", "true"
+    tab.compile.value, tab.eval_every.value = "false", "5"
+    options = tab.options()
+    assert options["metrics"] is my_metrics and options["columns"] == {"prompt": "question", "response": "answer"}
+    assert (options["warmup"], options["packing"], options["schedule"], options["output_dir"], options["resume"],
+            options["compile"], options["eval_every"]) == (0.1, True, "cosine", "out", True, False, 5)
+    assert list(tab.metrics.options) == ["my_metrics"]  # the notebook's functions are offered
+    tab.metrics.value = "nothing"
+    tab.start_button.click()
+    assert tab.wait(timeout=5) is None
+    assert text(tab.message).strip() == ("train: no variable 'nothing' in the notebook; define the function in the "
+                                         "notebook first")
+
+
+def test_data_may_be_a_file_path_or_glob(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "qa.jsonl").write_text("\n".join(['{"prompt": "hi", "response": "yo"}'] * 2) + "\n")
+    tab = tab_for({"chars": char_tokenizer()})
+    tab.data.value, tab.eval_data.value = "qa.jsonl", "*.jsonl"
+    options = tab.options()
+    assert options["data"] == "qa.jsonl" and options["eval_data"] == "*.jsonl"  # train() reads the files
+    tab.example_button.click()
+    assert "qa.jsonl line 1 (prompt-response)" in text(tab.example)  # read from the file
+    tab.eval_data.value = "held_out"
+    tab.start_button.click()
+    assert text(tab.message).strip() == ("train: no variable 'held_out' in the notebook, nor a file or glob of that "
+                                         "name; leave eval_data empty, or make a list of examples first, or type a "
+                                         "file path")
+
+
+def test_the_effective_batch_follows_batch_size_times_accumulation():
+    tab = tab_for({"data": batches()})
+    assert tab.effective_batch.value == 8 and tab.effective_batch.disabled
+    tab.batch_size.value = "2"
+    assert tab.effective_batch.value == 2
+    tab.grad_accum.value = 3
+    assert tab.effective_batch.value == 6
+    tab.batch_size.value = "auto"
+    assert not tab.effective_batch.disabled and tab.grad_accum.disabled
+    tab.effective_batch.value = 32
+    assert tab.options()["effective_batch"] == 32 and "grad_accum" not in tab.options()

@@ -479,7 +479,10 @@ def test_no_error_line_is_left_after_a_successful_attach(llama):
 
 def test_targets_help_follows_the_selection(llama):
     tab = make_panel(llama).attach_tab
-    assert text(tab.targets_help) == "none selected: the method's default targets"
+    assert text(tab.targets_help) == "none selected: the method's default targets (q_proj, v_proj)"
+    tab.method.value = "ia3"  # another method, other defaults on the same model
+    assert text(tab.targets_help) == "none selected: the method's default targets (k_proj, v_proj, down_proj)"
+    tab.method.value = "lora"
     tab.targets.value = ("q_proj", "v_proj")
     assert text(tab.targets_help) == "2 selected: q_proj, v_proj"
     tab.regex.value = "all-linear"

@@ -26,24 +26,21 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-import nbpeft
-
-from .commands import TRAIN_VARIABLES, PeftMagics
+from .commands import PeftMagics, train_doc
 from .completion import completions, is_ours, matcher
-from .help import attach_help, compare_help, signature_help
+from .help import attach_help, compare_help
 from .tables import MethodTable
 
 __all__ = ["MethodTable", "PeftMagics", "completions", "load_ipython_extension", "unload_ipython_extension"]
 
 ATTACH_DOC = inspect.cleandoc(PeftMagics.peft_attach.__doc__)
-TRAIN_DOC = inspect.cleandoc(PeftMagics.peft_train.__doc__)
 COMPARE_DOC = inspect.cleandoc(PeftMagics.peft_compare.__doc__)
 
 
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext nbpeft``: register the magics (help built from the registry) and Tab completion."""
     PeftMagics.peft_attach.__doc__ = ATTACH_DOC + attach_help()
-    PeftMagics.peft_train.__doc__ = TRAIN_DOC + signature_help(nbpeft.train, TRAIN_VARIABLES)
+    PeftMagics.peft_train.__doc__ = train_doc()
     PeftMagics.peft_compare.__doc__ = COMPARE_DOC + compare_help()
     ipython.register_magics(PeftMagics)
     completer = getattr(ipython, "Completer", None)

@@ -18,15 +18,14 @@ import nbpeft
 from ..data.batches import MissingTokenizer
 from ..formats.export import FORMATS, TARGETS
 from ..formats.peft_folder import WEIGHTS_FILE
-from ..frontend import option_value, parse_options, parse_value
+from ..frontend import data_or_files, option_value, parse_options, parse_value, train_value
 from ..methods.base import get_method, method_options
-from .line import USAGE, fail, split_line, usage_errors
+from ..training import options as train_options
+from ..training.jobs import not_exported
+from .help import train_help
+from .line import USAGE, fail, split_line, usage, usage_errors
 from .tables import MethodTable
 
-# train() arguments that name notebook variables: they come from --flags, not key=value.
-TRAIN_VARIABLES = ("model", "data", "tokenizer", "eval_data")
-# flags that are train()'s options of the same name (--batch-size is batch_size=); --shard is shard=True
-TRAIN_FLAGS = ("processes", "batch-size")
 # flags that are generate()'s options of the same name (--top-p is top_p=); --stop stays text
 GENERATION_FLAGS = ("max-new-tokens", "temperature", "top-p", "seed", "stop")
 # show_example() arguments that come from the line's I and --flags, not key=value
@@ -39,9 +38,9 @@ def module_lists(method: str, options: dict[str, Any]) -> dict[str, Any]:
     return {key: option_value(value, infos.get(key, {})) for key, value in options.items()}
 
 
-def merged_options(options: dict[str, Any], cell: str | None) -> dict[str, Any]:
-    """The line's options plus the cell body's, each key given once."""
-    for key, value in parse_options(cell or "").items():
+def merged_options(options: dict[str, Any], cell: str | None, parse: Callable[[str], Any] = parse_value) -> dict[str, Any]:
+    """The line's options plus the cell body's, each key given once (values read by ``parse``)."""
+    for key, value in parse_options(cell or "", parse).items():
         if key in options:
             fail(f"option {key!r} is given twice")
         options[key] = value
@@ -62,15 +61,29 @@ def generation_options(flags: dict[str, Any]) -> dict[str, Any]:
             for flag, value in flags.items() if flag in GENERATION_FLAGS}
 
 
-def train_flag_options(flags: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
-    """``--processes N``, ``--shard`` and ``--batch-size N|auto`` as train()'s keywords; each said once."""
-    found = {flag.replace("-", "_"): parse_value(value) for flag, value in flags.items() if flag in TRAIN_FLAGS}
-    if flags.get("shard"):
-        found["shard"] = True
-    for keyword in found:
-        if keyword in options:
-            fail(f"--{keyword.replace('_', '-')} and {keyword}= say the same; give one of them")
-    return found
+def unknown_option(caller: str, key: str, allowed: list[str]) -> None:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    fail(f"{caller}: unknown option {key!r}{hint}; options are {', '.join(allowed)}")
+
+
+def train_texts(flags: dict[str, Any], texts: dict[str, str]) -> dict[str, str]:
+    """The declared options' texts from key=value and from their --flags (``--batch-size 4`` is ``batch_size=4``,
+    the switch ``--shard`` is ``shard=true``); each said once. A required option not given names the notebook
+    variable of its name (``data``)."""
+    known = train_options.by_name()
+    for key in texts:
+        if key not in known:
+            unknown_option("train", key, list(known))
+    for option in train_options.OPTIONS:
+        flag = option.flag_name[2:]
+        if option.flag and flag in flags:
+            if option.name in texts:
+                fail(f"{option.flag_name} and {option.name}= say the same; give one of them")
+            texts[option.name] = "true" if option.kind == "bool" else flags[flag]
+        elif option.required and option.name not in texts:
+            texts[option.name] = option.name
+    return texts
 
 
 def prompts_of(magic: str, flags: dict[str, Any], cell: str | None) -> list[str]:
@@ -107,9 +120,7 @@ class PeftMagics(Magics):
         allowed = [p for p in inspect.signature(fn).parameters if p not in skip]
         for key in options:
             if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                fail(f"{fn.__name__}: unknown option {key!r}{hint}; options are {', '.join(allowed)}")
+                unknown_option(fn.__name__, key, allowed)
 
     def _tokenizer(self, flags: dict[str, Any]) -> Any:
         """``--tokenizer VAR``, else the notebook's ``tokenizer`` if there is one (else None: the API looks further)."""
@@ -210,33 +221,38 @@ class PeftMagics(Magics):
             back = f" (was {', '.join(map(repr, before))}; %peft_use {','.join(before)} switches back)" if before else ""
             print(f"active: {', '.join(map(repr, after))}{back}")
 
+    def _train_variable(self, option: train_options.TrainOption, name: str) -> Any:
+        """The notebook object a train option names; data may also be a file path or glob."""
+        if option.kind == "data":
+            fix = f"make a list of examples, or pass {option.flag_name} NAME or {option.flag_name} PATH"
+            return data_or_files(name, self.shell.user_ns, fix)
+        hint = f"pass {option.flag_name} NAME" if option.flag else f"{option.name}= takes {train_options.KINDS[option.kind]}"
+        return self._var(name, hint)
+
     @line_cell_magic
     @usage_errors
     def peft_train(self, line: str, cell: str | None = None) -> None:
-        """Train the active adapters:  %%peft_train [--model VAR] [--data VAR] [--eval-data VAR] [--tokenizer VAR] [--out VAR] [--processes N] [--shard] [--batch-size N|auto] key=value ...
+        """Train the active adapters.
 
-        The body holds further options, one per line. Same as
+        Every option of ``train()`` goes as ``key=value`` on the line or one per line in the
+        body; the --flags in the usage line say the same as the option of their name
+        (``--batch-size auto`` is ``batch_size=auto``, ``--shard`` is ``shard=true``). Same as
         ``VAR = nbpeft.train(model, data, tokenizer=tokenizer, **options)`` with VAR
         ``_peft_result`` unless --out names another; ``tokenizer`` is used when it exists.
-        ``--processes N``, ``--shard`` and ``--batch-size auto`` are ``processes=N``,
-        ``shard=True`` and ``batch_size="auto"``.
+        ``data`` (default: the variable ``data``) and ``eval_data`` name a notebook variable or
+        a file path or glob; ``tokenizer``, ``metrics`` and ``loss_fn`` name notebook variables;
+        ``columns`` takes ``prompt: question, response: answer``.
         """
-        _, flags, options = split_line(line, "peft_train")
-        options = merged_options(options, cell)
-        self._options(nbpeft.train, options, TRAIN_VARIABLES)
+        _, flags, texts = split_line(line, "peft_train", parse=str)
+        texts = train_texts(flags, merged_options(texts, cell, parse=str))
         out = flags.get("out", "_peft_result")
         if not out.isidentifier():
             fail(f"--out {out!r} must be a variable name")
         model = self._model(flags.get("model"))
-        data = self._var(flags.get("data", "data"), "make a list of examples or pass --data NAME")
-        if "tokenizer" in flags:
-            options["tokenizer"] = self._var(flags["tokenizer"], "pass --tokenizer NAME")
-        else:
-            options["tokenizer"] = self.shell.user_ns.get("tokenizer")
-        if "eval-data" in flags:
-            options["eval_data"] = self._var(flags["eval-data"], "pass --eval-data NAME")
-        options.update(train_flag_options(flags, options))
-        self.shell.user_ns[out] = nbpeft.train(model, data, **options)
+        known = train_options.by_name()
+        options = {name: train_value(known[name], text, self._train_variable) for name, text in texts.items()}
+        options.setdefault("tokenizer", self.shell.user_ns.get("tokenizer"))
+        self.shell.user_ns[out] = nbpeft.train(model, **options)
         print(f"result in {out}")
 
     @line_magic
@@ -244,8 +260,9 @@ class PeftMagics(Magics):
     def peft_export_job(self, line: str) -> None:
         """Write a multi-node training job:  %peft_export_job DIR [--model VAR] [--data VAR] [--tokenizer VAR] [--overwrite] key=value ...
 
-        key=value are ``train()``'s options (``batch_size`` per process) and ``nodes=``,
-        ``processes_per_node=``, ``address=``, ``port=``. Same as
+        key=value are ``train()``'s options that can travel to other machines (listed below;
+        ``batch_size`` per process) and ``nodes=``, ``processes_per_node=``, ``address=``,
+        ``port=``. Same as
         ``nbpeft.export_job(model, DIR, data=data, tokenizer=tokenizer, **options)``; DIR/launch.sh
         has the torchrun and accelerate launch command lines.
         """
@@ -486,3 +503,25 @@ class PeftMagics(Magics):
         options.update({flag.replace("-", "_"): flags[flag] for flag in ("how", "majority-sign-method") if flag in flags})
         model = self._model(flags.get("model"))
         display(nbpeft.combine(model, weights, name=flags["name"], **options))
+
+
+TRAIN_TEXT = inspect.cleandoc(PeftMagics.peft_train.__doc__).partition("\n")[2]
+
+
+def train_doc() -> str:
+    """``%%peft_train?``: the usage line and every declared train option, read when asked."""
+    return f"Train the active adapters:  {usage('peft_train')}\n{TRAIN_TEXT}{train_help()}"
+
+
+EXPORT_JOB_TEXT = inspect.cleandoc(PeftMagics.peft_export_job.__doc__)
+
+
+def export_job_doc() -> str:
+    """``%peft_export_job?``: its usage and the declared train options a job carries, read when asked."""
+    return EXPORT_JOB_TEXT + train_help(tuple(not_exported()))
+
+
+# IPython's ``?`` asks an object for getdoc() before reading __doc__: the help follows the declarations
+PeftMagics.peft_train.getdoc = train_doc
+PeftMagics.peft_train.__doc__ = train_doc()
+PeftMagics.peft_export_job.getdoc = export_job_doc

@@ -14,10 +14,11 @@ import nbpeft
 from ..adapters.combine import HOWS, SIGN_METHODS
 from ..formats.export import DTYPES, FORMATS, TARGETS
 from ..formats.gguf import QUANTS
-from ..frontend import data_variables, tokenizer_variables
+from ..frontend import data_variables, function_variables, tokenizer_variables
 from ..methods.base import get_method, method_options
-from .commands import SHOW_VARIABLES, TRAIN_VARIABLES
-from .line import FLAGS, SWITCHES
+from ..training import options as train_options
+from .commands import SHOW_VARIABLES
+from .line import MAGICS, flags, switches
 
 _MAGIC_LINE = re.compile(r"\s*%%?(peft_\w+)(.*)", re.DOTALL)
 # magics whose first word is an adapter name, and those whose first word is a model variable
@@ -26,7 +27,7 @@ _MODEL_FIRST = ("peft_summary", "peft_panel")
 # what a --flag's value can be, where it is one of a known few (free text: nothing to offer)
 _FLAG_VALUES = {"dtype": list(DTYPES), "quant": list(QUANTS), "out": [], "prompt": [], "max-new-tokens": [],
                 "temperature": [], "top-p": [], "seed": [], "stop": [], "rank": [],
-                "processes": [], "batch-size": ["auto"], "how": list(HOWS), "density": [],
+                "how": list(HOWS), "density": [],
                 "majority-sign-method": list(SIGN_METHODS)}
 
 
@@ -37,10 +38,12 @@ def option_keys(magic: str, method: str | None) -> dict[str, dict[str, Any]]:
             return method_options(get_method(method).config_class)
         except ValueError:
             return {}
-    fn = {"peft_train": nbpeft.train, "peft_compare": nbpeft.compare, "peft_show_example": nbpeft.show_example}.get(magic)
+    if magic == "peft_train":
+        return {o.name: {"type": o.kind, "choices": o.choices} for o in train_options.OPTIONS}
+    fn = {"peft_compare": nbpeft.compare, "peft_show_example": nbpeft.show_example}.get(magic)
     if fn is None:
         return {}
-    skip = SHOW_VARIABLES if magic == "peft_show_example" else TRAIN_VARIABLES + (("live",) if magic == "peft_train" else ())
+    skip = SHOW_VARIABLES if magic == "peft_show_example" else ()
     params = inspect.signature(fn).parameters.values()
     keys = {p.name: {"type": "bool" if isinstance(p.default, bool) else ""} for p in params
             if p.name not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
@@ -48,6 +51,16 @@ def option_keys(magic: str, method: str | None) -> dict[str, dict[str, Any]]:
         keys.setdefault("methods", {"type": "list"})
         keys.update({m.name: {"type": "dict"} for m in nbpeft.methods()})
     return keys
+
+
+def train_values(shell: Any, option: train_options.TrainOption) -> list[str]:
+    """What a train option's value can be, where there are a known few: its choices, true/false, auto,
+    or the notebook variables of its kind."""
+    found = {"bool": ["true", "false"], "int-or-auto": ["auto"], "listener": ["true", "false"],
+             "bool-or-path": ["true", "false"], "data": data_variables(shell.user_ns),
+             "tokenizer": tokenizer_variables(shell.user_ns), "function": function_variables(shell.user_ns)}
+    words = [str(c) for c in option.choices] or found.get(option.kind, [])
+    return words + function_variables(shell.user_ns) if option.kind == "listener" else words
 
 
 def variables(shell: Any, kind: str) -> list[str]:
@@ -61,6 +74,16 @@ def variables(shell: Any, kind: str) -> list[str]:
     return names
 
 
+def flag_values(shell: Any, magic: str, flag: str, given: dict[str, str]) -> list[str]:
+    """What the value of ``--flag`` can be: adapter names, a train option's values, a known few, or variables."""
+    if flag == "name":
+        return adapter_names(shell, given)
+    declared = {o.flag_name[2:]: o for o in train_options.OPTIONS if o.flag}
+    if magic == "peft_train" and flag in declared:
+        return train_values(shell, declared[flag])
+    return _FLAG_VALUES[flag] if flag in _FLAG_VALUES else variables(shell, flag)
+
+
 def adapter_names(shell: Any, flags: dict[str, str]) -> list[str]:
     model = shell.user_ns.get(flags.get("model", "model"))
     return [row.name for row in nbpeft.summary(model).adapters] if isinstance(model, nn.Module) else []
@@ -69,30 +92,26 @@ def adapter_names(shell: Any, flags: dict[str, str]) -> list[str]:
 def completions(shell: Any, text: str) -> tuple[str, list[str]]:
     """(the word being typed, its completions) for the text of a cell up to the cursor."""
     found = _MAGIC_LINE.fullmatch(text)
-    if not found or found[1] not in FLAGS:
+    if not found or found[1] not in MAGICS:
         return "", []
     magic, rest = found[1], found[2]
-    flag_words = [f"--{f}" for f in FLAGS[magic]]
+    magic_flags, magic_switches = flags(magic), switches(magic)
+    flag_words = [f"--{f}" for f in magic_flags]
     if not rest[:1].isspace() and not rest.startswith("\n"):
         return "", []
     *done, typed = re.split(r"\s+", rest.lstrip()) if rest.strip() else [""]
     if rest[-1:].isspace():
         done, typed = done + [typed] if typed else done, ""
-    flags, positional, previous = {}, [], ""
+    given_flags, positional, previous = {}, [], ""
     for word in done:
         if previous:
-            flags[previous[2:]], previous = word, ""
+            given_flags[previous[2:]], previous = word, ""
         elif word.startswith("--"):
-            previous = word if "=" not in word and word[2:] in FLAGS[magic] and word[2:] not in SWITCHES else ""
+            previous = word if "=" not in word and word[2:] in magic_flags and word[2:] not in magic_switches else ""
         elif "=" not in word and ":" not in word:
             positional.append(word)
     if previous:  # the value of a --flag
-        kind = previous[2:]
-        if kind == "name":
-            names = adapter_names(shell, flags)
-        else:
-            names = _FLAG_VALUES[kind] if kind in _FLAG_VALUES else variables(shell, kind)
-        return typed, [n for n in names if n.startswith(typed)]
+        return typed, [n for n in flag_values(shell, magic, previous[2:], given_flags) if n.startswith(typed)]
     method = positional[0] if positional else None
     if typed.startswith("-"):
         return typed, [f for f in flag_words if f.startswith(typed)]
@@ -101,7 +120,7 @@ def completions(shell: Any, text: str) -> tuple[str, list[str]]:
     if magic in _MODEL_FIRST and not positional:
         return typed, [n for n in variables(shell, "model") if n.startswith(typed)]
     if magic == "peft_compare_answers":  # any number of adapter names, then flags
-        return typed, [n for n in adapter_names(shell, flags) if n.startswith(typed) and n not in positional]
+        return typed, [n for n in adapter_names(shell, given_flags) if n.startswith(typed) and n not in positional]
     if magic == "peft_export" and len(positional) < 2:
         choices = [*FORMATS, "check"] if not positional else TARGETS if positional[0] == "check" else []
         return typed, [c for c in choices if c.startswith(typed)]
@@ -109,7 +128,7 @@ def completions(shell: Any, text: str) -> tuple[str, list[str]]:
         head, _, last = typed.rpartition(",") if magic == "peft_use" else ("", "", typed)
         prefix = head + "," if head else ""
         chosen = head.split(",")
-        return typed, [prefix + n for n in adapter_names(shell, flags) if n.startswith(last) and n not in chosen]
+        return typed, [prefix + n for n in adapter_names(shell, given_flags) if n.startswith(last) and n not in chosen]
     keys = option_keys(magic, method)
     if "=" in typed:
         key, _, value = typed.partition("=")
@@ -118,7 +137,10 @@ def completions(shell: Any, text: str) -> tuple[str, list[str]]:
             head, _, last = value.rpartition(",")
             prefix = f"{key}={head}," if head else f"{key}="
             return typed, [prefix + m.name for m in nbpeft.methods() if m.name.startswith(last)]
-        choices = [str(c) for c in info.get("choices", ())] or (["true", "false"] if info.get("type") == "bool" else [])
+        if magic == "peft_train" and key in keys:
+            choices = train_values(shell, train_options.by_name()[key])
+        else:
+            choices = [str(c) for c in info.get("choices", ())] or (["true", "false"] if info.get("type") == "bool" else [])
         return typed, [f"{key}={c}" for c in choices if c.startswith(value)]
     given = {w.partition("=")[0] for w in done if "=" in w}
     return typed, [f"{k}=" for k in keys if k.startswith(typed) and k not in given] + [

@@ -1,5 +1,6 @@
 """``%magic?`` text built from the same declarations the API validates with: each method's
-options for ``%peft_attach``, the signatures of ``train`` and ``compare``."""
+options for ``%peft_attach``, the declared train options for ``%%peft_train`` and
+``%peft_export_job``, the signature of ``compare``."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import inspect
 from collections.abc import Callable
 
 import nbpeft
+
+from ..training import options
 
 
 def attach_help() -> str:
@@ -25,6 +28,11 @@ def signature_help(fn: Callable, skip: tuple[str, ...]) -> str:
     return "\n\nOptions (key=default): " + ", ".join(
         f"{p.name}={p.default!r}" if p.default is not p.empty else p.name for p in shown
     )
+
+
+def train_help(skip: tuple[str, ...] = ()) -> str:
+    """The declared train options (but ``skip``), group by group: ``key=default: help``."""
+    return "\n\n" + options.docstring(skip, heading="Options (key=default: help), by group:")
 
 
 def compare_help() -> str:

@@ -1,6 +1,7 @@
 """A magic's line: positional words, ``--flags`` and ``key=value`` options, and its errors.
 
-Every magic's usage line is written once in ``USAGE``; the flags a magic takes are read
+Every magic's usage line is written once in ``USAGE`` (``%%peft_train``'s is built from the
+declared train options when asked, see :func:`usage`); the flags a magic takes are read
 from it, so ``%magic?``, the parser, the error wording and Tab completion cannot disagree.
 """
 
@@ -14,6 +15,7 @@ from typing import Any
 from IPython.core.error import UsageError
 
 from ..frontend import OPTION, one_line, options_from_tokens, parse_value, tokens
+from ..training import options as train_options
 
 USAGE = {
     "peft_methods": "%peft_methods [METHOD]",
@@ -25,8 +27,6 @@ USAGE = {
     "peft_unmerge": "%peft_unmerge [NAME] [--model VAR]",
     "peft_save": "%peft_save PATH [--name NAME] [--model VAR] [--overwrite]",
     "peft_load": "%peft_load PATH [--name NAME] [--model VAR]",
-    "peft_train": "%%peft_train [--model VAR] [--data VAR] [--eval-data VAR] [--tokenizer VAR] [--out VAR] "
-                  "[--processes N] [--shard] [--batch-size N|auto] key=value ...",
     "peft_release": "%peft_release [VAR] [--model VAR]",
     "peft_compare": "%peft_compare [methods=a,b] [METHOD={'key': value}] ... [--model VAR] [--out VAR]",
     "peft_panel": "%peft_panel [VAR] [--model VAR] [--tokenizer VAR]",
@@ -42,9 +42,13 @@ USAGE = {
     "peft_combine": "%peft_combine NAME=WEIGHT ... --name NAME [--how HOW] [--density D] [--majority-sign-method M] "
                     "[--rank R] [--seed N] [--model VAR]",
 }
-# --flags that take no value (a switch); every other flag takes one
-SWITCHES = ("overwrite", "no-base", "shard")
+# --flags that take no value (a switch); every other flag takes one. A train option of kind bool that is a flag is one too.
+SWITCHES = ("overwrite", "no-base")
 FLAGS = {magic: tuple(dict.fromkeys(re.findall(r"--([\w-]+)", usage))) for magic, usage in USAGE.items()}
+# what a train option's --flag takes, by the option's kind (a bool is a switch)
+METAVARS = {"data": "VAR|PATH", "tokenizer": "VAR", "function": "VAR", "int": "N", "float": "X",
+            "int-or-auto": "N|auto", "choice": "CHOICE", "path": "PATH", "text": "TEXT"}
+MAGICS = (*USAGE, "peft_train")
 # the API's words for what a magic takes positionally or as a switch, most specific first
 WORDINGS = {
     "peft_compare_answers": {"keep include_base=True": "leave out --no-base"},
@@ -53,6 +57,27 @@ WORDINGS = {
     "peft_to_lora": {"nbpeft.unmerge(model) first": "%peft_unmerge first"},
     "peft_show_example": {"i=": "I="},
 }
+
+
+def usage(magic: str) -> str:
+    """``magic``'s usage line; ``%%peft_train``'s names each declared train option that is a --flag."""
+    if magic != "peft_train":
+        return USAGE[magic]
+    declared = " ".join(f"[{o.flag_name}]" if o.kind == "bool" else f"[{o.flag_name} {METAVARS.get(o.kind, 'VALUE')}]"
+                        for o in train_options.OPTIONS if o.flag)
+    return f"%%peft_train [--model VAR] [--out VAR] {declared} key=value ..."
+
+
+def flags(magic: str) -> tuple[str, ...]:
+    """The --flags of ``magic``, without their dashes, in usage order."""
+    return FLAGS[magic] if magic in FLAGS else tuple(dict.fromkeys(re.findall(r"--([\w-]+)", usage(magic))))
+
+
+def switches(magic: str) -> tuple[str, ...]:
+    """``magic``'s flags that take no value."""
+    if magic != "peft_train":
+        return SWITCHES
+    return tuple(o.flag_name[2:] for o in train_options.OPTIONS if o.flag and o.kind == "bool")
 
 
 def fail(message: str) -> None:
@@ -65,41 +90,42 @@ def unquote(word: str) -> str:
 
 
 def split_line(
-    line: str, magic: str, positional: int | None = 0, options: bool = True
+    line: str, magic: str, positional: int | None = 0, options: bool = True, parse: Callable[[str], Any] = parse_value
 ) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
     """``magic``'s line as (up to ``positional`` words, any number if None; --flags; key=value options if ``options``).
 
     A switch flag reads as True; any other flag takes the next word (or ``--flag=value``).
+    ``parse`` reads each option's value text (``str`` keeps the text as typed).
     """
-    usage, flags = USAGE[magic], FLAGS[magic]
+    usage_line, magic_flags, magic_switches = usage(magic), flags(magic), switches(magic)
     found_words, found, rest = [], {}, []
     line_tokens = iter(tokens(line))
     for token in line_tokens:
         if token.startswith("--"):
             flag, eq, value = token[2:].partition("=")
-            if flag not in flags:
-                allowed = ", ".join(f"--{f}" for f in flags) or "none"
-                fail(f"unknown flag --{flag} (flags: {allowed}); usage: {usage}")
-            if flag in SWITCHES:
+            if flag not in magic_flags:
+                allowed = ", ".join(f"--{f}" for f in magic_flags) or "none"
+                fail(f"unknown flag --{flag} (flags: {allowed}); usage: {usage_line}")
+            if flag in magic_switches:
                 if eq:
-                    fail(f"--{flag} takes no value; usage: {usage}")
+                    fail(f"--{flag} takes no value; usage: {usage_line}")
                 found[flag] = True
                 continue
             value = value if eq else next(line_tokens, "")
             if not value or value.startswith("--"):
-                fail(f"--{flag} needs a value; usage: {usage}")
+                fail(f"--{flag} needs a value; usage: {usage_line}")
             found[flag] = unquote(value)
         elif OPTION.fullmatch(token):
             if not options:
-                fail(f"unknown option {token!r}; usage: {usage}")
+                fail(f"unknown option {token!r}; usage: {usage_line}")
             rest.append(token)
         else:
             found_words.append(unquote(token))
     if positional is not None and len(found_words) > positional:
         if options:
-            fail(f"expected key=value, got {found_words[positional]!r}; usage: {usage}")
-        fail(f"unexpected {found_words[positional]!r}; usage: {usage}")
-    return found_words, found, options_from_tokens(rest)
+            fail(f"expected key=value, got {found_words[positional]!r}; usage: {usage_line}")
+        fail(f"unexpected {found_words[positional]!r}; usage: {usage_line}")
+    return found_words, found, options_from_tokens(rest, parse)
 
 
 def spellings(magic: str) -> dict[str, str]:
@@ -110,9 +136,11 @@ def spellings(magic: str) -> dict[str, str]:
     adds a magic's positional words (``format=`` is ``FORMAT`` in ``%peft_export``).
     """
     found = dict(WORDINGS.get(magic, {}))
-    for flag in FLAGS[magic]:
+    magic_switches = switches(magic)
+    for flag in flags(magic):
         keyword = flag.replace("-", "_")
-        found[f"{keyword}=True" if flag in SWITCHES else f"{keyword}="] = f"--{flag}" if flag in SWITCHES else f"--{flag} "
+        switch = flag in magic_switches
+        found[f"{keyword}=True" if switch else f"{keyword}="] = f"--{flag}" if switch else f"--{flag} "
     return found
 
 

@@ -677,7 +677,7 @@ def _relaunch(model: nn.Module, data: Any, processes: int, shard: bool, options:
     from . import jobs
 
     folder = Path(tempfile.mkdtemp(prefix="nbpeft-run-"))
-    given = {k: v for k, v in options.items() if k not in ("live", "tokenizer") and (k not in jobs.NOT_EXPORTED or v)}
+    given = {k: v for k, v in options.items() if k not in ("live", "tokenizer") and (k not in jobs.not_exported() or v)}
     try:
         jobs.export_job(model, folder, data=data, tokenizer=options.get("tokenizer"), processes_per_node=processes,
                         overwrite=True, **given, **({"shard": True} if shard else {}))

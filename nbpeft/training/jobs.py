@@ -18,6 +18,7 @@ as ``train(..., processes=N)`` does in the notebook, so both give the same adapt
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,39 @@ from .. import core
 from ..data.batches import tokenizer_for
 from ..errors import ConfigError
 from ..formats import peft_folder as io
+from . import options as declared
 
 __all__ = ["export_job"]
 
 TASKS = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "classification", "SEQ_2_SEQ_LM": "seq2seq-lm",
          "TOKEN_CLS": "token-classification"}
-NOT_EXPORTED = ("live", "loss_fn", "metrics", "processes", "tokenizer", "eval_data", "resume")
+# the job's launcher starts nodes × processes_per_node processes: processes= would say it twice
+LAUNCHER_OPTIONS = ("processes",)
+# export_job's own keywords, which a misspelt one may have meant
+JOB_KEYWORDS = ("data", "tokenizer", "nodes", "processes_per_node", "address", "port", "overwrite")
+
+
+def not_exported() -> list[str]:
+    """The train options a job cannot carry: those whose values belong to this kernel (by their kind), and
+    the launcher's own."""
+    return [o.name for o in declared.OPTIONS if o.kernel_bound] + list(LAUNCHER_OPTIONS)
+
+
+def _check_train_options(data: Any, train_options: dict[str, Any]) -> None:
+    """train()'s keywords, checked as train() checks them (one line, did-you-mean); refused where they cannot travel."""
+    known = declared.by_name()
+    for name in train_options:
+        if name not in known:
+            close = difflib.get_close_matches(name, [*known, *JOB_KEYWORDS], n=1)
+            hint = f"; did you mean {close[0]}=?" if close else f"; train options are {', '.join(known)}"
+            raise ConfigError(f"export_job(): unknown option {name}={train_options[name]!r}{hint}")
+    declared.Settings.of("export_job()", {"data": data, **train_options})
+    bound = sorted(k for k in train_options if k in not_exported() and declared.differs(train_options[k], known[k].default))
+    if "processes" in bound:
+        raise ConfigError("export_job(): processes= is the launcher's; give nodes= and processes_per_node= instead")
+    if bound:
+        raise ConfigError(f"export_job(): {', '.join(bound)}= cannot travel to a cluster job; drop it "
+                          "(the job trains on data= and reports on rank 0)")
 
 SCRIPT = '''"""Train the adapter exported from a notebook; run under torchrun or accelerate launch (see launch.sh)."""
 
@@ -100,7 +128,8 @@ def export_job(model: nn.Module, directory: str | Path, *, data: Any, tokenizer:
 
     ``nodes`` machines × ``processes_per_node`` processes (default: one per GPU, else 1);
     ``address``:``port`` is the rendezvous (node 0's address). ``train_options`` are
-    ``train()``'s keywords (``batch_size`` is per process). Returns the folder.
+    ``train()``'s keywords (``batch_size`` is per process), those listed below; objects of this
+    kernel (functions, listeners, other data, a checkpoint to resume) cannot travel. Returns the folder.
     """
     directory = Path(directory)
     base = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
@@ -111,10 +140,7 @@ def export_job(model: nn.Module, directory: str | Path, *, data: Any, tokenizer:
     st = core.state(model)
     if not st.adapters:
         raise ConfigError('export_job(): this model has no adapter; attach one first, e.g. nbpeft.attach(model, "lora")')
-    given = sorted(k for k in train_options if k in NOT_EXPORTED)
-    if given:
-        raise ConfigError(f"export_job(): {', '.join(given)}= cannot travel to a cluster job; drop it "
-                          "(the job trains on data= and reports on rank 0)")
+    _check_train_options(data, train_options)
     for name, value in (("nodes", nodes), ("port", port)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"export_job(): {name}={value!r} must be a positive integer")
@@ -189,3 +215,7 @@ def _launch_script(nodes: int, per_node: int, address: str, port: int) -> str:
         f"exec torchrun --nnodes {nodes} --nproc-per-node {per_node} --node-rank ${{NODE_RANK:-0}} \\\n"
         f"  --master-addr ${{MASTER_ADDR:-{address}}} --master-port ${{MASTER_PORT:-{port}}} \"$HERE/train_job.py\"\n"
     )
+
+
+export_job.__doc__ += "\n" + "\n".join(
+    "    " + line for line in declared.docstring(not_exported(), "Train options the job carries:").splitlines())

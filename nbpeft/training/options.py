@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +54,9 @@ KINDS = {
     "mapping": "name: name pairs",
     "listener": "true, false, or a notebook variable holding a listener or function",
 }
+# Kinds whose values belong to this kernel (its objects, or a checkpoint of this machine's run):
+# a job written for other machines cannot carry them.
+KERNEL_KINDS = ("data", "tokenizer", "function", "listener", "bool-or-path")
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,19 @@ class TrainOption:
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
+
+    @property
+    def flag_name(self) -> str:
+        """The option as a magic's ``--flag`` (``batch_size`` is ``--batch-size``)."""
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def kernel_bound(self) -> bool:
+        """Whether the option's value lives in this kernel (see ``KERNEL_KINDS``)."""
+        return self.kind in KERNEL_KINDS
+
+    def default_text(self) -> str:
+        return "(required)" if self.required else repr(self.default)
 
     def validate(self, value: Any, caller: str = "train()") -> None:
         """Raise a one-line ConfigError when ``value`` does not pass the check."""
@@ -199,6 +215,11 @@ OPTIONS: list[TrainOption] = [
 ]
 
 
+def differs(value: Any, default: Any) -> bool:
+    """Whether ``value`` is not ``default`` (compared by value only for values of one type: a DataFrame is no default)."""
+    return value is not default and not (type(value) is type(default) and value == default)
+
+
 def by_name() -> dict[str, TrainOption]:
     return {option.name: option for option in OPTIONS}
 
@@ -252,8 +273,7 @@ class Settings:
 
     def changed(self) -> dict[str, Any]:
         """The options that differ from their defaults (what a call said)."""
-        return {o.name: getattr(self, o.name) for o in OPTIONS
-                if not o.required and getattr(self, o.name) is not o.default and getattr(self, o.name) != o.default}
+        return {o.name: getattr(self, o.name) for o in OPTIONS if not o.required and differs(getattr(self, o.name), o.default)}
 
     def __repr__(self) -> str:
         return f"Settings({', '.join(f'{k}={v!r}' for k, v in self.__dict__.items())})"
@@ -267,12 +287,14 @@ def signature(first: list[inspect.Parameter]) -> inspect.Signature:
     return inspect.Signature(params)
 
 
-def docstring() -> str:
-    """The options as the docstring's reference: one line each, grouped."""
-    lines = ["Options (every keyword, by group):"]
+def docstring(skip: Collection[str] = (), heading: str = "Options (every keyword, by group):") -> str:
+    """The options (but ``skip``) as a reference: one line each, ``name=default: help``, grouped."""
+    lines = [heading]
     for title, members in grouped():
-        lines += ["", f"{title}:"]
-        lines += [f"    {o.name}={'(required)' if o.required else repr(o.default)}: {o.help}" for o in members]
+        shown = [o for o in members if o.name not in skip]
+        if shown:
+            lines += ["", f"{title}:"]
+            lines += [f"    {o.name}={o.default_text()}: {o.help}" for o in shown]
     return "\n".join(lines)
 
 

@@ -17,9 +17,9 @@ from ..adapters.combine import HOWS
 from ..errors import ConfigError
 from ..formats.export import DTYPES, FORMATS, TARGETS
 from ..formats.gguf import QUANTS
-from ..frontend import one_line, parse_options
-from .attach import say
+from ..frontend import parse_options
 from .fields import LABEL
+from .messages import say, shows_errors
 
 # the API's keyword spellings as this tab labels them
 SPELLINGS = {"pass overwrite=True": "tick overwrite",
@@ -163,21 +163,18 @@ class AdaptersTab(widgets.VBox):
                 widgets.HBox([self.combine_weights]), widgets.HBox([self.combine_how]),
                 widgets.HBox([self.combine_density]), widgets.HBox([self.combine_name, self.combine_button])]
 
+    @shows_errors("message", COMBINE_SPELLINGS)
     def combine(self, *_: Any) -> None:
         """``nbpeft.combine(model, {name: weight, ...}, name=..., how=..., density=...)``; the mix becomes active."""
         self._hide_confirm()
-        try:
-            self._idle()
-            self.enable()
-            weights = parse_options(self.combine_weights.value)
-            if not weights:
-                raise ConfigError("combine: type the adapters and their weights first, e.g. chat=0.7 sql=0.3")
-            how = self.combine_how.value
-            density = {} if self.combine_density.disabled else {"density": self.combine_density.value}
-            adapter = nbpeft.combine(self.model, weights, name=self.combine_name.value.strip(), how=how, **density)
-        except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
-            say(self.message, one_line(err, COMBINE_SPELLINGS), error=True)
-            return
+        self._idle()
+        self.enable()
+        weights = parse_options(self.combine_weights.value)
+        if not weights:
+            raise ConfigError("combine: type the adapters and their weights first, e.g. chat=0.7 sql=0.3")
+        how = self.combine_how.value
+        density = {} if self.combine_density.disabled else {"density": self.combine_density.value}
+        adapter = nbpeft.combine(self.model, weights, name=self.combine_name.value.strip(), how=how, **density)
         say(self.message, repr(adapter))
         self.on_change()
 
@@ -212,20 +209,21 @@ class AdaptersTab(widgets.VBox):
     def toggle_disabled(self, *_: Any) -> None:
         """``nbpeft.disable_adapters(model)`` held open until pressed again."""
         self._hide_confirm()
-        try:
-            self._idle()
-            if self._disabled is not None:
-                self.enable()
-                say(self.message, "adapters enabled again")
-            else:
-                manager = nbpeft.disable_adapters(self.model)
-                manager.__enter__()
-                self._disabled = manager
-                self.disable_button.description, self.disable_button.icon = "Enable all", "play"
-                say(self.message, "all adapters disabled: forward runs the base model")
-        except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
-            say(self.message, one_line(err), error=True)
+        self._toggle()
         self.refresh()
+
+    @shows_errors("message")
+    def _toggle(self) -> None:
+        self._idle()
+        if self._disabled is not None:
+            self.enable()
+            say(self.message, "adapters enabled again")
+        else:
+            manager = nbpeft.disable_adapters(self.model)
+            manager.__enter__()
+            self._disabled = manager
+            self.disable_button.description, self.disable_button.icon = "Enable all", "play"
+            say(self.message, "all adapters disabled: forward runs the base model")
 
     def _idle(self) -> None:
         reason = self.busy()
@@ -246,101 +244,83 @@ class AdaptersTab(widgets.VBox):
             raise ConfigError(missing)
         return folder
 
+    @shows_errors("message")
     def ask_delete(self, *_: Any) -> None:
         """Delete asks first: the adapter's trained weights go with it."""
-        try:
-            name = self._selected()
-        except ConfigError as err:
-            say(self.message, one_line(err), error=True)
-            return
+        name = self._selected()
         self.confirm_text.value = f"<b>delete {html.escape(repr(name))} and its weights?</b>&nbsp;"
         self.confirm_box.layout.display = None
 
     def _hide_confirm(self, *_: Any) -> None:
         self.confirm_box.layout.display = "none"
 
-    def _do(self, verb: str, call: Callable[[str], Any]) -> bool:
+    def _do(self, verb: str, call: Callable[[str], Any]) -> None:
+        """``call(adapter)`` for the selected adapter, then the table shows the model as it now is."""
         self._hide_confirm()
-        try:
-            self._idle()
-            self.enable()
-            name = self._selected()
-            call(name)
-        except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
-            say(self.message, one_line(err), error=True)
-            self.refresh()
-            return False
+        self._act(verb, call)
+        self.refresh()
+
+    @shows_errors("message")
+    def _act(self, verb: str, call: Callable[[str], Any]) -> None:
+        self._idle()
+        self.enable()
+        name = self._selected()
+        call(name)
         say(self.message, f"{verb}: {name!r}")
         self.on_change()
-        return True
 
+    @shows_errors("message", SPELLINGS)
     def save(self, *_: Any) -> None:
         """``nbpeft.save_adapter(model, path, name=adapter, overwrite=overwrite)``."""
         self._hide_confirm()
-        try:
-            folder = self._folder("save: type a folder in path first")
-            folders = nbpeft.save_adapter(self.model, folder, name=self._selected(), overwrite=self.overwrite.value)
-        except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
-            say(self.message, one_line(err, SPELLINGS), error=True)
-            return
+        folder = self._folder("save: type a folder in path first")
+        folders = nbpeft.save_adapter(self.model, folder, name=self._selected(), overwrite=self.overwrite.value)
         say(self.message, "saved " + ", ".join(str(f) for f in folders))
 
+    @shows_errors("message")
     def load(self, *_: Any) -> None:
         """``nbpeft.load_adapter(model, path, name=load as)``."""
         self._hide_confirm()
-        try:
-            folder = self._folder("load: type the adapter's folder in path first")
-            if not Path(folder).exists():
-                raise ConfigError(f"load: {folder} does not exist; type the folder an adapter was saved to")
-            loaded = nbpeft.load_adapter(self.model, folder, name=self.load_name.value.strip() or None)
-        except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
-            say(self.message, one_line(err), error=True)
-            return
+        folder = self._folder("load: type the adapter's folder in path first")
+        if not Path(folder).exists():
+            raise ConfigError(f"load: {folder} does not exist; type the folder an adapter was saved to")
+        loaded = nbpeft.load_adapter(self.model, folder, name=self.load_name.value.strip() or None)
         say(self.message, "loaded " + ", ".join(repr(a.name) for a in loaded))
         self.on_change()
 
+    @shows_errors("message", SPELLINGS)
     def export(self, *_: Any) -> None:
         """``nbpeft.export(model, path, format=..., tokenizer=..., dtype=..., quant=...)``."""
         self._hide_confirm()
-        try:
-            self._idle()
-            self.enable()
-            path = self.export_path.value.strip()
-            if not path:
-                raise ConfigError("export: type a new folder in export to first")
-            fmt = self.export_format.value
-            dtype = None if self.export_dtype.value == "base" else self.export_dtype.value
-            options = {"dtype": dtype} if fmt == "merged" else {"quant": self.export_quant.value} if fmt == "gguf" else {}
-            result = nbpeft.export(self.model, path, format=fmt, tokenizer=self.tokenizer, **options)
-        except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
-            say(self.message, one_line(err, SPELLINGS), error=True)
-            return
+        self._idle()
+        self.enable()
+        path = self.export_path.value.strip()
+        if not path:
+            raise ConfigError("export: type a new folder in export to first")
+        fmt = self.export_format.value
+        dtype = None if self.export_dtype.value == "base" else self.export_dtype.value
+        options = {"dtype": dtype} if fmt == "merged" else {"quant": self.export_quant.value} if fmt == "gguf" else {}
+        result = nbpeft.export(self.model, path, format=fmt, tokenizer=self.tokenizer, **options)
         say(self.message, repr(result))
 
+    @shows_errors("message", SPELLINGS)
     def check(self, *_: Any) -> None:
         """``nbpeft.check_export(model, target)``: one line per problem, or that there is none."""
         self._hide_confirm()
-        try:
-            self._idle()
-            found = nbpeft.check_export(self.model, self.check_target.value)
-        except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
-            say(self.message, one_line(err, SPELLINGS), error=True)
-            return
+        self._idle()
+        found = nbpeft.check_export(self.model, self.check_target.value)
         if not found:
             say(self.message, str(found))
             return
         lines = "".join(f"<li>{html.escape(line)}</li>" for line in found)
         self.message.value = f'<span style="color:#8a4b00">{len(found)} to fix before {html.escape(found.target)}:</span><ul>{lines}</ul>'
 
+    @shows_errors("message", SPELLINGS)
     def to_lora(self, *_: Any) -> None:
         """``nbpeft.to_lora(model, rank=..., source=adapter)``; the new LoRA becomes the active adapter."""
         self._hide_confirm()
-        try:
-            self._idle()
-            self.enable()
-            converted = nbpeft.to_lora(self.model, rank=self.lora_rank.value, source=self._selected())
-        except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
-            say(self.message, one_line(err, SPELLINGS), error=True)
-            return
+        self._idle()
+        self.enable()
+        converted = nbpeft.to_lora(self.model, rank=self.lora_rank.value, source=self._selected())
         say(self.message, repr(converted))
         self.on_change()

@@ -13,23 +13,13 @@ import nbpeft
 
 from .. import core, targeting
 from ..errors import ConfigError
-from ..frontend import one_line
 from ..methods.base import Method, get_method
 from .fields import LABEL, OptionField, help_label, option_fields, read_options
+from .messages import note, say, shows_errors
 from .preview import Preview, preview
 
 # the API's keyword spellings as this tab labels them
 SPELLINGS = {"name=": "adapter name "}
-
-
-def say(target: widgets.HTML, text: str, error: bool = False) -> None:
-    color = "#b00020" if error else "#1b5e20"
-    target.value = f'<span style="color:{color}">{html.escape(text)}</span>' if text else ""
-
-
-def note(target: widgets.HTML, text: str) -> None:
-    """A neutral remark (grey): neither an error nor a result."""
-    target.value = f'<span style="color:#666">{html.escape(text)}</span>'
 
 
 def target_choices(model: nn.Module, method: Method) -> list[tuple[str, str]]:
@@ -53,6 +43,16 @@ def target_choices(model: nn.Module, method: Method) -> list[tuple[str, str]]:
             continue
         adaptable.append((f"{leaf} ×{counts[leaf]}", leaf))
     return adaptable
+
+
+def default_targets(model: nn.Module, method: Method) -> list[str]:
+    """The leaf names of the modules ``method`` adapts on ``model`` when no targets are given (none: it has no
+    default for this model). The method's own ``select`` decides, as ``attach`` will."""
+    try:
+        paths = method.select(model, method.config_class.from_options({}), core.state(model).adapters)
+    except ConfigError:
+        return []
+    return list(dict.fromkeys(path.rsplit(".", 1)[-1] for path in paths))
 
 
 class AttachTab(widgets.VBox):
@@ -87,6 +87,7 @@ class AttachTab(widgets.VBox):
         self.message = widgets.HTML()
         self.message.add_class("nbpeft-message")
         self.fields: dict[str, OptionField] = {}
+        self.defaults: list[str] = []
         self.last_preview: Preview | None = None
         self._quiet = False
         super().__init__([
@@ -115,6 +116,7 @@ class AttachTab(widgets.VBox):
         self._quiet = True
         self.targets.value, self.regex.value = (), ""
         choices = target_choices(self.model, spec) if self.has_targets else []
+        self.defaults = default_targets(self.model, spec) if self.has_targets else []
         self.targets.options, self.targets.rows = choices, min(8, max(len(choices), 1))
         self._quiet = False
         self._edited()
@@ -138,7 +140,9 @@ class AttachTab(widgets.VBox):
             return "the regex below chooses the targets" if not chosen else "clear the selection or the regex"
         if chosen:
             return f"{len(chosen)} selected: {', '.join(chosen)}"
-        return "none selected: the method's default targets"
+        if not self.defaults:
+            return "none selected, and the method has no default targets on this model: select some"
+        return f"none selected: the method's default targets ({', '.join(self.defaults)})"
 
     def _edited(self, *_: Any) -> None:
         """A setting changed: an error from an earlier click no longer applies."""
@@ -160,13 +164,13 @@ class AttachTab(widgets.VBox):
             note(self.preview, f"an adapter named {name!r} is already attached: type a new adapter name "
                                "to attach another, or Detach it")
         else:
-            try:
-                self.last_preview = preview(self.model, self.method.value, name=name, **self.options())
-            except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
-                say(self.preview, one_line(err, SPELLINGS), error=True)
-            else:
-                self.preview.value = f"<b>would train {self.last_preview}</b>"
+            self._preview(name)
         self.attach_button.disabled = self.last_preview is None
+
+    @shows_errors("preview", SPELLINGS)
+    def _preview(self, name: str) -> None:
+        self.last_preview = preview(self.model, self.method.value, name=name, **self.options())
+        self.preview.value = f"<b>would train {self.last_preview}</b>"
 
     def _idle(self) -> None:
         reason = self.busy()
@@ -174,25 +178,19 @@ class AttachTab(widgets.VBox):
             raise ConfigError(reason)
         self.before()
 
+    @shows_errors("message", SPELLINGS)
     def attach(self, *_: Any) -> nbpeft.Adapter | None:
         """``nbpeft.attach(model, method, name=name, **options)``; errors show below the buttons."""
-        try:
-            self._idle()
-            adapter = nbpeft.attach(self.model, self.method.value, name=self.name.value, **self.options())
-        except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
-            say(self.message, one_line(err, SPELLINGS), error=True)
-            return None
+        self._idle()
+        adapter = nbpeft.attach(self.model, self.method.value, name=self.name.value, **self.options())
         say(self.message, repr(adapter))
         self.on_change()
         return adapter
 
+    @shows_errors("message")
     def detach(self, *_: Any) -> None:
         """``nbpeft.detach(model, name)`` for the adapter named in the name field."""
-        try:
-            self._idle()
-            nbpeft.detach(self.model, self.name.value)
-        except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
-            say(self.message, one_line(err), error=True)
-            return
+        self._idle()
+        nbpeft.detach(self.model, self.name.value)
         say(self.message, f"detached {self.name.value!r}")
         self.on_change()

@@ -9,7 +9,6 @@ current step.
 from __future__ import annotations
 
 import html
-import inspect
 import threading
 import time
 from collections.abc import Callable
@@ -23,13 +22,22 @@ import nbpeft
 
 from ..data.batches import MissingTokenizer, kind_of, tokenizer_for
 from ..errors import ConfigError
-from ..frontend import data_variables, one_line, tokenizer_variables
+from ..frontend import tokenizer_variables
+from ..training import options as train_options
 from ..training.display import LossCurve, banner_text, progress_text, summary_text
 from ..training.events import Begin, End, Listener, Note, Step, StopTraining
-from ..training.loop import DEFAULT_EFFECTIVE_BATCH, PRECISIONS, TrainResult
-from .attach import say
+from ..training.loop import DEFAULT_EFFECTIVE_BATCH, TrainResult
+from .messages import say, shows_errors
+from .train_fields import TrainField, train_fields
 
 RESULT_VARIABLE = "_peft_result"
+# the panel draws the run itself: live= is no field
+OWN_DISPLAY = ("live",)
+# what a box shows where the option's default is None: a run is given steps or epochs; effective_batch's None is 8
+SHOWN = {"steps": 30, "epochs": 1.0, "effective_batch": DEFAULT_EFFECTIVE_BATCH}
+# fields the tab reads itself: the length as steps or epochs, the batch as a number and accumulation or auto
+# and an effective batch, the tokenizer with the panel's and the model's as fallbacks
+TAB_READ = ("steps", "epochs", "batch_size", "grad_accum", "effective_batch", "tokenizer")
 
 
 def devices() -> list[str]:
@@ -84,53 +92,52 @@ class PanelDisplay(Listener):
 
 
 class TrainTab(widgets.VBox):
-    """Data, eval data, tokenizer, steps or epochs, learning rate, batch, accumulation, length, precision, device;
-    a view of one example as the model will see it; Start and Stop."""
+    """A field for every option of ``train()`` (but ``live``), grouped as declared, with its help;
+    a view of one example as the model will see it; Start and Stop.
+
+    ``tab.lr`` (and so on for every option) is that option's widget; ``tab.fields`` holds the fields.
+    """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, namespace: dict[str, Any] | None = None,
                  on_start: Callable[[], None] = lambda: None) -> None:
         self.model, self.tokenizer, self.on_start = model, tokenizer, on_start
         self.namespace = namespace if namespace is not None else {}
-        defaults = {p.name: p.default for p in inspect.signature(nbpeft.train).parameters.values()}
+        self.fields = self._make_fields()
+        self._make_controls()
+        self.result: TrainResult | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        super().__init__([*self._field_rows(), widgets.HBox([self.example_index, self.example_button]), self.example,
+                          widgets.HBox([self.start_button, self.stop_button]), self.progress, self.status, self.plot,
+                          self.table, self.message])
+        self._connect()
+
+    def __getattr__(self, name: str) -> Any:
+        """``tab.<option>`` is that option's widget (``tab.tokenizer_name`` the tokenizer's: ``tab.tokenizer`` is the panel's)."""
+        fields = self.__dict__.get("fields", {})
+        key = "tokenizer" if name == "tokenizer_name" else name
+        if key in fields and name != "tokenizer":
+            return fields[key].widget
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def _make_fields(self) -> dict[str, TrainField]:
+        declared = [o for o in train_options.OPTIONS if o.name not in OWN_DISPLAY]
+        fields = train_fields(self.namespace, declared, SHOWN, {"device": devices()})
+        names = [n for n in fields["data"].widget.options]
+        fields["data"].widget.value = "data" if "data" in names else (names[0] if names else "")
+        fields["tokenizer"].widget.value = self._default_tokenizer()
+        if self.tokenizer is not None:
+            fields["tokenizer"].widget.placeholder = "the panel's tokenizer"
+        fields["epochs"].widget.disabled = True
+        fields["effective_batch"].widget.disabled = True
+        return fields
+
+    def _make_controls(self) -> None:
         label = {"style": {"description_width": "initial"}}
-        names = data_variables(self.namespace)
-        self.data = widgets.Combobox(value="data" if "data" in names else (names[0] if names else ""), options=names,
-                                     ensure_option=False, placeholder="a variable: list of examples or DataLoader",
-                                     description="data", **label)
-        self.eval_data = widgets.Combobox(value="", options=names, ensure_option=False,
-                                          placeholder="none, or a variable of held-out examples",
-                                          description="eval data", **label)
-        self.tokenizer_name = widgets.Combobox(
-            value=self._default_tokenizer(), options=tokenizer_variables(self.namespace), ensure_option=False,
-            placeholder="the panel's tokenizer" if tokenizer is not None else "a variable, e.g. tokenizer",
-            description="tokenizer", **label)
         self.refresh_button = widgets.Button(description="", icon="refresh", tooltip="look for variables again",
                                              layout={"width": "36px"})
         self.length_unit = widgets.ToggleButtons(options=["steps", "epochs"], value="steps", description="train for",
                                                  style={"description_width": "initial", "button_width": "80px"})
-        self.steps = widgets.BoundedIntText(value=30, min=1, max=10**7, description="steps", **label)
-        self.epochs = widgets.BoundedFloatText(value=1.0, min=0.01, max=10**4, step=0.5, description="epochs",
-                                               disabled=True, **label)
-        self.lr = widgets.FloatText(value=defaults["lr"], description="learning rate", **label)
-        # LoRA+: B's learning rate over A's (1: plain LoRA; the LoRA+ paper uses 16)
-        self.lr_ratio = widgets.BoundedFloatText(value=1.0, min=0.01, max=1000.0, description="LoRA+ lr ratio",
-                                                 tooltip="LoRA's B matrices learn at this multiple of the rate",
-                                                 **label)
-        # a number, or "auto": the largest micro-batch that fits, accumulated up to the effective batch
-        self.batch_size = widgets.Combobox(value=str(defaults["batch_size"]), options=["auto"], ensure_option=False,
-                                           placeholder="a number, or auto", description="batch size", **label)
-        self.effective_batch = widgets.BoundedIntText(value=DEFAULT_EFFECTIVE_BATCH, min=1, max=4096, disabled=True,
-                                                      description="effective batch", **label)
-        self.processes = widgets.BoundedIntText(value=1, min=1, max=1024, description="processes",
-                                                tooltip="data-parallel processes: one per GPU, or CPU processes", **label)
-        self.shard = widgets.Checkbox(value=False, description="shard the base model over the processes", **label)
-        self.grad_accum = widgets.BoundedIntText(value=defaults["grad_accum"], min=1, max=4096,
-                                                 description="grad accumulation", **label)
-        self.max_length = widgets.BoundedIntText(value=defaults["max_length"], min=1, max=10**6,
-                                                 description="max_length", **label)
-        self.precision = widgets.Dropdown(options=list(PRECISIONS), value=defaults["precision"],
-                                          description="precision", **label)
-        self.device = widgets.Dropdown(options=devices(), value="auto", description="device", **label)
         self.example_index = widgets.BoundedIntText(value=0, min=0, max=10**9, description="example",
                                                     layout={"width": "160px"}, **label)
         self.example_button = widgets.Button(description="Show example", icon="eye",
@@ -138,34 +145,31 @@ class TrainTab(widgets.VBox):
         self.example = widgets.HTML(layout={"max_height": "240px", "overflow": "auto"})
         self.start_button = widgets.Button(description="Start", button_style="success", icon="play")
         self.stop_button = widgets.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
-        for widget, name in ((self.data, "data"), (self.eval_data, "eval-data"), (self.tokenizer_name, "tokenizer"),
-                             (self.steps, "steps"), (self.epochs, "epochs"), (self.start_button, "start"),
-                             (self.stop_button, "stop"), (self.example_button, "show-example"),
-                             (self.example, "example"), (self.batch_size, "batch-size"), (self.processes, "processes")):
-            widget.add_class(f"nbpeft-train-{name}")
         self.progress = widgets.IntProgress(value=0, min=0, max=1, description="progress", **label)
-        self.status = widgets.HTML()
-        self.status.add_class("nbpeft-train-status")
+        self.status, self.table, self.message = widgets.HTML(), widgets.HTML(), widgets.HTML()
         self.plot = widgets.Image(format="png", layout={"width": "480px", "display": "none"})
-        self.table = widgets.HTML()
-        self.table.add_class("nbpeft-train-table")
-        self.message = widgets.HTML()
-        self.message.add_class("nbpeft-train-message")
-        self.result: TrainResult | None = None
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        super().__init__([
-            widgets.HBox([self.data, self.refresh_button]), widgets.HBox([self.eval_data, self.tokenizer_name]),
-            widgets.HBox([self.length_unit, self.steps, self.epochs]), widgets.HBox([self.lr, self.lr_ratio, self.batch_size]),
-            widgets.HBox([self.grad_accum, self.max_length]), widgets.HBox([self.effective_batch, self.processes, self.shard]),
-            widgets.HBox([self.precision, self.device]),
-            widgets.HBox([self.example_index, self.example_button]), self.example,
-            widgets.HBox([self.start_button, self.stop_button]), self.progress, self.status, self.plot, self.table,
-            self.message,
-        ])
+        for widget, name in ((self.start_button, "start"), (self.stop_button, "stop"),
+                             (self.example_button, "show-example"), (self.example, "example"),
+                             (self.status, "status"), (self.table, "table"), (self.message, "message")):
+            widget.add_class(f"nbpeft-train-{name}")
+
+    def _field_rows(self) -> list[widgets.Widget]:
+        """Each group's title, then its fields' rows; the data row has the refresh button, the length group its toggle."""
+        data = self.fields["data"]
+        data.row.children = (data.widget, self.refresh_button, data.hint)
+        rows: list[widgets.Widget] = []
+        for title, members in train_options.grouped():
+            shown = [self.fields[o.name].row for o in members if o.name in self.fields]
+            if shown:
+                rows.append(widgets.HTML(f"<b>{html.escape(title)}</b>"))
+                rows += ([self.length_unit] if members[0].group == "length" else []) + shown
+        return rows
+
+    def _connect(self) -> None:
         self.refresh_button.on_click(self.refresh_data)
         self.length_unit.observe(self._unit_changed, names="value")
-        self.batch_size.observe(self._batch_changed, names="value")
+        self.fields["batch_size"].widget.observe(self._batch_changed, names="value")
+        self.fields["grad_accum"].widget.observe(self._batch_changed, names="value")
         self.example_button.on_click(self.show_example)
         self.start_button.on_click(self.start)
         self.stop_button.on_click(self.stop)
@@ -183,10 +187,14 @@ class TrainTab(widgets.VBox):
     def _unit_changed(self, change: dict[str, Any]) -> None:
         self.steps.disabled, self.epochs.disabled = change["new"] == "epochs", change["new"] == "steps"
 
-    def _batch_changed(self, change: dict[str, Any]) -> None:
-        """With "auto", the accumulation is chosen for the effective batch; otherwise it is the field's."""
-        auto = change["new"].strip().lower() == "auto"
+    def _batch_changed(self, _: Any = None) -> None:
+        """With "auto", the accumulation is chosen for the effective batch; with a number, the effective
+        batch is that number times the accumulation."""
+        text = self.batch_size.value.strip().lower()
+        auto = text == "auto"
         self.grad_accum.disabled, self.effective_batch.disabled = auto, not auto
+        if text.isdigit() and int(text) >= 1:
+            self.effective_batch.value = int(text) * self.grad_accum.value
 
     def _batch_options(self) -> dict[str, Any]:
         """The batch fields as train()'s keywords: batch_size and grad_accum, or "auto" and effective_batch."""
@@ -198,35 +206,24 @@ class TrainTab(widgets.VBox):
         return {"batch_size": int(text), "grad_accum": self.grad_accum.value}
 
     def refresh_data(self, *_: Any) -> None:
-        names = data_variables(self.namespace)
-        self.data.options = self.eval_data.options = names
-        self.tokenizer_name.options = tokenizer_variables(self.namespace)
-
-    def _variable(self, name: str, what: str, caller: str = "train") -> Any:
-        if name not in self.namespace:
-            raise ConfigError(f"{caller}: no variable {name!r} in the notebook; {what}")
-        return self.namespace[name]
-
-    def _chosen_data(self, caller: str) -> Any:
-        name = self.data.value.strip()
-        if not name:
-            raise ConfigError(f"{caller}: which data? type the name of a variable holding a list of examples or a DataLoader")
-        return self._variable(name, "make a list of examples first", caller)
+        for field in self.fields.values():
+            field.refresh()
 
     def _chosen_tokenizer(self, caller: str) -> Any:
         """The tokenizer field's variable, else the panel's tokenizer (None: the model's own, if it has one)."""
-        name = self.tokenizer_name.value.strip()
-        if name:
-            return self._variable(name, "load one with model, tokenizer = nbpeft.load_model(...)", caller)
-        return self.tokenizer
+        chosen = self.fields["tokenizer"].read(caller)
+        return chosen if chosen is not None else self.tokenizer
 
     def options(self) -> dict[str, Any]:
-        """``nbpeft.train`` keyword arguments for the current settings (without ``live``)."""
-        data = self._chosen_data("train")
-        eval_name = self.eval_data.value.strip()
-        eval_data = self._variable(eval_name, "leave eval data empty or name a list of examples") if eval_name else None
+        """``nbpeft.train`` keyword arguments: the required ones, the length, the batch, the tokenizer, and
+        every other field that differs from its option's default (``live`` is the panel's)."""
+        found = {}
+        for name, field in self.fields.items():
+            value = field.read("train") if name not in TAB_READ else None
+            if name not in TAB_READ and (field.option.required or train_options.differs(value, field.option.default)):
+                found[name] = value
         tokenizer = self._chosen_tokenizer("train")
-        if tokenizer is None and kind_of(data) != "batches":
+        if tokenizer is None and kind_of(found["data"]) != "batches":
             try:
                 tokenizer = tokenizer_for(self.model)
             except MissingTokenizer:
@@ -234,38 +231,28 @@ class TrainTab(widgets.VBox):
                                   "(model, tokenizer = nbpeft.load_model(...) makes one), "
                                   "or train on a DataLoader of batches") from None
         length = {"steps": self.steps.value} if self.length_unit.value == "steps" else {"epochs": self.epochs.value}
-        # processes= and shard= only when asked for: one process, unsharded, is train()'s own default
-        scale_out = {"processes": self.processes.value} if self.processes.value > 1 else {}
-        scale_out.update({"shard": True} if self.shard.value else {})
-        lora_plus = {"lr_ratio": self.lr_ratio.value} if self.lr_ratio.value != 1.0 else {}  # 1 is train()'s default
-        return {"model": self.model, "data": data, "eval_data": eval_data, "tokenizer": tokenizer, **length,
-                "lr": self.lr.value, **self._batch_options(), "max_length": self.max_length.value,
-                "precision": self.precision.value, "device": self.device.value, **lora_plus, **scale_out}
+        return {"model": self.model, **found, "tokenizer": tokenizer, **length, **self._batch_options()}
 
+    @shows_errors("example", {"i=": "example "})
     def show_example(self, *_: Any) -> None:
-        """Render ``nbpeft.show_example`` for the chosen data, tokenizer, example number and max_length."""
+        """Render ``nbpeft.show_example`` for the chosen data, tokenizer, example number, max_length and columns."""
+        tokenizer = self._chosen_tokenizer("show_example")
+        data = self.fields["data"].read("show_example")
+        columns = self.fields["columns"].read("show_example")
         try:
-            tokenizer = self._chosen_tokenizer("show_example")
-            example = nbpeft.show_example(self._chosen_data("show_example"),
-                                          tokenizer if tokenizer is not None else self.model,
-                                          self.example_index.value, max_length=self.max_length.value)
+            example = nbpeft.show_example(data, tokenizer if tokenizer is not None else self.model,
+                                          self.example_index.value, max_length=self.max_length.value, columns=columns)
         except MissingTokenizer as err:
-            say(self.example, err.with_fix("type its variable under tokenizer"), error=True)
-        except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
-            say(self.example, one_line(err, {"i=": "example "}), error=True)
-        else:
-            self.example.value = example._repr_html_()
+            raise ConfigError(err.with_fix("type its variable under tokenizer")) from None
+        self.example.value = example._repr_html_()
 
     def start(self, *_: Any) -> None:
         """Start ``nbpeft.train`` on a background thread; returns at once."""
         if self.running:
             say(self.message, "training is already running; press Stop first", error=True)
             return
-        try:
-            self.on_start()
-            options = self.options()
-        except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
-            say(self.message, one_line(err), error=True)
+        options = self._prepared()
+        if options is None:
             return
         self._stop.clear()
         self.result = None
@@ -276,6 +263,11 @@ class TrainTab(widgets.VBox):
         self._thread = threading.Thread(target=self._run, args=(options,), name="nbpeft-train", daemon=True)
         self._thread.start()
 
+    @shows_errors("message")
+    def _prepared(self) -> dict[str, Any]:
+        self.on_start()
+        return self.options()
+
     def _listen(self, event: str, payload: Any) -> None:
         getattr(self.display, f"on_{event}")(payload)
         if event == "step" and self._stop.is_set():
@@ -283,16 +275,17 @@ class TrainTab(widgets.VBox):
 
     def _run(self, options: dict[str, Any]) -> None:
         try:
-            self.result = nbpeft.train(**options, live=self._listen)
-        except Exception as err:  # noqa: BLE001 (shown in the panel, never as a traceback)
-            say(self.message, one_line(err), error=True)
-        else:
-            self.namespace[RESULT_VARIABLE] = self.result
-            # a stopped run's message is on the status line already: say it once
-            done = "" if self.result.stopped else f"{self.result!r}; "
-            say(self.message, f"{done}the result is in {RESULT_VARIABLE}")
+            self._train(options)
         finally:
             self.start_button.disabled, self.stop_button.disabled = False, True
+
+    @shows_errors("message")
+    def _train(self, options: dict[str, Any]) -> None:
+        self.result = nbpeft.train(**options, live=self._listen)
+        self.namespace[RESULT_VARIABLE] = self.result
+        # a stopped run's message is on the status line already: say it once
+        done = "" if self.result.stopped else f"{self.result!r}; "
+        say(self.message, f"{done}the result is in {RESULT_VARIABLE}")
 
     def stop(self, *_: Any) -> None:
         """Ask the run to stop after the current step."""
