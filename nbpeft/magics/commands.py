@@ -88,7 +88,7 @@ class PeftMagics(Magics):
     """%peft_methods, %peft_attach, %peft_summary, %peft_use, %peft_detach, %peft_merge, %peft_unmerge,
     %peft_save, %peft_load, %%peft_train, %peft_compare, %peft_panel, %peft_generate,
     %peft_compare_answers, %peft_export, %peft_to_lora, %peft_show_example, %peft_release,
-    %peft_export_job, %peft_combine."""
+    %peft_export_job, %peft_combine, %peft_runs."""
 
     def _var(self, name: str, hint: str) -> Any:
         if name not in self.shell.user_ns:
@@ -486,3 +486,27 @@ class PeftMagics(Magics):
         options.update({flag.replace("-", "_"): flags[flag] for flag in ("how", "majority-sign-method") if flag in flags})
         model = self._model(flags.get("model"))
         display(nbpeft.combine(model, weights, name=flags["name"], **options))
+
+    @line_magic
+    @usage_errors
+    def peft_runs(self, line: str) -> None:
+        """The recorded training runs:  %peft_runs [ID ...] [--plot] [--out VAR] [model=M] [method=M] [since=DATE] [until=DATE] [status=S]
+
+        Same as ``VAR = nbpeft.runs(model=..., method=..., since=..., until=..., status=...)``
+        with VAR ``_peft_runs`` unless --out names another; IDs keep those runs only. --plot
+        shows their loss curves overlaid instead (``nbpeft.plot_runs([ID, ...])``).
+        """
+        ids, flags, options = split_line(line, "peft_runs", positional=None)
+        out = flags.get("out", "_peft_runs")
+        if not out.isidentifier():
+            fail(f"--out {out!r} must be a variable name")
+        self._options(nbpeft.runs, options, ("store",))
+        options = {key: str(value) for key, value in options.items()}  # since=2025-06-01 is a date, not a sum
+        table = nbpeft.runs(**options)
+        if ids:
+            unknown = [i for i in ids if i not in table.ids]
+            if unknown:
+                fail(f"no run {unknown[0]!r} among the runs shown; %peft_runs lists them")
+            table = nbpeft.RunTable([row for row in table.rows if row["run_id"] in ids], table.store)
+        self.shell.user_ns[out] = table
+        display(table.plot() if flags.get("plot") else table)

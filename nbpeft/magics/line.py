@@ -41,9 +41,10 @@ USAGE = {
     "peft_show_example": "%peft_show_example [I] [--data VAR] [--model VAR] [--tokenizer VAR] [max_length=N] [columns=...]",
     "peft_combine": "%peft_combine NAME=WEIGHT ... --name NAME [--how HOW] [--density D] [--majority-sign-method M] "
                     "[--rank R] [--seed N] [--model VAR]",
+    "peft_runs": "%peft_runs [ID ...] [--plot] [--out VAR] [model=M] [method=M] [since=DATE] [until=DATE] [status=S]",
 }
 # --flags that take no value (a switch); every other flag takes one
-SWITCHES = ("overwrite", "no-base", "shard")
+SWITCHES = ("overwrite", "no-base", "shard", "plot")
 FLAGS = {magic: tuple(dict.fromkeys(re.findall(r"--([\w-]+)", usage))) for magic, usage in USAGE.items()}
 # the API's words for what a magic takes positionally or as a switch, most specific first
 WORDINGS = {

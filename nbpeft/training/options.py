@@ -196,6 +196,9 @@ OPTIONS: list[TrainOption] = [
     TrainOption("live", True, "the live display: True draws it, False is silent, or a listener gets the events",
                 "run", "listener", lambda v: isinstance(v, bool) or callable(v) or hasattr(v, "on_step"),
                 "True, False, a Listener or a function fn(event, payload)"),
+    TrainOption("runs", True, "record the run in the run store (nbpeft.runs()): True, False, or the store's file path",
+                "run", "bool-or-path", lambda v: isinstance(v, (bool, str)) or hasattr(v, "__fspath__"),
+                "True, False or a file path, e.g. runs='runs.sqlite'"),
 ]
 
 
