@@ -25,6 +25,7 @@ from .formats.peft_folder import load_adapter, save_adapter
 from .inference.answers import Answers, compare_answers
 from .inference.generate import generate
 from .models import load_model
+from .training.bakeoff import bakeoff
 from .training.jobs import export_job
 from .training.loop import TrainResult, train
 from .training.memory import Released, release
@@ -118,6 +119,7 @@ __all__ = [
     "runs",
     "plot_runs",
     "RunTable",
+    "bakeoff",
 ]
 
 

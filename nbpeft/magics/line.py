@@ -41,6 +41,8 @@ USAGE = {
     "peft_show_example": "%peft_show_example [I] [--data VAR] [--model VAR] [--tokenizer VAR] [max_length=N] [columns=...]",
     "peft_combine": "%peft_combine NAME=WEIGHT ... --name NAME [--how HOW] [--density D] [--majority-sign-method M] "
                     "[--rank R] [--seed N] [--model VAR]",
+    "peft_bakeoff": "%%peft_bakeoff METHOD={'key': value} ... [methods=a,b] [--model VAR] [--data VAR] [--eval-data VAR] "
+                    "[--tokenizer VAR] [--out VAR] key=value ...",
     "peft_runs": "%peft_runs [ID ...] [--plot] [--out VAR] [model=M] [method=M] [since=DATE] [until=DATE] [status=S]",
 }
 # --flags that take no value (a switch); every other flag takes one

@@ -69,14 +69,16 @@ def curves_png(curves: dict[str, list[dict[str, Any]]], width: float = 7.0, heig
 class RunTable:
     """Runs, one row each: ``_repr_html_`` in a notebook, ``.to_pandas()``, ``.plot()`` of their curves.
 
-    ``rows`` are dicts with at least ``run_id``; ``extra`` are further (key, heading, format)
-    columns shown after the standard ones; ``curves`` maps a row's label to its points where
-    they are at hand, the rest are read from the store at ``store``.
+    ``rows`` are dicts, each with its ``run_id`` (None for a run not recorded); ``head`` and
+    ``tail`` are the (key, heading, format) columns before and after the metrics; ``label``
+    the key that names a row's curve. ``curves`` maps a label to its points where they are
+    at hand; the rest are read from the store at ``store``.
     """
 
-    def __init__(self, rows: list[dict[str, Any]], store: Path | None = None, extra: list[tuple] = (),
-                 curves: dict[str, list[dict[str, Any]]] | None = None, label: str = "run_id") -> None:
-        self.rows, self.store, self.extra, self.label = rows, store, list(extra), label
+    def __init__(self, rows: list[dict[str, Any]], store: Path | None = None, *, head: list[tuple] = COLUMNS,
+                 tail: list[tuple] = TAIL, curves: dict[str, list[dict[str, Any]]] | None = None,
+                 label: str = "run_id") -> None:
+        self.rows, self.store, self.head, self.tail, self.label = rows, store, list(head), list(tail), label
         self.curves = dict(curves or {})
 
     def __len__(self) -> int:
@@ -91,7 +93,7 @@ class RunTable:
 
     def _columns(self) -> list[tuple]:
         metrics = [(f"metric:{m}", m, lambda v: f"{v:.4g}") for m in self._metric_names()]
-        return COLUMNS + metrics + self.extra + TAIL
+        return self.head + metrics + self.tail
 
     def _value(self, row: dict[str, Any], key: str) -> Any:
         return (row.get("final_metrics") or {}).get(key[7:]) if key.startswith("metric:") else row.get(key)
@@ -101,10 +103,11 @@ class RunTable:
         import pandas as pd
 
         keys = [key for key, _, _ in self._columns()]
-        frame = pd.DataFrame([{key.removeprefix("metric:"): self._value(row, key) for key in keys}
-                              | {"lr": (row.get("options") or {}).get("lr"), "message": row.get("message")}
-                              for row in self.rows], columns=[k.removeprefix("metric:") for k in keys] + ["lr", "message"])
-        return frame
+        more = [k for k in ("lr", "message") if k not in keys]
+        records = [{key.removeprefix("metric:"): self._value(row, key) for key in keys}
+                   | {"lr": row.get("lr", (row.get("options") or {}).get("lr")), "message": row.get("message")}
+                   for row in self.rows]
+        return pd.DataFrame(records, columns=[k.removeprefix("metric:") for k in keys] + more)
 
     def _cells(self, row: dict[str, Any]) -> list[str]:
         out = []
