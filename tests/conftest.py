@@ -18,6 +18,7 @@ import nbpeft
 # Every run the tests train is recorded in a throwaway store, never in the user's cache.
 _RUNS_DIR = tempfile.mkdtemp(prefix="nbpeft-test-runs-")
 os.environ["NBPEFT_RUNS"] = os.path.join(_RUNS_DIR, "runs.sqlite")
+os.environ["TRACKIO_DIR"] = os.path.join(_RUNS_DIR, "trackio")  # trackio reads it once, when first imported
 atexit.register(shutil.rmtree, _RUNS_DIR, ignore_errors=True)
 
 # Two cores: keep torch from oversubscribing them when tests run beside other work.

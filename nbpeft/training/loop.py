@@ -260,9 +260,9 @@ def train(model: nn.Module, data: Any, **options: Any) -> TrainResult:
     """
     s = Settings.of("train()", {"data": data, **options})
     _check_combinations(model, s)
-    extras = record.Extras(model, data, s)  # the run record: written by this process only, not by its workers
+    extras = record.Extras(model, data, s)  # the run record and trackers: this process's, not its workers'
     if distributed.wanted(s.processes, s.shard):
-        rest = {k: v for k, v in vars(s).items() if k not in ("data", "processes", "shard")} | {"runs": False}
+        rest = {k: v for k, v in vars(s).items() if k not in ("data", "processes", "shard")} | {"runs": False, "report_to": None}
         with extras.watching():
             return distributed.run(train, model, data, processes=s.processes, shard=s.shard, options=rest,
                                    listener=lambda: extras.around(_listener(s.live)))

@@ -26,11 +26,12 @@ from torch import nn
 from .. import core
 from ..formats import run_store
 from ..formats.peft_folder import base_model_id
+from . import trackers
 from .events import Begin, End, Guarded, Listener, Note, Step, Together
 
 FLUSH_S = 5.0  # steps reach the file at least this often: a dead kernel loses seconds of curve, not the run
 # options that are not settings of the run (the data is fingerprinted; functions and listeners are not values)
-NOT_RECORDED = ("data", "eval_data", "tokenizer", "live", "runs")
+NOT_RECORDED = ("data", "eval_data", "tokenizer", "live", "runs", "report_to", "logging_dir")
 
 
 def new_run_id() -> str:
@@ -66,6 +67,11 @@ def fingerprint(data: Any) -> tuple[str | None, int | None]:
     return None, (len(data) if hasattr(data, "__len__") and not hasattr(data, "batch_size") else None)
 
 
+def recorded_options(settings: Any) -> dict[str, Any]:
+    """The run's options that are plain values (numbers, text, lists): what a record keeps."""
+    return {k: v for k, v in vars(settings).items() if k not in NOT_RECORDED and _plain(v)}
+
+
 def model_name(model: nn.Module) -> str:
     return base_model_id(model) or type(model).__name__
 
@@ -83,18 +89,18 @@ def adapters_trained(model: nn.Module, full: bool) -> tuple[str, str, dict[str, 
 class RunRecorder(Listener):
     """Writes one run to the store: a row at the start, its points as it goes, its end."""
 
-    def __init__(self, path: Path, model: nn.Module, data: Any, settings: Any) -> None:
-        self.path, self.model, self.settings = path, model, settings
+    def __init__(self, path: Path, model: nn.Module, data: Any, settings: Any, run_id: str) -> None:
+        self.path, self.model, self.settings, self.given_id = path, model, settings, run_id
         self.data_print = fingerprint(data)
-        self.run_id: str | None = None
+        self.run_id: str | None = None  # set once the run's row is written
         self.pending: list[dict[str, Any]] = []
         self.last_flush = 0.0
         self.last_step: Step | None = None
 
     def on_begin(self, begin: Begin) -> None:
         adapter, method, method_settings = adapters_trained(self.model, self.settings.full)
-        options = {k: v for k, v in vars(self.settings).items() if k not in NOT_RECORDED and _plain(v)}
-        run_id = new_run_id()
+        options = recorded_options(self.settings)
+        run_id = self.given_id
         run_store.insert_run(self.path, {
             "id": run_id, "started": datetime.now().astimezone().isoformat(timespec="seconds"),
             "model": model_name(self.model), "adapter": adapter, "method": method, "method_settings": method_settings,
@@ -150,18 +156,28 @@ class RunRecorder(Listener):
 
 
 class Extras:
-    """What ``train()`` adds to its display: the run record (and the trackers), each guarded."""
+    """What ``train()`` adds to its display: the run record and the trackers, each guarded.
+
+    Built before anything trains, so a tracker whose library is missing stops the call there.
+    """
 
     def __init__(self, model: nn.Module, data: Any, settings: Any) -> None:
+        trackers.check(settings.report_to)
         path = run_store.location(settings.runs)
-        self.recorder = RunRecorder(path, model, data, settings) if path is not None else None
+        self.run_id = new_run_id()
+        self.recorder = RunRecorder(path, model, data, settings, self.run_id) if path is not None else None
+        adapter, method, method_settings = adapters_trained(model, settings.full)
+        params = {"model": model_name(model), "method": method, "adapter": adapter, "settings": method_settings,
+                  **recorded_options(settings)}
+        self.trackers = trackers.build(settings.report_to, self.run_id, params, settings.logging_dir)
 
     def around(self, display: Listener) -> Listener:
         """``display`` followed by the extras; an extra that fails is said once through the display."""
-        if self.recorder is None:
+        extras = ([("the run record", self.recorder)] if self.recorder is not None else []) + self.trackers
+        if not extras:
             return display
         say = display.on_note if type(display) is not Listener else _warn  # live=False: a warning instead
-        return Together([display, Guarded(self.recorder, "the run record", say)])
+        return Together([display, *(Guarded(extra, name, say) for name, extra in extras)])
 
     @contextmanager
     def watching(self) -> Iterator[None]:
@@ -173,11 +189,14 @@ class Extras:
             raise
 
     def failed(self, err: BaseException) -> None:
-        if self.recorder is not None:
+        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        ends = [("the run record", lambda: self.recorder.failed(err))] if self.recorder is not None else []
+        ends += [(name, lambda tracker=tracker: tracker.failed(status)) for name, tracker in self.trackers]
+        for name, end in ends:
             try:
-                self.recorder.failed(err)
-            except Exception as store_err:  # noqa: BLE001 (the run's own error is the one to raise)
-                _warn(Note(f"the run record stopped: {store_err}"))
+                end()
+            except Exception as extra_err:  # noqa: BLE001 (the run's own error is the one to raise)
+                _warn(Note(f"{name} stopped: {extra_err}"))
 
 
 def _warn(note: Note) -> None:
