@@ -34,6 +34,8 @@ RUN_COLUMNS = {
 }
 JSON_COLUMNS = ("method_settings", "options", "final_metrics")
 POINT_COLUMNS = ("step", "loss", "eval_loss", "lr", "tokens", "step_time_s", "elapsed_s", "metrics")
+# the store each run of this process was written to (a run may go to another store than the default)
+STORES: dict[str, Path] = {}
 
 
 class StoreError(Exception):
@@ -105,9 +107,15 @@ def _encode(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def insert_run(path: Path, fields: dict[str, Any]) -> None:
-    fields = _encode(fields)
-    _write(path, [(f"INSERT INTO runs ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))})",
-                   tuple(fields.values()))])
+    encoded = _encode(fields)
+    _write(path, [(f"INSERT INTO runs ({', '.join(encoded)}) VALUES ({', '.join('?' * len(encoded))})",
+                   tuple(encoded.values()))])
+    STORES[fields["id"]] = path
+
+
+def path_of(run_id: str) -> Path | None:
+    """The store a run of this process went to, else the default store (a run of an earlier session)."""
+    return STORES.get(run_id) or location(True)
 
 
 def update_run(path: Path, run_id: str, fields: dict[str, Any], points: Iterable[dict[str, Any]] = ()) -> None:

@@ -8,13 +8,13 @@
 from __future__ import annotations
 
 import html
-import io
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
 from ..formats import run_store
+from ..formats.card import curves_png
 from .display import format_bytes
 
 # The table's columns: (key, heading, how a value is shown); metrics follow the final eval loss.
@@ -40,30 +40,6 @@ class Plot:
     def save(self, path: str | Path) -> Path:
         Path(path).write_bytes(self.png)
         return Path(path)
-
-
-def curves_png(curves: dict[str, list[dict[str, Any]]], width: float = 7.0, height: float = 3.4, dpi: int = 90) -> bytes:
-    """Train loss (lines) and eval loss (dashed, dots) of each labelled curve, one colour each."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=dpi)
-    axes = figure.add_subplot()
-    for index, (label, points) in enumerate(curves.items()):
-        colour = f"C{index % 10}"
-        axes.plot([p["step"] for p in points], [p["loss"] for p in points], color=colour, label=f"{label} train")
-        evals = [p for p in points if p.get("eval_loss") is not None]
-        if evals:
-            axes.plot([p["step"] for p in evals], [p["eval_loss"] for p in evals], color=colour, linestyle="--",
-                      marker="o", markersize=3, label=f"{label} eval")
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss")
-    if curves:
-        axes.legend(fontsize="small")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    FigureCanvasAgg(figure).print_png(buffer)
-    return buffer.getvalue()
 
 
 class RunTable:
