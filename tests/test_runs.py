@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import sqlite3
 import warnings
 
@@ -204,3 +205,23 @@ def test_the_panel_runs_tab_lists_filters_and_plots(store) -> None:
     tab.since.value = "yesterday"
     tab.refresh_button.click()
     assert "since yesterday" not in tab.message.value and "is not a date" in tab.message.value
+
+
+@pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="processes=N forks its workers")
+def test_a_run_on_two_processes_is_recorded_once_by_the_notebook_side(store) -> None:
+    model = tiny_llama()
+    nbpeft.attach(model, "lora", r=4)
+    result = nbpeft.train(model, DATA * 2, tokenizer=char_tokenizer(), steps=2, batch_size=2, processes=2,
+                          precision="fp32", live=False)
+    (row,) = nbpeft.runs().rows
+    assert row["run_id"] == result.run_id and row["status"] == "finished" and row["device"] == "cpu ×2"
+    assert [p["loss"] for p in run_store.read_points(store, result.run_id)] == pytest.approx(result.losses)
+
+    def failing(model, batch):
+        raise RuntimeError("boom in the loss")
+
+    with pytest.raises(Exception, match="boom in the loss"):
+        nbpeft.train(model, DATA * 2, tokenizer=char_tokenizer(), steps=2, batch_size=2, processes=2,
+                     precision="fp32", live=False, loss_fn=failing)
+    failed = nbpeft.runs(status="failed").rows
+    assert len(failed) == 1 and "boom in the loss" in failed[0]["message"]
