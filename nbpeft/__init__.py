@@ -25,9 +25,11 @@ from .formats.peft_folder import load_adapter, save_adapter
 from .inference.answers import Answers, compare_answers
 from .inference.generate import generate
 from .models import load_model
+from .training.bakeoff import bakeoff
 from .training.jobs import export_job
 from .training.loop import TrainResult, train
 from .training.memory import Released, release
+from .training.run_table import RunTable, plot_runs, runs
 from .training.tfew import choice_accuracy, choice_batches, predict_choices, tfew_loss
 
 __version__ = "0.1.0"
@@ -114,6 +116,10 @@ __all__ = [
     "NewTokens",
     "release",
     "Released",
+    "runs",
+    "plot_runs",
+    "RunTable",
+    "bakeoff",
 ]
 
 

@@ -41,6 +41,7 @@ class Adapter:
     model_params: int = 0
     merged: bool = False
     notes: list[str] = field(default_factory=list)
+    run_id: str | None = None  # the last recorded train() run that trained it: what its model card reports
 
     @property
     def options(self) -> dict[str, Any]:

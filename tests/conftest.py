@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -11,6 +14,12 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import nbpeft
+
+# Every run the tests train is recorded in a throwaway store, never in the user's cache.
+_RUNS_DIR = tempfile.mkdtemp(prefix="nbpeft-test-runs-")
+os.environ["NBPEFT_RUNS"] = os.path.join(_RUNS_DIR, "runs.sqlite")
+os.environ["TRACKIO_DIR"] = os.path.join(_RUNS_DIR, "trackio")  # trackio reads it once, when first imported
+atexit.register(shutil.rmtree, _RUNS_DIR, ignore_errors=True)
 
 # Two cores: keep torch from oversubscribing them when tests run beside other work.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -28,6 +28,7 @@ from .. import core
 from ..errors import ConfigError
 from ..layers import base_path
 from ..methods.base import AdapterLayer
+from . import card, peft_folder
 
 FORMATS = ("merged", "gguf", "gguf-adapter")
 TARGETS = ("vllm", "llama.cpp", "ollama", "peft")
@@ -254,6 +255,7 @@ def export(
             files, notes = gguf_export.write_model(model.config, state_dict, tokenizer, tmp, quant)
         else:
             files, notes = gguf_export.write_adapter(model, names, tmp)
+        files += card.write(tmp, model, names, peft_folder.base_model_id(model), peft_folder.task_type(model), kind=format)
         if _state_key(model) != before:
             raise ConfigError("export(): the adapters were merged, unmerged or switched while exporting; nothing was written, export again")
         if target.exists():

@@ -25,6 +25,7 @@ from ..methods import lora_init
 from ..methods.base import REFERENCE_PREFIX, get_method, registered
 from ..methods.lora import LoRALinear
 from ..models import cache_dir
+from . import card
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -111,6 +112,7 @@ def save_adapter(
         folder.mkdir(parents=True, exist_ok=True)
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+        card.write(folder, model, [n], base_model_id(model), task_type(model), overwrite=overwrite)
         written.append(folder)
     return written
 

@@ -101,7 +101,7 @@ class PeftMagics(Magics):
     """%peft_methods, %peft_attach, %peft_summary, %peft_use, %peft_detach, %peft_merge, %peft_unmerge,
     %peft_save, %peft_load, %%peft_train, %peft_compare, %peft_panel, %peft_generate,
     %peft_compare_answers, %peft_export, %peft_to_lora, %peft_show_example, %peft_release,
-    %peft_export_job, %peft_combine."""
+    %peft_export_job, %peft_combine, %peft_runs, %%peft_bakeoff."""
 
     def _var(self, name: str, hint: str) -> Any:
         if name not in self.shell.user_ns:
@@ -504,6 +504,67 @@ class PeftMagics(Magics):
         model = self._model(flags.get("model"))
         display(nbpeft.combine(model, weights, name=flags["name"], **options))
 
+    @line_magic
+    @usage_errors
+    def peft_runs(self, line: str) -> None:
+        """The recorded training runs:  %peft_runs [ID ...] [--plot] [--out VAR] [model=M] [method=M] [since=DATE] [until=DATE] [status=S]
+
+        Same as ``VAR = nbpeft.runs(model=..., method=..., since=..., until=..., status=...)``
+        with VAR ``_peft_runs`` unless --out names another; IDs keep those runs only. --plot
+        shows their loss curves overlaid instead (``nbpeft.plot_runs([ID, ...])``).
+        """
+        ids, flags, options = split_line(line, "peft_runs", positional=None)
+        out = flags.get("out", "_peft_runs")
+        if not out.isidentifier():
+            fail(f"--out {out!r} must be a variable name")
+        self._options(nbpeft.runs, options, ("store",))
+        options = {key: str(value) for key, value in options.items()}  # since=2025-06-01 is a date, not a sum
+        table = nbpeft.runs(**options)
+        if ids:
+            unknown = [i for i in ids if i not in table.ids]
+            if unknown:
+                fail(f"no run {unknown[0]!r} among the runs shown; %peft_runs lists them")
+            table = nbpeft.RunTable([row for row in table.rows if row["run_id"] in ids], table.store)
+        self.shell.user_ns[out] = table
+        display(table.plot() if flags.get("plot") else table)
+
+    @line_cell_magic
+    @usage_errors
+    def peft_bakeoff(self, line: str, cell: str | None = None) -> None:
+        """Train several methods from the same start, side by side:  %%peft_bakeoff METHOD={'key': value} ... [methods=a,b] [--model VAR] [--data VAR] [--eval-data VAR] [--tokenizer VAR] [--out VAR] key=value ...
+
+        For example ``%peft_bakeoff lora={r: 8} ia3={} steps=60 seed=0 --eval-data val``. A key
+        that names a method holds its options (its own ``lr`` among them); ``methods=a,b`` adds
+        methods with their defaults; every other key=value is train()'s. Same as
+        ``VAR = nbpeft.bakeoff(model, data, methods={...}, eval_data=val, tokenizer=tokenizer, ...)``
+        with VAR ``_peft_bakeoff`` unless --out names another.
+        """
+        _, flags, options = split_line(line, "peft_bakeoff")
+        options = merged_options(options, cell)
+        out = flags.get("out", "_peft_bakeoff")
+        if not out.isidentifier():
+            fail(f"--out {out!r} must be a variable name")
+        names = {m.name for m in nbpeft.methods()}
+        listed = options.pop("methods", [])
+        methods = {name: {} for name in ([listed] if isinstance(listed, str) else listed)}
+        for key in [k for k in options if k in names or isinstance(options[k], dict) and k != "columns"]:
+            if not isinstance(options[key], dict):
+                fail(f"{key}= holds the method's options as a dict, e.g. {key}={{r: 8}} or {key}={{}}")
+            methods[key] = options.pop(key)
+        if not methods:
+            fail(f"which methods? e.g. lora={{r: 8}} ia3={{}}; usage: {USAGE['peft_bakeoff']}")
+        keywords = [o.name for o in train_options.keyword_options() if o.kind not in ("data", "tokenizer")]
+        for key in options:
+            if key not in keywords:
+                unknown_option("bakeoff", key, keywords)
+        model = self._model(flags.get("model"))
+        data = self._var(flags.get("data", "data"), "make a list of examples or pass --data NAME")
+        if "eval-data" in flags:
+            options["eval_data"] = self._var(flags["eval-data"], "pass --eval-data NAME")
+        table = nbpeft.bakeoff(model, data, methods=methods, tokenizer=self._tokenizer(flags), **options)
+        self.shell.user_ns[out] = table
+        display(table)
+        display(table.plot())
 
 TRAIN_TEXT = inspect.cleandoc(PeftMagics.peft_train.__doc__).partition("\n")[2]
 

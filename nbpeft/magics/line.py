@@ -41,9 +41,12 @@ USAGE = {
     "peft_show_example": "%peft_show_example [I] [--data VAR] [--model VAR] [--tokenizer VAR] [max_length=N] [columns=...]",
     "peft_combine": "%peft_combine NAME=WEIGHT ... --name NAME [--how HOW] [--density D] [--majority-sign-method M] "
                     "[--rank R] [--seed N] [--model VAR]",
+    "peft_bakeoff": "%%peft_bakeoff METHOD={'key': value} ... [methods=a,b] [--model VAR] [--data VAR] [--eval-data VAR] "
+                    "[--tokenizer VAR] [--out VAR] key=value ...",
+    "peft_runs": "%peft_runs [ID ...] [--plot] [--out VAR] [model=M] [method=M] [since=DATE] [until=DATE] [status=S]",
 }
 # --flags that take no value (a switch); every other flag takes one. A train option of kind bool that is a flag is one too.
-SWITCHES = ("overwrite", "no-base")
+SWITCHES = ("overwrite", "no-base", "plot")
 FLAGS = {magic: tuple(dict.fromkeys(re.findall(r"--([\w-]+)", usage))) for magic, usage in USAGE.items()}
 # what a train option's --flag takes, by the option's kind (a bool is a switch)
 METAVARS = {"data": "VAR|PATH", "tokenizer": "VAR", "function": "VAR", "int": "N", "float": "X",

@@ -94,6 +94,7 @@ class TrainResult:
     dropped: int = 0  # of those, the ones left with no labelled token (not trained on)
     batch_size: int = 0  # the micro-batch at the end (batch_size="auto" or an out-of-memory retry may change it)
     grad_accum: int = 1  # micro-batches a step at the end
+    run_id: str | None = None  # the run's name in the run store (nbpeft.runs()); None when not recorded
 
     @property
     def steps(self) -> int:
@@ -176,3 +177,57 @@ class FunctionListener(Listener):
 
 def as_listener(live: Listener | Callable[[str, Any], None]) -> Listener:
     return live if isinstance(live, Listener) else FunctionListener(live)
+
+
+class Together(Listener):
+    """Several listeners as one: each event goes to each, in order."""
+
+    def __init__(self, listeners: list[Listener]) -> None:
+        self.listeners = listeners
+
+    def on_begin(self, begin: Begin) -> None:
+        for listener in self.listeners:
+            listener.on_begin(begin)
+
+    def on_step(self, step: Step) -> None:
+        for listener in self.listeners:
+            listener.on_step(step)
+
+    def on_note(self, note: Note) -> None:
+        for listener in self.listeners:
+            listener.on_note(note)
+
+    def on_end(self, end: End) -> None:
+        for listener in self.listeners:
+            listener.on_end(end)
+
+
+class Guarded(Listener):
+    """A listener that must never stop training (a run record, a tracker): its first error is said
+    once through ``say`` and it hears nothing more."""
+
+    def __init__(self, inner: Listener, name: str, say: Callable[[Note], None]) -> None:
+        self.inner, self.name, self.say = inner, name, say
+        self.broken = False
+
+    def _call(self, handler: str, payload: Any) -> None:
+        if self.broken:
+            return
+        try:
+            getattr(self.inner, handler)(payload)
+        except Exception as err:  # noqa: BLE001 (a full disk or a server gone must not end the run)
+            self.broken = True
+            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            self.say(Note(f"{self.name} stopped: {text}; training goes on"))
+
+    def on_begin(self, begin: Begin) -> None:
+        self._call("on_begin", begin)
+
+    def on_step(self, step: Step) -> None:
+        self._call("on_step", step)
+
+    def on_note(self, note: Note) -> None:
+        self._call("on_note", note)
+
+    def on_end(self, end: End) -> None:
+        self._call("on_end", end)

@@ -27,7 +27,7 @@ from .. import core
 from ..data.batches import Batches
 from ..errors import ConfigError
 from . import checkpoints as checkpoint
-from . import compiling, distributed, lm_loss, memory, precision
+from . import compiling, distributed, lm_loss, memory, precision, record
 from .events import Begin, End, Listener, Note, Step, StopTraining, TrainResult, as_listener
 from .options import SCHEDULES, Settings, docstring, signature  # noqa: F401  (SCHEDULES: imported from here)
 from .precision import PRECISIONS, Choice, choose  # noqa: F401  (PRECISIONS: the panel imports it from here)
@@ -260,10 +260,12 @@ def train(model: nn.Module, data: Any, **options: Any) -> TrainResult:
     """
     s = Settings.of("train()", {"data": data, **options})
     _check_combinations(model, s)
+    extras = record.Extras(model, data, s)  # the run record and trackers: this process's, not its workers'
     if distributed.wanted(s.processes, s.shard):
-        rest = {k: v for k, v in vars(s).items() if k not in ("data", "processes", "shard")}
-        return distributed.run(train, model, data, processes=s.processes, shard=s.shard, options=rest,
-                               listener=lambda: _listener(s.live))
+        rest = {k: v for k, v in vars(s).items() if k not in ("data", "processes", "shard")} | {"runs": False, "report_to": None}
+        with extras.watching():
+            return distributed.run(train, model, data, processes=s.processes, shard=s.shard, options=rest,
+                                   listener=lambda: extras.around(_listener(s.live)))
     batch_size, auto_batch = _batch_plan(s.batch_size, s.grad_accum, s.effective_batch)
     tokenizer, max_length, seed, columns, packing = s.tokenizer, s.max_length, s.seed, s.columns, s.packing
     resume_from = checkpoint.find(s.resume, s.output_dir) if s.resume else None
@@ -288,7 +290,7 @@ def train(model: nn.Module, data: Any, **options: Any) -> TrainResult:
     prec = choose(dev, s.precision)
     if s.compile and not compiling.can_compile(dev):
         raise ConfigError(f"train(): compile=True needs a C++ compiler (CPU) or Triton (CUDA) on {dev.type}; use compile=False")
-    listener = _listener(s.live)
+    listener = extras.around(_listener(s.live))
     full = s.full
     flags = {p: p.requires_grad for p in model.parameters()} if full else {}
     if full:
@@ -298,6 +300,9 @@ def train(model: nn.Module, data: Any, **options: Any) -> TrainResult:
                     s.schedule, warmup_steps(s.warmup, steps), s.weight_decay, s.save_every, s.output_dir, saved, full,
                     s.gradient_checkpointing, seed, s.loss_fn, s.compile, auto_batch, lr_ratio=s.lr_ratio,
                     max_grad_norm=s.max_grad_norm)
+    except BaseException as err:
+        extras.failed(err)  # the run record keeps how the run ended
+        raise
     finally:
         for param, flag in flags.items():  # full=True: frozen again, as the rest of the API expects
             param.requires_grad = flag

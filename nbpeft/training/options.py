@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
+from . import trackers
 from .precision import PRECISIONS
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -212,6 +213,13 @@ OPTIONS: list[TrainOption] = [
     TrainOption("live", True, "the live display: True draws it, False is silent, or a listener gets the events",
                 "run", "listener", lambda v: isinstance(v, bool) or callable(v) or hasattr(v, "on_step"),
                 "True, False, a Listener or a function fn(event, payload)"),
+    TrainOption("runs", True, "record the run in the run store (nbpeft.runs()): True, False, or the store's file path",
+                "run", "bool-or-path", lambda v: isinstance(v, (bool, str)) or hasattr(v, "__fspath__"),
+                "True, False or a file path, e.g. runs='runs.sqlite'"),
+    TrainOption("report_to", None, "experiment trackers to log to: tensorboard, mlflow, trackio, or a list of them",
+                "run", "text", trackers.valid, "one of tensorboard, mlflow, trackio, or a list of them"),
+    TrainOption("logging_dir", None, "the folder TensorBoard runs go in, one subfolder each (default: ./runs)",
+                "run", "path", lambda v: isinstance(v, str) or hasattr(v, "__fspath__"), "a folder path"),
 ]
 
 

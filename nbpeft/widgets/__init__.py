@@ -1,7 +1,7 @@
 """ipywidgets panels: a thin front-end that reads widget values and calls the Python API.
 
     p = nbpeft.panel(model, tokenizer)
-    p                       # tabs: Attach, Train, Adapters
+    p                       # tabs: Attach, Train, Adapters, Runs
 
 Everything a panel does is also drivable from code (``p.attach_tab.attach_button.click()``),
 so a notebook that uses it runs headless too.
@@ -19,9 +19,10 @@ from ..training.display import notebook_shell
 from .adapters import AdaptersTab
 from .attach import AttachTab
 from .preview import Preview, preview
+from .runs import RunsTab
 from .training import TrainTab
 
-__all__ = ["AdaptersTab", "AttachTab", "Panel", "Preview", "TrainTab", "panel", "preview"]
+__all__ = ["AdaptersTab", "AttachTab", "Panel", "Preview", "RunsTab", "TrainTab", "panel", "preview"]
 
 
 def _notebook_namespace() -> dict[str, Any]:
@@ -30,7 +31,7 @@ def _notebook_namespace() -> dict[str, Any]:
 
 
 class Panel(widgets.Tab):
-    """Three tabs over one model: attach an adapter, train it, manage the adapters."""
+    """Four tabs over one model: attach an adapter, train it, manage the adapters, compare the recorded runs."""
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, namespace: dict[str, Any] | None = None) -> None:
         if not isinstance(model, nn.Module):
@@ -40,8 +41,10 @@ class Panel(widgets.Tab):
         self.adapters_tab = AdaptersTab(model, on_change=self.refresh, busy=self._busy, tokenizer=tokenizer)
         self.attach_tab = AttachTab(model, on_change=self.refresh, busy=self._busy, before=self.adapters_tab.enable)
         self.train_tab = TrainTab(model, tokenizer, self.namespace, on_start=self.adapters_tab.enable)
-        super().__init__(children=[self.attach_tab, self.train_tab, self.adapters_tab],
-                         titles=("Attach", "Train", "Adapters"))
+        self.runs_tab = RunsTab()
+        super().__init__(children=[self.attach_tab, self.train_tab, self.adapters_tab, self.runs_tab],
+                         titles=("Attach", "Train", "Adapters", "Runs"))
+        self.observe(lambda change: self.runs_tab.refresh() if change["new"] == 3 else None, "selected_index")
         self.add_class("nbpeft-panel")
 
     def _busy(self) -> str | None:
