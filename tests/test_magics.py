@@ -1087,7 +1087,7 @@ def test_export_a_gguf_adapter_for_real(shell, tmp_path):
     before = snapshot(model)
     result, out = run(shell, f"%peft_export gguf-adapter {tmp_path / 'a'}")
     assert result.success, out.stderr
-    assert out.stdout.strip() == f"exported gguf-adapter to {tmp_path / 'a'} (adapter.gguf, Modelfile)"
+    assert out.stdout.strip() == f"exported gguf-adapter to {tmp_path / 'a'} (adapter.gguf, Modelfile, README.md)"
     reader = gguf.GGUFReader(tmp_path / "a" / "adapter.gguf")
     assert reader.fields["adapter.type"].contents() == "lora" and len(reader.tensors) == 2 * 2 * 2  # A, B; q, v; 2 layers
     assert same_snapshot(snapshot(model), before)

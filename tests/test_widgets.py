@@ -572,7 +572,7 @@ def test_export_writes_a_gguf_adapter_and_leaves_the_model_alone(llama, tmp_path
     tab.export_path.value = str(tmp_path / "a")
     tab.export_button.click()
     assert not red(tab.message), text(tab.message)
-    assert text(tab.message).strip() == f"exported gguf-adapter to {tmp_path / 'a'} (adapter.gguf, Modelfile)"
+    assert text(tab.message).strip() == f"exported gguf-adapter to {tmp_path / 'a'} (adapter.gguf, Modelfile, README.md)"
     reader = gguf.GGUFReader(tmp_path / "a" / "adapter.gguf")
     assert reader.fields["adapter.type"].contents() == "lora" and len(reader.tensors) == 2 * 2 * 2
     assert_same(snapshot(llama), before)
