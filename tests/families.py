@@ -64,9 +64,21 @@ KIND = {**{f: "causal-lm" for f in FAMILIES}, "t5": "seq2seq", "bart": "seq2seq"
         "bert": "classification", "roberta": "classification", "deberta-v2": "classification", "vit": "image-classification"}
 
 
-def tiny_model(family: str, seed: int = 0) -> nn.Module:
-    """A randomly initialised model of ``family`` (the same weights for the same seed), in eval mode."""
+# The config fields that count layers, whichever a family uses (an encoder-decoder has two stacks).
+_LAYER_FIELDS = ("num_hidden_layers", "num_layers", "num_decoder_layers", "encoder_layers", "decoder_layers", "n_layer")
+
+
+def tiny_model(family: str, seed: int = 0, layers: int = 1) -> nn.Module:
+    """A randomly initialised model of ``family`` (the same weights for the same seed), in eval mode.
+
+    ``layers`` > 1 gives every stack that many layers: one layer cannot show a mix-up of layers.
+    """
     cls, config = BUILDERS[family]()
+    if layers != 1:
+        values = config.to_dict()
+        values.pop("layer_types", None)  # a per-layer list: the config builds it again for the new depth
+        values.update({key: layers for key in _LAYER_FIELDS if key in values})
+        config = type(config)(**values)
     torch.manual_seed(seed)
     return cls(config).eval()
 
