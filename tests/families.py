@@ -37,7 +37,8 @@ BUILDERS: dict[str, Callable[[], tuple[type, tf.PretrainedConfig]]] = {
     "mixtral": lambda: (tf.MixtralForCausalLM, tf.MixtralConfig(**_DECODER, num_local_experts=2, num_experts_per_tok=1)),
     "gpt2": lambda: (tf.GPT2LMHeadModel, tf.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=4, n_positions=32,
                                                         bos_token_id=1, eos_token_id=2)),
-    "gpt_neox": lambda: (tf.GPTNeoXForCausalLM, tf.GPTNeoXConfig(**{**_DECODER, "num_key_value_heads": None})),
+    # no num_key_value_heads key at all, as in GPT-NeoX checkpoints (the reference's prefix tuning fails on an explicit None)
+    "gpt_neox": lambda: (tf.GPTNeoXForCausalLM, tf.GPTNeoXConfig(**{k: v for k, v in _DECODER.items() if k != "num_key_value_heads"})),
     "falcon": lambda: (tf.FalconForCausalLM, tf.FalconConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1,
                                                              num_attention_heads=4, bos_token_id=1, eos_token_id=2)),
     "bloom": lambda: (tf.BloomForCausalLM, tf.BloomConfig(vocab_size=VOCAB, hidden_size=16, n_layer=1, n_head=4,
