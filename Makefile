@@ -47,8 +47,9 @@ bench:
 	.venv-bench/bin/python benchmarks/lora_step.py
 	.venv-bench/bin/python benchmarks/scaling.py
 
-# Adapter files both ways between nbpeft and the reference peft (LoRA, DoRA, (IA)3, prompt, prefix)
-# on tiny random models of every family in tests/families.py; prints a pass/fail table. Then LoRA on
+# Adapter files both ways between nbpeft and the reference peft (pinned in setup_ref_venv.sh) for every
+# method with a reference peft_type, on tiny random models of every family in tests/families.py; prints
+# a table and a summary and fails when a direction fails on nbpeft's side. Then LoRA on
 # mixture-of-experts weights (target_parameters), both ways.
 compat:
 	bash benchmarks/setup_ref_venv.sh

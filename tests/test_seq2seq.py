@@ -18,6 +18,7 @@ import transformers
 import nbpeft
 from nbpeft.data.batches import Batches
 from nbpeft.methods.lora_experts import ExpertLoRA
+from nbpeft.methods.prefix import PrefixKV
 
 from conftest import assert_same, char_tokenizer, snapshot
 from families import inputs, outputs, tiny_batch, tiny_model
@@ -78,6 +79,47 @@ def test_prefix_goes_into_the_decoder_self_attention_and_generate_uses_it() -> N
         encoded = model.get_encoder()(input_ids=ids).last_hidden_state
         nbpeft.detach(model)
         assert torch.equal(encoded, model.get_encoder()(input_ids=ids).last_hidden_state)
+
+
+@pytest.mark.parametrize("family, layers, reads", [("t5", 2, [0, 0]), ("bart", 3, [0, 2, 1]), ("bart", 4, [0, 2, 0, 2])])
+def test_prefix_decoder_layer_i_reads_stored_layer_2i_mod_layers(family: str, layers: int, reads: list[int]) -> None:
+    # The reference (peft 0.21.2 and 0.22.0) stacks an encoder-decoder's prefix twice and hands it out
+    # four entries per layer, so decoder layer i gets stored layer 2i mod L; files mean this in both.
+    model = tiny_model(family, layers=layers)
+    nbpeft.attach(model, "prefix", num_virtual_tokens=3, init="random")
+    stored = layer_of_prefix(model).flat("default").detach().view(3, layers * 2, -1)  # n x (key, value per layer) x width
+    batch = inputs(model, tiny_batch(family))
+    with torch.no_grad():
+        cache = model(**batch, use_cache=True).cache.self_attention_cache
+    assert len(cache.layers) == layers
+    for i, layer in enumerate(cache.layers):
+        keys = layer.keys[0, :, :3].permute(1, 0, 2).reshape(3, -1)  # the prefix positions of the first row
+        values = layer.values[0, :, :3].permute(1, 0, 2).reshape(3, -1)
+        assert torch.equal(keys, stored[:, 2 * reads[i]]) and torch.equal(values, stored[:, 2 * reads[i] + 1])
+
+
+def test_prefix_vocab_init_gives_each_decoder_layer_its_own_keys_under_the_reference_order() -> None:
+    # init='vocab' starts decoder layer i at the keys and values it computes itself for sampled tokens,
+    # placed in the stored layer it reads (2i mod L), as in a file the reference would read the same way
+    model = tiny_model("bart", layers=3)
+    torch.manual_seed(5)
+    nbpeft.attach(model, "prefix", num_virtual_tokens=3, init="vocab")
+    torch.manual_seed(5)
+    ids = torch.randint(0, model.config.vocab_size, (1, 3))
+    own = transformers.EncoderDecoderCache(transformers.DynamicCache(), transformers.DynamicCache())
+    with torch.no_grad():  # the decoder alone: the prefix enters only through the whole model's forward
+        model.get_decoder()(input_ids=ids, encoder_hidden_states=torch.zeros(1, 1, 16), cache=own, use_cache=True)
+        used = model(**inputs(model, tiny_batch("bart")), use_cache=True).cache.self_attention_cache
+    for mine, computed in zip(used.layers, own.self_attention_cache.layers):
+        assert torch.allclose(mine.keys[0, :, :3], computed.keys[0], atol=1e-6)
+        assert torch.allclose(mine.values[0, :, :3], computed.values[0], atol=1e-6)
+
+
+def layer_of_prefix(model) -> PrefixKV:
+    layer = model.get_input_embeddings()
+    while not isinstance(layer, PrefixKV):
+        layer = layer.base_layer
+    return layer
 
 
 @pytest.mark.parametrize("method", ["prompt", "prefix"])

@@ -19,11 +19,14 @@ a cache prefilled with it (and ones in front of the attention mask). The real to
 sit at positions ``n, n+1, ...``, as in the reference implementation.
 
 Encoder-decoders (T5, BART, Whisper) keep their cache in the decoder, so there the prefix
-sits in front of the decoder's self-attention, layer by layer, and the decoder mask widens;
-the encoder and the cross-attention run unchanged. This is where the reference puts it with
-the transformers installed (it writes the prefix into the cross-attention cache too, then
-clears that cache before use), so files move between the two with equal outputs; its
-``num_transformer_submodules`` is 2 for these models.
+sits in front of the decoder's self-attention and the decoder mask widens; the encoder and the
+cross-attention run unchanged. This is where the reference puts it (peft 0.21.2 and 0.22.0 with
+transformers 5.25.0 alike), and it also decides which stored layer each decoder layer reads: its
+``num_transformer_submodules`` is 2 for these models, so it stacks the file's ``2L`` key/value
+entries twice and hands them out four per layer (self-attention key, value, cross-attention key,
+value), then empties the cross-attention cache. Decoder layer ``i`` therefore reads stored layer
+``2i mod L`` (:func:`decoder_layer_entries`); with an even ``L`` the odd stored layers are never
+read. nbpeft reads the same entries, so a file means the same prefix in both.
 """
 
 from __future__ import annotations
@@ -177,6 +180,15 @@ class PrefixKV(AdapterLayer):
         return f"adapters=[{sizes}], active={list(self.active)}"
 
 
+def decoder_layer_entries(layers: int) -> list[int]:
+    """For each decoder layer of an encoder-decoder, the stored layer whose keys and values it reads.
+
+    The reference doubles the ``2L`` stacked entries and gives decoder layer ``i`` entries ``4i`` and
+    ``4i + 1`` of the doubled stack, which are stored layer ``2i mod L``'s key and value.
+    """
+    return [(2 * i) % layers for i in range(layers)]
+
+
 def _new_cache(model: nn.Module) -> Any:
     from transformers import DynamicCache, EncoderDecoderCache
 
@@ -210,7 +222,10 @@ def prefix_hook(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[
         kwargs.pop("past_key_values", None)
         cache = cache if cache is not None else _new_cache(model)
         target = _self_attention_cache(cache)
-        for i, (keys, values) in enumerate(layer.key_values(ref.shape[0], layer.weight.dtype)):
+        pairs = layer.key_values(ref.shape[0], layer.weight.dtype)
+        if is_encoder_decoder(model):
+            pairs = [pairs[j] for j in decoder_layer_entries(len(pairs))]
+        for i, (keys, values) in enumerate(pairs):
             target.update(keys, values, i)
         kwargs[arg] = cache
         if is_encoder_decoder(model) and kwargs.get("use_cache") is False:
@@ -325,6 +340,12 @@ def _vocab_prefix(model: nn.Module, layer: PrefixKV, name: str) -> torch.Tensor:
     if len(keys) != layers or keys[0].shape[1:] != (heads, n, head_dim):
         raise ConfigError(f"prefix: the model's cache has {len(keys)} layers of {tuple(keys[0].shape[1:])}, expected "
                           f"{layers} of ({heads}, {n}, {head_dim}); pass init='random'")
+    if is_encoder_decoder(model):
+        # stored layer j starts as the first decoder layer that reads it; layers no decoder layer reads keep their own
+        source = list(range(layers))
+        for i in reversed(range(layers)):
+            source[decoder_layer_entries(layers)[i]] = i
+        keys, values = [keys[i] for i in source], [values[i] for i in source]
     # (layers*2, heads, n, head_dim) -> (n, layers*2*heads*head_dim)
     stacked = torch.stack([t[0] for pair in zip(keys, values) for t in pair])
     return stacked.permute(2, 0, 1, 3).reshape(n, -1)
