@@ -15,8 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from .. import core
 from ..errors import ConfigError
 from ..layers import base_path
 from ..methods.base import AdapterLayer
+from .files import atomic_folder, check_exists, check_free, visible
 
 FORMATS = ("merged", "gguf", "gguf-adapter")
 TARGETS = ("vllm", "llama.cpp", "ollama", "peft")
@@ -208,6 +207,7 @@ def export(
     tokenizer: Any = None,
     dtype: str | torch.dtype | None = None,
     quant: str = "f16",
+    overwrite: bool = False,
 ) -> ExportResult:
     """Write the model with its active adapter for another program; the model itself is unchanged.
 
@@ -217,6 +217,10 @@ def export(
       tokenizer, plus an Ollama ``Modelfile`` (llama.cpp architectures of the Llama family).
     - ``"gguf-adapter"``: the LoRA adapter as llama.cpp reads it (``adapter.gguf``), plus a
       ``Modelfile`` whose ``ADAPTER`` line points at it.
+
+    An existing, non-empty ``path`` is replaced (whole) only with ``overwrite=True``, as in
+    :func:`save_adapter`. The files are written to a hidden folder beside ``path`` and renamed
+    into place at the end, so an export that fails or is interrupted leaves ``path`` as it was.
     """
     if format not in FORMATS:
         import difflib
@@ -233,8 +237,7 @@ def export(
     if quant not in gguf_export.QUANTS:
         raise ConfigError(f"export(): quant={quant!r} is not supported; use one of {', '.join(map(repr, gguf_export.QUANTS))}")
     target = Path(path)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ConfigError(f"export(): {target} already exists and is not empty; pick a new path or remove it first")
+    check_free(target, overwrite, "export")
     names = _active(model, "export")
     before = _state_key(model)
     if format == "gguf-adapter":
@@ -243,9 +246,7 @@ def export(
         _refuse_unmergeable(model, names, "export")
     if format != "gguf-adapter":
         tokenizer = _tokenizer_for(model, tokenizer, "export")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    try:
+    with atomic_folder(target, overwrite=overwrite) as tmp:
         notes: list[str] = []
         if format == "merged":
             files = _write_merged(model, tmp, tokenizer, dtype)
@@ -256,12 +257,6 @@ def export(
             files, notes = gguf_export.write_adapter(model, names, tmp)
         if _state_key(model) != before:
             raise ConfigError("export(): the adapters were merged, unmerged or switched while exporting; nothing was written, export again")
-        if target.exists():
-            target.rmdir()
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportResult(target, format, files, notes)
 
 
@@ -286,8 +281,9 @@ def _folder_facts(path: Path) -> list[dict[str, Any]]:
     from safetensors import safe_open
 
     facts = []
+    check_exists(path, "check_export", "a folder written by save_adapter()")
     for cfg_file in sorted([path / "adapter_config.json", *path.glob("*/adapter_config.json")]):
-        if not cfg_file.exists():
+        if not cfg_file.exists() or (cfg_file.parent != path and not visible(cfg_file.parent)):
             continue
         cfg = json.loads(cfg_file.read_text())
         weights = cfg_file.parent / "adapter_model.safetensors"
