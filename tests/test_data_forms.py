@@ -109,7 +109,7 @@ def test_parquet_file(tmp_path):
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("missing.jsonl", None, r"no file '.*missing.jsonl'; check the path"),
+    ("missing.jsonl", None, r"train\(\): .*missing.jsonl does not exist; check the path"),
     ("bad.jsonl", '{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": }\n',
      r"bad.jsonl line 2 is not valid JSON \(Expecting value at column 29\); fix that line"),
     ("bad.json", '[{"prompt": "a",\n "response": "b"},\n]', r"bad.json line 3 is not valid JSON"),

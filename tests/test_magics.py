@@ -995,11 +995,13 @@ def test_export_maps_format_path_and_flags(shell, monkeypatch, tmp_path):
     result, out = run(shell, f"%peft_export merged {tmp_path / 'm'} --dtype bfloat16")
     assert result.success, out.stderr
     assert calls[0] == {"model": shell.user_ns["model"], "path": str(tmp_path / "m"), "format": "merged",
-                        "tokenizer": "tok", "dtype": "bfloat16", "quant": "f16"}
+                        "tokenizer": "tok", "dtype": "bfloat16", "quant": "f16", "overwrite": False}
     assert out.stdout.strip() == f"exported merged to {tmp_path / 'm'} (model.gguf)"
     run(shell, f"%peft_export gguf {tmp_path / 'g'} --quant q8_0 --model other --tokenizer chars")
     assert calls[1] == {"model": shell.user_ns["other"], "path": str(tmp_path / "g"), "format": "gguf",
-                        "tokenizer": "other tok", "dtype": None, "quant": "q8_0"}
+                        "tokenizer": "other tok", "dtype": None, "quant": "q8_0", "overwrite": False}
+    run(shell, f"%peft_export merged {tmp_path / 'm'} --overwrite")
+    assert calls[2]["overwrite"] is True
 
 
 def test_export_a_gguf_adapter_for_real(shell, tmp_path):
@@ -1015,7 +1017,10 @@ def test_export_a_gguf_adapter_for_real(shell, tmp_path):
     assert reader.fields["adapter.type"].contents() == "lora" and len(reader.tensors) == 2 * 2 * 2  # A, B; q, v; 2 layers
     assert same_snapshot(snapshot(model), before)
     result, out = run(shell, f"%peft_export gguf-adapter {tmp_path / 'a'}")  # not onto an existing export
-    assert_usage_error(result, out, f"nbpeft: export(): {tmp_path / 'a'} already exists and is not empty")
+    assert_usage_error(result, out, f"nbpeft: export(): {tmp_path / 'a'} already exists and is not empty; "
+                                   "choose another path or pass --overwrite")
+    result, out = run(shell, f"%peft_export gguf-adapter {tmp_path / 'a'} --overwrite")
+    assert result.success, out.stderr
 
 
 @pytest.mark.parametrize("code, message", [

@@ -130,7 +130,7 @@ def _files(path: str | os.PathLike, caller: str) -> Source:
         if one.is_dir():
             raise ConfigError(f"{caller}: {text!r} is a folder; pass a file or a glob such as '{one / '*.jsonl'}'")
         if not one.is_file():
-            raise ConfigError(f"{caller}: no file {text!r}; check the path (data= takes a path, a glob or a list of examples)")
+            raise ConfigError(f"{caller}: {text} does not exist; check the path (data= takes a path, a glob or a list of examples)")
         paths = [one]
     rows: list[Any] = []
     names: list[str] = []

@@ -375,12 +375,13 @@ class PeftMagics(Magics):
     @line_magic
     @usage_errors
     def peft_export(self, line: str) -> None:
-        """Write the model with its active adapter for another program:  %peft_export FORMAT PATH [--dtype D] [--quant Q] [--model VAR] [--tokenizer VAR]  or  %peft_export check TARGET [FOLDER]
+        """Write the model with its active adapter for another program:  %peft_export FORMAT PATH [--dtype D] [--quant Q] [--model VAR] [--tokenizer VAR] [--overwrite]  or  %peft_export check TARGET [FOLDER]
 
         FORMAT is ``merged`` (a plain transformers folder; --dtype float32, bfloat16 or
         float16), ``gguf`` (llama.cpp and Ollama; --quant f16 or q8_0) or ``gguf-adapter``
-        (llama.cpp's --lora). Same as ``nbpeft.export(model, PATH, format=FORMAT,
-        tokenizer=tokenizer, dtype=D, quant=Q)``; the model is not changed.
+        (llama.cpp's --lora). An existing, non-empty PATH is replaced only with --overwrite, as
+        in %peft_save. Same as ``nbpeft.export(model, PATH, format=FORMAT, tokenizer=tokenizer,
+        dtype=D, quant=Q, overwrite=...)``; the model is not changed.
 
         ``check TARGET`` (vllm, llama.cpp, ollama, peft) lists what that program would refuse
         or silently ignore in the model's adapters, or in a saved adapter FOLDER: same as
@@ -392,7 +393,7 @@ class PeftMagics(Magics):
         if words[0] == "check":
             if len(words) < 2:
                 fail(f"check for which program? one of {', '.join(TARGETS)}; usage: {USAGE['peft_export']}")
-            unused = [f"--{f}" for f in ("dtype", "quant", "tokenizer") if f in flags]
+            unused = [f"--{f}" for f in ("dtype", "quant", "tokenizer", "overwrite") if f in flags]
             if unused:
                 fail(f"{unused[0]} is for writing files, not for check; usage: {USAGE['peft_export']}")
             subject = words[2] if len(words) > 2 else self._model(flags.get("model"))
@@ -408,7 +409,8 @@ class PeftMagics(Magics):
                 fail(f"--{flag} applies to {applies} only, not {fmt}; usage: {USAGE['peft_export']}")
         options = {key: flags[key] for key in ("dtype", "quant") if key in flags}
         model = self._model(flags.get("model"))
-        print(nbpeft.export(model, path, format=fmt, tokenizer=self._tokenizer(flags), **options))
+        print(nbpeft.export(model, path, format=fmt, tokenizer=self._tokenizer(flags),
+                            overwrite=flags.get("overwrite", False), **options))
 
     @line_magic
     @usage_errors

@@ -34,7 +34,7 @@ USAGE = {
                      "[--stop TEXT] [--model VAR] [--tokenizer VAR]",
     "peft_compare_answers": "%peft_compare_answers [NAME ...] --prompt TEXT [--max-new-tokens N] [--temperature T] "
                             "[--top-p P] [--seed N] [--stop TEXT] [--no-base] [--model VAR] [--tokenizer VAR] [--out VAR]",
-    "peft_export": "%peft_export FORMAT PATH [--dtype D] [--quant Q] [--model VAR] [--tokenizer VAR]"
+    "peft_export": "%peft_export FORMAT PATH [--dtype D] [--quant Q] [--model VAR] [--tokenizer VAR] [--overwrite]"
                    "  or  %peft_export check TARGET [FOLDER]",
     "peft_to_lora": "%peft_to_lora [NAME] [--rank R] [--name NAME] [--model VAR]",
     "peft_export_job": "%peft_export_job DIR [--model VAR] [--data VAR] [--tokenizer VAR] [--overwrite] key=value ...",
