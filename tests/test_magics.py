@@ -901,7 +901,7 @@ def test_compare_answers_cell_takes_one_prompt_per_line(shell, fake_answers):
 @pytest.mark.parametrize("code, message", [
     ("%peft_compare_answers chat", "nbpeft: which prompt? give --prompt TEXT, or one prompt per line in a "
                                    "%%peft_compare_answers cell; usage: %peft_compare_answers [NAME ...] --prompt TEXT"),
-    ("%%peft_compare_answers --prompt hi\nhello", "nbpeft: give the prompts either with --prompt or in the cell body, not both"),
+    ("%%peft_compare_answers --prompt hi\nhello", "nbpeft: give the prompts either with --prompt or the cell body, not both"),
     ("%peft_compare_answers --prompts hi", "nbpeft: unknown flag --prompts (flags: --prompt, --max-new-tokens,"),
     ("%peft_compare_answers --prompt hi --no-base=yes", "nbpeft: --no-base takes no value"),
     ("%peft_compare_answers --prompt hi max_new_tokens=3", "nbpeft: unknown option 'max_new_tokens=3'"),
@@ -970,9 +970,39 @@ def test_generate_maps_the_same_flags_and_streams(shell, monkeypatch):
     assert calls[1] == {"model": shell.user_ns["model"], "tokenizer": "tok", "prompts": ["first", "second"],
                         **GENERATION, "max_new_tokens": 5, "stop": "END", "messages": None, "stream": True,
                         "adapter_names": None}
-    result, out = run(shell, "%peft_generate first")
-    assert_usage_error(result, out, "nbpeft: unexpected 'first'; usage: %peft_generate --prompt TEXT")
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("code, prompt, options", [
+    ("%peft_generate What is 2+2?", "What is 2+2?", {}),
+    ("%peft_generate What's 2+2? --seed 1", "What's 2+2?", {"seed": 1}),
+    ("%peft_generate 'What is 2+2?' --max-new-tokens 5", "What is 2+2?", {"max_new_tokens": 5}),
+    ('%peft_generate --seed 2 "Explain --prompt, x=1 and #3"', "Explain --prompt, x=1 and #3", {"seed": 2}),
+    ("%peft_generate --stop 'the end' Tell me (a story", "Tell me (a story", {"stop": "the end"}),
+])
+def test_generate_takes_the_prompt_as_the_lines_text(shell, monkeypatch, code, prompt, options):
+    double, calls = recording(nbpeft.generate, lambda call, n: "an answer")
+    monkeypatch.setattr(nbpeft, "generate", double)
+    shell.user_ns["tokenizer"] = "tok"
+    result, out = run(shell, code)
+    assert result.success, out.stderr
+    assert calls == [{"model": shell.user_ns["model"], "tokenizer": "tok", "prompts": prompt, **GENERATION,
+                      **options, "messages": None, "stream": True, "adapter_names": None}]
+
+
+@pytest.mark.parametrize("code, message", [
+    ("%peft_generate hello --prompt hi", "nbpeft: give the prompts either with TEXT or --prompt, not both"),
+    ("%%peft_generate hello\nhi", "nbpeft: give the prompts either with TEXT or the cell body, not both"),
+    ("%peft_generate", "nbpeft: which prompt? give TEXT, --prompt TEXT, or one prompt per line in a %%peft_generate cell"),
+    ("%peft_generate hello --max-tokens 3", "nbpeft: unknown flag --max-tokens (flags: --prompt, --max-new-tokens,"),
+    ("%peft_generate hello --seed", "nbpeft: --seed needs a value"),
+])
+def test_generate_prompt_errors_are_one_line(shell, monkeypatch, code, message):
+    double, calls = recording(nbpeft.generate, lambda call, n: "an answer")
+    monkeypatch.setattr(nbpeft, "generate", double)
+    result, out = run(shell, code)
+    assert_usage_error(result, out, message)
+    assert not calls
 
 
 def test_generate_streams_what_generate_returns(shell):
@@ -1106,6 +1136,9 @@ def test_complete_answers_and_export_words(shell):
     assert complete(shell, "%peft_compare_answers --no-base --t") == ["--temperature", "--top-p", "--tokenizer"]
     assert complete(shell, "%peft_compare_answers --tokenizer ") == ["chars"]  # tokenizers, not data or models
     assert complete(shell, "%peft_generate --m") == ["--max-new-tokens", "--model"]
+    assert complete(shell, "%peft_generate What is 2+2? --m") == ["--max-new-tokens", "--model"]
+    assert complete(shell, "%peft_generate What is 2+2? --model ") == complete(shell, "%peft_generate --model ") != []
+    assert complete(shell, "%peft_generate What is 2") == []  # prompt words: nothing to offer
     assert complete(shell, "%peft_export ") == ["merged", "gguf", "gguf-adapter", "check"]
     assert complete(shell, "%peft_export gguf") == ["gguf", "gguf-adapter"]
     assert complete(shell, "%peft_export check ") == ["vllm", "llama.cpp", "ollama", "peft"]

@@ -20,7 +20,7 @@ from ..formats.export import FORMATS, TARGETS
 from ..formats.peft_folder import WEIGHTS_FILE
 from ..frontend import option_value, parse_options, parse_value
 from ..methods.base import get_method, method_options
-from .line import USAGE, fail, split_line, usage_errors
+from .line import USAGE, fail, split_line, split_prompt_line, usage_errors
 from .tables import MethodTable
 
 # train() arguments that name notebook variables: they come from --flags, not key=value.
@@ -73,14 +73,17 @@ def train_flag_options(flags: dict[str, Any], options: dict[str, Any]) -> dict[s
     return found
 
 
-def prompts_of(magic: str, flags: dict[str, Any], cell: str | None) -> list[str]:
-    """``--prompt TEXT``, or the cell body's lines (one prompt each, blank lines skipped)."""
+def prompts_of(magic: str, flags: dict[str, Any], cell: str | None, text: str | None = None) -> list[str]:
+    """The prompt given as the line's TEXT (``%peft_generate`` only), ``--prompt TEXT``, or the cell
+    body's lines (one prompt each, blank lines skipped): exactly one of them."""
     body = [line.strip() for line in (cell or "").splitlines() if line.strip()]
-    if "prompt" in flags and body:
-        fail(f"give the prompts either with --prompt or in the cell body, not both; usage: {USAGE[magic]}")
-    if "prompt" not in flags and not body:
-        fail(f"which prompt? give --prompt TEXT, or one prompt per line in a %%{magic} cell; usage: {USAGE[magic]}")
-    return [flags["prompt"]] if "prompt" in flags else body
+    given = [what for what, there in (("TEXT", text), ("--prompt", "prompt" in flags), ("the cell body", body)) if there]
+    if len(given) > 1:
+        fail(f"give the prompts either with {given[0]} or {given[1]}, not both; usage: {USAGE[magic]}")
+    if not given:
+        line_text = "TEXT, --prompt TEXT" if magic == "peft_generate" else "--prompt TEXT"
+        fail(f"which prompt? give {line_text}, or one prompt per line in a %%{magic} cell; usage: {USAGE[magic]}")
+    return [text] if text else [flags["prompt"]] if "prompt" in flags else body
 
 
 @magics_class
@@ -328,9 +331,10 @@ class PeftMagics(Magics):
     @line_cell_magic
     @usage_errors
     def peft_generate(self, line: str, cell: str | None = None) -> None:
-        """Answer prompts with the model as it is now:  %peft_generate --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P] [--seed N] [--stop TEXT] [--model VAR] [--tokenizer VAR]
+        """Answer prompts with the model as it is now:  %peft_generate [TEXT | --prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-p P] [--seed N] [--stop TEXT] [--model VAR] [--tokenizer VAR]
 
-        The cell form takes one prompt per line of its body::
+        The prompt is the line's text (``%peft_generate What is 2+2? --seed 1``, quoted or not)
+        or ``--prompt TEXT``. The cell form takes one prompt per line of its body::
 
             %%peft_generate --max-new-tokens 20
             Tell me a joke.
@@ -339,8 +343,8 @@ class PeftMagics(Magics):
         The answers appear as they are written. Same as ``nbpeft.generate(model, tokenizer,
         prompts, stream=True, ...)``; ``--temperature`` above 0 samples, ``--top-p`` with it.
         """
-        _, flags, _ = split_line(line, "peft_generate", options=False)
-        prompts = prompts_of("peft_generate", flags, cell)
+        text, flags = split_prompt_line(line, "peft_generate")
+        prompts = prompts_of("peft_generate", flags, cell, text)
         model = self._model(flags.get("model"))
         nbpeft.generate(model, self._tokenizer(flags), prompts if cell else prompts[0], stream=True,
                         **generation_options(flags))
@@ -348,10 +352,11 @@ class PeftMagics(Magics):
     @line_cell_magic
     @usage_errors
     def peft_compare_answers(self, line: str, cell: str | None = None) -> None:
-        """Adapters and the base answer the same prompts, side by side:  %peft_compare_answers [NAME ...] --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P] [--seed N] [--stop TEXT] [--no-base] [--model VAR] [--tokenizer VAR] [--out VAR]
+        """Adapters and the base answer the same prompts, side by side:  %peft_compare_answers [NAME ...] --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P] [--seed N] [--stop TEXT] [--no-base] [--model VAR] [--tokenizer VAR] [--out VAR] (the words are adapter NAMEs: the prompt goes after --prompt or in the cell)
 
-        NAME ... are the adapters to ask (default: every attached one); --no-base leaves out
-        the base model's column. The cell form takes one prompt per line of its body::
+        NAME ... are the adapters to ask (default: every attached one), so the prompt is always
+        --prompt TEXT (or the cell body); --no-base leaves out the base model's column. The cell
+        form takes one prompt per line of its body::
 
             %%peft_compare_answers chat sql --max-new-tokens 30
             Tell me a joke.
