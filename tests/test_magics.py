@@ -1232,3 +1232,35 @@ def test_complete_show_example(shell):
     assert complete(shell, "%peft_show_example --data ") == ["data"]
     assert complete(shell, "%peft_show_example --model ") == ["model", "other"]
     assert complete(shell, "%peft_show_example max_length=8 ") == ["columns="]  # max_length is given already
+
+
+# nbpeft's errors from Python cells -----------------------------------------------------------
+
+def test_an_api_error_in_a_python_cell_is_one_line_and_tb_shows_the_traceback(shell):
+    shell.user_ns.update(data=["some text"], nbpeft=nbpeft)
+    result, out = run(shell, "nbpeft.train(model, data, lr=-1)")
+    assert isinstance(result.error_in_exec, ConfigError)  # the cell failed: "Run all" stops here
+    assert out.stderr.strip() == f"ConfigError: {result.error_in_exec}" and "\n" not in out.stderr.strip()
+    assert "Traceback" not in out.stdout + out.stderr
+    _, shown = run(shell, "%tb")
+    assert "Traceback" in shown.stdout and "nbpeft/training" in shown.stdout and str(result.error_in_exec) in shown.stdout
+
+
+def test_other_errors_keep_ipythons_traceback(shell):
+    result, out = run(shell, "def broken():\n    raise KeyError('not ours')\nbroken()")
+    assert isinstance(result.error_in_exec, KeyError)
+    assert "Traceback" in out.stdout and "broken()" in out.stdout
+
+
+def test_unload_gives_api_errors_their_traceback_back(shell):
+    shell.user_ns["nbpeft"] = nbpeft
+    run(shell, "%unload_ext nbpeft")
+    try:
+        assert shell.custom_exceptions == ()
+        result, out = run(shell, "nbpeft.load_adapter(model, 'no-such-folder')")
+        assert isinstance(result.error_in_exec, ConfigError) and "Traceback" in out.stdout
+    finally:
+        run(shell, "%load_ext nbpeft")
+    result, out = run(shell, "nbpeft.load_adapter(model, 'no-such-folder')")
+    assert out.stderr.strip() == ("ConfigError: load_adapter(): no-such-folder does not exist; "
+                                  "give the path of a folder written by save_adapter()")

@@ -28,6 +28,7 @@ from typing import Any
 
 import nbpeft
 
+from . import errors
 from .commands import TRAIN_VARIABLES, PeftMagics
 from .completion import completions, is_ours, matcher
 from .help import attach_help, compare_help, signature_help
@@ -41,7 +42,8 @@ COMPARE_DOC = inspect.cleandoc(PeftMagics.peft_compare.__doc__)
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """``%load_ext nbpeft``: register the magics (help built from the registry) and Tab completion."""
+    """``%load_ext nbpeft``: register the magics (help built from the registry), Tab completion and
+    the one-line display of nbpeft's errors."""
     PeftMagics.peft_attach.__doc__ = ATTACH_DOC + attach_help()
     PeftMagics.peft_train.__doc__ = TRAIN_DOC + signature_help(nbpeft.train, TRAIN_VARIABLES)
     PeftMagics.peft_compare.__doc__ = COMPARE_DOC + compare_help()
@@ -50,6 +52,8 @@ def load_ipython_extension(ipython: Any) -> None:
     if completer is not None:
         completer.custom_matchers[:] = [m for m in completer.custom_matchers if not is_ours(m)]
         completer.custom_matchers.append(matcher(ipython))
+    if hasattr(ipython, "set_custom_exc"):
+        errors.install(ipython)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
@@ -63,3 +67,5 @@ def unload_ipython_extension(ipython: Any) -> None:
     completer = getattr(ipython, "Completer", None)
     if completer is not None:
         completer.custom_matchers[:] = [m for m in completer.custom_matchers if not is_ours(m)]
+    if hasattr(ipython, "set_custom_exc"):
+        errors.uninstall(ipython)
