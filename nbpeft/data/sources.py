@@ -68,7 +68,7 @@ def _open(data: Any, caller: str) -> Source:
     if package == "pandas" and kind == "DataFrame":
         return Source(data.to_dict("records"), len(data), _row_name)
     if isinstance(data, (list, tuple)):
-        if data and isinstance(data[0], dict) and "input_ids" in data[0]:
+        if data and isinstance(data[0], dict) and _is_batch(data[0].get("input_ids")):
             return Source(data, len(data), _row_name, batches=True)
         return Source(list(data), len(data), _row_name)
     if isinstance(data, (bytes, dict)) or not isinstance(data, Iterable):
@@ -76,6 +76,13 @@ def _open(data: Any, caller: str) -> Source:
                           "a datasets.Dataset, a pandas DataFrame, a file path or glob, or a DataLoader")
     length = len(data) if hasattr(data, "__len__") else None
     return Source(data, length, _row_name, batches=True)
+
+
+def _is_batch(input_ids: Any) -> bool:
+    """Whether ``input_ids`` holds a whole batch (rows of ids), not one example's ids."""
+    if hasattr(input_ids, "dim"):
+        return input_ids.dim() >= 2
+    return isinstance(input_ids, (list, tuple)) and bool(input_ids) and isinstance(input_ids[0], (list, tuple))
 
 
 def _check_columns(columns: Any, caller: str) -> None:
