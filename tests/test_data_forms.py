@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -44,9 +45,35 @@ def test_a_column_named_in_columns_but_missing_names_the_row():
         Batches(rows, CharTokenizer(), 2, 64, 0, columns=COLUMNS)
 
 
-def test_columns_must_use_names_nbpeft_reads():
-    with pytest.raises(nbpeft.ConfigError, match="columns=\\{'question': ...\\} is not a name nbpeft reads"):
-        Batches(RENAMED, CharTokenizer(), 2, 64, 0, columns={"question": "prompt"})
+def test_columns_read_in_the_datasets_direction_too():
+    datasets_direction = {"question": "prompt", "answer": "response"}  # data column -> nbpeft's name
+    assert encoded(RENAMED, columns=datasets_direction) == encoded(RENAMED, columns=COLUMNS) == encoded(PAIRS)
+    pytest.importorskip("datasets")
+    import datasets
+
+    assert encoded(datasets.Dataset.from_list(RENAMED), columns=datasets_direction) == encoded(PAIRS)
+
+
+@pytest.mark.parametrize("rows, columns, message", [
+    (RENAMED, {"query": "prompt"},
+     "columns={'query': 'prompt'}: 'query' is neither a column of the data nor a name nbpeft reads; map each data "
+     "column to one of prompt, response, text, label, messages, e.g. columns={'question': 'prompt'} "
+     "(the data's columns are question, answer, id)"),
+    (RENAMED, {"question": "prompt", "response": "answer"}, ": it mixes both directions; map each data column"),
+    ([{"prompt": "p", "text": "t", "response": "r"}], {"prompt": "text"},
+     "columns={'prompt': 'text'} reads both ways: the data has columns named as nbpeft's fields "
+     "(prompt, text, response); rename the data's columns first"),
+])
+def test_columns_that_do_not_read_one_way_are_one_line(rows, columns, message):
+    with pytest.raises(nbpeft.ConfigError) as err:
+        Batches(rows, CharTokenizer(), 2, 64, 0, columns=columns)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unreadable_rows_name_columns_and_the_columns_seen():
+    with pytest.raises(nbpeft.ConfigError, match=re.escape("its columns are question, answer, id: name them with "
+                                                           "columns=, e.g. columns={'question': 'prompt'}")):
+        Batches(RENAMED, CharTokenizer(), 2, 64, 0)
 
 
 def test_hugging_face_datasets_dataset_dict_and_stream():

@@ -163,7 +163,9 @@ def _kind_of_rows(rows: list[Any], where: Any, caller: str) -> str:
         raise ConfigError(f"{caller}: data is empty; pass at least one example")
     kind = kind_of_example(rows[0])
     if kind is None:
-        raise ConfigError(f"{caller}: cannot read examples like {str(rows[0])[:60]!r} ({where(0)}); use {_FORMS}")
+        seen = f"; its columns are {', '.join(map(str, rows[0]))}: name them with columns=, e.g. " \
+               f"columns={{{str(next(iter(rows[0]), 'question'))!r}: 'prompt'}}" if isinstance(rows[0], dict) else ""
+        raise ConfigError(f"{caller}: cannot read examples like {str(rows[0])[:60]!r} ({where(0)}); use {_FORMS}{seen}")
     return kind
 
 

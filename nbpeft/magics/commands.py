@@ -439,7 +439,7 @@ class PeftMagics(Magics):
 
         Row I (default 0) of the data (default ``data``), tokenised as ``%%peft_train``
         would: the tokens under the loss highlighted, the masked ones dimmed, with counts.
-        ``columns={'prompt': 'question', 'response': 'answer'}`` maps other column names.
+        ``columns={'question': 'prompt', 'answer': 'response'}`` maps other column names.
         Same as ``nbpeft.show_example(data, tokenizer, I, max_length=N, columns=...)``;
         with no --tokenizer and no ``tokenizer`` variable, the model's own tokenizer.
         """
