@@ -475,7 +475,7 @@ class Batches:
             return
         for i, ex in enumerate(source.rows):
             check_example(ex, self.kind, source.where(i), caller)
-        self._template_note()
+        self._template_note(source.rows)
         encoded = [self._encode(i, ex) for i, ex in enumerate(source.rows)]
         self.examples = [e for e in encoded if e is not None]
         if not self.examples:
@@ -487,11 +487,14 @@ class Batches:
         rows = len(pack(self.examples, max_length)) if packing else len(self.examples)
         self.per_epoch = -(-rows // batch_size)
 
-    def _template_note(self) -> None:
-        if self.kind == "chat":
-            note = chat.use_default_template(self.tokenizer)
-            if note:
-                self.notes.append(note)
+    def _template_note(self, rows: list[Any] | None = None) -> None:
+        notes = [chat.use_default_template(self.tokenizer)] if self.kind == "chat" else []
+        # the template's own system prompt goes silently into rows that give none: say so
+        without_system = self.kind == "prompt-response" or self.kind == "chat" and (rows is None or any(
+            not any(turn.get("role") == "system" for turn in row["messages"]) for row in rows))
+        if without_system and not self.seq2seq:
+            notes.append(chat.system_prompt_note(self.tokenizer, self.kind))
+        self.notes += [note for note in notes if note]
 
     def _encode(self, i: int, ex: Any) -> dict[str, Any] | None:
         """One row encoded and cut to max_length, or None (counted) when no labelled token survives."""
