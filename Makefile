@@ -21,12 +21,10 @@ $(STAMP): pyproject.toml
 	command -v chromium >/dev/null || ((apt-get update -q && apt-get install -y -q chromium) >/dev/null 2>&1) || echo "note: chromium not installed; the browser test will skip"
 	touch $(STAMP)
 
-# No cell timeout: a slow or busy machine makes the demo slower, never failed.
+# Shows each cell as it starts and what it prints (the training line as it advances), and writes
+# the executed notebook as HTML. No cell timeout: a slow or busy machine makes the demo slower, never failed.
 demo: $(STAMP)
-	mkdir -p artifacts
-	$(PY) -m jupyter nbconvert --to html --execute --ExecutePreprocessor.timeout=-1 \
-		--output-dir artifacts notebooks/01_quickstart.ipynb
-	@echo "executed quickstart: $(CURDIR)/artifacts/01_quickstart.html"
+	$(PY) scripts/run_notebook.py notebooks/01_quickstart.ipynb artifacts
 
 test: $(STAMP) unit notebooks
 
@@ -40,7 +38,7 @@ browser: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_browser.py
 
 lint: $(STAMP)
-	$(PY) -m ruff check nbpeft tests benchmarks
+	$(PY) -m ruff check nbpeft tests benchmarks scripts
 
 bench:
 	bash benchmarks/setup_ref_venv.sh

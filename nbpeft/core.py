@@ -20,10 +20,10 @@ from .errors import ConfigError
 from .layers import AdapterLayer, TrainedCopy, adapter_layers, add_adapter, base_path, set_module
 from .methods.base import MethodConfig, get_method
 
-__all__ = ["BASE_ROW", "ROW_HOOKS", "Adapter", "PeftState", "TrainedCopy", "adapter_layers", "adapter_owners", "adapter_parameters",
-           "adapter_rows", "attach",
-           "detach", "disable_adapters", "merge", "packed_weights", "resolve_adapter_names", "set_adapter", "state",
-           "trainable_parameters", "unmerge"]
+__all__ = ["BASE_ROW", "ROW_HOOKS", "Adapter", "ParameterCounts", "PeftState", "TrainedCopy", "adapter_layers",
+           "adapter_owners", "adapter_parameters", "adapter_rows", "attach", "count_adapter", "detach",
+           "disable_adapters", "merge", "packed_weights", "parameter_counts", "resolve_adapter_names", "set_adapter",
+           "state", "trainable_parameters", "unmerge"]
 
 _CLASSIFIER_HEADS = ("classifier", "score")
 
@@ -38,7 +38,8 @@ class Adapter:
     targets: list[str]
     saved_modules: list[str] = field(default_factory=list)
     num_params: int = 0
-    model_params: int = 0
+    model_params: int = 0  # the base model's parameters
+    total_params: int = 0  # the model's total when attached (base + every adapter), as parameter_counts() says
     merged: bool = False
     notes: list[str] = field(default_factory=list)
     run_id: str | None = None  # the last recorded train() run that trained it: what its model card reports
@@ -56,12 +57,12 @@ class Adapter:
         return ", ".join(f"{leaf} ×{n}" for leaf, n in counts.items())
 
     def __repr__(self) -> str:
-        pct = 100.0 * self.num_params / max(self.model_params, 1)
+        pct = 100.0 * self.num_params / max(self.total_params, 1)
         extra = f"; also trains {', '.join(self.saved_modules)}" if self.saved_modules else ""
         notes = "".join(f"; {note}" for note in self.notes)
         return (
             f"Adapter {self.name!r}: {self.method} on {len(self.targets)} modules ({self.target_text()}){extra}; "
-            f"{self.num_params:,} trainable parameters ({pct:.3f}% of {self.model_params:,}){notes}"
+            f"{self.num_params:,} trainable parameters ({pct:.3f}% of {self.total_params:,}){notes}"
         )
 
 
@@ -138,10 +139,45 @@ def attach(model: nn.Module, method: str, *, name: str = "default", **options: A
     st.adapters[name] = adapter
     model._nbpeft = st
     set_adapter(model, name)
-    adapter.num_params = sum(p.numel() for p in adapter_parameters(model, name).values())
-    owners = adapter_owners(model)
-    adapter.model_params = sum(p.numel() for p in model.parameters() if id(p) not in owners) + packed_weights(model)
+    count_adapter(model, adapter)
     return adapter
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """The one parameter count every display reads (attach, summary, compare, the panels).
+
+    ``total`` is the base model's parameters (NF4-packed weights counted as the weights they
+    hold) plus every attached adapter's; ``trainable`` those that train now (the active
+    adapters', or every parameter under full fine-tuning); the share is of ``total``.
+    """
+
+    base: int
+    adapters: int
+    trainable: int
+
+    @property
+    def total(self) -> int:
+        return self.base + self.adapters
+
+    @property
+    def trainable_pct(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+
+def parameter_counts(model: nn.Module) -> ParameterCounts:
+    owners = adapter_owners(model)
+    params = list(model.parameters())
+    return ParameterCounts(base=sum(p.numel() for p in params if id(p) not in owners) + packed_weights(model),
+                           adapters=sum(p.numel() for p in params if id(p) in owners),
+                           trainable=sum(p.numel() for p in params if p.requires_grad))
+
+
+def count_adapter(model: nn.Module, adapter: Adapter) -> None:
+    """Record ``adapter``'s own parameters and the model's counts beside it (for its one-line display)."""
+    counts = parameter_counts(model)
+    adapter.num_params = sum(p.numel() for p in adapter_parameters(model, adapter.name).values())
+    adapter.model_params, adapter.total_params = counts.base, counts.total
 
 
 def packed_weights(model: nn.Module) -> int:

@@ -161,3 +161,27 @@ def test_a_short_chat_fine_tune_answers_in_style_and_stops_at_the_end_of_turn(sm
         assert new[-1] == end_of_turn and len(new) < max_new_tokens // 2, tokenizer.decode(new)
         replies.append(tokenizer.decode(new, skip_special_tokens=True))
     assert all(reply.startswith("Copy that.") and reply.endswith("Over.") for reply in replies), replies
+
+
+SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def test_the_system_prompt_a_template_adds_is_found_by_rendering(smol_tokenizer, plain_tokenizer):
+    assert chat.added_system_prompt(smol_tokenizer) == SMOL_SYSTEM
+    assert SMOL_SYSTEM in smol_tokenizer.decode(tokenize({"prompt": "Hi", "response": "Hello"}, "prompt-response",
+                                                        smol_tokenizer)["input_ids"])  # what the note is about
+    assert chat.added_system_prompt(plain_tokenizer) is None
+    plain_tokenizer.chat_template = chat.DEFAULT_TEMPLATE
+    assert chat.added_system_prompt(plain_tokenizer) is None  # nbpeft's own default adds none
+
+
+def test_rows_without_a_system_message_get_a_note_naming_the_added_prompt(smol_tokenizer):
+    pairs = Batches([{"prompt": "Hi", "response": "Hello"}], smol_tokenizer, 1, 256, 0)
+    assert pairs.notes == [f"the chat template adds the system prompt {SMOL_SYSTEM!r} to every example without one; "
+                           "give rows as {'messages': [{'role': 'system', 'content': ...}, {'role': 'user', ...}, "
+                           "{'role': 'assistant', ...}]} to train with your own"]
+    without = Batches([{"messages": CONVERSATION[1:3]}], smol_tokenizer, 1, 256, 0)
+    assert [n for n in without.notes if "system prompt" in n] == [
+        f"the chat template adds the system prompt {SMOL_SYSTEM!r} to every example without one; "
+        "start a conversation with a {'role': 'system', ...} message to train with your own"]
+    assert Batches([{"messages": CONVERSATION}], smol_tokenizer, 1, 256, 0).notes == []  # each gives its own

@@ -34,7 +34,9 @@ def test_compare_lists_every_registered_method_and_leaves_the_model_alone(llama)
     lora = row(table, "lora")
     assert lora["settings"] == {"r": 8} and lora["modules"] == 4
     assert lora["trainable"] == 2 * 8 * ((32 + 32) + (32 + 16))  # q_proj 32->32, v_proj 32->16 per layer
-    assert lora["percent"] == pytest.approx(100 * lora["trainable"] / table.total)
+    # the share attach prints: of the total with the adapter
+    assert lora["percent"] == pytest.approx(100 * lora["trainable"] / (table.total + lora["trainable"]))
+    assert f"({lora['percent']:.3f}% of {table.total + lora['trainable']:,})" in repr(nbpeft.attach(llama, "lora", r=8))
 
 
 def test_options_override_the_usual_settings(llama):
@@ -85,7 +87,7 @@ def test_fusion_is_skipped_with_a_note(llama):
 def test_text_and_html_show_every_row(llama):
     table = nbpeft.compare(llama, methods=["lora"])
     text, page = repr(table), table._repr_html_()
-    assert text.splitlines()[0] == f"LlamaForCausalLM: {table.total:,} parameters"
+    assert text.splitlines()[0] == f"LlamaForCausalLM: {table.total:,} parameters without adapters"
     assert "lora" in text and "1,792" in text and "r=8" in text
     assert page.startswith("<table>") and "<td>1,792</td>" in page
 

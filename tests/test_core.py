@@ -285,6 +285,25 @@ def test_summary_counts(llama):
     assert f"{b:,} trainable" in repr(s)
 
 
+def test_attach_summary_and_compare_count_one_total_with_three_adapters(llama):
+    base = sum(p.numel() for p in llama.parameters())
+    shown = [nbpeft.attach(llama, "lora", r=r, name=n) for n, r in (("a", 2), ("b", 4), ("c", 8))]
+    counts = nbpeft.core.parameter_counts(llama)
+    sizes = [a.num_params for a in shown]
+    assert counts.base == base and counts.total == base + sum(sizes) and counts.trainable == sizes[-1]  # c is active
+    s = nbpeft.summary(llama)
+    assert (s.total, s.trainable, s.trainable_pct) == (counts.total, counts.trainable, counts.trainable_pct)
+    # the last attach line and the summary say the same total and share
+    assert f"({counts.trainable_pct:.3f}% of {counts.total:,})" in repr(shown[-1])
+    assert f"{counts.total:,} parameters, {counts.trainable:,} trainable ({counts.trainable_pct:.3f}%)" in repr(s)
+    # each attach line counted the adapters attached so far
+    assert [a.total_params for a in shown] == [base + sum(sizes[:i + 1]) for i in range(3)]
+    nbpeft.set_adapter(llama, "a")
+    assert nbpeft.summary(llama).trainable == sizes[0] and nbpeft.summary(llama).total == counts.total
+    table = nbpeft.compare(llama, methods=["lora"], lora={"r": 8})
+    assert table.total == base and table.rows[0]["percent"] == pytest.approx(100 * sizes[-1] / (base + sizes[-1]))
+
+
 @pytest.mark.parametrize("first", ["ia3", "bitfit"])
 def test_lora_over_another_methods_layer(llama, first):
     before = snapshot(llama)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -44,9 +45,35 @@ def test_a_column_named_in_columns_but_missing_names_the_row():
         Batches(rows, CharTokenizer(), 2, 64, 0, columns=COLUMNS)
 
 
-def test_columns_must_use_names_nbpeft_reads():
-    with pytest.raises(nbpeft.ConfigError, match="columns=\\{'question': ...\\} is not a name nbpeft reads"):
-        Batches(RENAMED, CharTokenizer(), 2, 64, 0, columns={"question": "prompt"})
+def test_columns_read_in_the_datasets_direction_too():
+    datasets_direction = {"question": "prompt", "answer": "response"}  # data column -> nbpeft's name
+    assert encoded(RENAMED, columns=datasets_direction) == encoded(RENAMED, columns=COLUMNS) == encoded(PAIRS)
+    pytest.importorskip("datasets")
+    import datasets
+
+    assert encoded(datasets.Dataset.from_list(RENAMED), columns=datasets_direction) == encoded(PAIRS)
+
+
+@pytest.mark.parametrize("rows, columns, message", [
+    (RENAMED, {"query": "prompt"},
+     "columns={'query': 'prompt'}: 'query' is neither a column of the data nor a name nbpeft reads; map each data "
+     "column to one of prompt, response, text, label, messages, e.g. columns={'question': 'prompt'} "
+     "(the data's columns are question, answer, id)"),
+    (RENAMED, {"question": "prompt", "response": "answer"}, ": it mixes both directions; map each data column"),
+    ([{"prompt": "p", "text": "t", "response": "r"}], {"prompt": "text"},
+     "columns={'prompt': 'text'} reads both ways: the data has columns named as nbpeft's fields "
+     "(prompt, text, response); rename the data's columns first"),
+])
+def test_columns_that_do_not_read_one_way_are_one_line(rows, columns, message):
+    with pytest.raises(nbpeft.ConfigError) as err:
+        Batches(rows, CharTokenizer(), 2, 64, 0, columns=columns)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unreadable_rows_name_columns_and_the_columns_seen():
+    with pytest.raises(nbpeft.ConfigError, match=re.escape("its columns are question, answer, id: name them with "
+                                                           "columns=, e.g. columns={'question': 'prompt'}")):
+        Batches(RENAMED, CharTokenizer(), 2, 64, 0)
 
 
 def test_hugging_face_datasets_dataset_dict_and_stream():
@@ -109,7 +136,7 @@ def test_parquet_file(tmp_path):
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("missing.jsonl", None, r"no file '.*missing.jsonl'; check the path"),
+    ("missing.jsonl", None, r"train\(\): .*missing.jsonl does not exist; check the path"),
     ("bad.jsonl", '{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": }\n',
      r"bad.jsonl line 2 is not valid JSON \(Expecting value at column 29\); fix that line"),
     ("bad.json", '[{"prompt": "a",\n "response": "b"},\n]', r"bad.json line 3 is not valid JSON"),
@@ -212,3 +239,95 @@ def test_train_without_a_tokenizer_uses_the_models_own(tmp_path, smol_tokenizer)
 def test_labels_are_masked_where_the_padding_is():
     batch = next(iter(Batches(PAIRS, CharTokenizer(), 5, 64, 0)))
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
+
+
+# rows tokenised already, as datasets.map(tokenizer) leaves them
+
+TOKEN_ROWS = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1]}, {"input_ids": [8, 9], "attention_mask": [1, 1]}]
+
+
+def one_batch(data, tokenizer=None, width=None, **kwargs):
+    """The first batch, cut to ``width`` columns after checking that the rest is padding
+    (batches are padded to a multiple of PAD_MULTIPLE tokens)."""
+    batch = next(iter(Batches(data, tokenizer, 2, 64, 0, **kwargs).once()))
+    if width is None:
+        return batch
+    assert (batch["attention_mask"][:, width:] == 0).all() and (batch["labels"][:, width:] == IGNORE).all()
+    assert (batch["input_ids"][:, width:] == batch["input_ids"][-1, -1]).all()
+    return {k: v[:, :width] for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("form", ["lists", "tensors", "dataset", "dataset torch", "dataset torch rows"])
+def test_tokenised_rows_are_padded_per_batch_with_labels_from_the_inputs(form):
+    rows = TOKEN_ROWS
+    if form == "tensors":
+        rows = [{k: torch.tensor(v) for k, v in row.items()} for row in TOKEN_ROWS]
+    elif form.startswith("dataset"):
+        datasets = pytest.importorskip("datasets")
+        rows = datasets.Dataset.from_list(TOKEN_ROWS)
+        if "torch" in form:
+            rows.set_format("torch")
+        if form.endswith("rows"):
+            rows = list(rows)  # 1-D tensors per row
+    batch = one_batch(rows, width=3)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]  # no tokenizer: padded with 0
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].tolist() == [[5, 6, 7], [8, 9, IGNORE]]
+
+
+def test_tokenised_rows_keep_their_labels_and_their_padding():
+    rows = [{"input_ids": [5, 6, 7, 2, 2], "attention_mask": [1, 1, 1, 0, 0]},  # padded when it was tokenised
+            {"input_ids": [8, 9], "labels": [IGNORE, 9]}]
+    batch = one_batch(rows, CharTokenizer(), width=5)
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[5, 6, 7, IGNORE, IGNORE], [IGNORE, 9, IGNORE, IGNORE, IGNORE]]
+    assert batch["input_ids"][1].tolist() == [8, 9, 0, 0, 0]  # the tokenizer's pad id
+    tokenizer = CharTokenizer()
+    tokenizer.pad_token_id = 3
+    assert one_batch(rows, tokenizer, width=5)["input_ids"][1].tolist() == [8, 9, 3, 3, 3]
+
+
+def test_whole_batches_still_go_through_as_they_are():
+    batch = {"input_ids": torch.tensor([[5, 6], [7, 8]]), "labels": torch.tensor([[5, 6], [7, 8]])}
+    assert one_batch([batch]) is batch
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"input_ids": [1, 2]}, {"input_ids": "abc"}], "row 1 has input_ids that are not a non-empty list of token ids"),
+    ([{"input_ids": [1, 2], "labels": [1]}], "row 0 has labels that do not match its 2 input_ids"),
+    ([{"input_ids": [1, 2], "attention_mask": [1]}], "row 0 has an attention_mask that does not match its 2 input_ids"),
+])
+def test_bad_tokenised_rows_are_one_line(rows, message):
+    with pytest.raises(nbpeft.ConfigError, match=message):
+        Batches(rows, None, 2, 64, 0)
+
+
+def test_a_model_trains_on_tokenised_rows_of_1d_tensors():
+    llama = tiny_llama()
+    nbpeft.attach(llama, "lora", r=2)
+    rows = [{"input_ids": torch.tensor([5, 6, 7, 8]), "attention_mask": torch.ones(4, dtype=torch.long)},
+            {"input_ids": torch.tensor([9, 10])}]
+    result = nbpeft.train(llama, rows, steps=2, batch_size=2, live=False)
+    assert len(result.history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+
+
+def test_the_readmes_tokenised_rows_example_runs():
+    datasets = pytest.importorskip("datasets")
+    import re
+    from pathlib import Path
+
+    import transformers
+
+    from nbpeft.models import cache_dir
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"Rows tokenised already.*?```python\n(.*?)```", readme, re.S)[1]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(cache_dir() / "smollm2-135m")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1))
+    nbpeft.attach(model, "lora", r=2)
+    namespace = {"datasets": datasets, "nbpeft": nbpeft, "model": model, "tokenizer": tokenizer}
+    exec(code, namespace)
+    assert len(namespace["result"].history) == 2

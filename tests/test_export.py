@@ -360,3 +360,23 @@ def test_modelfile_says_when_it_cannot_translate_a_template():
     tokenizer = types.SimpleNamespace(chat_template="{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}")
     text = gguf_export.modelfile("./model.gguf", tokenizer)
     assert parse_modelfile(text) == [("FROM", "./model.gguf")] and "write TEMPLATE by hand" in text
+
+
+def test_overwrite_replaces_an_existing_export_whole_and_only_when_asked(lora_model, tokenizer, tmp_path):
+    export(lora_model, tmp_path / "out", format="gguf-adapter")
+    (tmp_path / "out" / "stale.txt").write_text("from an older export")
+    with pytest.raises(ConfigError) as err:
+        export(lora_model, tmp_path / "out", format="gguf-adapter")
+    assert str(err.value) == (f"export(): {tmp_path / 'out'} already exists and is not empty; "
+                              "choose another path or pass overwrite=True")
+    assert (tmp_path / "out" / "stale.txt").exists()
+    result = export(lora_model, tmp_path / "out", format="gguf-adapter", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(result.files) == ["Modelfile", "adapter.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left beside it
+
+
+def test_check_of_a_folder_that_does_not_exist_says_so(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        check_export(tmp_path / "missing", "vllm")
+    assert str(err.value) == (f"check_export(): {tmp_path / 'missing'} does not exist; "
+                              "give the path of a folder written by save_adapter()")

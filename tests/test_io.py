@@ -156,3 +156,23 @@ def test_missing_files_and_pickles_get_clear_errors(llama, tmp_path):
 def test_save_without_adapter_says_what_to_do(llama, tmp_path):
     with pytest.raises(nbpeft.ConfigError, match="attach one first"):
         nbpeft.save_adapter(llama, tmp_path)
+
+
+def test_loading_from_a_path_that_does_not_exist_says_so_in_one_line(llama, tmp_path):
+    nbpeft.attach(llama, "lora", r=2, init="random")  # something to hot-swap into
+    before = snapshot(llama)
+    for call in (lambda: nbpeft.load_adapter(llama, tmp_path / "no-such-folder"),
+                 lambda: nbpeft.load_adapter(llama, tmp_path / "no-such-folder", hotswap=True)):
+        with pytest.raises(nbpeft.ConfigError) as err:
+            call()
+        assert str(err.value) == (f"load_adapter(): {tmp_path / 'no-such-folder'} does not exist; "
+                                  "give the path of a folder written by save_adapter()")
+    assert_same(snapshot(llama), before)
+
+
+def test_the_hidden_folder_of_an_unfinished_save_is_not_loaded(llama, tmp_path):
+    nbpeft.attach(llama, "lora", r=2, init="random")
+    nbpeft.save_adapter(llama, tmp_path / "a")
+    nbpeft.save_adapter(llama, tmp_path / "a" / ".b.99999999.partial")  # as a killed save of subfolder b leaves it
+    fresh = tiny_llama()
+    assert [a.name for a in nbpeft.load_adapter(fresh, tmp_path / "a")] == ["default"]

@@ -978,7 +978,7 @@ def test_compare_answers_cell_takes_one_prompt_per_line(shell, fake_answers):
 @pytest.mark.parametrize("code, message", [
     ("%peft_compare_answers chat", "nbpeft: which prompt? give --prompt TEXT, or one prompt per line in a "
                                    "%%peft_compare_answers cell; usage: %peft_compare_answers [NAME ...] --prompt TEXT"),
-    ("%%peft_compare_answers --prompt hi\nhello", "nbpeft: give the prompts either with --prompt or in the cell body, not both"),
+    ("%%peft_compare_answers --prompt hi\nhello", "nbpeft: give the prompts either with --prompt or the cell body, not both"),
     ("%peft_compare_answers --prompts hi", "nbpeft: unknown flag --prompts (flags: --prompt, --max-new-tokens,"),
     ("%peft_compare_answers --prompt hi --no-base=yes", "nbpeft: --no-base takes no value"),
     ("%peft_compare_answers --prompt hi max_new_tokens=3", "nbpeft: unknown option 'max_new_tokens=3'"),
@@ -1047,9 +1047,39 @@ def test_generate_maps_the_same_flags_and_streams(shell, monkeypatch):
     assert calls[1] == {"model": shell.user_ns["model"], "tokenizer": "tok", "prompts": ["first", "second"],
                         **GENERATION, "max_new_tokens": 5, "stop": "END", "messages": None, "stream": True,
                         "adapter_names": None}
-    result, out = run(shell, "%peft_generate first")
-    assert_usage_error(result, out, "nbpeft: unexpected 'first'; usage: %peft_generate --prompt TEXT")
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("code, prompt, options", [
+    ("%peft_generate What is 2+2?", "What is 2+2?", {}),
+    ("%peft_generate What's 2+2? --seed 1", "What's 2+2?", {"seed": 1}),
+    ("%peft_generate 'What is 2+2?' --max-new-tokens 5", "What is 2+2?", {"max_new_tokens": 5}),
+    ('%peft_generate --seed 2 "Explain --prompt, x=1 and #3"', "Explain --prompt, x=1 and #3", {"seed": 2}),
+    ("%peft_generate --stop 'the end' Tell me (a story", "Tell me (a story", {"stop": "the end"}),
+])
+def test_generate_takes_the_prompt_as_the_lines_text(shell, monkeypatch, code, prompt, options):
+    double, calls = recording(nbpeft.generate, lambda call, n: "an answer")
+    monkeypatch.setattr(nbpeft, "generate", double)
+    shell.user_ns["tokenizer"] = "tok"
+    result, out = run(shell, code)
+    assert result.success, out.stderr
+    assert calls == [{"model": shell.user_ns["model"], "tokenizer": "tok", "prompts": prompt, **GENERATION,
+                      **options, "messages": None, "stream": True, "adapter_names": None}]
+
+
+@pytest.mark.parametrize("code, message", [
+    ("%peft_generate hello --prompt hi", "nbpeft: give the prompts either with TEXT or --prompt, not both"),
+    ("%%peft_generate hello\nhi", "nbpeft: give the prompts either with TEXT or the cell body, not both"),
+    ("%peft_generate", "nbpeft: which prompt? give TEXT, --prompt TEXT, or one prompt per line in a %%peft_generate cell"),
+    ("%peft_generate hello --max-tokens 3", "nbpeft: unknown flag --max-tokens (flags: --prompt, --max-new-tokens,"),
+    ("%peft_generate hello --seed", "nbpeft: --seed needs a value"),
+])
+def test_generate_prompt_errors_are_one_line(shell, monkeypatch, code, message):
+    double, calls = recording(nbpeft.generate, lambda call, n: "an answer")
+    monkeypatch.setattr(nbpeft, "generate", double)
+    result, out = run(shell, code)
+    assert_usage_error(result, out, message)
+    assert not calls
 
 
 def test_generate_streams_what_generate_returns(shell):
@@ -1072,11 +1102,13 @@ def test_export_maps_format_path_and_flags(shell, monkeypatch, tmp_path):
     result, out = run(shell, f"%peft_export merged {tmp_path / 'm'} --dtype bfloat16")
     assert result.success, out.stderr
     assert calls[0] == {"model": shell.user_ns["model"], "path": str(tmp_path / "m"), "format": "merged",
-                        "tokenizer": "tok", "dtype": "bfloat16", "quant": "f16"}
+                        "tokenizer": "tok", "dtype": "bfloat16", "quant": "f16", "overwrite": False}
     assert out.stdout.strip() == f"exported merged to {tmp_path / 'm'} (model.gguf)"
     run(shell, f"%peft_export gguf {tmp_path / 'g'} --quant q8_0 --model other --tokenizer chars")
     assert calls[1] == {"model": shell.user_ns["other"], "path": str(tmp_path / "g"), "format": "gguf",
-                        "tokenizer": "other tok", "dtype": None, "quant": "q8_0"}
+                        "tokenizer": "other tok", "dtype": None, "quant": "q8_0", "overwrite": False}
+    run(shell, f"%peft_export merged {tmp_path / 'm'} --overwrite")
+    assert calls[2]["overwrite"] is True
 
 
 def test_export_a_gguf_adapter_for_real(shell, tmp_path):
@@ -1092,7 +1124,10 @@ def test_export_a_gguf_adapter_for_real(shell, tmp_path):
     assert reader.fields["adapter.type"].contents() == "lora" and len(reader.tensors) == 2 * 2 * 2  # A, B; q, v; 2 layers
     assert same_snapshot(snapshot(model), before)
     result, out = run(shell, f"%peft_export gguf-adapter {tmp_path / 'a'}")  # not onto an existing export
-    assert_usage_error(result, out, f"nbpeft: export(): {tmp_path / 'a'} already exists and is not empty")
+    assert_usage_error(result, out, f"nbpeft: export(): {tmp_path / 'a'} already exists and is not empty; "
+                                   "choose another path or pass --overwrite")
+    result, out = run(shell, f"%peft_export gguf-adapter {tmp_path / 'a'} --overwrite")
+    assert result.success, out.stderr
 
 
 @pytest.mark.parametrize("code, message", [
@@ -1178,6 +1213,9 @@ def test_complete_answers_and_export_words(shell):
     assert complete(shell, "%peft_compare_answers --no-base --t") == ["--temperature", "--top-p", "--tokenizer"]
     assert complete(shell, "%peft_compare_answers --tokenizer ") == ["chars"]  # tokenizers, not data or models
     assert complete(shell, "%peft_generate --m") == ["--max-new-tokens", "--model"]
+    assert complete(shell, "%peft_generate What is 2+2? --m") == ["--max-new-tokens", "--model"]
+    assert complete(shell, "%peft_generate What is 2+2? --model ") == complete(shell, "%peft_generate --model ") != []
+    assert complete(shell, "%peft_generate What is 2") == []  # prompt words: nothing to offer
     assert complete(shell, "%peft_export ") == ["merged", "gguf", "gguf-adapter", "check"]
     assert complete(shell, "%peft_export gguf") == ["gguf", "gguf-adapter"]
     assert complete(shell, "%peft_export check ") == ["vllm", "llama.cpp", "ollama", "peft"]
@@ -1271,3 +1309,35 @@ def test_complete_show_example(shell):
     assert complete(shell, "%peft_show_example --data ") == ["data"]
     assert complete(shell, "%peft_show_example --model ") == ["model", "other"]
     assert complete(shell, "%peft_show_example max_length=8 ") == ["columns="]  # max_length is given already
+
+
+# nbpeft's errors from Python cells -----------------------------------------------------------
+
+def test_an_api_error_in_a_python_cell_is_one_line_and_tb_shows_the_traceback(shell):
+    shell.user_ns.update(data=["some text"], nbpeft=nbpeft)
+    result, out = run(shell, "nbpeft.train(model, data, lr=-1)")
+    assert isinstance(result.error_in_exec, ConfigError)  # the cell failed: "Run all" stops here
+    assert out.stderr.strip() == f"ConfigError: {result.error_in_exec}" and "\n" not in out.stderr.strip()
+    assert "Traceback" not in out.stdout + out.stderr
+    _, shown = run(shell, "%tb")
+    assert "Traceback" in shown.stdout and "nbpeft/training" in shown.stdout and str(result.error_in_exec) in shown.stdout
+
+
+def test_other_errors_keep_ipythons_traceback(shell):
+    result, out = run(shell, "def broken():\n    raise KeyError('not ours')\nbroken()")
+    assert isinstance(result.error_in_exec, KeyError)
+    assert "Traceback" in out.stdout and "broken()" in out.stdout
+
+
+def test_unload_gives_api_errors_their_traceback_back(shell):
+    shell.user_ns["nbpeft"] = nbpeft
+    run(shell, "%unload_ext nbpeft")
+    try:
+        assert shell.custom_exceptions == ()
+        result, out = run(shell, "nbpeft.load_adapter(model, 'no-such-folder')")
+        assert isinstance(result.error_in_exec, ConfigError) and "Traceback" in out.stdout
+    finally:
+        run(shell, "%load_ext nbpeft")
+    result, out = run(shell, "nbpeft.load_adapter(model, 'no-such-folder')")
+    assert out.stderr.strip() == ("ConfigError: load_adapter(): no-such-folder does not exist; "
+                                  "give the path of a folder written by save_adapter()")

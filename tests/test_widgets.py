@@ -611,7 +611,7 @@ def test_dtype_and_quant_follow_the_format(llama):
 
 @pytest.mark.parametrize("setup, message", [
     ("no path", "export: type a new folder in export to first"),
-    ("taken", "export(): {path} already exists and is not empty; pick a new path or remove it first"),
+    ("taken", "export(): {path} already exists and is not empty; choose another path or tick overwrite"),
     ("no adapter", "export(): this model has no adapter; attach or load one first"),
     ("no tokenizer", "export(): no tokenizer to export with the model; open the panel with nbpeft.panel(model, tokenizer)"),
     ("prefix", "export(): the prefix adapter 'default' changes activations, not weights, so it cannot be folded"),
@@ -637,6 +637,9 @@ def test_export_errors_are_one_line(llama, tmp_path, setup, message):
     assert [p.name for p in tmp_path.iterdir()] == (["out"] if setup == "taken" else [])  # no partial folder
     if setup == "taken":
         assert [p.name for p in path.iterdir()] == ["notes.txt"]
+        tab.overwrite.value = True  # the message's fix: the export then replaces the folder
+        tab.export_button.click()
+        assert sorted(p.name for p in path.iterdir()) == ["Modelfile", "adapter.gguf"], text(tab.message)
 
 
 def test_check_shows_each_line_of_check_export(llama):

@@ -46,7 +46,7 @@ class Comparison:
         cells = self._cells()
         head = ("method", "settings", "trainable", "% of model", "note")
         widths = [max(len(head[i]), *(len(c[i]) for c in cells)) if cells else len(head[i]) for i in range(4)]
-        lines = [f"{self.model_name}: {self.total:,} parameters"]
+        lines = [f"{self.model_name}: {self.total:,} parameters without adapters"]
         for row in [head, *cells]:
             left, settings, count, pct, note = row
             lines.append(f"  {left:<{widths[0]}}  {settings:<{widths[1]}}  {count:>{widths[2]}}  {pct:>{widths[3]}}"
@@ -60,12 +60,15 @@ class Comparison:
         head = "".join(f"<th{a}>{h}</th>" for a, h in zip(left, heads))
         body = "".join("<tr>" + "".join(f"<td{a}>{html.escape(c)}</td>" for a, c in zip(left, row)) + "</tr>"
                        for row in self._cells())
-        caption = f"{html.escape(self.model_name)}: {self.total:,} parameters"
+        caption = f"{html.escape(self.model_name)}: {self.total:,} parameters without adapters"
         return f"<table><caption>{caption}</caption><tr>{head}</tr>{body}</table>"
 
 
 def compare(model: nn.Module, methods: list[str] | None = None, **options: dict[str, Any]) -> Comparison:
     """Trainable parameters (count and % of the model) of each method with its usual settings.
+
+    The share is the one ``attach`` would print on the model without adapters: of its total
+    with the method's adapter (:func:`nbpeft.core.parameter_counts`).
 
     ``methods`` defaults to every registered method; ``options`` override settings per
     method, e.g. ``compare(model, lora={"r": 16})``. A method that cannot go on this model
@@ -89,7 +92,7 @@ def compare(model: nn.Module, methods: list[str] | None = None, **options: dict[
         if spec.needs_other_adapters is None:
             spec.config_class.from_options(settings[name])  # bad options raise here, before any counting
 
-    total = sum(p.numel() for p in shapes_only_copy(model).parameters())
+    total = core.parameter_counts(shapes_only_copy(model)).total
     table = Comparison(type(model).__name__, total)
     for name in names:
         row = {"method": name, "settings": settings[name], "trainable": None, "percent": None, "modules": 0, "note": ""}
@@ -102,7 +105,7 @@ def compare(model: nn.Module, methods: list[str] | None = None, **options: dict[
             except Exception as err:  # noqa: BLE001  (a method that does not fit must not hide the others)
                 row["note"] = f"not counted: {err}"
             else:
-                row.update(trainable=adapter.num_params, percent=100.0 * adapter.num_params / max(total, 1),
+                row.update(trainable=adapter.num_params, percent=100.0 * adapter.num_params / max(adapter.total_params, 1),
                            modules=len(adapter.targets), note="; ".join(adapter.notes))
         table.rows.append(row)
     return table

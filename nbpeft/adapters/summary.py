@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..core import adapter_owners, packed_weights, state
+from ..core import adapter_owners, parameter_counts, state
 
 
 @dataclass
@@ -82,10 +82,9 @@ def summary(model: nn.Module) -> Summary:
     """Total and trainable parameters of ``model``, per adapter and per method."""
     st = state(model)
     owners = adapter_owners(model)
-    params = list(model.parameters())
-    packed = packed_weights(model)
+    counts = parameter_counts(model)
     per_adapter: dict[str, int] = {}
-    for p in params:
+    for p in model.parameters():
         if id(p) in owners:
             per_adapter[owners[id(p)]] = per_adapter.get(owners[id(p)], 0) + p.numel()
     rows = [
@@ -94,8 +93,8 @@ def summary(model: nn.Module) -> Summary:
     ]
     return Summary(
         model_name=type(model).__name__,
-        total=sum(p.numel() for p in params) + packed,
-        trainable=sum(p.numel() for p in params if p.requires_grad),
-        base=sum(p.numel() for p in params if id(p) not in owners) + packed,
+        total=counts.total,
+        trainable=counts.trainable,
+        base=counts.base,
         adapters=rows,
     )

@@ -2,8 +2,10 @@
 
 Accepted examples: strings (causal LM), ``{"prompt", "response"}`` (loss on the response
 only), ``{"messages": [...]}`` conversations (loss on every assistant turn, see
-:mod:`nbpeft.data.chat`), ``{"text", "label"}`` (classification), or already tokenised batches
-(dicts of tensors with ``input_ids``, or a DataLoader). The forms they come in (lists,
+:mod:`nbpeft.data.chat`), ``{"text", "label"}`` (classification), rows tokenised already
+(``{"input_ids": [...]}``, as ``datasets.map(tokenizer)`` leaves them: lists of ids or 1-D
+tensors, with optional ``attention_mask`` and ``labels``), or whole batches (dicts of 2-D
+tensors with ``input_ids``, or a DataLoader). The forms they come in (lists,
 ``datasets``, DataFrames, files) are read by :mod:`nbpeft.data.sources`.
 
 Examples longer than ``max_length`` are cut; one that loses every labelled token is
@@ -30,10 +32,10 @@ from ..errors import ConfigError
 from . import chat, sources
 
 IGNORE = -100
-KINDS = ("text", "prompt-response", "chat", "classification", "features")
+KINDS = ("text", "prompt-response", "chat", "classification", "features", "tokens")
 _FIELDS = {"prompt-response": ("prompt", "response"), "chat": ("messages",), "classification": ("text", "label")}
-_FORMS = ("strings, {'prompt': ..., 'response': ...}, {'messages': [...]}, {'text': ..., 'label': ...} "
-          "or {'pixel_values' or 'input_features': ..., 'labels': ...}")
+_FORMS = ("strings, {'prompt': ..., 'response': ...}, {'messages': [...]}, {'text': ..., 'label': ...}, "
+          "{'input_ids': [...]} or {'pixel_values' or 'input_features': ..., 'labels': ...}")
 
 
 # ---------------------------------------------------------------- the tokenizer that goes with a model
@@ -99,6 +101,8 @@ def kind_of_example(ex: Any) -> str | None:
     if isinstance(ex, dict):
         if FEATURES & ex.keys():
             return "features"
+        if "input_ids" in ex:
+            return "tokens"
         if "messages" in ex:
             return "chat"
         if {"prompt", "response"} <= ex.keys():
@@ -119,6 +123,9 @@ def check_example(ex: Any, kind: str, where: str, caller: str = "train()") -> No
         return
     if kind == "features":
         check_features(ex, where, caller)
+        return
+    if kind == "tokens":
+        token_row(ex, where, caller)
         return
     needed = _FIELDS[kind]
     if not isinstance(ex, dict):
@@ -156,7 +163,9 @@ def _kind_of_rows(rows: list[Any], where: Any, caller: str) -> str:
         raise ConfigError(f"{caller}: data is empty; pass at least one example")
     kind = kind_of_example(rows[0])
     if kind is None:
-        raise ConfigError(f"{caller}: cannot read examples like {str(rows[0])[:60]!r} ({where(0)}); use {_FORMS}")
+        seen = f"; its columns are {', '.join(map(str, rows[0]))}: name them with columns=, e.g. " \
+               f"columns={{{str(next(iter(rows[0]), 'question'))!r}: 'prompt'}}" if isinstance(rows[0], dict) else ""
+        raise ConfigError(f"{caller}: cannot read examples like {str(rows[0])[:60]!r} ({where(0)}); use {_FORMS}{seen}")
     return kind
 
 
@@ -173,8 +182,45 @@ def chat_prompt(tokenizer: Any, prompt: str) -> str:
     return prompt
 
 
+def _id_list(value: Any) -> list[int] | None:
+    """A row's ids as a list of ints (from a list or a 1-D tensor or array), or None when they are not that."""
+    if hasattr(value, "tolist") and getattr(value, "ndim", 1) == 1:
+        value = value.tolist()
+    if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return list(value)
+    return None
+
+
+def token_row(ex: Any, where: str, caller: str = "train()") -> dict[str, Any]:
+    """A pre-tokenised row as input_ids and labels (given ones kept, else the inputs with padding masked).
+
+    ``attention_mask`` zeros (a row padded when it was tokenised) are kept as padding: masked in
+    attention and, when the row brings no labels, in the loss.
+    """
+    if not isinstance(ex, dict) or "input_ids" not in ex:
+        raise ConfigError(f"{caller}: {where} has no 'input_ids', but row 0 has; give every row its input_ids")
+    ids = _id_list(ex["input_ids"])
+    if not ids:
+        raise ConfigError(f"{caller}: {where} has input_ids that are not a non-empty list of token ids (one row's, "
+                          "not a batch's); give each row a list of ints or a 1-D tensor")
+    mask = _id_list(ex["attention_mask"]) if ex.get("attention_mask") is not None else [1] * len(ids)
+    if mask is None or len(mask) != len(ids):
+        raise ConfigError(f"{caller}: {where} has an attention_mask that does not match its {len(ids)} input_ids")
+    labels = ex.get("labels", ex.get("label"))
+    if labels is None:
+        labels = [t if m else IGNORE for t, m in zip(ids, mask)]
+    elif hasattr(labels, "ndim") and labels.ndim == 0 or isinstance(labels, int):
+        labels = int(labels)  # one label per row: a classifier's
+    elif (labels := _id_list(labels)) is None or len(labels) != len(ids):
+        raise ConfigError(f"{caller}: {where} has labels that do not match its {len(ids)} input_ids; give one label "
+                          "per token (-100 where the loss does not look), or leave labels out to learn every token")
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
 def tokenize(example: Any, kind: str, tokenizer: Any, where: str = "row 0", caller: str = "train()") -> dict[str, Any]:
     """One example as input_ids and labels (-100 where the loss does not look), before truncation."""
+    if kind == "tokens":
+        return token_row(example, where, caller)
     eos = tokenizer.eos_token or ""
     if kind == "text":
         ids = tokenizer(example)["input_ids"] + _ids(tokenizer, eos)
@@ -224,7 +270,7 @@ def collate(examples: list[dict[str, Any]], pad_id: int, multiple: int = 1, limi
     attention = torch.zeros((len(examples), width), dtype=torch.long)
     for i, e in enumerate(examples):
         input_ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
-        attention[i, : len(e["input_ids"])] = 1
+        attention[i, : len(e["input_ids"])] = torch.tensor(e["attention_mask"]) if "attention_mask" in e else 1
     batch = {"input_ids": input_ids, "attention_mask": attention}
     if isinstance(examples[0]["labels"], int):
         batch["labels"] = torch.tensor([e["labels"] for e in examples])
@@ -414,6 +460,12 @@ class Batches:
             raise ConfigError(f"{caller}: packing=True is for decoder-only models; pass packing=False")
         if self.kind == "features":
             self.tokenizer, self.pad_id = None, 0
+        elif self.kind == "tokens":  # ids need no tokenizer; its pad id when there is one
+            try:
+                self.tokenizer = tokenizer_for(model, tokenizer, caller=caller)
+            except MissingTokenizer:
+                self.tokenizer = None
+            self.pad_id = getattr(self.tokenizer, "pad_token_id", None) or 0
         else:
             self.tokenizer = tokenizer_for(model, tokenizer, caller=caller)
             self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -423,7 +475,7 @@ class Batches:
             return
         for i, ex in enumerate(source.rows):
             check_example(ex, self.kind, source.where(i), caller)
-        self._template_note()
+        self._template_note(source.rows)
         encoded = [self._encode(i, ex) for i, ex in enumerate(source.rows)]
         self.examples = [e for e in encoded if e is not None]
         if not self.examples:
@@ -435,11 +487,14 @@ class Batches:
         rows = len(pack(self.examples, max_length)) if packing else len(self.examples)
         self.per_epoch = -(-rows // batch_size)
 
-    def _template_note(self) -> None:
-        if self.kind == "chat":
-            note = chat.use_default_template(self.tokenizer)
-            if note:
-                self.notes.append(note)
+    def _template_note(self, rows: list[Any] | None = None) -> None:
+        notes = [chat.use_default_template(self.tokenizer)] if self.kind == "chat" else []
+        # the template's own system prompt goes silently into rows that give none: say so
+        without_system = self.kind == "prompt-response" or self.kind == "chat" and (rows is None or any(
+            not any(turn.get("role") == "system" for turn in row["messages"]) for row in rows))
+        if without_system and not self.seq2seq:
+            notes.append(chat.system_prompt_note(self.tokenizer, self.kind))
+        self.notes += [note for note in notes if note]
 
     def _encode(self, i: int, ex: Any) -> dict[str, Any] | None:
         """One row encoded and cut to max_length, or None (counted) when no labelled token survives."""
@@ -453,7 +508,9 @@ class Batches:
             return enc
         self.truncated += self._counting
         enc["input_ids"] = enc["input_ids"][: self.max_length]
-        if self.kind == "classification":
+        if "attention_mask" in enc:
+            enc["attention_mask"] = enc["attention_mask"][: self.max_length]
+        if isinstance(enc["labels"], int):  # a classifier's one label per row
             return enc
         enc["labels"] = enc["labels"][: self.max_length]
         # the first label is never predicted (nothing comes before it)

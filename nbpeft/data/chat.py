@@ -49,6 +49,42 @@ def use_default_template(tokenizer: Any) -> str | None:
             "now set as tokenizer.chat_template so generation matches training")
 
 
+def added_system_prompt(tokenizer: Any) -> str | None:
+    """The system prompt the chat template puts into a conversation that has none, or None.
+
+    A probe conversation is rendered without a system message and with a marker one: where the
+    marker sits in the second, the first holds the template's own default (SmolLM2's "You are a
+    helpful AI assistant named SmolLM, ..."); a template that adds nothing, or renders system
+    messages elsewhere, gives None.
+    """
+    if not has_template(tokenizer):
+        return None
+    user, marker = {"role": "user", "content": "\x01probe\x01"}, "\x02system\x02"
+    try:
+        plain = tokenizer.apply_chat_template([user], tokenize=False)
+        marked = tokenizer.apply_chat_template([{"role": "system", "content": marker}, user], tokenize=False)
+    except Exception:  # noqa: BLE001 (a template that refuses system messages adds none either)
+        return None
+    if not isinstance(plain, str) or not isinstance(marked, str) or marked.count(marker) != 1:
+        return None
+    before, after = marked.split(marker)
+    if not (plain.startswith(before) and plain.endswith(after)) or len(plain) <= len(before) + len(after):
+        return None
+    return plain[len(before):len(plain) - len(after)].strip() or None
+
+
+def system_prompt_note(tokenizer: Any, kind: str) -> str | None:
+    """The one-line note that the template adds its own system prompt to ``kind`` examples, and how to give yours."""
+    added = added_system_prompt(tokenizer)
+    if added is None:
+        return None
+    shown = added if len(added) <= 80 else added[:77] + "..."
+    fix = ("give rows as {'messages': [{'role': 'system', 'content': ...}, {'role': 'user', ...}, "
+           "{'role': 'assistant', ...}]} to train with your own" if kind == "prompt-response"
+           else "start a conversation with a {'role': 'system', ...} message to train with your own")
+    return f"the chat template adds the system prompt {shown!r} to every example without one; {fix}"
+
+
 def check_conversation(row: Any, where: str, caller: str) -> list[dict[str, str]]:
     """The row's messages, or a one-line ConfigError naming the row and the fix."""
     messages = row.get("messages") if isinstance(row, dict) else None

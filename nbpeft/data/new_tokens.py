@@ -307,10 +307,7 @@ def add_rows(model: nn.Module, name: str, indices: dict[str, list[int]]) -> None
     st = core.state(model)
     adapter = st.adapters[name]
     core.set_adapter(model, st.active)  # the new rows take the adapter's requires_grad
-    params = core.adapter_parameters(model, name)
-    adapter.num_params = sum(p.numel() for p in params.values())
-    owners = core.adapter_owners(model)
-    adapter.model_params = sum(p.numel() for p in model.parameters() if id(p) not in owners) + core.packed_weights(model)
+    core.count_adapter(model, adapter)
     count = sum(len(ids) for path, ids in token_indices(model, name).items() if path == embed_path)
     adapter.notes = [n for n in adapter.notes if not n.startswith("trains the rows of")]
     adapter.notes.append(f"trains the rows of {count} tokens")

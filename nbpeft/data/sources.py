@@ -3,7 +3,9 @@
 Accepted: a list (or tuple) of examples; a Hugging Face ``datasets.Dataset``, a
 ``DatasetDict`` (its ``train`` split) or an ``IterableDataset`` (read as a stream); a pandas
 ``DataFrame``; a path or glob of JSON Lines, JSON, CSV or Parquet files. ``columns=`` maps
-the names nbpeft reads to the names the data uses, e.g. ``{"prompt": "question"}``.
+the data's column names onto the names nbpeft reads, in either direction: ``{"question":
+"prompt"}`` (data column → nbpeft's name, as ``datasets.rename_columns``) or ``{"prompt":
+"question"}``; the names decide which, and a mapping that reads both ways is refused.
 
 Every row keeps a name for error messages: ``row 7`` for in-memory data, ``chat.jsonl
 line 8`` for files. ``datasets``, pandas and pyarrow are optional: data in their forms
@@ -68,7 +70,7 @@ def _open(data: Any, caller: str) -> Source:
     if package == "pandas" and kind == "DataFrame":
         return Source(data.to_dict("records"), len(data), _row_name)
     if isinstance(data, (list, tuple)):
-        if data and isinstance(data[0], dict) and "input_ids" in data[0]:
+        if data and isinstance(data[0], dict) and _is_batch(data[0].get("input_ids")):
             return Source(data, len(data), _row_name, batches=True)
         return Source(list(data), len(data), _row_name)
     if isinstance(data, (bytes, dict)) or not isinstance(data, Iterable):
@@ -78,26 +80,58 @@ def _open(data: Any, caller: str) -> Source:
     return Source(data, length, _row_name, batches=True)
 
 
+def _is_batch(input_ids: Any) -> bool:
+    """Whether ``input_ids`` holds a whole batch (rows of ids), not one example's ids."""
+    if hasattr(input_ids, "dim"):
+        return input_ids.dim() >= 2
+    return isinstance(input_ids, (list, tuple)) and bool(input_ids) and isinstance(input_ids[0], (list, tuple))
+
+
 def _check_columns(columns: Any, caller: str) -> None:
     if columns is None:
         return
     if not isinstance(columns, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in columns.items()):
-        raise ConfigError(f"{caller}: columns= maps nbpeft's names to yours, e.g. columns={{'prompt': 'question', 'response': 'answer'}}")
-    unknown = [k for k in columns if k not in FIELDS]
-    if unknown:
-        raise ConfigError(f"{caller}: columns={{{unknown[0]!r}: ...}} is not a name nbpeft reads; use {', '.join(FIELDS)}")
+        raise ConfigError(f"{caller}: columns= maps the data's column names to nbpeft's, "
+                          "e.g. columns={'question': 'prompt', 'answer': 'response'}")
+
+
+def _ours_to_theirs(columns: dict[str, str], seen: list[str], caller: str) -> dict[str, str]:
+    """``columns`` as nbpeft's name → the data's column, whichever way round it was given.
+
+    The direction follows from the names: the data's columns (``seen``, from the first row)
+    on one side and the names nbpeft reads (``FIELDS``) on the other.
+    """
+    flipped = {theirs: ours for ours, theirs in columns.items()}
+    ours_first = all(k in FIELDS for k in columns) and all(v in seen for v in columns.values())
+    theirs_first = all(k in seen for k in columns) and all(v in FIELDS for v in columns.values())
+    if ours_first and theirs_first and columns != flipped:
+        raise ConfigError(f"{caller}: columns={columns!r} reads both ways: the data has columns named as nbpeft's "
+                          f"fields ({', '.join(n for n in seen if n in FIELDS)}); rename the data's columns first")
+    if theirs_first:
+        return flipped
+    if ours_first:
+        return dict(columns)
+    unknown = [n for n in [*columns, *columns.values()] if n not in seen and n not in FIELDS]
+    what = (f"{unknown[0]!r} is neither a column of the data nor a name nbpeft reads" if unknown
+            else "it mixes both directions")
+    raise ConfigError(f"{caller}: columns={columns!r}: {what}; map each data column to one of {', '.join(FIELDS)}, "
+                      f"e.g. columns={{'question': 'prompt'}} (the data's columns are {', '.join(map(str, seen)) or 'none'})")
 
 
 def _renamed(source: Source, columns: dict[str, str], caller: str) -> Iterable[Any]:
+    mapping: dict[str, str] = {}
+
     def rename(i: int, row: Any) -> Any:
         if not isinstance(row, dict):
             return row
-        missing = [theirs for theirs in columns.values() if theirs not in row]
+        if not mapping:  # the first row's columns decide the direction
+            mapping.update(_ours_to_theirs(columns, list(row), caller))
+        missing = [theirs for theirs in mapping.values() if theirs not in row]
         if missing:
             raise ConfigError(f"{caller}: {source.where(i)} has no column {missing[0]!r} (named in columns=); "
                               f"its columns are {', '.join(map(str, row)) or 'none'}")
-        out = {k: v for k, v in row.items() if k not in columns.values()}
-        out.update({ours: row[theirs] for ours, theirs in columns.items()})
+        out = {k: v for k, v in row.items() if k not in mapping.values()}
+        out.update({ours: row[theirs] for ours, theirs in mapping.items()})
         return out
 
     if source.length is not None:
@@ -130,7 +164,7 @@ def _files(path: str | os.PathLike, caller: str) -> Source:
         if one.is_dir():
             raise ConfigError(f"{caller}: {text!r} is a folder; pass a file or a glob such as '{one / '*.jsonl'}'")
         if not one.is_file():
-            raise ConfigError(f"{caller}: no file {text!r}; check the path (data= takes a path, a glob or a list of examples)")
+            raise ConfigError(f"{caller}: {text} does not exist; check the path (data= takes a path, a glob or a list of examples)")
         paths = [one]
     rows: list[Any] = []
     names: list[str] = []

@@ -168,11 +168,12 @@ def render(adapters: list[core.Adapter], base: str | None, task: str | None, *, 
 
 
 def write(folder: Path, model: nn.Module, names: list[str], base: str | None, task: str | None, *,
-          kind: str = "adapter", overwrite: bool = False) -> list[str]:
+          kind: str = "adapter", overwrite: bool = False, saved_as: Path | None = None) -> list[str]:
     """Write ``README.md`` (and ``loss.png`` when a run was recorded) into ``folder``; the file names written.
 
     A card nbpeft did not write is kept unless ``overwrite``. Saving an adapter also notes
-    the folder on the run that trained it (``nbpeft.runs()``'s "saved to").
+    where it was saved (``saved_as``: the folder's final place when ``folder`` is the temporary
+    one it is written in) on the run that trained it (``nbpeft.runs()``'s "saved to").
     """
     folder = Path(folder)
     card = folder / CARD_FILE
@@ -182,13 +183,16 @@ def write(folder: Path, model: nn.Module, names: list[str], base: str | None, ta
     adapters = [st.adapters[n] for n in names if n in st.adapters]
     run, points = _run_of(adapters[0]) if adapters else (None, [])
     written = []
+    # a file kept from an earlier save may be a hard link to it: a new file, never a write through the link
+    (folder / CURVE_FILE).unlink(missing_ok=True)
+    card.unlink(missing_ok=True)
     if points:
         (folder / CURVE_FILE).write_bytes(curves_png({run["id"]: points}))
         written.append(CURVE_FILE)
     card.write_text(render(adapters, base, task, kind=kind, run=run, points=points, curve=bool(points)))
     if run is not None and kind == "adapter":
         try:
-            run_store.update_run(run_store.path_of(run["id"]), run["id"], {"adapter_path": str(folder.resolve())})
+            run_store.update_run(run_store.path_of(run["id"]), run["id"], {"adapter_path": str(Path(saved_as or folder).resolve())})
         except run_store.StoreError:
             pass  # the card is written; the record only misses where the adapter went
     return [CARD_FILE, *written]

@@ -15,8 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from ..errors import ConfigError
 from ..layers import base_path
 from ..methods.base import AdapterLayer
 from . import card, peft_folder
+from .files import atomic_folder, check_exists, check_free, visible
 
 FORMATS = ("merged", "gguf", "gguf-adapter")
 TARGETS = ("vllm", "llama.cpp", "ollama", "peft")
@@ -209,6 +208,7 @@ def export(
     tokenizer: Any = None,
     dtype: str | torch.dtype | None = None,
     quant: str = "f16",
+    overwrite: bool = False,
 ) -> ExportResult:
     """Write the model with its active adapter for another program; the model itself is unchanged.
 
@@ -218,6 +218,10 @@ def export(
       tokenizer, plus an Ollama ``Modelfile`` (llama.cpp architectures of the Llama family).
     - ``"gguf-adapter"``: the LoRA adapter as llama.cpp reads it (``adapter.gguf``), plus a
       ``Modelfile`` whose ``ADAPTER`` line points at it.
+
+    An existing, non-empty ``path`` is replaced (whole) only with ``overwrite=True``, as in
+    :func:`save_adapter`. The files are written to a hidden folder beside ``path`` and renamed
+    into place at the end, so an export that fails or is interrupted leaves ``path`` as it was.
     """
     if format not in FORMATS:
         import difflib
@@ -234,8 +238,7 @@ def export(
     if quant not in gguf_export.QUANTS:
         raise ConfigError(f"export(): quant={quant!r} is not supported; use one of {', '.join(map(repr, gguf_export.QUANTS))}")
     target = Path(path)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ConfigError(f"export(): {target} already exists and is not empty; pick a new path or remove it first")
+    check_free(target, overwrite, "export")
     names = _active(model, "export")
     before = _state_key(model)
     if format == "gguf-adapter":
@@ -244,9 +247,7 @@ def export(
         _refuse_unmergeable(model, names, "export")
     if format != "gguf-adapter":
         tokenizer = _tokenizer_for(model, tokenizer, "export")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    try:
+    with atomic_folder(target, overwrite=overwrite) as tmp:
         notes: list[str] = []
         if format == "merged":
             files = _write_merged(model, tmp, tokenizer, dtype)
@@ -258,12 +259,6 @@ def export(
         files += card.write(tmp, model, names, peft_folder.base_model_id(model), peft_folder.task_type(model), kind=format)
         if _state_key(model) != before:
             raise ConfigError("export(): the adapters were merged, unmerged or switched while exporting; nothing was written, export again")
-        if target.exists():
-            target.rmdir()
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportResult(target, format, files, notes)
 
 
@@ -288,8 +283,9 @@ def _folder_facts(path: Path) -> list[dict[str, Any]]:
     from safetensors import safe_open
 
     facts = []
+    check_exists(path, "check_export", "a folder written by save_adapter()")
     for cfg_file in sorted([path / "adapter_config.json", *path.glob("*/adapter_config.json")]):
-        if not cfg_file.exists():
+        if not cfg_file.exists() or (cfg_file.parent != path and not visible(cfg_file.parent)):
             continue
         cfg = json.loads(cfg_file.read_text())
         weights = cfg_file.parent / "adapter_model.safetensors"

@@ -26,6 +26,7 @@ from ..methods.base import REFERENCE_PREFIX, get_method, registered
 from ..methods.lora import LoRALinear
 from ..models import cache_dir
 from . import card
+from .files import atomic_folder, check_exists, visible
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -68,7 +69,10 @@ def save_adapter(
 ) -> list[Path]:
     """Write adapter ``name`` (default: every adapter) to ``path``; returns the folders written.
 
-    An existing adapter folder or a file in the way is replaced only with ``overwrite=True``.
+    An existing adapter folder or a file in the way is replaced only with ``overwrite=True``;
+    saving every adapter (``name=None``) with it replaces the whole folder, so no adapter of an
+    older save is left beside the new ones. The files are written to a hidden folder beside
+    ``path`` and renamed into place: a save that is interrupted leaves the old files as they were.
 
     A lora adapter with ``init='pissa'`` or ``'olora'`` is saved as the reference saves it: its
     ``A`` and ``B``, and the init, which loading runs again on the original model to rebuild the
@@ -87,34 +91,51 @@ def save_adapter(
     if (files or adapters) and not overwrite:
         taken, what = (files[0], "is a file") if files else (adapters[0], "already holds an adapter")
         raise ConfigError(f"save_adapter(): {taken} {what}; choose another path or pass overwrite=True")
-    for file in files:
-        file.unlink()
-    written = []
-    for n in names:
-        adapter = core.state(model).adapters[n]
-        spec = get_method(adapter.method)
-        config = {
-            "peft_type": spec.peft_type,
-            "task_type": task_type(model),
-            "base_model_name_or_path": base_model_id(model),
-            "inference_mode": True,
-            "modules_to_save": adapter.saved_modules or None,
-            **spec.to_peft_config(adapter.config, model, adapter.targets),
-            **tokens.peft_config(model, n),
-        }
-        tensors = {
-            key: value.detach().to("cpu").contiguous().clone()
-            for key, value in spec.checkpoint_tensors(model, adapter, core.adapter_parameters(model, n)).items()
-        }
-        if as_plain_lora:
-            config, tensors = _as_plain_lora(model, n, config, tensors)
-        folder = _folder(path, n)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-        card.write(folder, model, [n], base_model_id(model), task_type(model), overwrite=overwrite)
-        written.append(folder)
-    return written
+    contents = [(n, *_contents(model, n, as_plain_lora)) for n in names]
+    if name is not None and "default" not in names:
+        # named adapters only: each subfolder is replaced on its own, its siblings stay
+        for n, config, tensors in contents:
+            with atomic_folder(_folder(path, n), overwrite=overwrite) as folder:
+                _write(folder, config, tensors)
+                card.write(folder, model, [n], base_model_id(model), task_type(model), overwrite=overwrite,
+                           saved_as=_folder(path, n))
+        return folders
+    # every adapter (or 'default', which lives in the folder itself) in one folder; an overwrite of
+    # every adapter replaces it whole, so no subfolder of an older save survives
+    with atomic_folder(path, overwrite=overwrite, keep_others=not (overwrite and name is None)) as folder:
+        for n, config, tensors in contents:
+            _write(_folder(folder, n), config, tensors)
+            card.write(_folder(folder, n), model, [n], base_model_id(model), task_type(model), overwrite=overwrite,
+                       saved_as=_folder(path, n))
+    return folders
+
+
+def _contents(model: nn.Module, name: str, as_plain_lora: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Adapter ``name``'s ``adapter_config.json`` (as a dict) and its tensors, on the CPU."""
+    adapter = core.state(model).adapters[name]
+    spec = get_method(adapter.method)
+    config = {
+        "peft_type": spec.peft_type,
+        "task_type": task_type(model),
+        "base_model_name_or_path": base_model_id(model),
+        "inference_mode": True,
+        "modules_to_save": adapter.saved_modules or None,
+        **spec.to_peft_config(adapter.config, model, adapter.targets),
+        **tokens.peft_config(model, name),
+    }
+    tensors = {
+        key: value.detach().to("cpu").contiguous().clone()
+        for key, value in spec.checkpoint_tensors(model, adapter, core.adapter_parameters(model, name)).items()
+    }
+    if as_plain_lora:
+        config, tensors = _as_plain_lora(model, name, config, tensors)
+    return config, tensors
+
+
+def _write(folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _initial_factors(model: nn.Module, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -164,7 +185,7 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None,
     """
     if hotswap:
         return [hotswap_adapter(model, path, name or "default")]
-    path = Path(path)
+    path = check_exists(path, "load_adapter", "a folder written by save_adapter()")
     if name is not None and (path / name / CONFIG_FILE).exists():
         folders = {name: path / name}
     elif name is not None and (path / CONFIG_FILE).exists():
@@ -172,7 +193,7 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None,
     else:
         # "default" lives in the folder itself, every other adapter in a subfolder
         folders = {"default": path} if (path / CONFIG_FILE).exists() else {}
-        folders.update({p.name: p for p in sorted(path.glob(f"*/{CONFIG_FILE}")) for p in [p.parent]})
+        folders.update({p.name: p for p in sorted(path.glob(f"*/{CONFIG_FILE}")) for p in [p.parent] if visible(p)})
         if not folders:
             raise ConfigError(f"load_adapter(): no {CONFIG_FILE} in {path} (or its subfolders); save one with save_adapter()")
     loaded = []
@@ -295,7 +316,7 @@ def hotswap_adapter(model: nn.Module, path: str | Path, name: str = "default") -
         why = ("is merged; nbpeft.unmerge(model) first" if adapter.merged
                else f"also trains {', '.join(adapter.saved_modules)}" if adapter.saved_modules else f"is {adapter.method}")
         raise ConfigError(f"{fn}: adapter {name!r} {why}; hot-swapping takes an unmerged plain lora adapter")
-    folder = Path(path)
+    folder = check_exists(path, "load_adapter", "a folder written by save_adapter()")
     if not (folder / CONFIG_FILE).exists() and (folder / name / CONFIG_FILE).exists():
         folder = folder / name
     if not (folder / CONFIG_FILE).exists():

@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from . import errors
 from .commands import PeftMagics, train_doc
 from .completion import completions, is_ours, matcher
 from .help import attach_help, compare_help
@@ -38,7 +39,8 @@ COMPARE_DOC = inspect.cleandoc(PeftMagics.peft_compare.__doc__)
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """``%load_ext nbpeft``: register the magics (help built from the registry) and Tab completion."""
+    """``%load_ext nbpeft``: register the magics (help built from the registry), Tab completion and
+    the one-line display of nbpeft's errors."""
     PeftMagics.peft_attach.__doc__ = ATTACH_DOC + attach_help()
     PeftMagics.peft_train.__doc__ = train_doc()
     PeftMagics.peft_compare.__doc__ = COMPARE_DOC + compare_help()
@@ -47,6 +49,8 @@ def load_ipython_extension(ipython: Any) -> None:
     if completer is not None:
         completer.custom_matchers[:] = [m for m in completer.custom_matchers if not is_ours(m)]
         completer.custom_matchers.append(matcher(ipython))
+    if hasattr(ipython, "set_custom_exc"):
+        errors.install(ipython)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
@@ -60,3 +64,5 @@ def unload_ipython_extension(ipython: Any) -> None:
     completer = getattr(ipython, "Completer", None)
     if completer is not None:
         completer.custom_matchers[:] = [m for m in completer.custom_matchers if not is_ours(m)]
+    if hasattr(ipython, "set_custom_exc"):
+        errors.uninstall(ipython)

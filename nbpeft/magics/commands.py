@@ -23,7 +23,7 @@ from ..methods.base import get_method, method_options
 from ..training import options as train_options
 from ..training.jobs import not_exported
 from .help import train_help
-from .line import USAGE, fail, split_line, usage, usage_errors
+from .line import USAGE, fail, split_line, split_prompt_line, usage, usage_errors
 from .tables import MethodTable
 
 # flags that are generate()'s options of the same name (--top-p is top_p=); --stop stays text
@@ -86,14 +86,17 @@ def train_texts(flags: dict[str, Any], texts: dict[str, str]) -> dict[str, str]:
     return texts
 
 
-def prompts_of(magic: str, flags: dict[str, Any], cell: str | None) -> list[str]:
-    """``--prompt TEXT``, or the cell body's lines (one prompt each, blank lines skipped)."""
+def prompts_of(magic: str, flags: dict[str, Any], cell: str | None, text: str | None = None) -> list[str]:
+    """The prompt given as the line's TEXT (``%peft_generate`` only), ``--prompt TEXT``, or the cell
+    body's lines (one prompt each, blank lines skipped): exactly one of them."""
     body = [line.strip() for line in (cell or "").splitlines() if line.strip()]
-    if "prompt" in flags and body:
-        fail(f"give the prompts either with --prompt or in the cell body, not both; usage: {USAGE[magic]}")
-    if "prompt" not in flags and not body:
-        fail(f"which prompt? give --prompt TEXT, or one prompt per line in a %%{magic} cell; usage: {USAGE[magic]}")
-    return [flags["prompt"]] if "prompt" in flags else body
+    given = [what for what, there in (("TEXT", text), ("--prompt", "prompt" in flags), ("the cell body", body)) if there]
+    if len(given) > 1:
+        fail(f"give the prompts either with {given[0]} or {given[1]}, not both; usage: {USAGE[magic]}")
+    if not given:
+        line_text = "TEXT, --prompt TEXT" if magic == "peft_generate" else "--prompt TEXT"
+        fail(f"which prompt? give {line_text}, or one prompt per line in a %%{magic} cell; usage: {USAGE[magic]}")
+    return [text] if text else [flags["prompt"]] if "prompt" in flags else body
 
 
 @magics_class
@@ -345,9 +348,10 @@ class PeftMagics(Magics):
     @line_cell_magic
     @usage_errors
     def peft_generate(self, line: str, cell: str | None = None) -> None:
-        """Answer prompts with the model as it is now:  %peft_generate --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P] [--seed N] [--stop TEXT] [--model VAR] [--tokenizer VAR]
+        """Answer prompts with the model as it is now:  %peft_generate [TEXT | --prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-p P] [--seed N] [--stop TEXT] [--model VAR] [--tokenizer VAR]
 
-        The cell form takes one prompt per line of its body::
+        The prompt is the line's text (``%peft_generate What is 2+2? --seed 1``, quoted or not)
+        or ``--prompt TEXT``. The cell form takes one prompt per line of its body::
 
             %%peft_generate --max-new-tokens 20
             Tell me a joke.
@@ -356,8 +360,8 @@ class PeftMagics(Magics):
         The answers appear as they are written. Same as ``nbpeft.generate(model, tokenizer,
         prompts, stream=True, ...)``; ``--temperature`` above 0 samples, ``--top-p`` with it.
         """
-        _, flags, _ = split_line(line, "peft_generate", options=False)
-        prompts = prompts_of("peft_generate", flags, cell)
+        text, flags = split_prompt_line(line, "peft_generate")
+        prompts = prompts_of("peft_generate", flags, cell, text)
         model = self._model(flags.get("model"))
         nbpeft.generate(model, self._tokenizer(flags), prompts if cell else prompts[0], stream=True,
                         **generation_options(flags))
@@ -365,10 +369,11 @@ class PeftMagics(Magics):
     @line_cell_magic
     @usage_errors
     def peft_compare_answers(self, line: str, cell: str | None = None) -> None:
-        """Adapters and the base answer the same prompts, side by side:  %peft_compare_answers [NAME ...] --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P] [--seed N] [--stop TEXT] [--no-base] [--model VAR] [--tokenizer VAR] [--out VAR]
+        """Adapters and the base answer the same prompts, side by side:  %peft_compare_answers [NAME ...] --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P] [--seed N] [--stop TEXT] [--no-base] [--model VAR] [--tokenizer VAR] [--out VAR] (the words are adapter NAMEs: the prompt goes after --prompt or in the cell)
 
-        NAME ... are the adapters to ask (default: every attached one); --no-base leaves out
-        the base model's column. The cell form takes one prompt per line of its body::
+        NAME ... are the adapters to ask (default: every attached one), so the prompt is always
+        --prompt TEXT (or the cell body); --no-base leaves out the base model's column. The cell
+        form takes one prompt per line of its body::
 
             %%peft_compare_answers chat sql --max-new-tokens 30
             Tell me a joke.
@@ -392,12 +397,13 @@ class PeftMagics(Magics):
     @line_magic
     @usage_errors
     def peft_export(self, line: str) -> None:
-        """Write the model with its active adapter for another program:  %peft_export FORMAT PATH [--dtype D] [--quant Q] [--model VAR] [--tokenizer VAR]  or  %peft_export check TARGET [FOLDER]
+        """Write the model with its active adapter for another program:  %peft_export FORMAT PATH [--dtype D] [--quant Q] [--model VAR] [--tokenizer VAR] [--overwrite]  or  %peft_export check TARGET [FOLDER]
 
         FORMAT is ``merged`` (a plain transformers folder; --dtype float32, bfloat16 or
         float16), ``gguf`` (llama.cpp and Ollama; --quant f16 or q8_0) or ``gguf-adapter``
-        (llama.cpp's --lora). Same as ``nbpeft.export(model, PATH, format=FORMAT,
-        tokenizer=tokenizer, dtype=D, quant=Q)``; the model is not changed.
+        (llama.cpp's --lora). An existing, non-empty PATH is replaced only with --overwrite, as
+        in %peft_save. Same as ``nbpeft.export(model, PATH, format=FORMAT, tokenizer=tokenizer,
+        dtype=D, quant=Q, overwrite=...)``; the model is not changed.
 
         ``check TARGET`` (vllm, llama.cpp, ollama, peft) lists what that program would refuse
         or silently ignore in the model's adapters, or in a saved adapter FOLDER: same as
@@ -409,7 +415,7 @@ class PeftMagics(Magics):
         if words[0] == "check":
             if len(words) < 2:
                 fail(f"check for which program? one of {', '.join(TARGETS)}; usage: {USAGE['peft_export']}")
-            unused = [f"--{f}" for f in ("dtype", "quant", "tokenizer") if f in flags]
+            unused = [f"--{f}" for f in ("dtype", "quant", "tokenizer", "overwrite") if f in flags]
             if unused:
                 fail(f"{unused[0]} is for writing files, not for check; usage: {USAGE['peft_export']}")
             subject = words[2] if len(words) > 2 else self._model(flags.get("model"))
@@ -425,7 +431,8 @@ class PeftMagics(Magics):
                 fail(f"--{flag} applies to {applies} only, not {fmt}; usage: {USAGE['peft_export']}")
         options = {key: flags[key] for key in ("dtype", "quant") if key in flags}
         model = self._model(flags.get("model"))
-        print(nbpeft.export(model, path, format=fmt, tokenizer=self._tokenizer(flags), **options))
+        print(nbpeft.export(model, path, format=fmt, tokenizer=self._tokenizer(flags),
+                            overwrite=flags.get("overwrite", False), **options))
 
     @line_magic
     @usage_errors
@@ -449,7 +456,7 @@ class PeftMagics(Magics):
 
         Row I (default 0) of the data (default ``data``), tokenised as ``%%peft_train``
         would: the tokens under the loss highlighted, the masked ones dimmed, with counts.
-        ``columns={'prompt': 'question', 'response': 'answer'}`` maps other column names.
+        ``columns={'question': 'prompt', 'answer': 'response'}`` maps other column names.
         Same as ``nbpeft.show_example(data, tokenizer, I, max_length=N, columns=...)``;
         with no --tokenizer and no ``tokenizer`` variable, the model's own tokenizer.
         """

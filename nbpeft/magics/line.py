@@ -30,11 +30,12 @@ USAGE = {
     "peft_release": "%peft_release [VAR] [--model VAR]",
     "peft_compare": "%peft_compare [methods=a,b] [METHOD={'key': value}] ... [--model VAR] [--out VAR]",
     "peft_panel": "%peft_panel [VAR] [--model VAR] [--tokenizer VAR]",
-    "peft_generate": "%peft_generate --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P] [--seed N] "
-                     "[--stop TEXT] [--model VAR] [--tokenizer VAR]",
+    "peft_generate": "%peft_generate [TEXT | --prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-p P] "
+                     "[--seed N] [--stop TEXT] [--model VAR] [--tokenizer VAR]",
     "peft_compare_answers": "%peft_compare_answers [NAME ...] --prompt TEXT [--max-new-tokens N] [--temperature T] "
-                            "[--top-p P] [--seed N] [--stop TEXT] [--no-base] [--model VAR] [--tokenizer VAR] [--out VAR]",
-    "peft_export": "%peft_export FORMAT PATH [--dtype D] [--quant Q] [--model VAR] [--tokenizer VAR]"
+                            "[--top-p P] [--seed N] [--stop TEXT] [--no-base] [--model VAR] [--tokenizer VAR] [--out VAR]"
+                            " (the words are adapter NAMEs: the prompt goes after --prompt or in the cell)",
+    "peft_export": "%peft_export FORMAT PATH [--dtype D] [--quant Q] [--model VAR] [--tokenizer VAR] [--overwrite]"
                    "  or  %peft_export check TARGET [FOLDER]",
     "peft_to_lora": "%peft_to_lora [NAME] [--rank R] [--name NAME] [--model VAR]",
     "peft_export_job": "%peft_export_job DIR [--model VAR] [--data VAR] [--tokenizer VAR] [--overwrite] key=value ...",
@@ -129,6 +130,38 @@ def split_line(
             fail(f"expected key=value, got {found_words[positional]!r}; usage: {usage_line}")
         fail(f"unexpected {found_words[positional]!r}; usage: {usage_line}")
     return found_words, found, options_from_tokens(rest, parse)
+
+
+# A --flag word of a free-text line, with its =value if any; and a quoted span of prompt text, which
+# may hold flag-like words. Quotes count only at a word's edges, so "What's" opens no quote.
+_FLAG_WORD = re.compile(r"(?<!\S)--[A-Za-z][\w-]*(?:=(?:\"[^\"]*\"|'[^']*'|\S*))?(?!\S)")
+_QUOTED = re.compile(r"(?<!\S)([\"'])(?:(?!\1).)*\1(?!\S)")
+_VALUE = re.compile(r"\s*(\"[^\"]*\"|'[^']*'|\S+)")
+
+
+def split_prompt_line(line: str, magic: str) -> tuple[str | None, dict[str, Any]]:
+    """``magic``'s line as (its prompt text or None, --flags): the words that are neither flags nor a flag's value.
+
+    ``What is 2+2? --seed 1`` is the prompt ``What is 2+2?``; a prompt in quotes (``'say --hi'``)
+    is taken as it is written inside them.
+    """
+    masked = _QUOTED.sub(lambda found: "x" * len(found[0]), line)
+    flag_text, prompt, at = [], [], 0
+    for found in _FLAG_WORD.finditer(masked):
+        if found.start() < at:  # inside the value of the flag before
+            continue
+        prompt.append(line[at:found.start()])
+        end = found.end()
+        if "=" not in found[0] and found[0][2:] not in SWITCHES and (value := _VALUE.match(line, end)):
+            end = value.end()
+        flag_text.append(line[found.start():end])
+        at = end
+    prompt.append(line[at:])
+    _, flags, _ = split_line(" ".join(flag_text), magic, options=False)
+    text = " ".join(part.strip() for part in prompt if part.strip())
+    if _QUOTED.fullmatch(text):
+        text = unquote(text)
+    return text or None, flags
 
 
 def spellings(magic: str) -> dict[str, str]:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..formats.files import atomic_folder
 
 STATE_FILE = "state.pt"
 _PATTERN = re.compile(r"checkpoint-(\d+)$")
@@ -54,7 +55,6 @@ def find(resume: bool | str | Path, output_dir: str | Path | None) -> Path:
 
 def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, step: int,
          history: list[dict[str, Any]]) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
     state = {
         "step": step,
         "params": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
@@ -64,9 +64,8 @@ def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler:
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
-    tmp = path / (STATE_FILE + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path / STATE_FILE)  # a run killed while writing never leaves half a checkpoint
+    with atomic_folder(path, overwrite=True) as folder:  # a run killed while writing never leaves half a checkpoint
+        torch.save(state, folder / STATE_FILE)
     return path
 
 

@@ -30,6 +30,7 @@ from .. import core
 from ..data.batches import tokenizer_for
 from ..errors import ConfigError
 from ..formats import peft_folder as io
+from ..formats.files import atomic_folder, check_free
 from . import options as declared
 
 __all__ = ["export_job"]
@@ -151,27 +152,30 @@ def export_job(model: nn.Module, directory: str | Path, *, data: Any, tokenizer:
     except TypeError as err:
         raise ConfigError(f"export_job(): the train keywords must be plain values (numbers, text, lists): {err}") from None
     rows = _rows(data)
-    if directory.exists() and any(directory.iterdir()) and not overwrite:
-        raise ConfigError(f"export_job(): {directory} is not empty; choose another folder or pass overwrite=True")
-
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / "data.jsonl", "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    io.save_adapter(model, directory / "adapter_init", overwrite=True)
+    check_free(directory, overwrite, "export_job")
     tok = tokenizer_for(model, tokenizer, caller="export_job()")
-    if hasattr(tok, "save_pretrained"):
-        tok.save_pretrained(directory / "tokenizer")
     task = TASKS.get(io.task_type(model) or "", "causal-lm")
     load = {"num_labels": model.config.num_labels} if task in ("classification", "token-classification") else {}
     dtype = str(next(p.dtype for p in model.parameters() if p.is_floating_point())).removeprefix("torch.")
     job = {"base": base, "task": task, "dtype": dtype, "load": load, "active": list(st.active), "train": options}
-    (directory / "job.json").write_text(json.dumps(job, indent=2) + "\n")
-    (directory / "train_job.py").write_text(SCRIPT)
-    (directory / "accelerate_config.yaml").write_text(_accelerate_config(nodes, processes_per_node, address, port))
-    (directory / "launch.sh").write_text(_launch_script(nodes, processes_per_node, address, port))
-    (directory / "launch.sh").chmod(0o755)
+    with atomic_folder(directory, overwrite=overwrite) as folder:
+        _write_job(folder, model, tok, rows, job, (nodes, processes_per_node, address, port))
     return directory
+
+
+def _write_job(folder: Path, model: nn.Module, tok: Any, rows: list[Any], job: dict[str, Any],
+               launch: tuple[int, int, str, int]) -> None:
+    with open(folder / "data.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    io.save_adapter(model, folder / "adapter_init")
+    if hasattr(tok, "save_pretrained"):
+        tok.save_pretrained(folder / "tokenizer")
+    (folder / "job.json").write_text(json.dumps(job, indent=2) + "\n")
+    (folder / "train_job.py").write_text(SCRIPT)
+    (folder / "accelerate_config.yaml").write_text(_accelerate_config(*launch))
+    (folder / "launch.sh").write_text(_launch_script(*launch))
+    (folder / "launch.sh").chmod(0o755)
 
 
 def _rows(data: Any) -> list[Any]:

@@ -238,8 +238,9 @@ def train(model: nn.Module, data: Any, **options: Any) -> TrainResult:
     silent; a :class:`nbpeft.training.events.Listener` or a function ``fn(event, payload)`` gets
     the events.
 
-    ``data`` takes any form :mod:`nbpeft.data` reads; ``columns={"prompt": "question"}`` maps
-    other column names, ``packing=True`` fills rows of ``max_length`` with whole examples.
+    ``data`` takes any form :mod:`nbpeft.data` reads; ``columns={"question": "prompt"}`` (data
+    column → nbpeft's name, as ``datasets.rename_columns``; ``{"prompt": "question"}`` reads the
+    same) maps other column names, ``packing=True`` fills rows of ``max_length`` with whole examples.
     Without ``tokenizer``, the one that belongs to the model is used (``data.tokenizer_for``).
 
     ``batch_size="auto"`` trains ``effective_batch`` examples a step (default 8) in the largest

@@ -290,7 +290,7 @@ class AdaptersTab(widgets.VBox):
 
     @shows_errors("message", SPELLINGS)
     def export(self, *_: Any) -> None:
-        """``nbpeft.export(model, path, format=..., tokenizer=..., dtype=..., quant=...)``."""
+        """``nbpeft.export(model, path, format=..., tokenizer=..., dtype=..., quant=..., overwrite=overwrite)``."""
         self._hide_confirm()
         self._idle()
         self.enable()
@@ -300,7 +300,8 @@ class AdaptersTab(widgets.VBox):
         fmt = self.export_format.value
         dtype = None if self.export_dtype.value == "base" else self.export_dtype.value
         options = {"dtype": dtype} if fmt == "merged" else {"quant": self.export_quant.value} if fmt == "gguf" else {}
-        result = nbpeft.export(self.model, path, format=fmt, tokenizer=self.tokenizer, **options)
+        result = nbpeft.export(self.model, path, format=fmt, tokenizer=self.tokenizer, overwrite=self.overwrite.value,
+                               **options)
         say(self.message, repr(result))
 
     @shows_errors("message", SPELLINGS)
