@@ -109,7 +109,7 @@ def loaded_version(path: Path, versions: dict) -> str:
              and all(torch.equal(found[k], weights[k]) for k in weights)]
     assert len(match) == 1, f"{path} holds neither the old save nor the new one (adapters {names})"
     if match == ["new"]:
-        assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+        assert sorted(p.name for p in path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     return match[0]
 
 

@@ -639,7 +639,7 @@ def test_export_errors_are_one_line(llama, tmp_path, setup, message):
         assert [p.name for p in path.iterdir()] == ["notes.txt"]
         tab.overwrite.value = True  # the message's fix: the export then replaces the folder
         tab.export_button.click()
-        assert sorted(p.name for p in path.iterdir()) == ["Modelfile", "adapter.gguf"], text(tab.message)
+        assert sorted(p.name for p in path.iterdir()) == ["Modelfile", "README.md", "adapter.gguf"], text(tab.message)
 
 
 def test_check_shows_each_line_of_check_export(llama):
