@@ -371,6 +371,8 @@ class Prompt(Method):
     peft_type = "PROMPT_TUNING"
     listing_order = 50
     compare_options = {"num_virtual_tokens": 20}
+    in_reference = True
+    holds_token_rows = False  # the reference keeps trainable tokens only beside LoRA
 
     def select(self, model: nn.Module, config: PromptConfig, attached: Mapping[str, Attached]) -> list[str]:
         path = embedding_path(model, self.name)
