@@ -69,6 +69,7 @@ class IA3Layer(AdapterLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.in_features, self.out_features = targeting.linear_features(self.innermost())
+        self.fan_in_fan_out = targeting.is_conv1d(self.innermost())
         self.ia3_l = nn.ParameterDict()
         self.feedforward: dict[str, bool] = {}
         self.fixed_rows: dict[str, int] = {}  # leading output rows held at 1 (GPT-2's fused queries)
