@@ -195,7 +195,8 @@ class Method:
 
     def to_peft_config(self, config: MethodConfig, model: nn.Module, targets: list[str]) -> dict[str, Any]:
         """The method's fields of adapter_config.json (besides peft_type, task_type, ...)."""
-        return config.to_dict()
+        # modules_to_save is written from the adapter: the modules it trains in full, a classifier's head by default
+        return {k: v for k, v in config.to_dict().items() if k != "modules_to_save"}
 
     def from_peft_config(self, cfg: dict[str, Any]) -> dict[str, Any]:
         """attach() options from an adapter_config.json written by us or the reference."""
