@@ -276,6 +276,14 @@ class ExportCheck(list):
     __str__ = __repr__
 
 
+class _ForeignMethod(Method):
+    """What check_export assumes of a folder whose peft_type no registered method reads (another tool's)."""
+
+    name = ""
+    mergeable = True
+    in_reference = True  # most likely written by the reference itself
+
+
 def _folder_facts(path: Path) -> list[dict[str, Any]]:
     """Per-adapter facts read from a saved adapter folder (adapter_config.json files)."""
     from safetensors import safe_open
@@ -327,14 +335,6 @@ def check_export(model_or_path: nn.Module | str | Path, target: str) -> ExportCh
         who = f"adapter {fact['name']!r} ({fact['method']})"
         lines += [f"{target}: {who}: {problem}" for problem in _problems(target, fact)]
     return ExportCheck(target, lines)
-
-
-class _ForeignMethod(Method):
-    """What check_export assumes of a folder whose peft_type no registered method reads (another tool's)."""
-
-    name = ""
-    mergeable = True
-    in_reference = True  # most likely written by the reference itself
 
 
 def _method_line(target: str, spec: Method, method: str) -> str | None:
