@@ -8,7 +8,7 @@ before the first attach. Everything else lives in the adapter layers themselves.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +17,7 @@ from torch import nn
 
 from . import targeting
 from .errors import ConfigError
-from .layers import AdapterLayer, TrainedCopy, adapter_layers, add_adapter, base_path, set_module
+from .layers import AdapterLayer, TrainedCopy, adapter_layers, add_adapter, base_path, set_module, undo_on_error
 from .methods.base import MethodConfig, get_method
 
 __all__ = ["BASE_ROW", "ROW_HOOKS", "Adapter", "ParameterCounts", "PeftState", "TrainedCopy", "adapter_layers",
@@ -117,15 +117,10 @@ def attach(model: nn.Module, method: str, *, name: str = "default", **options: A
         raise ConfigError(f"attach(): modules_to_save={missing} not found in the model")
 
     first = not st.adapters
-    undo: list[Callable[[], None]] = []
-    try:
+    with undo_on_error() as undo:
         for path, cls, layer_config in [(p, *spec.layer_for(model, p, config)) for p in chosen] + [(p, TrainedCopy, config) for p in saved]:
             undo.append(add_adapter(model, path, cls, name, layer_config))
         spec.on_attach(model, name, config)
-    except Exception:
-        for step in reversed(undo):
-            step()
-        raise
 
     if first:
         owners = adapter_owners(model)
@@ -363,7 +358,7 @@ def row_plan(model: nn.Module, names: Sequence[str | None], fn: str) -> dict[str
                                   f"or {BASE_ROW!r} for the base model")
             rows.setdefault(name, []).append(i)
     layers = list(adapter_layers(model))
-    routable = {n: bool(held) and all(callable(getattr(type(layer), "route_rows", None)) for layer in held)
+    routable = {n: bool(held) and all(layer.routes_rows for layer in held)
                 for n in st.adapters for held in [[layer for _, layer in layers if n in layer.adapter_names]]}
     for n, adapter in st.adapters.items():
         if adapter.merged:
@@ -388,11 +383,11 @@ def end_rows(model: nn.Module) -> None:
 
 
 def _routes_rows(method: str) -> bool:
-    return callable(getattr(get_method(method).layer_class, "route_rows", None))
+    return get_method(method).layer_class.routes_rows
 
 
 def _row_layers(model: nn.Module) -> list[AdapterLayer]:
-    return [layer for _, layer in adapter_layers(model) if callable(getattr(type(layer), "route_rows", None))]
+    return [layer for _, layer in adapter_layers(model) if layer.routes_rows]
 
 
 def _rows_from_call(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:

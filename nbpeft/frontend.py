@@ -19,6 +19,7 @@ from typing import Any
 
 from .data import batches as data
 from .errors import ConfigError
+from .errors import one_line as one_line  # the front-ends show every error through it
 from .training.display import notebook_shell
 from .training.options import TrainOption
 
@@ -130,19 +131,6 @@ def parse_options(text: str, parse: Callable[[str], Any] = parse_value) -> dict[
     {'r': 8, 'targets': ['q_proj', 'v_proj'], 'rslora': True}
     """
     return options_from_tokens(tokens(text), parse)
-
-
-def one_line(err: BaseException, spellings: dict[str, str] | None = None) -> str:
-    """An exception as the one line a person reads (the type only when it adds something).
-
-    ``spellings`` rewrites the API's keyword spellings into the front-end's own, e.g.
-    ``{"name=": "--name "}`` turns "pick another name=" into "pick another --name".
-    """
-    text = str(err)
-    for keyword, spelling in (spellings or {}).items():
-        text = re.sub(rf"(?<![\w.-]){re.escape(keyword)}", lambda _, spelling=spelling: spelling, text)
-    text = " ".join(text.split()) or type(err).__name__
-    return text if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {text}"
 
 
 def _hidden_names() -> set[str]:

@@ -8,15 +8,20 @@ Layers of different methods may stack on one module, ``L1(L2(Linear))``: that is
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
 Layer = TypeVar("Layer", bound="AdapterLayer")
+
+# The label of a position the loss does not look at (prompt tokens, padding, virtual tokens),
+# as torch's cross_entropy and transformers' models read it.
+IGNORE = -100
 
 
 class AdapterLayer(nn.Module, ABC):
@@ -28,7 +33,21 @@ class AdapterLayer(nn.Module, ABC):
     also implement :meth:`merge` and :meth:`unmerge`. ``active`` names the adapters used
     in forward, ``merged`` those folded into the base weight, and ``disabled`` switches
     every adapter off (``nbpeft.disable_adapters``).
+
+    What a layer can do besides is declared below with a default that does nothing; the
+    core, export and precision code read these and nothing else.
     """
+
+    # Whether forward reads the base weight itself, not only by calling the base layer (DoRA's
+    # weight norm): such a weight must stay exact, so precision.hold_frozen_weights_in_bf16 skips it.
+    reads_base_weight: ClassVar[bool] = True
+    # Whether forward honours ``rows`` (one adapter per row of the batch, nbpeft.adapter_rows).
+    routes_rows: ClassVar[bool] = False
+    # Whether the wrapped weight is stored (in, out), as GPT-2's Conv1D: weight deltas are transposed.
+    fan_in_fan_out: bool = False
+    # While rows are routed: adapter name -> the rows of the batch that use it, and the batch's row count.
+    rows: dict[str, torch.Tensor] | None = None
+    row_count = 0
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -36,6 +55,7 @@ class AdapterLayer(nn.Module, ABC):
         self.active: tuple[str, ...] = ()
         self.merged: list[str] = []
         self.disabled = False
+        self.originals: dict[str, torch.Tensor] = {}  # CPU copies kept by keep_original, by key
 
     # Model code reads its layers' attributes (T5's feed-forward reads ``self.wo.weight.dtype``):
     # what neither this layer nor nn.Module has comes from the wrapped module, however deep.
@@ -83,19 +103,41 @@ class AdapterLayer(nn.Module, ABC):
     def unmerge(self, name: str) -> None:
         """Undo :meth:`merge`. A layer that never merges has nothing to undo."""
 
-    # W + Δ - Δ is not W in floating point: a CPU copy of the weight taken at the first
-    # merge is put back when the last merged adapter is unmerged, so detach is bit-exact.
+    def route_rows(self, rows: dict[str, torch.Tensor] | None, count: int = 0) -> None:
+        """From now on each adapter in ``rows`` updates only its rows of a ``count``-row batch (None: back to normal).
+
+        Only layers whose class sets ``routes_rows`` are routed; their forward reads ``rows``.
+        """
+        self.rows, self.row_count = rows, count
+
+    @property
+    def initial_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``(A₀, B₀)`` of each adapter whose init rewrote the base weight (PiSSA, OLoRA); none here."""
+        return {}
+
+    # W + Δ - Δ is not W in floating point: a CPU copy of each tensor a merge changes, taken before
+    # the change, is put back when the change is undone, so unmerge and detach are bit-exact.
     @torch.no_grad()
-    def keep_original_weight(self) -> None:
-        if not self.merged:
-            self._original_weight = self.base_layer.weight.detach().to("cpu", copy=True)
+    def keep_original(self, key: str, tensor: torch.Tensor) -> None:
+        """Keep a CPU copy of ``tensor`` under ``key`` unless one is kept already (the first copy is the original)."""
+        if key not in self.originals:
+            self.originals[key] = tensor.detach().to("cpu", copy=True)
 
     @torch.no_grad()
+    def restore_original(self, key: str, tensor: torch.Tensor) -> None:
+        """Write the copy kept under ``key`` back into ``tensor`` bit for bit and drop it; none kept, nothing done."""
+        original = self.originals.pop(key, None)
+        if original is not None:
+            tensor.copy_(original)
+
+    def keep_original_weight(self) -> None:
+        """Before a merge: keep the base weight as it is with nothing merged."""
+        self.keep_original("weight", self.base_layer.weight)
+
     def restore_original_weight(self) -> None:
-        original = getattr(self, "_original_weight", None)
-        if not self.merged and original is not None:
-            self.base_layer.weight.copy_(original)
-            self._original_weight = None
+        """After an unmerge: once nothing is merged any more, put the exact base weight back."""
+        if not self.merged:
+            self.restore_original("weight", self.base_layer.weight)
 
     def innermost(self) -> nn.Module:
         """The module at the bottom of the chain: the model's own module, however deep."""
@@ -160,6 +202,21 @@ def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     """Put ``module`` at ``path`` in place of what is there."""
     parent, _, leaf = path.rpartition(".")
     setattr(get_module(model, parent), leaf, module)
+
+
+@contextlib.contextmanager
+def undo_on_error() -> Iterator[list[Callable[[], None]]]:
+    """A list to append each step's undo to; if the block fails, the steps are undone, last first.
+
+    ``with undo_on_error() as undo: undo.append(add_adapter(...))`` makes an attach all or nothing.
+    """
+    undo: list[Callable[[], None]] = []
+    try:
+        yield undo
+    except BaseException:
+        for step in reversed(undo):
+            step()
+        raise
 
 
 def add_adapter(model: nn.Module, path: str, cls: type[AdapterLayer], name: str, config: Any) -> Callable[[], None]:

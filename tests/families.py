@@ -14,6 +14,7 @@ import transformers as tf
 from torch import nn
 
 import nbpeft
+from nbpeft.methods.base import get_method, registered
 
 VOCAB = 96
 BATCH, LENGTH = 2, 6
@@ -120,13 +121,20 @@ def outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 # ---------------------------------------------------------------- the compatibility matrix
 
-# Every method with its default targets; prompt and prefix with few virtual tokens to stay fast.
-METHODS: dict[str, dict] = {
-    "lora": {}, "dora": {}, "qlora": {}, "ia3": {}, "bitfit": {}, "adapter": {"config": "houlsby"},
-    "fusion": {}, "prompt": {"num_virtual_tokens": 4}, "prefix": {"num_virtual_tokens": 4},
+# Options the matrix attaches with: Houlsby's layout (two bottlenecks per block) for the adapter,
+# few virtual tokens for prompt and prefix to stay fast; every other method runs with its defaults.
+FAST_OPTIONS: dict[str, dict] = {
+    "adapter": {"config": "houlsby"}, "prompt": {"num_virtual_tokens": 4}, "prefix": {"num_virtual_tokens": 4},
 }
-# Methods whose adapter leaves the model's outputs unchanged at attach (qlora: up to its 4-bit base).
-IDENTITY_AT_ATTACH = {"lora", "dora", "ia3", "bitfit", "adapter"}
+
+
+def registered_methods() -> list[str]:
+    """Every registered method by name, in listing order."""
+    return [m.name for m in sorted(registered(), key=lambda m: (m.listing_order, m.name))]
+
+
+# Every registered method, with its default targets.
+METHODS = registered_methods()
 # What a method cannot do on a family: attach refuses with one line that contains this text.
 REFUSED: dict[tuple[str, str], str] = {
     ("vit", "prompt"): "takes no inputs_embeds",
@@ -137,9 +145,10 @@ REFUSED: dict[tuple[str, str], str] = {
 
 
 def attach_default(model: nn.Module, method: str) -> None:
-    """Attach ``method`` with its default targets; a fusion first gets two bottleneck adapters to combine."""
-    if method != "fusion":
-        nbpeft.attach(model, method, **METHODS[method])
+    """Attach ``method`` with its default targets; a method that combines trained adapters (fusion) first
+    gets two bottleneck adapters to combine."""
+    if get_method(method).needs_other_adapters is None:
+        nbpeft.attach(model, method, **FAST_OPTIONS.get(method, {}))
         return
     for name in ("a", "b"):
         nbpeft.attach(model, "adapter", name=name, config="houlsby")
@@ -149,8 +158,9 @@ def attach_default(model: nn.Module, method: str) -> None:
     nbpeft.attach(model, "fusion", name="fusion", adapters=["a", "b"])
 
 
-def check_refusal(family: str, method: str) -> str:
-    """Attach must refuse with one line naming why, leaving the model as it was; returns the message."""
+def check_refusal(family: str, method: str, why: str | None = None) -> str:
+    """Attach must refuse with one line naming why (``why``, else the text in REFUSED), leaving the model as it
+    was; returns the message."""
     from conftest import assert_same, snapshot  # here, so that benchmarks/compat.py can import this file without pytest
 
     model = tiny_model(family)
@@ -161,8 +171,8 @@ def check_refusal(family: str, method: str) -> str:
         message = str(err)
     else:
         raise AssertionError(f"{method} on {family} attached; expected a refusal")
-    assert REFUSED[(family, method)] in message and "\n" not in message, message
-    if method != "fusion":
+    assert (why or REFUSED[(family, method)]) in message and "\n" not in message, message
+    if get_method(method).needs_other_adapters is None:
         assert_same(before, snapshot(model))
     return message
 
@@ -176,7 +186,7 @@ def check_method(family: str, method: str, folder) -> None:
     base, before = outputs(model, batch), snapshot(model)
     attach_default(model, method)
     attached = outputs(model, batch)
-    if method in IDENTITY_AT_ATTACH:
+    if get_method(method).identity_at_attach:  # qlora is not: its base is already 4-bit
         torch.testing.assert_close(attached, base, rtol=0, atol=1e-6)
 
     params = nbpeft.core.trainable_parameters(model)

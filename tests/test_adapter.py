@@ -271,6 +271,20 @@ def test_lora_and_adapter_coexist_on_the_same_module(llama, tmp_path):
     assert_same(before, snapshot(llama))
 
 
+def test_check_export_of_a_saved_folder_names_the_method(llama, tmp_path):
+    nbpeft.attach(llama, "adapter")
+    nbpeft.save_adapter(llama, tmp_path)
+    for target in ("vllm", "llama.cpp", "peft"):
+        lines = nbpeft.check_export(tmp_path, target)
+        assert lines == nbpeft.check_export(llama, target) and len(lines) == 1 and "(adapter)" in lines[0]
+    assert "the reference has no adapter format" in str(nbpeft.check_export(tmp_path, "peft"))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LOHA"}))
+    lines = nbpeft.check_export(tmp_path, "vllm")  # a method of another tool: no ability known
+    assert len(lines) == 1 and "(loha): vLLM serves LoRA only" in lines[0]
+    assert nbpeft.check_export(tmp_path, "peft") == []
+
+
 def test_adapter_is_refused_on_a_module_with_a_merged_lora(llama):
     nbpeft.attach(llama, "lora", name="low", targets=["down_proj"])
     nbpeft.merge(llama, "low")

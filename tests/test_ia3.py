@@ -80,6 +80,16 @@ def test_gpt2_fused_c_attn_scales_only_keys_and_values(gpt2):
     assert not torch.allclose(logits(other), base)
 
 
+def test_to_lora_of_gpt2_conv1d_layers_keeps_the_outputs(gpt2):
+    # Conv1D stores its weight as (in, out): the layer's fan_in_fan_out turns the delta to (out, in)
+    nbpeft.attach(gpt2, "ia3", init="random")
+    randomise(gpt2)
+    adapted = logits(gpt2)
+    conversion = nbpeft.to_lora(gpt2, rank=32)  # the full rank of every 32-wide delta
+    assert conversion.relative_error < 1e-5
+    assert torch.allclose(logits(gpt2), adapted, atol=1e-4)
+
+
 @pytest.mark.parametrize("arch", TINY)
 def test_merge_unmerge_and_detach_restore_exactly(arch):
     model = TINY[arch]()

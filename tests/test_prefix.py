@@ -11,6 +11,7 @@ from torch import nn
 from transformers import DynamicCache
 
 import nbpeft
+from nbpeft.layers import IGNORE
 from nbpeft.methods.base import ConfigError
 from nbpeft.methods.prefix import PrefixKV
 
@@ -83,12 +84,12 @@ def test_padding_mask_lines_up_with_the_prefix(llama):
     nbpeft.attach(llama, "prefix", num_virtual_tokens=N, init="random")
     set_prefix(llama, file_layout(llama, LEAD))
     with torch.no_grad():
-        out = llama(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        out = llama(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, IGNORE))
     lead = LEAD.expand(2, -1)
     full_mask = torch.cat([torch.ones_like(lead), mask], dim=1)
     # the first real token has no prediction in the adapted model (the prefix has no logits)
-    full_labels = torch.cat([torch.full_like(lead, -100), ids.masked_fill(mask == 0, -100)], dim=1)
-    full_labels[:, N] = -100
+    full_labels = torch.cat([torch.full_like(lead, IGNORE), ids.masked_fill(mask == 0, IGNORE)], dim=1)
+    full_labels[:, N] = IGNORE
     full = base(llama, torch.cat([lead, ids], dim=1), attention_mask=full_mask, labels=full_labels)
     assert torch.allclose(out.logits[mask == 1], full.logits[:, N:][mask == 1], atol=1e-5)
     assert torch.allclose(out.loss, full.loss, atol=1e-5)

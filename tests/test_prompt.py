@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import nbpeft
+from nbpeft.layers import IGNORE
 from nbpeft.methods.base import ConfigError
 from nbpeft.methods.prompt import PromptEmbedding
 
@@ -69,12 +70,12 @@ def test_mask_and_labels_are_extended(llama):
     ids = tokens(length=7)
     mask = torch.ones_like(ids)
     mask[1, -2:] = 0  # right padding in the second row
-    labels = ids.masked_fill(mask == 0, -100)
+    labels = ids.masked_fill(mask == 0, IGNORE)
     nbpeft.attach(llama, "prompt", num_virtual_tokens=N)
     with torch.no_grad():
         out = llama(ids, attention_mask=mask, labels=labels)
     full_mask = torch.cat([torch.ones(2, N, dtype=mask.dtype), mask], dim=1)
-    full_labels = torch.cat([torch.full((2, N), -100), labels], dim=1)
+    full_labels = torch.cat([torch.full((2, N), IGNORE), labels], dim=1)
     ref = base_on_prompt(llama, ids, prompt_of(llama), attention_mask=full_mask, labels=full_labels)
     assert torch.allclose(out.loss, ref.loss, atol=1e-6)
     assert torch.allclose(out.logits, ref.logits, atol=1e-6)

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import nbpeft
 from nbpeft import nf4
+from nbpeft.layers import IGNORE
 from nbpeft.methods.qlora import QLoRALinear
 
 from conftest import assert_same, logits, snapshot, tiny_llama, tokens
@@ -311,7 +312,7 @@ def test_smollm2_quantised_logits_stay_close(smol):
     model, tokenizer = smol
     before = snapshot(model)
     batch = tokenizer(SMOL_TEXT, return_tensors="pt", padding=True)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE)
     mask = batch["attention_mask"].bool()
     with torch.no_grad():
         full = model(**batch, labels=labels)

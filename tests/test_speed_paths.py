@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import nbpeft
+from nbpeft.layers import IGNORE
 from nbpeft.training import compiling, lm_loss, memory
 
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
@@ -33,9 +34,9 @@ def masked_batch(vocab: int = 128) -> dict[str, torch.Tensor]:
     input_ids = torch.randint(0, vocab, (3, 10), generator=generator)
     attention_mask = torch.ones_like(input_ids)
     labels = input_ids.clone()
-    labels[0, :5] = -100
+    labels[0, :5] = IGNORE
     attention_mask[2, 7:] = 0
-    labels[2, 7:] = -100
+    labels[2, 7:] = IGNORE
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -89,7 +90,7 @@ def test_causal_lm_loss_skips_positions_without_a_label():
     model = lora_model()
     batch = masked_batch()
     only_last = batch["labels"].clone()
-    only_last[:, :-1] = -100  # one labelled token per row: three rows of logits instead of 27
+    only_last[:, :-1] = IGNORE  # one labelled token per row: three rows of logits instead of 27
     batch["labels"] = only_last
     assert lm_loss.causal_lm_loss(model, batch).item() == pytest.approx(model(**batch).loss.item(), rel=1e-6)
 

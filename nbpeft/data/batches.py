@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..layers import IGNORE
 from . import chat, sources
 
-IGNORE = -100
 KINDS = ("text", "prompt-response", "chat", "classification", "features", "tokens")
 _FIELDS = {"prompt-response": ("prompt", "response"), "chat": ("messages",), "classification": ("text", "label")}
 _FORMS = ("strings, {'prompt': ..., 'response': ...}, {'messages': [...]}, {'text': ..., 'label': ...}, "

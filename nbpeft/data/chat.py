@@ -24,8 +24,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
+from ..layers import IGNORE
 
-IGNORE = -100
 ROLES = ("system", "user", "assistant", "tool")
 
 DEFAULT_TEMPLATE = (

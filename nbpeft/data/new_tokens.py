@@ -32,15 +32,22 @@ from torch import nn
 
 from .. import core
 from ..errors import ConfigError
-from ..layers import AdapterLayer, adapter_factory, add_adapter, base_path, find_layer, get_module, innermost
+from ..layers import (
+    AdapterLayer,
+    adapter_factory,
+    add_adapter,
+    base_path,
+    find_layer,
+    get_module,
+    innermost,
+    undo_on_error,
+)
 from ..methods.base import get_method
 
 __all__ = ["NewTokens", "TokenEmbedding", "TokenHead", "add_tokens", "add_rows", "check_fits", "peft_config",
            "without_base_rows"]
 
 CONFIG_KEY = "trainable_token_indices"
-# The reference keeps trainable tokens only beside LoRA; these methods' files have no place for them.
-NO_TOKEN_ROWS = ("IA3", "PROMPT_TUNING", "PREFIX_TUNING")
 
 
 @dataclass
@@ -51,6 +58,11 @@ class TokenRows:
     tied_to: TokenEmbedding | None = None
 
 
+def _merged_rows(name: str) -> str:
+    """The key of the base rows adapter ``name`` replaced when merged, in the layer's ``originals``."""
+    return f"rows under {name}"
+
+
 class TokenLayer(AdapterLayer):
     """Per-adapter rows ``V`` for chosen token ids, used in place of the base rows."""
 
@@ -59,7 +71,6 @@ class TokenLayer(AdapterLayer):
         self.trainable_tokens_delta = nn.ParameterDict()
         self.token_ids: dict[str, list[int]] = {}
         self.tied_to: dict[str, TokenEmbedding] = {}  # a plain dict: the tied layer is not a submodule
-        self.original_rows: dict[str, torch.Tensor] = {}
 
     @property
     def adapter_names(self) -> list[str]:
@@ -83,15 +94,16 @@ class TokenLayer(AdapterLayer):
     def delete(self, name: str) -> None:
         if name in self.trainable_tokens_delta:
             del self.trainable_tokens_delta[name]
-        for table in (self.token_ids, self.tied_to, self.original_rows):
+        for table in (self.token_ids, self.tied_to):
             table.pop(name, None)
+        self.originals.pop(_merged_rows(name), None)
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         if name in self.tied_to:
             return {}  # the embedding layer owns (and saves) the tied rows
         return {"token_adapter.trainable_tokens_delta": self.trainable_tokens_delta[name]}
 
-    def rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Adapter ``name``'s token ids (a tensor on the base weight's device) and their rows ``V``."""
         source = self.tied_to.get(name, self)
         ids = torch.tensor(source.token_ids[name], dtype=torch.long, device=self.innermost().weight.device)
@@ -108,8 +120,8 @@ class TokenLayer(AdapterLayer):
             return
         if name not in self.tied_to:  # a tied head's rows are written once, through the embedding
             weight = self.innermost().weight
-            ids, values = self.rows(name)
-            self.original_rows[name] = weight[ids].detach().to("cpu", copy=True)
+            ids, values = self.token_rows(name)
+            self.keep_original(_merged_rows(name), weight[ids])
             weight.index_copy_(0, ids, values.to(weight.dtype))
         self.merged.append(name)
 
@@ -117,15 +129,15 @@ class TokenLayer(AdapterLayer):
     def unmerge(self, name: str) -> None:
         if name not in self.merged:
             return
-        original = self.original_rows.pop(name, None)
+        original = self.originals.pop(_merged_rows(name), None)
         if original is not None:
             weight = self.innermost().weight
-            ids, _ = self.rows(name)
+            ids, _ = self.token_rows(name)
             weight.index_copy_(0, ids, original.to(weight.device))
         self.merged.remove(name)
 
     def extra_repr(self) -> str:
-        return f"tokens={ {n: len(self.rows(n)[0]) for n in self.token_ids} }, active={list(self.active)}"
+        return f"tokens={ {n: len(self.token_rows(n)[0]) for n in self.token_ids} }, active={list(self.active)}"
 
 
 class TokenEmbedding(TokenLayer):
@@ -134,7 +146,7 @@ class TokenEmbedding(TokenLayer):
     def forward(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(input_ids, *args, **kwargs)
         for name in self.live():
-            ids, values = self.rows(name)
+            ids, values = self.token_rows(name)
             match = input_ids.unsqueeze(-1) == ids
             rows = F.embedding(match.int().argmax(-1), values)
             scale = getattr(self.innermost(), "embed_scale", None)  # scaled embeddings (Gemma) multiply in forward
@@ -151,7 +163,7 @@ class TokenHead(TokenLayer):
         out = self.base_layer(hidden, *args, **kwargs)
         bias = getattr(self.innermost(), "bias", None)
         for name in self.live():
-            ids, values = self.rows(name)
+            ids, values = self.token_rows(name)
             logits = F.linear(hidden.to(values.dtype), values)
             if bias is not None:
                 logits = logits + bias[ids]
@@ -233,8 +245,7 @@ def _target_adapter(model: nn.Module, name: str | None) -> str | None:
             raise ConfigError(f"add_tokens(): adapters {', '.join(st.active)} are active; pick one with name=")
         name = st.active[0]
     (name,) = core.resolve_adapter_names(model, name, "add_tokens")
-    peft_type = get_method(st.adapters[name].method).peft_type
-    if peft_type in NO_TOKEN_ROWS:
+    if not get_method(st.adapters[name].method).holds_token_rows:
         raise ConfigError(f"add_tokens(): a {st.adapters[name].method} adapter cannot hold token rows in the saved "
                           "format; attach a lora adapter and pass its name=")
     return name
@@ -292,18 +303,13 @@ def add_rows(model: nn.Module, name: str, indices: dict[str, list[int]]) -> None
     A tied output embedding follows the input embedding's rows. All or nothing.
     """
     embed_path, head_path, tied = embedding_paths(model, "add_tokens")
-    undo = []
-    try:
+    with undo_on_error() as undo:
         for path, ids in indices.items():
             cls = TokenEmbedding if path == embed_path else TokenHead
             undo.append(add_adapter(model, path, cls, name, TokenRows(list(ids))))
         if tied and head_path and embed_path in indices:
             source = find_layer(get_module(model, embed_path), TokenEmbedding)
             undo.append(add_adapter(model, head_path, TokenHead, name, TokenRows([], tied_to=source)))
-    except Exception:
-        for step in reversed(undo):
-            step()
-        raise
     st = core.state(model)
     adapter = st.adapters[name]
     core.set_adapter(model, st.active)  # the new rows take the adapter's requires_grad

@@ -15,8 +15,9 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError
+from ..layers import IGNORE
 from . import chat, sources
-from .batches import IGNORE, check_example, kind_of_example, tokenize, tokenizer_for
+from .batches import check_example, kind_of_example, tokenize, tokenizer_for
 
 TRAINED_STYLE = "background:#c8f0c8;color:#0b3d0b;border-radius:2px"
 MASKED_STYLE = "color:#9a9a9a"

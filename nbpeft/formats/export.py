@@ -25,17 +25,12 @@ from torch import nn
 from .. import core
 from ..errors import ConfigError
 from ..layers import base_path
-from ..methods.base import AdapterLayer
+from ..methods.base import AdapterLayer, Method, get_method, method_for_file, registered
 from . import card, peft_folder
 from .files import atomic_folder, check_exists, check_free, visible
 
 FORMATS = ("merged", "gguf", "gguf-adapter")
 TARGETS = ("vllm", "llama.cpp", "ollama", "peft")
-# Methods whose effect lives outside the weights: nothing to fold, the adapter folder is the export.
-_UNMERGEABLE = {"prompt", "prefix", "adapter", "fusion"}
-_LORA_FAMILY = ("lora", "qlora")
-# Methods whose effect is a weight delta that to_lora() can approximate.
-_DELTA_METHODS = ("lora", "dora", "ia3", "qlora")
 _VLLM_MAX_LORA_RANK = 16
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,7 +67,7 @@ def _state_key(model: nn.Module) -> tuple:
 def _refuse_unmergeable(model: nn.Module, names: list[str], fn: str) -> None:
     for name in names:
         method = core.state(model).adapters[name].method
-        if method in _UNMERGEABLE:
+        if not get_method(method).mergeable:
             raise ConfigError(
                 f"{fn}(): the {method} adapter {name!r} changes activations, not weights, so it cannot be folded into "
                 "a model; export its adapter folder with nbpeft.save_adapter(model, path) instead"
@@ -278,6 +273,14 @@ class ExportCheck(list):
     __str__ = __repr__
 
 
+class _ForeignMethod(Method):
+    """What check_export assumes of a folder whose peft_type no registered method reads (another tool's)."""
+
+    name = ""
+    mergeable = True
+    in_reference = True  # most likely written by the reference itself
+
+
 def _folder_facts(path: Path) -> list[dict[str, Any]]:
     """Per-adapter facts read from a saved adapter folder (adapter_config.json files)."""
     from safetensors import safe_open
@@ -293,9 +296,8 @@ def _folder_facts(path: Path) -> list[dict[str, Any]]:
         if weights.exists():
             with safe_open(str(weights), "pt") as f:
                 keys = list(f.keys())
-        peft_type = cfg.get("peft_type", "")
-        method = {"LORA": "dora" if cfg.get("use_dora") else "lora", "QLORA": "qlora", "IA3": "ia3",
-                  "PROMPT_TUNING": "prompt", "PREFIX_TUNING": "prefix"}.get(peft_type, peft_type.lower())
+        spec = method_for_file(cfg) or _ForeignMethod()
+        method = spec.name if spec.name else str(cfg.get("peft_type", "")).lower()
         saved = list(cfg.get("modules_to_save") or [])
         saved += sorted({k.split(".")[-2] for k in keys if k.endswith((".embed_tokens.weight", ".lm_head.weight"))})
         arch = None
@@ -303,7 +305,7 @@ def _folder_facts(path: Path) -> list[dict[str, Any]]:
         if base and (Path(base) / "config.json").exists():
             arch = json.loads((Path(base) / "config.json").read_text()).get("model_type")
         facts.append({"name": cfg_file.parent.name if cfg_file.parent != path else "default", "method": method,
-                      "rank": cfg.get("r"), "saved": saved, "model_type": arch})
+                      "spec": spec, "rank": cfg.get("r"), "saved": saved, "model_type": arch})
     if not facts:
         raise ConfigError(f"check_export(): {path} holds no adapter_config.json; pass the model or a folder written by save_adapter()")
     return facts
@@ -313,8 +315,9 @@ def _model_facts(model: nn.Module) -> list[dict[str, Any]]:
     st = core.state(model)
     names = _active(model, "check_export")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return [{"name": n, "method": st.adapters[n].method, "rank": getattr(st.adapters[n].config, "r", None),
-             "saved": list(st.adapters[n].saved_modules), "model_type": model_type} for n in names]
+    return [{"name": n, "method": st.adapters[n].method, "spec": get_method(st.adapters[n].method),
+             "rank": getattr(st.adapters[n].config, "r", None), "saved": list(st.adapters[n].saved_modules),
+             "model_type": model_type} for n in names]
 
 
 def check_export(model_or_path: nn.Module | str | Path, target: str) -> ExportCheck:
@@ -324,47 +327,49 @@ def check_export(model_or_path: nn.Module | str | Path, target: str) -> ExportCh
     """
     if target not in TARGETS:
         raise ConfigError(f"check_export(): target={target!r} is not known; use one of {', '.join(map(repr, TARGETS))}")
-    from . import gguf as gguf_export
-
     facts = _folder_facts(Path(model_or_path)) if isinstance(model_or_path, (str, Path)) else _model_facts(model_or_path)
     lines: list[str] = []
     for fact in facts:
-        name, method, rank, saved = fact["name"], fact["method"], fact["rank"], fact["saved"]
-        who = f"adapter {name!r} ({method})"
-        if target == "vllm":
-            if method == "dora":
-                lines.append(f"vllm: {who}: DoRA is rejected; convert it with nbpeft.to_lora(model, rank=...) or export format='merged'")
-            elif method not in _LORA_FAMILY:
-                lines.append(f"vllm: {who}: vLLM serves LoRA only; export format='merged' if the method merges, or use nbpeft.to_lora()")
-            if method in ("lora", "dora", "qlora") and rank and rank > _VLLM_MAX_LORA_RANK:
-                lines.append(f"vllm: {who}: r={rank} is above vLLM's default max_lora_rank of {_VLLM_MAX_LORA_RANK}; "
-                             f"start vLLM with --max-lora-rank {_vllm_rank(rank)} or re-attach with r<={_VLLM_MAX_LORA_RANK}")
-            if saved:
-                lines.append(f"vllm: {who}: full copies of {', '.join(saved)} (modules_to_save) are refused; "
-                             "export format='merged' instead")
-            if method == "qlora":
-                lines.append(f"vllm: {who}: the file says peft_type 'QLORA'; set it to 'LORA' in adapter_config.json "
-                             "and serve it on the full-precision base")
-        elif target in ("llama.cpp", "ollama"):
-            arch = fact["model_type"]
-            if arch is not None and arch not in gguf_export.ARCHITECTURES:
-                lines.append(f"{target}: {who}: the architecture {arch!r} is not one nbpeft writes as GGUF "
-                             f"({', '.join(gguf_export.ARCHITECTURES)}); use llama.cpp's convert_hf_to_gguf.py on a merged export")
-            if method in _UNMERGEABLE:
-                lines.append(f"{target}: {who}: has no GGUF form; save it with nbpeft.save_adapter() for the reference peft")
-            elif method not in _LORA_FAMILY:
-                lines.append(f"{target}: {who}: GGUF adapters are LoRA only; export format='gguf' (merged) "
-                             "or convert with nbpeft.to_lora()")
-            if saved:
-                lines.append(f"{target}: {who}: full copies of {', '.join(saved)} cannot go into a GGUF adapter; "
-                             "export format='gguf' (merged) instead")
-        elif target == "peft":
-            if method in ("adapter", "fusion", "bitfit"):
-                lines.append(f"peft: {who}: the reference has no {method} format; it refuses this folder's peft_type")
-            if method == "qlora":
-                lines.append(f"peft: {who}: peft_type 'QLORA' is nbpeft's own; set it to 'LORA' in adapter_config.json "
-                             "to load the LoRA on the full-precision base")
+        who = f"adapter {fact['name']!r} ({fact['method']})"
+        lines += [f"{target}: {who}: {problem}" for problem in _problems(target, fact)]
     return ExportCheck(target, lines)
+
+
+def _method_line(target: str, spec: Method, method: str) -> str | None:
+    """What ``target`` makes of the method itself: the method's own note for it, else what its abilities imply."""
+    note = spec.serving_notes.get("llama.cpp" if target == "ollama" else target)
+    if note:
+        return note
+    if target == "vllm" and not spec.plain_lora:
+        return "vLLM serves LoRA only; export format='merged' if the method merges, or use nbpeft.to_lora()"
+    if target in ("llama.cpp", "ollama") and not spec.mergeable:
+        return "has no GGUF form; save it with nbpeft.save_adapter() for the reference peft"
+    if target in ("llama.cpp", "ollama") and not spec.plain_lora:
+        return "GGUF adapters are LoRA only; export format='gguf' (merged) or convert with nbpeft.to_lora()"
+    if target == "peft" and not spec.in_reference:
+        return f"the reference has no {method} format; it refuses this folder's peft_type"
+    return None
+
+
+def _problems(target: str, fact: dict[str, Any]) -> list[str]:
+    """What ``target`` will refuse or ignore in one adapter."""
+    from . import gguf as gguf_export
+
+    spec: Method = fact["spec"]
+    rank, saved, arch = fact["rank"], fact["saved"], fact["model_type"]
+    out = []
+    if target in ("llama.cpp", "ollama") and arch is not None and arch not in gguf_export.ARCHITECTURES:
+        out.append(f"the architecture {arch!r} is not one nbpeft writes as GGUF "
+                   f"({', '.join(gguf_export.ARCHITECTURES)}); use llama.cpp's convert_hf_to_gguf.py on a merged export")
+    out.append(_method_line(target, spec, fact["method"]))
+    if target == "vllm" and spec.weight_delta and rank and rank > _VLLM_MAX_LORA_RANK:
+        out.append(f"r={rank} is above vLLM's default max_lora_rank of {_VLLM_MAX_LORA_RANK}; "
+                   f"start vLLM with --max-lora-rank {_vllm_rank(rank)} or re-attach with r<={_VLLM_MAX_LORA_RANK}")
+    if target == "vllm" and saved:
+        out.append(f"full copies of {', '.join(saved)} (modules_to_save) are refused; export format='merged' instead")
+    if target in ("llama.cpp", "ollama") and saved:
+        out.append(f"full copies of {', '.join(saved)} cannot go into a GGUF adapter; export format='gguf' (merged) instead")
+    return [line for line in out if line]
 
 
 def _vllm_rank(rank: int) -> int:
@@ -401,7 +406,7 @@ def _weight_deltas(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         original = _merged_module(layer, [])
         merged = _merged_module(layer, [name])
         weight, before = merged.weight.float(), original.weight.float()
-        if getattr(layer, "fan_in_fan_out", False):
+        if layer.fan_in_fan_out:
             weight, before = weight.T, before.T
         bias_changed = getattr(merged, "bias", None) is not None and not torch.equal(merged.bias, original.bias)
         if bias_changed:
@@ -426,8 +431,9 @@ def to_lora(model: nn.Module, rank: int = 8, name: str | None = None, source: st
     if source not in st.adapters:
         raise ConfigError(f"to_lora(): no adapter named {source!r}; attached: {', '.join(st.adapters)}")
     method = st.adapters[source].method
-    if method not in _DELTA_METHODS:
-        raise ConfigError(f"to_lora(): the {method} adapter {source!r} is not a weight delta; only {', '.join(_DELTA_METHODS)} convert")
+    if not get_method(method).weight_delta:
+        convert = ", ".join(m.name for m in registered() if m.weight_delta)
+        raise ConfigError(f"to_lora(): the {method} adapter {source!r} is not a weight delta; only {convert} convert")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ConfigError(f"to_lora(): rank={rank!r} must be a positive integer, e.g. rank=8")
     if st.adapters[source].merged:

@@ -27,6 +27,7 @@ from torch import nn
 
 from .. import core
 from ..errors import ConfigError
+from ..methods.base import get_method
 
 QUANTS = ("f16", "q8_0")
 # transformers model_type -> (llama.cpp architecture, whether q/k rows are reordered)
@@ -200,8 +201,9 @@ def check_adapter(model: nn.Module, names: list[str]) -> None:
     if len(names) != 1:
         raise ConfigError(f"export(): format='gguf-adapter' writes one adapter; make one active with nbpeft.set_adapter(model, {names[0]!r})")
     adapter = st.adapters[names[0]]
-    if adapter.method not in ("lora", "qlora"):
-        hint = "convert it with nbpeft.to_lora(model, rank=...) first" if adapter.method in ("dora", "ia3") else "save it with nbpeft.save_adapter()"
+    spec = get_method(adapter.method)
+    if not spec.plain_lora:
+        hint = "convert it with nbpeft.to_lora(model, rank=...) first" if spec.weight_delta else "save it with nbpeft.save_adapter()"
         raise ConfigError(f"export(): format='gguf-adapter' takes LoRA; the {adapter.method} adapter {adapter.name!r} cannot go there: "
                           f"export format='gguf' (merged) or {hint}")
     if adapter.saved_modules:

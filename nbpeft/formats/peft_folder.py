@@ -22,7 +22,7 @@ from ..data import new_tokens as tokens
 from ..errors import ConfigError
 from ..layers import adapter_layers
 from ..methods import lora_init
-from ..methods.base import REFERENCE_PREFIX, get_method, registered
+from ..methods.base import REFERENCE_PREFIX, get_method, method_for_file, peft_types
 from ..methods.lora import LoRALinear
 from ..models import cache_dir
 from . import card
@@ -32,10 +32,6 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 # the built-in models load from a local cache folder; adapter configs name them by hub id
 BUILTIN_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-
-
-def _method_by_peft_type() -> dict[str, str]:
-    return {m.peft_type: m.name for m in registered()}
 
 
 def task_type(model: nn.Module) -> str:
@@ -141,7 +137,7 @@ def _write(folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor
 def _initial_factors(model: nn.Module, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``(A₀, B₀)`` of adapter ``name`` by ``<prefix><module path>``, for layers whose init rewrote the base."""
     return {REFERENCE_PREFIX + path: layer.initial_factors[name] for path, layer in adapter_layers(model)
-            if name in getattr(layer, "initial_factors", {})}
+            if name in layer.initial_factors}
 
 
 def _check_plain_lora(model: nn.Module, name: str) -> None:
@@ -204,11 +200,9 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None,
 
 def _load_one(model: nn.Module, folder: Path, name: str) -> core.Adapter:
     cfg = _read_config(folder)
-    peft_type = cfg.get("peft_type")
-    by_type = _method_by_peft_type()
-    if peft_type not in by_type:
-        raise ConfigError(f"load_adapter(): {folder} holds a {peft_type} adapter; nbpeft loads {', '.join(sorted(by_type))}")
-    spec = next((m for m in registered() if m.peft_type == peft_type and m.accepts(cfg)), get_method(by_type[peft_type]))
+    spec = method_for_file(cfg)
+    if spec is None:
+        raise ConfigError(f"load_adapter(): {folder} holds a {cfg.get('peft_type')} adapter; nbpeft loads {', '.join(peft_types())}")
     weights_path = folder / WEIGHTS_FILE
     if not weights_path.exists():
         alt = "adapter_model.bin" if (folder / "adapter_model.bin").exists() else None

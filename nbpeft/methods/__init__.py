@@ -8,13 +8,13 @@ import pkgutil
 import sys
 import types
 
-from .base import get_method, methods, register
+from .base import get_method, methods, register, unregister
 
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if _info.name != "base":
         importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["get_method", "methods", "register"]
+__all__ = ["get_method", "methods", "register", "unregister"]
 
 
 class _Package(types.ModuleType):

@@ -39,7 +39,16 @@ from torch import nn
 
 from .. import architectures, targeting
 from ..errors import ConfigError
-from ..layers import AdapterLayer, TrainedCopy, adapter_factory, add_adapter, innermost, set_module, wrappers
+from ..layers import (
+    AdapterLayer,
+    TrainedCopy,
+    adapter_factory,
+    add_adapter,
+    innermost,
+    set_module,
+    undo_on_error,
+    wrappers,
+)
 from .base import Attached, Method, MethodConfig, option, register
 
 DEFAULT_REDUCTION = 16
@@ -261,6 +270,7 @@ class BottleneckAdapterMethod(Method):
     peft_type = "BOTTLENECK_ADAPTER"
     listing_order = 40
     compare_options = {"bottleneck": 64}
+    identity_at_attach = True
 
     def select(self, model: nn.Module, config: AdapterConfig, attached: Mapping[str, Attached]) -> list[str]:
         return self.places(model, config)
@@ -291,14 +301,9 @@ class BottleneckAdapterMethod(Method):
             _move_innermost(model, path)
 
     def _copy_norms(self, model: nn.Module, name: str, config: AdapterConfig) -> None:
-        undo = []
-        try:
+        with undo_on_error() as undo:
             for path in _norm_paths(model):
                 undo.append(add_adapter(model, path, TrainedCopy, name, config))
-        except Exception:
-            for step in reversed(undo):
-                step()
-            raise
 
     def notes(self, model: nn.Module, config: AdapterConfig, targets: list[str]) -> list[str]:
         modules = targeting.base_modules(model)

@@ -19,7 +19,8 @@ from ..errors import ConfigError
 from ..layers import AdapterLayer
 
 __all__ = ["REFERENCE_PREFIX", "AdapterLayer", "Attached", "ConfigError", "Method", "MethodConfig", "MethodInfo",
-           "get_method", "method_options", "methods", "option", "register", "registered"]
+           "get_method", "method_for_file", "method_options", "methods", "option", "peft_types", "register", "registered",
+           "unregister"]
 
 # Tensor keys in the published checkpoint format: this prefix, the module path, the parameter.
 REFERENCE_PREFIX = "base_model.model."
@@ -140,12 +141,36 @@ class Method:
     # Set for a method that only combines adapters already trained (nothing to count on a bare model): why.
     needs_other_adapters: ClassVar[str | None] = None
 
+    # What the method can do. Export, GGUF, new tokens and the tests read these; a method sets what differs.
+    # The model's outputs are unchanged right after attach.
+    identity_at_attach: ClassVar[bool] = False
+    # The effect is a dense change ΔW of weights: to_lora() approximates it by a LoRA (its layers hold
+    # ``fan_in_fan_out`` and merge in place).
+    weight_delta: ClassVar[bool] = False
+    # export() can fold the adapter into the base weights (a merged checkpoint or GGUF model); False for
+    # methods that change activations, not weights.
+    mergeable: ClassVar[bool] = False
+    # Saved as a plain LoRA (A and B per module): vLLM serves it and it goes into a GGUF adapter.
+    plain_lora: ClassVar[bool] = False
+    # Its folder can hold the rows of new tokens (nbpeft.add_tokens) beside the adapter.
+    holds_token_rows: ClassVar[bool] = True
+    # The reference peft loads this method's folders.
+    in_reference: ClassVar[bool] = False
+    # Where a serving target treats this method's folder its own way: target -> the line check_export prints
+    # (in place of the line it would print from the abilities above).
+    serving_notes: ClassVar[dict[str, str]] = {}
+
     def select(self, model: nn.Module, config: MethodConfig, attached: Mapping[str, Attached]) -> list[str]:
         """Module paths to adapt; ``attached`` holds the adapters already on the model, by name."""
         raise NotImplementedError
 
-    def layer_for(self, model: nn.Module, path: str, config: MethodConfig) -> tuple[type[AdapterLayer], MethodConfig]:
-        """The layer class for the module at ``path`` and the config its ``add`` receives (e.g. a per-module rank)."""
+    def layer_for(self, model: nn.Module, path: str, config: MethodConfig) -> tuple[type[AdapterLayer], Any]:
+        """The layer class for the module at ``path`` and what its ``add`` receives.
+
+        That is the config, or the method's own per-module data computed here from the model:
+        the config with this module's rank, or a record of the config and the model's sizes.
+        The adapter keeps ``config`` itself.
+        """
         return self.layer_class, config
 
     # Optional model-level hooks, for methods that act on the whole model (prompt and
@@ -170,7 +195,8 @@ class Method:
 
     def to_peft_config(self, config: MethodConfig, model: nn.Module, targets: list[str]) -> dict[str, Any]:
         """The method's fields of adapter_config.json (besides peft_type, task_type, ...)."""
-        return config.to_dict()
+        # modules_to_save is written from the adapter: the modules it trains in full, a classifier's head by default
+        return {k: v for k, v in config.to_dict().items() if k != "modules_to_save"}
 
     def from_peft_config(self, cfg: dict[str, Any]) -> dict[str, Any]:
         """attach() options from an adapter_config.json written by us or the reference."""
@@ -207,12 +233,33 @@ _REGISTRY: dict[str, Method] = {}
 
 
 def register(method: Method) -> Method:
+    """Make ``method`` known by its name to attach(), methods(), loading and the front-ends."""
     _REGISTRY[method.name] = method
     return method
 
 
+def unregister(name: str) -> Method:
+    """Forget the method registered as ``name`` (adapters of it already attached stay); returns it."""
+    get_method(name)  # an unknown name is a one-line error with a suggestion
+    return _REGISTRY.pop(name)
+
+
 def registered() -> list[Method]:
     return list(_REGISTRY.values())
+
+
+def peft_types() -> list[str]:
+    """The ``peft_type`` values of adapter_config.json that some registered method reads."""
+    return sorted({m.peft_type for m in _REGISTRY.values()})
+
+
+def method_for_file(cfg: Mapping[str, Any]) -> Method | None:
+    """The method that reads an adapter_config.json, or None: of those with its ``peft_type``, the one that accepts it.
+
+    Methods may share a ``peft_type`` (a LORA file is lora, or dora with ``use_dora``).
+    """
+    candidates = [m for m in _REGISTRY.values() if m.peft_type == cfg.get("peft_type")]
+    return next((m for m in candidates if m.accepts(dict(cfg))), candidates[0] if candidates else None)
 
 
 def get_method(name: str) -> Method:

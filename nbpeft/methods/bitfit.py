@@ -77,7 +77,6 @@ class BitFitLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.bitfit = nn.ModuleDict()
-        self._backup: dict[str, torch.Tensor] = {}
 
     @property
     def inner(self) -> nn.Module:
@@ -121,8 +120,7 @@ class BitFitLayer(AdapterLayer):
         inner = self.inner
         for pname, delta in self.bitfit[name].deltas().items():
             param = getattr(inner, pname)
-            if not self.merged:
-                self._backup[pname] = param.detach().to("cpu", copy=True)
+            self.keep_original(pname, param)
             param += delta.to(param.dtype)
         self.merged.append(name)
 
@@ -136,7 +134,7 @@ class BitFitLayer(AdapterLayer):
             param = getattr(inner, pname)
             param -= delta.to(param.dtype)
             if not self.merged:  # bit-exact: the original values come back
-                param.copy_(self._backup.pop(pname))
+                self.restore_original(pname, param)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         names = [] if self.disabled else [n for n in self.active if n in self.bitfit and n not in self.merged]
@@ -178,6 +176,8 @@ class BitFit(Method):
     layer_class = BitFitLayer
     peft_type = "BITFIT"
     listing_order = 30
+    identity_at_attach = True
+    mergeable = True  # where every adapted layer had a bias: the layer says which
 
     def select(self, model: nn.Module, config: BitFitConfig, attached: Mapping[str, Attached]) -> list[str]:
         kinds = targeting.linear_types() + _norm_types(model)

@@ -155,6 +155,8 @@ class DoRA(LoRA):
     peft_type = "LORA"
     listing_order = 11
     adapts_embeddings = False
+    plain_lora = False
+    serving_notes = {"vllm": "DoRA is rejected; convert it with nbpeft.to_lora(model, rank=...) or export format='merged'"}
 
     def accepts(self, cfg: dict[str, Any]) -> bool:
         return bool(cfg.get("use_dora"))

@@ -69,6 +69,7 @@ class IA3Layer(AdapterLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.in_features, self.out_features = targeting.linear_features(self.innermost())
+        self.fan_in_fan_out = targeting.is_conv1d(self.innermost())
         self.ia3_l = nn.ParameterDict()
         self.feedforward: dict[str, bool] = {}
         self.fixed_rows: dict[str, int] = {}  # leading output rows held at 1 (GPT-2's fused queries)
@@ -114,9 +115,9 @@ class IA3Layer(AdapterLayer):
         if isinstance(self.base_layer, AdapterLayer):
             raise NotImplementedError("ia3 wraps another adapter here; merge that one first or detach it")
         base = self.base_layer
-        if not self.merged:
-            self.keep_original_weight()
-            self._original_bias = base.bias.detach().to("cpu", copy=True) if base.bias is not None else None
+        self.keep_original_weight()
+        if base.bias is not None:
+            self.keep_original("bias", base.bias)
         vector = self.scale(name).to(base.weight.dtype)
         self._rescale(vector, self.feedforward[name])
         self.merged.append(name)
@@ -127,11 +128,9 @@ class IA3Layer(AdapterLayer):
             return
         self._rescale(1.0 / self.scale(name).to(self.base_layer.weight.dtype), self.feedforward[name])
         self.merged.remove(name)
-        if not self.merged:  # put back the exact original bias too
-            self.restore_original_weight()
-            if getattr(self, "_original_bias", None) is not None:
-                self.base_layer.bias.copy_(self._original_bias)
-            self._original_bias = None
+        self.restore_original_weight()
+        if not self.merged and self.base_layer.bias is not None:  # put back the exact original bias too
+            self.restore_original("bias", self.base_layer.bias)
 
     def _rescale(self, vector: torch.Tensor, feedforward: bool) -> None:
         base = self.base_layer
@@ -164,6 +163,9 @@ class IA3(Method):
     layer_class = IA3Layer
     peft_type = "IA3"
     listing_order = 20
+    identity_at_attach = True
+    weight_delta = mergeable = in_reference = True
+    holds_token_rows = False  # the reference keeps trainable tokens only beside LoRA
 
     def select(self, model: nn.Module, config: IA3Config, attached: Mapping[str, Attached]) -> list[str]:
         return self._resolve(model, config)[0]

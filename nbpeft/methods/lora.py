@@ -173,6 +173,7 @@ class LoRALinear(AdapterLayer):
     """``nn.Linear`` or ``Conv1D`` plus named low-rank updates: ``y = base(x) + s·B(A(drop(x)))``."""
 
     reads_base_weight = False  # forward only calls the base layer (see precision.hold_frozen_weights_in_bf16)
+    routes_rows = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -183,6 +184,7 @@ class LoRALinear(AdapterLayer):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
+        self.reweighted_by: str | None = None  # the adapter whose init rewrote the base weight
 
     @property
     def adapter_names(self) -> list[str]:
@@ -230,7 +232,7 @@ class LoRALinear(AdapterLayer):
         weight = self.dense_weight()
         if weight.is_meta:  # a shapes-only copy (nbpeft.compare): nothing to compute
             return
-        reweighted = getattr(self, "_reweighted_by", None)
+        reweighted = self.reweighted_by
         if isinstance(self.base_layer, AdapterLayer) or self.merged or reweighted:
             why = f"adapter {reweighted!r} already changed it" if reweighted else "another adapter is merged into it or wraps it"
             raise ConfigError(f"{config.method}: init={config.init!r} rewrites this layer's base weight, but {why}; "
@@ -247,7 +249,7 @@ class LoRALinear(AdapterLayer):
         A.copy_(start.A)
         B.copy_(start.B)
         self.replace_base_weight(start.base)
-        self._reweighted_by = name
+        self.reweighted_by = name
         self.initial_factors[name] = (start.A.to("cpu", copy=True), start.B.to("cpu", copy=True))
 
     def _loftq(self, weight: torch.Tensor, rank: int, scaling: float, config: LoraConfig) -> lora_init.Init:
@@ -262,14 +264,13 @@ class LoRALinear(AdapterLayer):
     def replace_base_weight(self, dense: torch.Tensor) -> None:
         """Put ``dense`` (out x in) in the base weight; a CPU copy of the original comes back on removal."""
         weight = self.base_layer.weight
-        self._weight_before_init = weight.detach().to("cpu", copy=True)
+        self.keep_original("weight before init", weight)
         weight.copy_((dense.T if self.fan_in_fan_out else dense).to(weight.dtype))
 
     @torch.no_grad()
     def restore_base_weight(self) -> None:
         """Undo :meth:`replace_base_weight` bit for bit."""
-        self.base_layer.weight.copy_(self._weight_before_init)
-        self._weight_before_init = None
+        self.restore_original("weight before init", self.base_layer.weight)
 
     @property
     def initial_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -277,9 +278,9 @@ class LoRALinear(AdapterLayer):
         return self.__dict__.setdefault("_initial_factors", {})
 
     def delete(self, name: str) -> None:
-        if getattr(self, "_reweighted_by", None) == name:
+        if self.reweighted_by == name:
             self.restore_base_weight()
-            self._reweighted_by = None
+            self.reweighted_by = None
         self.initial_factors.pop(name, None)
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
             del table[name]
@@ -307,8 +308,8 @@ class LoRALinear(AdapterLayer):
         if lora_bias is not None and getattr(self.base_layer, "bias", None) is None:
             raise NotImplementedError("its lora_bias has no base bias to go into (the layer has none)")
         if name not in self.merged:
-            if not self.merged and getattr(self.base_layer, "bias", None) is not None:
-                self._original_bias = self.base_layer.bias.detach().to("cpu", copy=True)
+            if getattr(self.base_layer, "bias", None) is not None:
+                self.keep_original("bias", self.base_layer.bias)
             self.keep_original_weight()
             self.base_layer.weight += self.delta_weight(name)
             if lora_bias is not None:
@@ -321,10 +322,8 @@ class LoRALinear(AdapterLayer):
             self.base_layer.weight -= self.delta_weight(name)
             self.merged.remove(name)
             self.restore_original_weight()
-            original_bias = getattr(self, "_original_bias", None)
-            if original_bias is not None and not self.merged:  # bit-exact, like the weight
-                self.base_layer.bias.copy_(original_bias)
-                self._original_bias = None
+            if not self.merged and getattr(self.base_layer, "bias", None) is not None:  # bit-exact, like the weight
+                self.restore_original("bias", self.base_layer.bias)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -348,14 +347,6 @@ class LoRALinear(AdapterLayer):
             h = self.lora_A[name](self.lora_dropout[name](x_in)) * self.scaling[name]
             result = result + self.lora_B[name](h).to(result.dtype)
         return result
-
-    # One adapter per row of the batch (nbpeft.adapter_rows): adapter name -> the rows that use it.
-    rows: dict[str, torch.Tensor] | None = None
-    row_count = 0
-
-    def route_rows(self, rows: dict[str, torch.Tensor] | None, count: int = 0) -> None:
-        """From now on each adapter in ``rows`` updates only its rows of a ``count``-row batch (None: back to normal)."""
-        self.rows, self.row_count = rows, count
 
     def forward_rows(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """``result`` plus, on each row, the update of that row's adapter (rows of one adapter run together)."""
@@ -491,6 +482,8 @@ class LoRA(Method):
     listing_order = 10
     compare_options = {"r": 8}
     adapts_embeddings: ClassVar[bool] = True
+    identity_at_attach = True
+    weight_delta = mergeable = plain_lora = in_reference = True
 
     def kinds(self) -> tuple[type, ...]:
         return targeting.linear_types() + ((nn.Embedding,) if self.adapts_embeddings else ())

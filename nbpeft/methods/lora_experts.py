@@ -23,6 +23,7 @@ follows that layout, as in the reference.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from torch import nn
 
 from .. import architectures, targeting
 from ..errors import ConfigError
-from ..layers import AdapterLayer, adapter_factory, add_adapter
+from ..layers import AdapterLayer, adapter_factory, add_adapter, undo_on_error
 
 # target_parameters="experts": the family's expert weights (architectures.FAMILIES, role expert_parameters)
 EXPERTS = "experts"
@@ -75,17 +76,19 @@ def resolve_parameters(model: nn.Module, wanted: str | list[str], method: str) -
             for path, names in chosen.items()}
 
 
+@dataclass(frozen=True)
+class ExpertTargets:
+    """What :meth:`ExpertLoRA.add` receives: the lora config and the module's parameters to adapt."""
+
+    config: Any
+    parameters: list[str]
+
+
 def attach_experts(model: nn.Module, name: str, config: Any) -> None:
     """Wrap every module holding a targeted parameter and add adapter ``name``; all or nothing."""
-    undo = []
-    try:
+    with undo_on_error() as undo:
         for path, names in resolve_parameters(model, config.target_parameters, "lora").items():
-            config._expert_parameters = names  # read by ExpertLoRA.add
-            undo.append(add_adapter(model, path, ExpertLoRA, name, config))
-    except Exception:
-        for step in reversed(undo):
-            step()
-        raise
+            undo.append(add_adapter(model, path, ExpertLoRA, name, ExpertTargets(config, names)))
 
 
 class ExpertLoRA(AdapterLayer):
@@ -96,7 +99,6 @@ class ExpertLoRA(AdapterLayer):
         self.lora_A = nn.ModuleDict()  # adapter -> {parameter: E·r x in}
         self.lora_B = nn.ModuleDict()  # adapter -> {parameter: out x r·E}
         self.scaling: dict[str, float] = {}
-        self._originals: dict[str, torch.Tensor] = {}  # parameter -> CPU copy, while merged
 
     @property
     def adapter_names(self) -> list[str]:
@@ -111,9 +113,10 @@ class ExpertLoRA(AdapterLayer):
         return (experts, first, second) if transposed else (experts, second, first)
 
     @torch.no_grad()
-    def add(self, name: str, config: Any) -> None:
+    def add(self, name: str, targets: ExpertTargets) -> None:
+        config = targets.config
         A, B = nn.ParameterDict(), nn.ParameterDict()
-        for pname in config._expert_parameters:
+        for pname in targets.parameters:
             experts, fan_in, fan_out = self._in_out(pname)
             factory = adapter_factory(self._param(pname))
             A[pname] = nn.Parameter(torch.empty(experts * config.r, fan_in, **factory))
@@ -152,8 +155,7 @@ class ExpertLoRA(AdapterLayer):
         if name in self.merged:
             return
         for pname in self.lora_A[name]:
-            if pname not in self._originals:
-                self._originals[pname] = self._param(pname).detach().to("cpu", copy=True)
+            self.keep_original(pname, self._param(pname))
             self._param(pname).add_(self.delta(name, pname))
         self.merged.append(name)
 
@@ -164,7 +166,7 @@ class ExpertLoRA(AdapterLayer):
         self.merged.remove(name)
         for pname in self.lora_A[name]:
             if not any(pname in self.lora_A[m] for m in self.merged):  # the last merged: put the exact copy back
-                self._param(pname).copy_(self._originals.pop(pname))
+                self.restore_original(pname, self._param(pname))
             else:
                 self._param(pname).sub_(self.delta(name, pname))
 

@@ -66,8 +66,6 @@ class PrefixConfig(MethodConfig):
         "n_tokens": "num_virtual_tokens", "num_tokens": "num_virtual_tokens", "virtual_tokens": "num_virtual_tokens",
         "prefix_projection": "projection", "encoder_hidden_size": "projection_hidden",
     }
-    # select() also sets ``_sizes`` (layers, key/value heads, head size of the model) for the layers' add()
-
     num_virtual_tokens: int = option(20, "how many trainable key/value pairs each attention layer gets")
     projection: bool = option(False, "compute the prefix through a two-layer MLP while training (saved folded)")
     projection_hidden: int = option(512, "hidden width of the projection MLP")
@@ -85,6 +83,14 @@ class PrefixConfig(MethodConfig):
             raise ConfigError(f"prefix: num_virtual_tokens={self.num_virtual_tokens} must be a positive integer, e.g. 20")
         if self.projection_hidden < 1:
             raise ConfigError(f"prefix: projection_hidden={self.projection_hidden} must be a positive integer, e.g. 512")
+
+
+@dataclass(frozen=True)
+class PrefixShape:
+    """What :meth:`PrefixKV.add` receives: the config and the model's sizes (``model_sizes``)."""
+
+    config: PrefixConfig
+    sizes: dict[str, int]
 
 
 def _checkpointing(model: nn.Module) -> bool:
@@ -109,8 +115,8 @@ class PrefixKV(AdapterLayer):
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
-    def add(self, name: str, config: PrefixConfig) -> None:
-        sizes = config._sizes  # set by PrefixTuning.select
+    def add(self, name: str, shape: PrefixShape) -> None:
+        config, sizes = shape.config, shape.sizes
         n, layers, heads, head_dim = config.num_virtual_tokens, sizes["layers"], sizes["kv_heads"], sizes["head_dim"]
         width = layers * 2 * heads * head_dim
         factory = adapter_factory(self.base_layer.weight)
@@ -254,6 +260,8 @@ class PrefixTuning(Method):
     peft_type = "PREFIX_TUNING"
     listing_order = 51
     compare_options = {"num_virtual_tokens": 20}
+    in_reference = True
+    holds_token_rows = False  # the reference keeps trainable tokens only beside LoRA
 
     def select(self, model: nn.Module, config: PrefixConfig, attached: Mapping[str, Attached]) -> list[str]:
         path = embedding_path(model, self.name)
@@ -264,8 +272,10 @@ class PrefixTuning(Method):
                               f"support it; use {instead} instead")
         if _checkpointing(model):
             raise ConfigError("prefix: gradient checkpointing is on; call model.gradient_checkpointing_disable() first")
-        config._sizes = model_sizes(model, self.name)
         return [path]
+
+    def layer_for(self, model: nn.Module, path: str, config: PrefixConfig) -> tuple[type[AdapterLayer], PrefixShape]:
+        return self.layer_class, PrefixShape(config, model_sizes(model, self.name))
 
     def on_attach(self, model: nn.Module, name: str, config: PrefixConfig) -> None:
         layer = find_wrapper(model, PrefixKV)

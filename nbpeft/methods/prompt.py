@@ -25,7 +25,7 @@ from torch import nn
 
 from .. import architectures, targeting
 from ..errors import ConfigError
-from ..layers import AdapterLayer, adapter_dtype, find_layer, innermost
+from ..layers import IGNORE, AdapterLayer, adapter_dtype, find_layer, innermost
 from .base import REFERENCE_PREFIX, Attached, Method, MethodConfig, option, register
 
 # The reference keeps a prompt adapter's saved modules (a classifier head) under "base_model."
@@ -357,7 +357,7 @@ def _prepend(model: nn.Module, prompt: torch.Tensor, kwargs: dict[str, Any]) -> 
         kwargs["position_ids"] = torch.cat([front, kwargs["position_ids"]], dim=-1)
     labels = kwargs.get("labels")
     if isinstance(labels, torch.Tensor) and labels.dim() == 2:  # token labels; a class label stays as it is
-        kwargs["labels"] = torch.cat([labels.new_full((labels.shape[0], n), -100), labels], dim=1)
+        kwargs["labels"] = torch.cat([labels.new_full((labels.shape[0], n), IGNORE), labels], dim=1)
     types = kwargs.get("token_type_ids")
     if isinstance(types, torch.Tensor) and types.dim() == 2:
         kwargs["token_type_ids"] = torch.cat([types.new_zeros(types.shape[0], n), types], dim=1)
@@ -371,6 +371,8 @@ class Prompt(Method):
     peft_type = "PROMPT_TUNING"
     listing_order = 50
     compare_options = {"num_virtual_tokens": 20}
+    in_reference = True
+    holds_token_rows = False  # the reference keeps trainable tokens only beside LoRA
 
     def select(self, model: nn.Module, config: PromptConfig, attached: Mapping[str, Attached]) -> list[str]:
         path = embedding_path(model, self.name)

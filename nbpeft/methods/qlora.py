@@ -212,6 +212,14 @@ class QLoRA(LoRA):
     layer_class = QLoRALinear
     peft_type = "QLORA"
     listing_order = 12
+    identity_at_attach = False  # the 4-bit base already differs from the original
+    in_reference = False
+    serving_notes = {
+        "vllm": "the file says peft_type 'QLORA'; set it to 'LORA' in adapter_config.json and serve it on the "
+                "full-precision base",
+        "peft": "peft_type 'QLORA' is nbpeft's own; set it to 'LORA' in adapter_config.json to load the LoRA on the "
+                "full-precision base",
+    }
 
     def kinds(self) -> tuple[type, ...]:
         return (*targeting.linear_types(), nf4.NF4Linear)  # NF4Linear: layers an earlier qlora adapter quantised

@@ -58,14 +58,13 @@ from safetensors.torch import save as tensors_to_bytes
 from torch import nn
 
 from .. import core
-from ..errors import ConfigError
+from ..errors import ConfigError, one_line
+from ..layers import IGNORE
 from . import compiling, lm_loss
 from .events import Begin, End, Listener, Note, Step, StopTraining, TrainResult
 
-__all__ = ["Channel", "Forward", "ProcessFailed", "fsdp2_available", "in_group", "one_line", "run", "trainable_state",
-           "wanted"]
+__all__ = ["Channel", "Forward", "ProcessFailed", "fsdp2_available", "in_group", "run", "trainable_state", "wanted"]
 
-IGNORE = -100
 _inside = False  # True while a worker runs the plain loop: train() must not hand off again
 POLL_S = 0.2
 # Rank 0 sends the trainable parameters after every step when they are at most this large (LoRA r=8 on
@@ -267,7 +266,7 @@ def _first_error(payload: list[Any], get: Callable[..., Any], dead: Callable[[],
     rank, kind, text = primary[0]
     if kind == "ConfigError":
         return kind, text
-    return kind, f"process {rank} (rank {rank}) failed: {kind}: {text}"
+    return kind, f"process {rank} (rank {rank}) failed: {text}"  # one_line names the type where it adds something
 
 
 def _is_peer_loss(text: str) -> bool:
@@ -342,12 +341,6 @@ def _worker(rank: int, world: int, port: int, device: str, threads: int, events:
     events.close()
     events.join_thread()
     os._exit(0)  # skip the parent's atexit handlers, inherited through fork
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception's first line, for the notebook."""
-    text = str(exc).strip()
-    return " ".join(text.splitlines()[0].split()) if text else repr(exc)
 
 
 def _die_with_parent() -> None:

@@ -112,7 +112,7 @@ def main() -> None:
     except BaseException as exc:
         if channel:
             kind = "ConfigError" if isinstance(exc, nbpeft.ConfigError) else type(exc).__name__
-            channel.put(("error", rank, kind, nbpeft.training.distributed.one_line(exc)))
+            channel.put(("error", rank, kind, nbpeft.errors.one_line(exc)))
         raise
     dist.destroy_process_group()
 

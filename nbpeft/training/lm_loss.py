@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from .. import architectures, core
+from ..layers import IGNORE
 from .attention import fast_attention
 
-IGNORE = -100
 # Config fields that change the logits after the head; a model setting any is left alone.
 LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 

@@ -209,7 +209,7 @@ def hold_frozen_weights_in_bf16(model: nn.Module, choice: Choice) -> Callable[[]
 
 def _holdable_linears(model: nn.Module) -> list[nn.Linear]:
     readers = {id(innermost(layer)) for layer in model.modules()
-               if isinstance(layer, AdapterLayer) and getattr(layer, "reads_base_weight", True)}
+               if isinstance(layer, AdapterLayer) and layer.reads_base_weight}
     owners: dict[int, list[nn.Module]] = {}
     for _, module in model.named_modules(remove_duplicate=False):
         for param in module._parameters.values():

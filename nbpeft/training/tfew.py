@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data.batches import IGNORE
 from ..errors import ConfigError
+from ..layers import IGNORE
 
 
 def _check(examples: Any) -> list[dict[str, Any]]:
