@@ -371,7 +371,7 @@ def test_overwrite_replaces_an_existing_export_whole_and_only_when_asked(lora_mo
                               "choose another path or pass overwrite=True")
     assert (tmp_path / "out" / "stale.txt").exists()
     result = export(lora_model, tmp_path / "out", format="gguf-adapter", overwrite=True)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(result.files) == ["Modelfile", "adapter.gguf"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(result.files) == ["Modelfile", "README.md", "adapter.gguf"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left beside it
 
 

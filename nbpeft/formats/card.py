@@ -177,8 +177,10 @@ def write(folder: Path, model: nn.Module, names: list[str], base: str | None, ta
     """
     folder = Path(folder)
     card = folder / CARD_FILE
-    if card.exists() and not overwrite and MARK not in card.read_text(errors="replace"):
-        return []
+    # the card at the folder's final place counts too: a save keeps it there unless told to overwrite
+    for existing in (card, Path(saved_as or folder) / CARD_FILE):
+        if existing.exists() and not overwrite and MARK not in existing.read_text(errors="replace"):
+            return []
     st = core.state(model)
     adapters = [st.adapters[n] for n in names if n in st.adapters]
     run, points = _run_of(adapters[0]) if adapters else (None, [])

@@ -147,9 +147,9 @@ def read_runs(path: Path, ids: list[str] | None = None) -> list[dict[str, Any]]:
         return []
     try:
         if ids is None:
-            rows = db.execute("SELECT * FROM runs ORDER BY started, id").fetchall()
+            rows = db.execute("SELECT * FROM runs ORDER BY started, rowid").fetchall()
         else:
-            rows = db.execute(f"SELECT * FROM runs WHERE id IN ({', '.join('?' * len(ids))}) ORDER BY started, id",
+            rows = db.execute(f"SELECT * FROM runs WHERE id IN ({', '.join('?' * len(ids))}) ORDER BY started, rowid",
                               tuple(ids)).fetchall()
         return [_decode(row) for row in rows]
     except sqlite3.Error as err:
