@@ -267,6 +267,9 @@ def test_banner_has_what_people_expect():
     text = banner_text(begin)
     assert text == ("training 1 parameter · 1 example · 1 epoch · effective batch 8 (4 × 2 accumulated) · 1 step · "
                     "cuda:0 (NVIDIA H200, 140.0 GiB) · bf16 (the GPU supports it)")
+    auto = banner_text(Begin(total_steps=1, trainable=1, device="cpu", precision="fp32", batch_size=4, grad_accum=2,
+                             batch_reason="batch_size='auto': 2.00 GB free RAM, 40 MB an example, probed in 0.1 s"))
+    assert "· batch auto: 4 × 2 accumulated = 8 (2.00 GB free RAM, 40 MB an example, probed in 0.1 s) ·" in auto
     full = banner_text(Begin(total_steps=75, trainable=22_713_602, device="cpu", precision="fp32", examples=240,
                              epochs=5.0, batch_size=16, full=True))
     assert full.startswith("full fine-tuning: all 22,713,602 parameters train · 240 examples · 5 epochs · effective batch 16")
@@ -398,9 +401,56 @@ def test_plurals():
 
 def test_progress_text():
     step = Step(step=5, total_steps=10, loss=1.23456, lr=1e-3, tokens=100, step_time_s=0.1, elapsed_s=10.0,
-                tokens_per_s=1234.0, eta_s=10.0, peak_mem_bytes=3 * 2**30, eval_loss=1.5)
+                tokens_per_s=1234.0, eta_s=10.0, peak_mem_bytes=3 * 2**30, eval_loss=1.5, grad_norm=0.9123)
     text = progress_text(step, "peak GPU mem")
-    assert text == "step 5/10 · loss 1.2346 · eval 1.5000 · 0:10 elapsed · ETA 0:10 · 1,234 tok/s · peak GPU mem 3.0 GiB"
+    assert text == ("step 5/10 · loss 1.2346 · eval 1.5000 · lr 1.0e-03 · grad 0.91 · 0:10 elapsed · ETA 0:10 · "
+                    "1,234 tok/s · peak GPU mem 3.0 GiB")
+
+
+def test_steps_carry_the_learning_rate_and_the_gradient_norm(llama):
+    nbpeft.attach(llama, "lora", r=4)
+    steps = []
+    result = nbpeft.train(llama, random_batches(), steps=4, lr=1e-2, warmup=2, schedule="constant",
+                          live=lambda kind, payload: steps.append(payload) if kind == "step" else None)
+    assert [s.lr for s in steps] == pytest.approx([5e-3, 1e-2, 1e-2, 1e-2])
+    assert all(s.grad_norm > 0 and math.isfinite(s.grad_norm) for s in steps)
+    assert [row["grad_norm"] for row in result.history] == [s.grad_norm for s in steps]
+    assert [row["lr"] for row in result.history] == [s.lr for s in steps]
+    assert f"grad {steps[-1].grad_norm:.2f}" in progress_text(steps[-1])
+
+
+def _first_step(max_grad_norm):
+    """One step from B = 0 at a constant lr: the largest change in B, and the gradient norm the step reported."""
+    model = tiny_llama()
+    nbpeft.attach(model, "lora", r=4)
+    steps = []
+    nbpeft.train(model, random_batches(), steps=1, lr=1e-2, warmup=0, schedule="constant", max_grad_norm=max_grad_norm,
+                 live=lambda kind, payload: steps.append(payload) if kind == "step" else None)
+    moved = max(p.abs().max().item() for n, p in model.named_parameters() if "lora_B" in n)
+    return moved, steps[0].grad_norm
+
+
+def test_max_grad_norm_clips_and_none_does_not():
+    free, free_norm = _first_step(None)
+    clipped, clipped_norm = _first_step(1e-12)
+    # the norm reported is the one before clipping: the same gradients either way
+    assert clipped_norm == pytest.approx(free_norm, rel=1e-5) and free_norm > 1e-6
+    # AdamW's first update is lr · g / (|g| + 1e-8): about lr unclipped, far below it once g is clipped under eps
+    assert free == pytest.approx(1e-2, rel=0.05)
+    assert clipped < 1e-4
+    loose, _ = _first_step(1e6)  # a bound the gradients never reach changes nothing
+    assert loose == free
+
+
+def test_the_loss_plot_ticks_whole_steps_only():
+    from matplotlib.figure import Figure
+
+    for total in (2, 3, 5):
+        figure = Figure()
+        axes = figure.add_subplot()
+        _curve(total, total, False).draw(axes)
+        ticks = [t for t in axes.get_xticks() if axes.get_xlim()[0] <= t <= axes.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), (total, ticks)
 
 
 # no silent full fine-tune -----------------------------------------------------------------------

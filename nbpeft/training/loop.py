@@ -1,8 +1,8 @@
 """A small training loop for adapters, with the device and precision picked for you.
 
 The loop tells listeners what happens through four typed events (``nbpeft.training.events``):
-``on_begin(Begin)``, ``on_step(Step)`` once per optimizer step (with the eval loss and
-metrics on evaluation steps), ``on_note(Note)`` (e.g. a one-off compile pause) and
+``on_begin(Begin)``, ``on_step(Step)`` once per optimizer step (its loss, learning rate and
+gradient norm before clipping; the eval loss and metrics on evaluation steps), ``on_note(Note)`` (e.g. a one-off compile pause) and
 ``on_end(End)``. The live displays in ``nbpeft.training.display`` are such listeners; the loop knows
 nothing of them.
 """
@@ -214,6 +214,8 @@ def train(model: nn.Module, data: Any, **options: Any) -> TrainResult:
     steps (a float below 1; default min(10, steps/10)), then follows ``schedule``:
     ``"constant"``, ``"linear"`` or ``"cosine"`` (both down to 10% of ``lr`` at the last
     step). ``weight_decay`` is AdamW's decoupled decay, on weight matrices only.
+    ``max_grad_norm`` scales the gradients down to that total norm (``None``: no clipping);
+    each step reports the norm before clipping (``Step.grad_norm``, the progress line, the history).
 
     ``eval_data`` is evaluated every ``eval_every`` steps (default: five times a run) and
     at the last step; ``metrics(model) -> {"name": value}`` is called at the same steps
@@ -244,7 +246,7 @@ def train(model: nn.Module, data: Any, **options: Any) -> TrainResult:
 
     ``batch_size="auto"`` trains ``effective_batch`` examples a step (default 8) in the largest
     micro-batch that fits, accumulating the rest (see ``nbpeft.training.memory``); the start banner
-    says what it chose. A step that runs out of memory is retried with half the micro-batch
+    says what it chose (e.g. ``batch auto: 4 × 2 accumulated = 8``). A step that runs out of memory is retried with half the micro-batch
     and twice the accumulation (the same step, nothing lost), said in one line.
 
     ``lr_ratio`` is LoRA+ (Hayou et al. 2024): LoRA's ``B`` matrices learn at ``lr_ratio``

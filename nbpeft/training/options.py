@@ -149,7 +149,8 @@ OPTIONS: list[TrainOption] = [
                 "optimizer", "float", lambda v: _number(v) and v > 0,
                 "a positive number (B's learning rate over A's), e.g. 16"),
     TrainOption("max_grad_norm", 1.0, "clip the gradients' total norm to this (None: no clipping)",
-                "optimizer", "float", lambda v: _number(v) and v > 0, "a positive number, or None for no clipping"),
+                "optimizer", "float", lambda v: v is None or (_number(v) and v > 0),
+                "a positive number, or None for no clipping"),
     # batch
     TrainOption("batch_size", 8, "examples a micro-batch, or auto: the largest that fits, accumulated",
                 "batch", "int-or-auto", lambda v: v == "auto" or _positive_int(v),
