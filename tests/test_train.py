@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 import nbpeft
 from nbpeft.data.batches import IGNORE, Batches, encode
+from nbpeft.training import checkpoints as checkpoint
 from nbpeft.training.display import LossCurve, NotebookDisplay, TextDisplay, banner_text, progress_text, summary_text
 from nbpeft.training.events import Begin, End, Listener, Note, Step
 from nbpeft.training.loop import StopTraining, TrainResult, lr_factor, pick_device, pick_precision
@@ -592,3 +593,67 @@ def test_resume_says_what_is_wrong(tmp_path, llama):
     nbpeft.attach(other, "lora", r=4, targets=["k_proj"])
     with pytest.raises(nbpeft.ConfigError, match="the checkpoint trained other parameters than this model's"):
         nbpeft.train(other, random_batches(), steps=4, resume=tmp_path / "checkpoint-000002", live=False)
+
+
+# whose checkpoints a folder holds ----------------------------------------------------------------
+
+def _saving(model, tmp_path, **options):
+    options = {"steps": 4, "lr": 1e-2, "save_every": 2, "output_dir": tmp_path, "live": False, **options}
+    return nbpeft.train(model, random_batches(), **options)
+
+
+def _checkpoint_names(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("checkpoint-"))
+
+
+def test_a_new_run_into_another_runs_folder_is_refused_until_overwrite(tmp_path, llama):
+    nbpeft.attach(llama, "lora", r=4)
+    _saving(llama, tmp_path, steps=6)
+    assert _checkpoint_names(tmp_path) == ["checkpoint-000002", "checkpoint-000004", "checkpoint-000006"]
+    with pytest.raises(nbpeft.ConfigError, match=r"holds checkpoints of another run \(lr=0.01, 6 steps; latest "
+                                                 r"checkpoint-000006\) than this one \(lr=0.001, 3 steps\); "
+                                                 "pass overwrite=True to replace them, or another output_dir="):
+        _saving(llama, tmp_path, steps=3, lr=1e-3, save_every=3)
+    assert len(_checkpoint_names(tmp_path)) == 3  # nothing written over
+    (tmp_path / "notes.txt").write_text("mine")
+    result = _saving(llama, tmp_path, steps=3, lr=1e-3, save_every=3, overwrite=True)
+    assert _checkpoint_names(tmp_path) == ["checkpoint-000003"] and result.checkpoint.endswith("checkpoint-000003")
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # only checkpoints are replaced
+    assert checkpoint.run_of(tmp_path / "checkpoint-000003")["options"]["lr"] == 1e-3
+    _saving(llama, tmp_path, steps=3, lr=1e-3, save_every=3)  # the same run again: its own folder is fine
+    with pytest.raises(nbpeft.ConfigError, match="resume=True continues the checkpoints in output_dir and "
+                                                 "overwrite=True replaces them"):
+        _saving(llama, tmp_path, resume=True, overwrite=True)
+
+
+def test_resume_continues_only_its_own_run(tmp_path, llama):
+    nbpeft.attach(llama, "lora", r=4)
+    _saving(llama, tmp_path, steps=4, save_every=2)
+    latest = tmp_path / "checkpoint-000004"
+    with pytest.raises(nbpeft.ConfigError) as info:
+        _saving(llama, tmp_path, steps=6, lr=2e-4, resume=True, save_every=None)
+    message = str(info.value)
+    assert message.startswith(f"train(): {latest} belongs to another run (lr=0.01) than this one (lr=0.0002); ")
+    assert f"pass resume={str(latest)!r}" in message and "\n" not in message
+    # the checkpoint named outright continues with this call's options; the same run with more steps, from the latest
+    assert _saving(llama, tmp_path, steps=6, lr=2e-4, resume=latest, save_every=None).steps == 6
+    assert _saving(llama, tmp_path, steps=6, resume=True, save_every=None).steps == 6
+
+
+def test_resume_refuses_a_run_on_other_data(tmp_path, llama):
+    nbpeft.attach(llama, "lora", r=4)
+    options = {"tokenizer": CharTokenizer(), "batch_size": 2, "output_dir": tmp_path, "live": False}
+    nbpeft.train(llama, ["the cat sat", "a dog ran"], steps=2, save_every=2, **options)
+    with pytest.raises(nbpeft.ConfigError, match=r"checkpoint-000002 belongs to another run \(data [0-9a-f]{12}\) "
+                                                 r"than this one \(data [0-9a-f]{12}\)"):
+        nbpeft.train(llama, ["the cat sat", "a dog sat"], steps=4, resume=True, **options)
+
+
+def test_the_data_fingerprint_follows_the_examples():
+    a = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}]
+    assert checkpoint.fingerprint(a) == checkpoint.fingerprint([dict(e) for e in a])
+    assert checkpoint.fingerprint(a) != checkpoint.fingerprint([{"input_ids": [1, 2, 4], "labels": [1, 2, 3]}])
+    assert checkpoint.fingerprint([{"input_ids": [12, 3]}]) != checkpoint.fingerprint([{"input_ids": [1, 23]}])
+    pixels = [{"pixel_values": torch.ones(3, 2, 2), "labels": 1}]
+    assert checkpoint.fingerprint(pixels) != checkpoint.fingerprint([{"pixel_values": torch.zeros(3, 2, 2), "labels": 1}])
+    assert checkpoint.fingerprint(None) is None

@@ -675,10 +675,13 @@ def _relaunch(model: nn.Module, data: Any, processes: int, shard: bool, options:
               listener: Callable[[], Listener]) -> Any:
     """The run as a job in fresh processes (``torchrun --standalone``), which rebuild the model from its
     path and the adapter as it is now; rank 0 reports here over a socket as a forked worker would."""
-    from . import jobs
+    from . import checkpoints, jobs
 
+    if options.get("overwrite") and options.get("save_every") is not None:  # export_job's overwrite= is its folder's
+        checkpoints.clear(options["output_dir"])
     folder = Path(tempfile.mkdtemp(prefix="nbpeft-run-"))
-    given = {k: v for k, v in options.items() if k not in ("live", "tokenizer") and (k not in jobs.NOT_EXPORTED or v)}
+    given = {k: v for k, v in options.items()
+             if k not in ("live", "tokenizer", "overwrite") and (k not in jobs.NOT_EXPORTED or v)}
     try:
         jobs.export_job(model, folder, data=data, tokenizer=options.get("tokenizer"), processes_per_node=processes,
                         overwrite=True, **given, **({"shard": True} if shard else {}))

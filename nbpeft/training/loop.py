@@ -130,6 +130,9 @@ def _check_combinations(model: nn.Module, s: Settings) -> None:
         raise ConfigError("train(): give steps= or epochs=, not both")
     if s.save_every is not None and s.output_dir is None:
         raise ConfigError("train(): save_every= needs output_dir=, the folder to write checkpoints to")
+    if s.resume is True and s.overwrite:
+        raise ConfigError("train(): resume=True continues the checkpoints in output_dir and overwrite=True replaces "
+                          "them; give one of the two")
     if s.batch_size == "auto" and distributed.wanted(s.processes, s.shard):
         raise ConfigError("train(): batch_size='auto' works in one process; with processes= give batch_size=N "
                           "(rows per process)")
@@ -224,7 +227,10 @@ def train(model: nn.Module, data: Any, **options: Any) -> TrainResult:
     ``save_every=N`` writes a checkpoint to ``output_dir/checkpoint-<step>`` every N steps
     and at the end; ``resume=True`` continues from the latest one in ``output_dir`` (or
     ``resume=path`` from that checkpoint): trained parameters, optimizer, step, history and
-    random state come back, so the losses match an uninterrupted run.
+    random state come back, so the losses match an uninterrupted run. Each checkpoint records
+    its run (the options that shape it, a fingerprint of the data, what trains): ``resume=True``
+    refuses a latest checkpoint of another run, and a run refuses to write into a folder that
+    holds another run's checkpoints unless ``overwrite=True``, which removes them first.
 
     ``loss_fn(model, batch)`` replaces the model's own loss (``model(**batch).loss``),
     e.g. for the T-Few multiple-choice losses. Without it, causal LMs get the same loss
@@ -313,6 +319,7 @@ class Run:
     eval_every: int | None
     auto_batch: bool
     saved: dict[str, Any] | None  # the checkpoint to resume from
+    identity: dict[str, Any]  # what each checkpoint records as the run it belongs to
     first: int = 0  # the step a resumed run starts after
     params: list[nn.Parameter] = field(default_factory=list)
     optimizer: Any = None
@@ -353,6 +360,10 @@ def _plan(model: nn.Module, s: Settings) -> Run:
         steps = max(1, math.ceil((s.epochs or 1) * batches.per_epoch / s.grad_accum))
     if (evals is not None or s.metrics is not None) and eval_every is None:
         eval_every = max(1, steps // 5)
+    examples = batches.examples if batches.kind != "batches" and batches.stream is None else None
+    identity = checkpoint.identity(vars(s), examples, model, s.full, steps)
+    if s.resume is True:
+        checkpoint.check_resume(resume_from, identity)
     saved = checkpoint.load(resume_from) if resume_from else None
     if saved is not None and saved["step"] >= steps:
         raise ConfigError(f"train(): the checkpoint is at step {saved['step']}, the run has {steps} steps; "
@@ -361,9 +372,13 @@ def _plan(model: nn.Module, s: Settings) -> Run:
     choice = choose(dev, s.precision)
     if s.compile and not compiling.can_compile(dev):
         raise ConfigError(f"train(): compile=True needs a C++ compiler (CPU) or Triton (CUDA) on {dev.type}; use compile=False")
+    if s.save_every is not None and s.overwrite:
+        checkpoint.clear(s.output_dir)
+    elif s.save_every is not None:
+        checkpoint.check_folder(s.output_dir, identity, resuming=saved is not None)
     return Run(model=model, settings=s, batches=batches, evals=evals, listener=_listener(s.live), dev=dev,
                choice=choice, steps=steps, warmup=warmup_steps(s.warmup, steps), eval_every=eval_every,
-               auto_batch=auto_batch, saved=saved)
+               auto_batch=auto_batch, saved=saved, identity=identity)
 
 
 def _setup(run: Run, restores: contextlib.ExitStack) -> None:
@@ -559,7 +574,7 @@ def _checkpoint(run: Run, step: int) -> None:
     s = run.settings
     if s.save_every is not None and (step % s.save_every == 0 or step == run.steps):
         path = checkpoint.save(checkpoint.folder(s.output_dir, step), run.model, run.optimizer, run.scaler, step,
-                               run.result.history)
+                               run.result.history, run.identity)
         run.result.checkpoint = str(path)
 
 

@@ -174,6 +174,8 @@ OPTIONS: list[TrainOption] = [
     TrainOption("resume", False, "continue from the latest checkpoint in output_dir (or from the one at a path)",
                 "checkpoints", "bool-or-path", lambda v: isinstance(v, (bool, str)) or hasattr(v, "__fspath__"),
                 "True, False or a checkpoint's path"),
+    TrainOption("overwrite", False, "replace the checkpoints already in output_dir (another run's are refused without it)",
+                "checkpoints", "bool", _flag, "True or False"),
     # hardware
     TrainOption("device", "auto", "auto (CUDA, then MPS, then CPU), or a device such as cpu or cuda:1",
                 "hardware", "text", lambda v: isinstance(v, str), "a device name such as 'auto', 'cpu' or 'cuda'"),
