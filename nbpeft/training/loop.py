@@ -38,17 +38,26 @@ LR_FLOOR = 0.1  # linear and cosine decay to 10% of the peak: the last steps sti
 DEFAULT_EFFECTIVE_BATCH = 8  # batch_size="auto" without effective_batch=: as many as the default batch_size
 
 
-def _checkpointing(model: nn.Module, on: bool) -> None:
-    """Turn transformers' activation (gradient) checkpointing on or off; the newer names first, the older warn."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        if on:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.activation_checkpointing_disable()
-    elif on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+def _activation_checkpointing(model: nn.Module) -> Callable[[], None]:
+    """Turn transformers' activation (gradient) checkpointing on, the newer names first; returns the undo.
+
+    Enabling it also hooks the input embeddings (so checkpointed blocks see inputs that need
+    grad), and transformers' own disable leaves that hook: the undo removes it unless it was
+    there before, or each run would leave one more.
+    """
+    had_hook = bool(getattr(model, "_require_grads_hooks", None)) or hasattr(model, "_require_grads_hook")
+    newer = hasattr(model, "activation_checkpointing_enable")
+    if newer:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
-        model.gradient_checkpointing_disable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def undo() -> None:
+        model.activation_checkpointing_disable() if newer else model.gradient_checkpointing_disable()
+        if not had_hook and hasattr(model, "disable_input_require_grads"):
+            model.disable_input_require_grads()
+
+    return undo
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -408,8 +417,7 @@ def _setup(run: Run, restores: contextlib.ExitStack) -> None:
         checkpoint.restore_rng(run.saved)
         run.saved = None  # its tensors are copied in: let them go
     if s.gradient_checkpointing:
-        _checkpointing(model, True)
-        restores.callback(_checkpointing, model, False)
+        restores.callback(_activation_checkpointing(model))
 
 
 def _begin(run: Run, restores: contextlib.ExitStack) -> None:
