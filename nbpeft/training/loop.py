@@ -261,8 +261,9 @@ def train(model: nn.Module, data: Any, **options: Any) -> TrainResult:
 
     ``batch_size="auto"`` trains ``effective_batch`` examples a step (default 8) in the largest
     micro-batch that fits, accumulating the rest (see ``nbpeft.training.memory``); the start banner
-    says what it chose (e.g. ``batch auto: 4 × 2 accumulated = 8``). A step that runs out of memory is retried with half the micro-batch
-    and twice the accumulation (the same step, nothing lost), said in one line.
+    says what it chose (e.g. ``batch auto: 4 × 2 accumulated = 8``). A step that runs out of
+    memory is retried with half the micro-batch and twice the accumulation (the same step,
+    nothing lost), said in one line.
 
     ``lr_ratio`` is LoRA+ (Hayou et al. 2024): LoRA's ``B`` matrices learn at ``lr_ratio``
     times ``lr``, ``A`` and everything else at ``lr``; the paper's choice is 16.
@@ -311,7 +312,7 @@ def train(model: nn.Module, data: Any, **options: Any) -> TrainResult:
 class Run:
     """One run as it trains: what the phases of :func:`train` read and update.
 
-    ``_plan`` fills the first fields (nothing about the model has changed yet), ``_setup`` and
+    ``_plan`` fills the first fields (the model is not touched yet), ``_setup`` and
     ``_begin`` the rest; the phases then update the micro-batch, the compiled blocks, the speed
     counters and the result.
     """
