@@ -60,6 +60,10 @@ def test_two_processes_equal_one_process_on_the_double_batch(method, options, ba
     assert got.steps == expected.steps == 4 and got.stopped is None
     torch.testing.assert_close(got.losses, expected.losses, rtol=1e-5, atol=1e-6)
     assert [r["tokens"] for r in got.history] == [r["tokens"] for r in expected.history]  # every process's tokens
+    # the gradients summed over the processes are the whole batch's: the same norm, the same learning rate
+    torch.testing.assert_close([r["grad_norm"] for r in got.history], [r["grad_norm"] for r in expected.history],
+                               rtol=1e-4, atol=1e-6)
+    assert [r["lr"] for r in got.history] == pytest.approx([r["lr"] for r in expected.history])
     assert_close(trained(two), trained(one))
     assert trained(two).keys() and any(not torch.equal(v, trained(lora_llama(method, **options))[k])
                                        for k, v in trained(two).items())  # it did train
@@ -75,7 +79,7 @@ def test_the_live_display_sees_the_run_from_rank_0():
     assert kinds[0] == "begin" and kinds.count("step") == 4 and kinds[-1] == "end"
     steps = [payload for kind, payload in seen if kind == "step"]
     assert [s.eval_loss is not None for s in steps] == [False, True, False, True]
-    assert all(s.tokens_per_s > 0 and s.loss > 0 for s in steps)
+    assert all(s.tokens_per_s > 0 and s.loss > 0 and s.lr > 0 and s.grad_norm > 0 for s in steps)
     begin = seen[0][1]
     assert "×2 processes" in begin.device and begin.effective_batch == 4
     assert seen[-1][1].result.steps == 4

@@ -190,7 +190,7 @@ def test_auto_picks_the_largest_micro_batch_that_fits_and_keeps_the_effective_ba
     assert (begin.batch_size, begin.grad_accum, begin.effective_batch) == (micro, 8 // micro, 8)
     assert (result.batch_size, result.grad_accum) == (micro, 8 // micro)
     banner = banner_text(begin)
-    assert "effective batch 8 (" in banner and "batch_size='auto': " in banner and " probed in " in banner
+    assert f"batch auto: {micro} × {8 // micro} accumulated = 8 (" in banner and " probed in " in banner
     assert "\n" not in banner
     given = run(adapted(), batch_size=micro, grad_accum=8 // micro, steps=2)
     assert result.losses == pytest.approx(given.losses, rel=1e-5)

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 import nbpeft
 from nbpeft.data.batches import IGNORE, Batches, encode
+from nbpeft.training import checkpoints as checkpoint
 from nbpeft.training.display import LossCurve, NotebookDisplay, TextDisplay, banner_text, progress_text, summary_text
 from nbpeft.training.events import Begin, End, Listener, Note, Step
 from nbpeft.training.loop import StopTraining, TrainResult, lr_factor, pick_device, pick_precision
@@ -267,6 +268,9 @@ def test_banner_has_what_people_expect():
     text = banner_text(begin)
     assert text == ("training 1 parameter · 1 example · 1 epoch · effective batch 8 (4 × 2 accumulated) · 1 step · "
                     "cuda:0 (NVIDIA H200, 140.0 GiB) · bf16 (the GPU supports it)")
+    auto = banner_text(Begin(total_steps=1, trainable=1, device="cpu", precision="fp32", batch_size=4, grad_accum=2,
+                             batch_reason="batch_size='auto': 2.00 GB free RAM, 40 MB an example, probed in 0.1 s"))
+    assert "· batch auto: 4 × 2 accumulated = 8 (2.00 GB free RAM, 40 MB an example, probed in 0.1 s) ·" in auto
     full = banner_text(Begin(total_steps=75, trainable=22_713_602, device="cpu", precision="fp32", examples=240,
                              epochs=5.0, batch_size=16, full=True))
     assert full.startswith("full fine-tuning: all 22,713,602 parameters train · 240 examples · 5 epochs · effective batch 16")
@@ -398,9 +402,56 @@ def test_plurals():
 
 def test_progress_text():
     step = Step(step=5, total_steps=10, loss=1.23456, lr=1e-3, tokens=100, step_time_s=0.1, elapsed_s=10.0,
-                tokens_per_s=1234.0, eta_s=10.0, peak_mem_bytes=3 * 2**30, eval_loss=1.5)
+                tokens_per_s=1234.0, eta_s=10.0, peak_mem_bytes=3 * 2**30, eval_loss=1.5, grad_norm=0.9123)
     text = progress_text(step, "peak GPU mem")
-    assert text == "step 5/10 · loss 1.2346 · eval 1.5000 · 0:10 elapsed · ETA 0:10 · 1,234 tok/s · peak GPU mem 3.0 GiB"
+    assert text == ("step 5/10 · loss 1.2346 · eval 1.5000 · lr 1.0e-03 · grad 0.91 · 0:10 elapsed · ETA 0:10 · "
+                    "1,234 tok/s · peak GPU mem 3.0 GiB")
+
+
+def test_steps_carry_the_learning_rate_and_the_gradient_norm(llama):
+    nbpeft.attach(llama, "lora", r=4)
+    steps = []
+    result = nbpeft.train(llama, random_batches(), steps=4, lr=1e-2, warmup=2, schedule="constant",
+                          live=lambda kind, payload: steps.append(payload) if kind == "step" else None)
+    assert [s.lr for s in steps] == pytest.approx([5e-3, 1e-2, 1e-2, 1e-2])
+    assert all(s.grad_norm > 0 and math.isfinite(s.grad_norm) for s in steps)
+    assert [row["grad_norm"] for row in result.history] == [s.grad_norm for s in steps]
+    assert [row["lr"] for row in result.history] == [s.lr for s in steps]
+    assert f"grad {steps[-1].grad_norm:.2f}" in progress_text(steps[-1])
+
+
+def _first_step(max_grad_norm):
+    """One step from B = 0 at a constant lr: the largest change in B, and the gradient norm the step reported."""
+    model = tiny_llama()
+    nbpeft.attach(model, "lora", r=4)
+    steps = []
+    nbpeft.train(model, random_batches(), steps=1, lr=1e-2, warmup=0, schedule="constant", max_grad_norm=max_grad_norm,
+                 live=lambda kind, payload: steps.append(payload) if kind == "step" else None)
+    moved = max(p.abs().max().item() for n, p in model.named_parameters() if "lora_B" in n)
+    return moved, steps[0].grad_norm
+
+
+def test_max_grad_norm_clips_and_none_does_not():
+    free, free_norm = _first_step(None)
+    clipped, clipped_norm = _first_step(1e-12)
+    # the norm reported is the one before clipping: the same gradients either way
+    assert clipped_norm == pytest.approx(free_norm, rel=1e-5) and free_norm > 1e-6
+    # AdamW's first update is lr · g / (|g| + 1e-8): about lr unclipped, far below it once g is clipped under eps
+    assert free == pytest.approx(1e-2, rel=0.05)
+    assert clipped < 1e-4
+    loose, _ = _first_step(1e6)  # a bound the gradients never reach changes nothing
+    assert loose == free
+
+
+def test_the_loss_plot_ticks_whole_steps_only():
+    from matplotlib.figure import Figure
+
+    for total in (2, 3, 5):
+        figure = Figure()
+        axes = figure.add_subplot()
+        _curve(total, total, False).draw(axes)
+        ticks = [t for t in axes.get_xticks() if axes.get_xlim()[0] <= t <= axes.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), (total, ticks)
 
 
 # no silent full fine-tune -----------------------------------------------------------------------
@@ -542,3 +593,67 @@ def test_resume_says_what_is_wrong(tmp_path, llama):
     nbpeft.attach(other, "lora", r=4, targets=["k_proj"])
     with pytest.raises(nbpeft.ConfigError, match="the checkpoint trained other parameters than this model's"):
         nbpeft.train(other, random_batches(), steps=4, resume=tmp_path / "checkpoint-000002", live=False)
+
+
+# whose checkpoints a folder holds ----------------------------------------------------------------
+
+def _saving(model, tmp_path, **options):
+    options = {"steps": 4, "lr": 1e-2, "save_every": 2, "output_dir": tmp_path, "live": False, **options}
+    return nbpeft.train(model, random_batches(), **options)
+
+
+def _checkpoint_names(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("checkpoint-"))
+
+
+def test_a_new_run_into_another_runs_folder_is_refused_until_overwrite(tmp_path, llama):
+    nbpeft.attach(llama, "lora", r=4)
+    _saving(llama, tmp_path, steps=6)
+    assert _checkpoint_names(tmp_path) == ["checkpoint-000002", "checkpoint-000004", "checkpoint-000006"]
+    with pytest.raises(nbpeft.ConfigError, match=r"holds checkpoints of another run \(lr=0.01, 6 steps; latest "
+                                                 r"checkpoint-000006\) than this one \(lr=0.001, 3 steps\); "
+                                                 "pass overwrite=True to replace them, or another output_dir="):
+        _saving(llama, tmp_path, steps=3, lr=1e-3, save_every=3)
+    assert len(_checkpoint_names(tmp_path)) == 3  # nothing written over
+    (tmp_path / "notes.txt").write_text("mine")
+    result = _saving(llama, tmp_path, steps=3, lr=1e-3, save_every=3, overwrite=True)
+    assert _checkpoint_names(tmp_path) == ["checkpoint-000003"] and result.checkpoint.endswith("checkpoint-000003")
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # only checkpoints are replaced
+    assert checkpoint.run_of(tmp_path / "checkpoint-000003")["options"]["lr"] == 1e-3
+    _saving(llama, tmp_path, steps=3, lr=1e-3, save_every=3)  # the same run again: its own folder is fine
+    with pytest.raises(nbpeft.ConfigError, match="resume=True continues the checkpoints in output_dir and "
+                                                 "overwrite=True replaces them"):
+        _saving(llama, tmp_path, resume=True, overwrite=True)
+
+
+def test_resume_continues_only_its_own_run(tmp_path, llama):
+    nbpeft.attach(llama, "lora", r=4)
+    _saving(llama, tmp_path, steps=4, save_every=2)
+    latest = tmp_path / "checkpoint-000004"
+    with pytest.raises(nbpeft.ConfigError) as info:
+        _saving(llama, tmp_path, steps=6, lr=2e-4, resume=True, save_every=None)
+    message = str(info.value)
+    assert message.startswith(f"train(): {latest} belongs to another run (lr=0.01) than this one (lr=0.0002); ")
+    assert f"pass resume={str(latest)!r}" in message and "\n" not in message
+    # the checkpoint named outright continues with this call's options; the same run with more steps, from the latest
+    assert _saving(llama, tmp_path, steps=6, lr=2e-4, resume=latest, save_every=None).steps == 6
+    assert _saving(llama, tmp_path, steps=6, resume=True, save_every=None).steps == 6
+
+
+def test_resume_refuses_a_run_on_other_data(tmp_path, llama):
+    nbpeft.attach(llama, "lora", r=4)
+    options = {"tokenizer": CharTokenizer(), "batch_size": 2, "output_dir": tmp_path, "live": False}
+    nbpeft.train(llama, ["the cat sat", "a dog ran"], steps=2, save_every=2, **options)
+    with pytest.raises(nbpeft.ConfigError, match=r"checkpoint-000002 belongs to another run \(data [0-9a-f]{12}\) "
+                                                 r"than this one \(data [0-9a-f]{12}\)"):
+        nbpeft.train(llama, ["the cat sat", "a dog sat"], steps=4, resume=True, **options)
+
+
+def test_the_data_fingerprint_follows_the_examples():
+    a = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}]
+    assert checkpoint.fingerprint(a) == checkpoint.fingerprint([dict(e) for e in a])
+    assert checkpoint.fingerprint(a) != checkpoint.fingerprint([{"input_ids": [1, 2, 4], "labels": [1, 2, 3]}])
+    assert checkpoint.fingerprint([{"input_ids": [12, 3]}]) != checkpoint.fingerprint([{"input_ids": [1, 23]}])
+    pixels = [{"pixel_values": torch.ones(3, 2, 2), "labels": 1}]
+    assert checkpoint.fingerprint(pixels) != checkpoint.fingerprint([{"pixel_values": torch.zeros(3, 2, 2), "labels": 1}])
+    assert checkpoint.fingerprint(None) is None

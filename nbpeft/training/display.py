@@ -70,11 +70,12 @@ def banner_text(begin: Begin) -> str:
     if begin.epochs is not None:
         parts.append(plural(round(begin.epochs, 2), "epoch") if begin.epochs != int(begin.epochs)
                      else plural(int(begin.epochs), "epoch"))
-    if begin.batch_size:
-        batch = f"effective batch {begin.effective_batch}"
-        how = [f"{begin.batch_size} × {begin.grad_accum} accumulated"] if begin.grad_accum > 1 else []
-        how += [begin.batch_reason] if begin.batch_reason else []
-        parts.append(batch + (f" ({'; '.join(how)})" if how else ""))
+    if begin.batch_reason:  # batch_size="auto": what it chose, and how
+        how = begin.batch_reason.removeprefix("batch_size='auto': ")
+        parts.append(f"batch auto: {begin.batch_size} × {begin.grad_accum} accumulated = {begin.effective_batch} ({how})")
+    elif begin.batch_size:
+        how = f" ({begin.batch_size} × {begin.grad_accum} accumulated)" if begin.grad_accum > 1 else ""
+        parts.append(f"effective batch {begin.effective_batch}{how}")
     else:  # ready-made batches: their size is the DataLoader's
         parts.append(f"{plural(begin.grad_accum, 'batch', 'batches')} per step")
     steps = plural(begin.total_steps, "step")
@@ -93,6 +94,9 @@ def progress_text(step: Step, memory: str = "peak mem") -> str:
     parts = [f"step {step.step}/{step.total_steps}", f"loss {step.loss:.4f}"]
     if step.eval_loss is not None:
         parts.append(f"eval {step.eval_loss:.4f}")
+    parts.append(f"lr {step.lr:.1e}")
+    if step.grad_norm is not None:
+        parts.append(f"grad {step.grad_norm:.2f}")
     parts += [f"{format_eta(step.elapsed_s)} elapsed", f"ETA {format_eta(step.eta_s)}",
               f"{step.tokens_per_s:,.0f} tok/s", f"{memory} {format_bytes(step.peak_mem_bytes)}"]
     return " · ".join(parts)
@@ -190,6 +194,8 @@ class LossCurve:
 
     def draw(self, axes: Any) -> None:
         """The loss curve on a matplotlib axes: the same picture in the notebook and the panel."""
+        from matplotlib.ticker import MaxNLocator
+
         axes.clear()
         single = len(self.steps) == 1  # one point draws no line: mark it
         axes.plot(self.steps, self.losses, marker="o" if single else None, label="train")
@@ -200,6 +206,7 @@ class LossCurve:
         # room past the last step, so its point (and marker) is never cut by the frame
         axes.set_xlim(first, self.total + max(0.5, 0.03 * (self.total - first)))
         axes.margins(y=0.08)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 0.5 ticks on a short run
         axes.set_xlabel("step")
         axes.set_ylabel("loss")
         axes.grid(alpha=0.3)

@@ -163,8 +163,9 @@ def _launch(train: Callable[..., Any], model: nn.Module, data: Any, processes: i
     events, stop = ctx.Queue(), ctx.Event()
     port = _free_port()
     threads = max(1, torch.get_num_threads() // processes) if device == "cpu" else torch.get_num_threads()
+    job = {"train": train, "model": model, "data": data, "options": options, "shard": shard}
     workers = [ctx.Process(target=_worker, name=f"nbpeft-rank-{rank}",
-                           args=(rank, processes, port, device, threads, events, stop, train, model, data, options, shard))
+                           args=(rank, processes, port, device, threads, events, stop), kwargs=job)
                for rank in range(processes)]
     try:
         for worker in workers:
@@ -311,7 +312,7 @@ def _load_state(model: nn.Module, blob: bytes) -> None:
 
 # ------------------------------------------------------------------ the worker side
 
-def _worker(rank: int, world: int, port: int, device: str, threads: int, events: Any, stop: Any,
+def _worker(rank: int, world: int, port: int, device: str, threads: int, events: Any, stop: Any, *,
             train: Callable[..., Any], model: nn.Module, data: Any, options: dict[str, Any], shard: bool) -> None:
     try:
         _die_with_parent()
@@ -447,8 +448,8 @@ def _train_rank(train: Callable[..., Any], model: nn.Module, data: Any, options:
     if isinstance(report, Forward) and every_step:
         report.state = lambda: trainable_state(model)
     sync = None if shard else _GradSync(params, world)
-    options["loss_fn"] = _RankLoss(options.get("loss_fn"), model, params, rank, world, per_rank,
-                                   options.get("grad_accum", 1), sync, shard)
+    options["loss_fn"] = _RankLoss(options.get("loss_fn"), model, params, rank=rank, world=world, per_rank=per_rank,
+                                   grad_accum=options.get("grad_accum", 1), sync=sync, shard=shard)
     options["live"] = _Ranks(report, stop, model, shard and every_step)
     _inside = True
     try:
@@ -520,7 +521,7 @@ class _RankLoss:
     loss``; averaged over the ranks, that is the gradient of the mean over the whole batch.
     """
 
-    def __init__(self, inner: Callable | None, model: nn.Module, params: list[nn.Parameter], rank: int, world: int,
+    def __init__(self, inner: Callable | None, model: nn.Module, params: list[nn.Parameter], *, rank: int, world: int,
                  per_rank: int, grad_accum: int, sync: _GradSync | None, shard: bool) -> None:
         self.inner, self.params, self.rank, self.world, self.per_rank = inner, params, rank, world, per_rank
         self.grad_accum, self.sync, self.calls = grad_accum, sync, 0
@@ -667,10 +668,13 @@ def _relaunch(model: nn.Module, data: Any, processes: int, shard: bool, options:
               listener: Callable[[], Listener]) -> Any:
     """The run as a job in fresh processes (``torchrun --standalone``), which rebuild the model from its
     path and the adapter as it is now; rank 0 reports here over a socket as a forked worker would."""
-    from . import jobs
+    from . import checkpoints, jobs
 
+    if options.get("overwrite") and options.get("save_every") is not None:  # export_job's overwrite= is its folder's
+        checkpoints.clear(options["output_dir"])
     folder = Path(tempfile.mkdtemp(prefix="nbpeft-run-"))
-    given = {k: v for k, v in options.items() if k not in ("live", "tokenizer") and (k not in jobs.not_exported() or v)}
+    given = {k: v for k, v in options.items()
+             if k not in ("live", "tokenizer", "overwrite") and (k not in jobs.not_exported() or v)}
     try:
         jobs.export_job(model, folder, data=data, tokenizer=options.get("tokenizer"), processes_per_node=processes,
                         overwrite=True, **given, **({"shard": True} if shard else {}))

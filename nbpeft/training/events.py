@@ -65,6 +65,7 @@ class Step:
     tokens_per_s: float  # averaged over the steps of this run, not this step alone
     eta_s: float
     peak_mem_bytes: int
+    grad_norm: float | None = None  # the gradients' total norm before clipping
     eval_loss: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 

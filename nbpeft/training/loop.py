@@ -1,8 +1,8 @@
 """A small training loop for adapters, with the device and precision picked for you.
 
 The loop tells listeners what happens through four typed events (``nbpeft.training.events``):
-``on_begin(Begin)``, ``on_step(Step)`` once per optimizer step (with the eval loss and
-metrics on evaluation steps), ``on_note(Note)`` (e.g. a one-off compile pause) and
+``on_begin(Begin)``, ``on_step(Step)`` once per optimizer step (its loss, learning rate and
+gradient norm before clipping; the eval loss and metrics on evaluation steps), ``on_note(Note)`` (e.g. a one-off compile pause) and
 ``on_end(End)``. The live displays in ``nbpeft.training.display`` are such listeners; the loop knows
 nothing of them.
 """
@@ -16,8 +16,8 @@ import re
 import resource
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -38,17 +38,26 @@ LR_FLOOR = 0.1  # linear and cosine decay to 10% of the peak: the last steps sti
 DEFAULT_EFFECTIVE_BATCH = 8  # batch_size="auto" without effective_batch=: as many as the default batch_size
 
 
-def _checkpointing(model: nn.Module, on: bool) -> None:
-    """Turn transformers' activation (gradient) checkpointing on or off; the newer names first, the older warn."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        if on:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.activation_checkpointing_disable()
-    elif on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+def _activation_checkpointing(model: nn.Module) -> Callable[[], None]:
+    """Turn transformers' activation (gradient) checkpointing on, the newer names first; returns the undo.
+
+    Enabling it also hooks the input embeddings (so checkpointed blocks see inputs that need
+    grad), and transformers' own disable leaves that hook: the undo removes it unless it was
+    there before, or each run would leave one more.
+    """
+    had_hook = bool(getattr(model, "_require_grads_hooks", None)) or hasattr(model, "_require_grads_hook")
+    newer = hasattr(model, "activation_checkpointing_enable")
+    if newer:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
-        model.gradient_checkpointing_disable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def undo() -> None:
+        model.activation_checkpointing_disable() if newer else model.gradient_checkpointing_disable()
+        if not had_hook and hasattr(model, "disable_input_require_grads"):
+            model.disable_input_require_grads()
+
+    return undo
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -130,6 +139,9 @@ def _check_combinations(model: nn.Module, s: Settings) -> None:
         raise ConfigError("train(): give steps= or epochs=, not both")
     if s.save_every is not None and s.output_dir is None:
         raise ConfigError("train(): save_every= needs output_dir=, the folder to write checkpoints to")
+    if s.resume is True and s.overwrite:
+        raise ConfigError("train(): resume=True continues the checkpoints in output_dir and overwrite=True replaces "
+                          "them; give one of the two")
     if s.batch_size == "auto" and distributed.wanted(s.processes, s.shard):
         raise ConfigError("train(): batch_size='auto' works in one process; with processes= give batch_size=N "
                           "(rows per process)")
@@ -214,6 +226,8 @@ def train(model: nn.Module, data: Any, **options: Any) -> TrainResult:
     steps (a float below 1; default min(10, steps/10)), then follows ``schedule``:
     ``"constant"``, ``"linear"`` or ``"cosine"`` (both down to 10% of ``lr`` at the last
     step). ``weight_decay`` is AdamW's decoupled decay, on weight matrices only.
+    ``max_grad_norm`` scales the gradients down to that total norm (``None``: no clipping);
+    each step reports the norm before clipping (``Step.grad_norm``, the progress line, the history).
 
     ``eval_data`` is evaluated every ``eval_every`` steps (default: five times a run) and
     at the last step; ``metrics(model) -> {"name": value}`` is called at the same steps
@@ -222,7 +236,10 @@ def train(model: nn.Module, data: Any, **options: Any) -> TrainResult:
     ``save_every=N`` writes a checkpoint to ``output_dir/checkpoint-<step>`` every N steps
     and at the end; ``resume=True`` continues from the latest one in ``output_dir`` (or
     ``resume=path`` from that checkpoint): trained parameters, optimizer, step, history and
-    random state come back, so the losses match an uninterrupted run.
+    random state come back, so the losses match an uninterrupted run. Each checkpoint records
+    its run (the options that shape it, a fingerprint of the data, what trains): ``resume=True``
+    refuses a latest checkpoint of another run, and a run refuses to write into a folder that
+    holds another run's checkpoints unless ``overwrite=True``, which removes them first.
 
     ``loss_fn(model, batch)`` replaces the model's own loss (``model(**batch).loss``),
     e.g. for the T-Few multiple-choice losses. Without it, causal LMs get the same loss
@@ -245,8 +262,9 @@ def train(model: nn.Module, data: Any, **options: Any) -> TrainResult:
 
     ``batch_size="auto"`` trains ``effective_batch`` examples a step (default 8) in the largest
     micro-batch that fits, accumulating the rest (see ``nbpeft.training.memory``); the start banner
-    says what it chose. A step that runs out of memory is retried with half the micro-batch
-    and twice the accumulation (the same step, nothing lost), said in one line.
+    says what it chose (e.g. ``batch auto: 4 × 2 accumulated = 8``). A step that runs out of
+    memory is retried with half the micro-batch and twice the accumulation (the same step,
+    nothing lost), said in one line.
 
     ``lr_ratio`` is LoRA+ (Hayou et al. 2024): LoRA's ``B`` matrices learn at ``lr_ratio``
     times ``lr``, ``A`` and everything else at ``lr``; the paper's choice is 16.
@@ -267,15 +285,97 @@ def train(model: nn.Module, data: Any, **options: Any) -> TrainResult:
         with extras.watching():
             return distributed.run(train, model, data, processes=s.processes, shard=s.shard, options=rest,
                                    listener=lambda: extras.around(_listener(s.live)))
+    run = _plan(model, s)
+    run.listener = extras.around(run.listener)
+    try:
+        return _train(run)
+    except BaseException as err:
+        extras.failed(err)  # the run record keeps how the run ended
+        raise
+
+
+def _train(run: Run) -> TrainResult:
+    """The run's loop, its phases in order; every change to the model undone however it ends."""
+    with contextlib.ExitStack() as restores:  # each change to the model registers its undo: all run, however it ends
+        _setup(run, restores)
+        _begin(run, restores)
+        try:
+            for step in range(run.first + 1, run.steps + 1):
+                began = time.perf_counter()
+                step_batches = _batch(run)                       # batch: this step's batches
+                event = _step(run, step, step_batches, began)    # step: forward, backward, clip, optimizer
+                _evaluate(run, event)                            # evaluate: on evaluation steps
+                _record(run, event)                              # the history row
+                _checkpoint(run, step)                           # checkpoint: every save_every steps and at the end
+                run.listener.on_step(event)                      # report
+                _compile_if_it_pays(run, step)                   # compile=None: decided after two eager steps
+        except StopTraining:  # from a listener, or a non-finite loss (which said why)
+            run.result.stopped = run.result.stopped or "stopped"
+            run.result.message = run.result.message or (f"stopped after step {run.result.steps} of {run.steps}; "
+                                                        "the adapter stays attached")
+        except KeyboardInterrupt:
+            run.optimizer.zero_grad(set_to_none=True)  # a step cut short left partial gradients
+            run.result.stopped = "interrupted"
+            run.result.message = (f"interrupted after step {run.result.steps} of {run.steps}; the model keeps the "
+                                  "adapter weights of the last completed step and is ready to use")
+    return _end(run)
+
+
+@dataclass
+class Run:
+    """One run as it trains: what the phases of :func:`train` read and update.
+
+    ``_plan`` fills the first fields (the model is not touched yet), ``_setup`` and
+    ``_begin`` the rest; the phases then update the micro-batch, the compiled blocks, the speed
+    counters and the result.
+    """
+
+    model: nn.Module
+    settings: Settings
+    batches: Batches
+    evals: Batches | None
+    listener: Listener
+    dev: torch.device
+    choice: Choice
+    steps: int  # the last step of the run
+    warmup: int
+    eval_every: int | None
+    auto_batch: bool
+    saved: dict[str, Any] | None  # the checkpoint to resume from
+    identity: dict[str, Any]  # what each checkpoint records as the run it belongs to
+    first: int = 0  # the step a resumed run starts after
+    params: list[nn.Parameter] = field(default_factory=list)
+    optimizer: Any = None
+    scaler: Any = None
+    autocast: Any = None
+    use_cache: dict[str, bool] = field(default_factory=dict)
+    stream: Iterator[dict[str, torch.Tensor]] | None = None
+    result: TrainResult = field(default_factory=TrainResult)
+    rows: int | None = None  # rows of a batch (None: a DataLoader's batches keep their own size)
+    micro: int | None = None  # rows of a micro-batch (None: whole batches)
+    compiled: list[nn.Module] = field(default_factory=list)
+    decide_compile: bool = False
+    started: float = 0.0
+    tokens: int = 0  # trained on by this run, for its speed
+    step_seconds: float = 0.0
+
+    @property
+    def accumulated(self) -> int:
+        """Micro-batches a step: grad_accum batches, each in as many micro-batches as it takes."""
+        return self.settings.grad_accum * _parts(self.rows, self.micro)
+
+
+def _plan(model: nn.Module, s: Settings) -> Run:
+    """What the run will do, every check passed before anything changes: its data, length, device and checkpoint."""
     batch_size, auto_batch = _batch_plan(s.batch_size, s.grad_accum, s.effective_batch)
-    tokenizer, max_length, seed, columns, packing = s.tokenizer, s.max_length, s.seed, s.columns, s.packing
     resume_from = checkpoint.find(s.resume, s.output_dir) if s.resume else None
-    batches = Batches(data, tokenizer, batch_size, max_length, seed, model=model, columns=columns, packing=packing)
+    batches = Batches(s.data, s.tokenizer, batch_size, s.max_length, s.seed, model=model, columns=s.columns,
+                      packing=s.packing)
     if auto_batch and (batches.kind == "batches" or batches.stream is not None):
         raise ConfigError("train(): batch_size='auto' needs examples with a length (a list or a Dataset); "
                           "a DataLoader or a stream keeps the batch size it has, so give batch_size=")
-    evals = (Batches(s.eval_data, tokenizer, batch_size, max_length, seed, model=model, columns=columns, packing=packing)
-             if s.eval_data is not None else None)
+    evals = (Batches(s.eval_data, s.tokenizer, batch_size, s.max_length, s.seed, model=model, columns=s.columns,
+                     packing=s.packing) if s.eval_data is not None else None)
     steps, eval_every = s.steps, s.eval_every
     if steps is None:
         if batches.per_epoch is None:
@@ -283,188 +383,170 @@ def train(model: nn.Module, data: Any, **options: Any) -> TrainResult:
         steps = max(1, math.ceil((s.epochs or 1) * batches.per_epoch / s.grad_accum))
     if (evals is not None or s.metrics is not None) and eval_every is None:
         eval_every = max(1, steps // 5)
+    examples = batches.examples if batches.kind != "batches" and batches.stream is None else None
+    identity = checkpoint.identity(vars(s), examples, model, s.full, steps)
+    if s.resume is True:
+        checkpoint.check_resume(resume_from, identity)
     saved = checkpoint.load(resume_from) if resume_from else None
     if saved is not None and saved["step"] >= steps:
         raise ConfigError(f"train(): the checkpoint is at step {saved['step']}, the run has {steps} steps; "
                           "raise steps= to train further")
     dev = pick_device(s.device)
-    prec = choose(dev, s.precision)
+    choice = choose(dev, s.precision)
     if s.compile and not compiling.can_compile(dev):
         raise ConfigError(f"train(): compile=True needs a C++ compiler (CPU) or Triton (CUDA) on {dev.type}; use compile=False")
-    listener = extras.around(_listener(s.live))
-    full = s.full
-    flags = {p: p.requires_grad for p in model.parameters()} if full else {}
-    if full:
+    if s.save_every is not None and s.overwrite:
+        checkpoint.clear(s.output_dir)
+    elif s.save_every is not None:
+        checkpoint.check_folder(s.output_dir, identity, resuming=saved is not None)
+    return Run(model=model, settings=s, batches=batches, evals=evals, listener=_listener(s.live), dev=dev,
+               choice=choice, steps=steps, warmup=warmup_steps(s.warmup, steps), eval_every=eval_every,
+               auto_batch=auto_batch, saved=saved, identity=identity)
+
+
+def _setup(run: Run, restores: contextlib.ExitStack) -> None:
+    """The model on its device, the optimizer, the data stream; a resumed run's state from its checkpoint."""
+    model, s = run.model, run.settings
+    if s.full:  # every parameter trains for the run, then is frozen again, as the rest of the API expects
+        flags = {param: param.requires_grad for param in model.parameters()}
         model.requires_grad_(True)
-    try:
-        return _run(model, batches, evals, listener, dev, prec, steps, s.lr, s.grad_accum, eval_every, s.metrics,
-                    s.schedule, warmup_steps(s.warmup, steps), s.weight_decay, s.save_every, s.output_dir, saved, full,
-                    s.gradient_checkpointing, seed, s.loss_fn, s.compile, auto_batch, lr_ratio=s.lr_ratio,
-                    max_grad_norm=s.max_grad_norm)
-    except BaseException as err:
-        extras.failed(err)  # the run record keeps how the run ended
-        raise
-    finally:
-        for param, flag in flags.items():  # full=True: frozen again, as the rest of the API expects
-            param.requires_grad = flag
+        restores.callback(_set_requires_grad, flags)
+    run.params = core.trainable_parameters(model)
+    torch.manual_seed(s.seed)
+    model.to(run.dev)
+    run.use_cache = {"use_cache": False} if _accepts(model, "use_cache") else {}
+    run.autocast = run.choice.autocast(run.dev) if run.choice.autocast_dtype is not None else contextlib.nullcontext()
+    run.scaler = torch.amp.GradScaler(run.dev.type) if run.choice.needs_scaler else None
+    run.optimizer = torch.optim.AdamW(_param_groups(run.params, s.weight_decay, lora_b_parameters(model), s.lr_ratio),
+                                      lr=s.lr, **({"fused": True} if run.dev.type == "cuda" else {}))
+    run.stream = iter(run.batches)
+    run.result = TrainResult(device=str(run.dev), precision=run.choice.name, total_steps=run.steps,
+                             trainable=sum(p.numel() for p in run.params), full=s.full)
+    if run.saved is not None:
+        checkpoint.restore(run.saved, model, run.optimizer, run.scaler)
+        run.first = run.saved["step"]
+        run.result.history = list(run.saved["history"])
+        for _ in range(run.first * s.grad_accum):  # the data stream where the checkpoint left it
+            next(run.stream)
+        checkpoint.restore_rng(run.saved)
+        run.saved = None  # its tensors are copied in: let them go
+    if s.gradient_checkpointing:
+        restores.callback(_activation_checkpointing(model))
 
 
-def _run(model: nn.Module, batches: Batches, evals: Batches | None, listener: Listener, dev: torch.device, choice: Choice,
-         steps: int, lr: float, grad_accum: int, eval_every: int | None, metrics: Callable | None, schedule: str,
-         warmup: int, weight_decay: float, save_every: int | None, output_dir: Any, saved: dict | None, full: bool,
-         gradient_checkpointing: bool, seed: int, loss_fn: Callable | None, compile: bool | None,
-         auto_batch: bool = False, lr_ratio: float = 1.0, max_grad_norm: float | None = 1.0) -> TrainResult:
-    prec = choice.name
-    params = core.trainable_parameters(model)
-    torch.manual_seed(seed)
-    model.to(dev)
-    use_cache = {"use_cache": False} if _accepts(model, "use_cache") else {}
-    autocast = choice.autocast(dev) if choice.autocast_dtype is not None else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(dev.type) if choice.needs_scaler else None
-    optimizer = torch.optim.AdamW(_param_groups(params, weight_decay, lora_b_parameters(model), lr_ratio), lr=lr,
-                                  **({"fused": True} if dev.type == "cuda" else {}))
-    stream = iter(batches)
-    first = 0
-    result = TrainResult(device=str(dev), precision=prec, total_steps=steps,
-                         trainable=sum(p.numel() for p in params), full=full)
-    if saved is not None:
-        checkpoint.restore(saved, model, optimizer, scaler)
-        first = saved["step"]
-        result.history = list(saved["history"])
-        for _ in range(first * grad_accum):  # the data stream where the checkpoint left it
-            next(stream)
-        checkpoint.restore_rng(saved)
-    if gradient_checkpointing:
-        _checkpointing(model, True)
-    rows = batches.batch_size if batches.kind != "batches" else None  # a DataLoader's batches: their own size
-    micro, batch_reason = rows, ""
-    if auto_batch:
-        micro, batch_reason = memory.fit_micro_batch(
-            model, batches, rows, dev, params,
-            lambda batch: loss_fn(model, batch) if loss_fn else lm_loss.model_loss(model, batch, use_cache), autocast)
-        if evals is not None:  # evaluation batches no larger than the training micro-batch
-            evals.batch_size = min(evals.batch_size, micro)
-    decide_compile = compile is None and not gradient_checkpointing and compiling.can_compile(dev)
-    compiled = compiling.compile_blocks(model) if compile else []
+def _begin(run: Run, restores: contextlib.ExitStack) -> None:
+    """The micro-batch (batch_size="auto"), compiling, the Begin event, then the model in training form."""
+    model, s, dev = run.model, run.settings, run.dev
+    run.rows = run.batches.batch_size if run.batches.kind != "batches" else None
+    run.micro, batch_reason = run.rows, ""
+    if run.auto_batch:
+        run.micro, batch_reason = memory.fit_micro_batch(model, run.batches, run.rows, dev, run.params,
+                                                         lambda batch: _loss(run, batch), run.autocast)
+        if run.evals is not None:  # evaluation batches no larger than the training micro-batch
+            run.evals.batch_size = min(run.evals.batch_size, run.micro)
+    run.decide_compile = s.compile is None and not s.gradient_checkpointing and compiling.can_compile(dev)
+    run.compiled = compiling.compile_blocks(model) if s.compile else []
+    restores.callback(lambda: compiling.uncompile_blocks(run.compiled))  # read at the end: blocks compiled later too
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-
     device_name, device_memory = _device_info(dev)
-    listener.on_begin(Begin(
-        total_steps=steps, trainable=result.trainable, device=str(dev), precision=prec,
+    batches = run.batches
+    run.listener.on_begin(Begin(
+        total_steps=run.steps, trainable=run.result.trainable, device=str(dev), precision=run.choice.name,
         examples=len(batches.examples) if batches.kind != "batches" else None,
-        epochs=steps * grad_accum / batches.per_epoch if batches.per_epoch else None,
-        batch_size=micro or 0, grad_accum=grad_accum * _parts(rows, micro), full=full, device_name=device_name,
-        device_memory=device_memory, precision_reason=choice.reason, schedule=schedule, warmup_steps=warmup, lr=lr,
-        has_eval=evals is not None, start_step=first, batch_reason=batch_reason,
+        epochs=run.steps * s.grad_accum / batches.per_epoch if batches.per_epoch else None,
+        batch_size=run.micro or 0, grad_accum=run.accumulated, full=s.full, device_name=device_name,
+        device_memory=device_memory, precision_reason=run.choice.reason, schedule=s.schedule,
+        warmup_steps=run.warmup, lr=s.lr, has_eval=run.evals is not None, start_step=run.first,
+        batch_reason=batch_reason,
     ))
     for note in batches.notes:
-        listener.on_note(Note(note))
-    start = time.perf_counter()
-    run_tokens, run_step_time = 0, 0.0
+        run.listener.on_note(Note(note))
+    run.started = time.perf_counter()
     model.train()
-    restore_allocator = memory.steady_allocator(dev)
-    restore_weights = precision.hold_frozen_weights_in_bf16(model, choice)
-    forget_head_casts = lm_loss.frozen_head_casts()
-    try:
-        for step in range(first + 1, steps + 1):
-            t0 = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0) * lr_factor(step, steps, warmup, schedule)
-            step_batches = [next(stream) for _ in range(grad_accum)]
-            while True:  # a step that runs out of memory is done again in micro-batches half the size
-                ran_out = None
-                try:
-                    loss_sum, tokens = _accumulate(model, step_batches, micro, dev, autocast, scaler, loss_fn, use_cache)
-                    break
-                except Exception as err:  # noqa: BLE001 (anything but running out of memory is raised)
-                    if not memory.is_out_of_memory(err):
-                        raise
-                    ran_out = micro or max(memory.rows_of(b) for b in step_batches)
-                # here, outside the except, the failed try's activations are unreachable and can be freed
-                optimizer.zero_grad(set_to_none=True)  # a backward cut short left partial gradients
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-                if ran_out <= 1:
-                    raise ConfigError(_out_of_memory_advice(step, batches, gradient_checkpointing, prec))
-                micro = ran_out // 2
-                if evals is not None and evals.kind != "batches":
-                    evals.batch_size = min(evals.batch_size, micro)
-                rows = rows or max(memory.rows_of(b) for b in step_batches)  # a DataLoader's: the first that ran out
-                listener.on_note(Note(
-                    f"out of memory at micro-batch {ran_out} in step {step}; retrying the step with micro-batch {micro} "
-                    f"× {grad_accum * _parts(rows, micro)} accumulated (the same effective batch {rows * grad_accum})"))
-            if not math.isfinite(loss_sum):
-                optimizer.zero_grad(set_to_none=True)
-                result.stopped = "non-finite loss"
-                result.message = (
-                    f"loss became {loss_sum} at step {step}; the adapter keeps the weights of step {step - 1}. "
-                    f"Likely causes: a learning rate too high (lr={lr}), fp16 overflow (try precision='bf16' or "
-                    "'fp32'), or a batch whose labels are all masked."
-                )
-                raise StopTraining
-            if scaler:
-                scaler.unscale_(optimizer)
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_time = time.perf_counter() - t0
-            run_tokens, run_step_time = run_tokens + tokens, run_step_time + step_time
-            event = Step(step=step, total_steps=steps, loss=loss_sum, lr=optimizer.param_groups[0]["lr"], tokens=tokens,
-                         step_time_s=step_time, elapsed_s=0.0, tokens_per_s=run_tokens / run_step_time, eta_s=0.0,
-                         peak_mem_bytes=peak_memory(dev))
-            if eval_every is not None and (step % eval_every == 0 or step == steps):
-                if evals is not None:
-                    event.eval_loss = evaluate(model, evals, dev, autocast, use_cache, loss_fn)
-                if metrics is not None:
-                    event.metrics = _metrics(model, metrics)
-                model.train()
-            event.elapsed_s = time.perf_counter() - start
-            event.eta_s = event.elapsed_s / (step - first) * (steps - step)
-            result.history.append(asdict(event))
-            if save_every is not None and (step % save_every == 0 or step == steps):
-                result.checkpoint = str(checkpoint.save(checkpoint.folder(output_dir, step), model, optimizer, scaler,
-                                                        step, result.history))
-            listener.on_step(event)
-            if decide_compile and step == first + 2:
-                if compiling.compile_pays_off(dev, min(r["step_time_s"] for r in result.history[-2:]), steps - step):
-                    listener.on_note(Note("compiling the decoder block for faster steps "
-                                          "(a one-off pause; compile=False turns this off)"))
-                    compiled = compiling.compile_blocks(model)
-    except StopTraining:
-        result.stopped = result.stopped or "stopped"
-        result.message = result.message or f"stopped after step {len(result.history)} of {steps}; the adapter stays attached"
-    except KeyboardInterrupt:
+    restores.callback(model.eval)
+    restores.callback(memory.steady_allocator(dev))
+    restores.callback(precision.hold_frozen_weights_in_bf16(model, run.choice))
+    restores.callback(lm_loss.frozen_head_casts())
+
+
+def _set_requires_grad(flags: dict[nn.Parameter, bool]) -> None:
+    for param, flag in flags.items():
+        param.requires_grad = flag
+
+
+def _batch(run: Run) -> list[dict[str, torch.Tensor]]:
+    """The next step's batches: grad_accum of them."""
+    return [next(run.stream) for _ in range(run.settings.grad_accum)]
+
+
+def _step(run: Run, step: int, step_batches: list[dict[str, torch.Tensor]], began: float) -> Step:
+    """One optimizer step: the scheduled learning rate, forward and backward, clipping, the update."""
+    s, optimizer = run.settings, run.optimizer
+    for group in optimizer.param_groups:
+        group["lr"] = s.lr * group.get("lr_scale", 1.0) * lr_factor(step, run.steps, run.warmup, s.schedule)
+    loss, tokens = _forward_backward(run, step, step_batches)
+    if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
-        result.stopped = "interrupted"
-        result.message = (
-            f"interrupted after step {len(result.history)} of {steps}; the model keeps the adapter weights "
-            "of the last completed step and is ready to use"
+        run.result.stopped = "non-finite loss"
+        run.result.message = (
+            f"loss became {loss} at step {step}; the adapter keeps the weights of step {step - 1}. "
+            f"Likely causes: a learning rate too high (lr={s.lr}), fp16 overflow (try precision='bf16' or "
+            "'fp32'), or a batch whose labels are all masked."
         )
-    finally:
-        forget_head_casts()
-        restore_weights()
-        restore_allocator()
-        model.eval()
-        if gradient_checkpointing:
-            _checkpointing(model, False)
-        compiling.uncompile_blocks(compiled)
-    result.seconds = time.perf_counter() - start
-    result.truncated, result.dropped = batches.truncated, batches.dropped
-    result.batch_size, result.grad_accum = micro or 0, grad_accum * _parts(rows, micro)
-    listener.on_end(End(result))
-    return result
+        raise StopTraining
+    if run.scaler:
+        run.scaler.unscale_(optimizer)
+    grad_norm = _clip(run.params, s.max_grad_norm)
+    if run.scaler:
+        run.scaler.step(optimizer)
+        run.scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - began
+    run.tokens, run.step_seconds = run.tokens + tokens, run.step_seconds + seconds
+    return Step(step=step, total_steps=run.steps, loss=loss, lr=optimizer.param_groups[0]["lr"], tokens=tokens,
+                step_time_s=seconds, elapsed_s=0.0, tokens_per_s=run.tokens / run.step_seconds, eta_s=0.0,
+                peak_mem_bytes=peak_memory(run.dev), grad_norm=grad_norm)
 
 
-def _parts(rows: int | None, micro: int | None) -> int:
-    """How many micro-batches one batch of ``rows`` makes."""
-    return -(-rows // micro) if rows and micro else 1
+def _clip(params: list[nn.Parameter], max_grad_norm: float | None) -> float:
+    """The gradients' total norm before clipping; scaled down to ``max_grad_norm`` unless it is None."""
+    if max_grad_norm is not None:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2's norm is sharded
 
 
-def _accumulate(model: nn.Module, step_batches: list[dict[str, torch.Tensor]], micro: int | None, dev: torch.device,
-                autocast: Any, scaler: Any, loss_fn: Callable | None, use_cache: dict) -> tuple[float, int]:
-    """Forward and backward of one step's batches, ``micro`` rows at a time: (the step's loss, its tokens).
+def _forward_backward(run: Run, step: int, step_batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+    """The step's gradients: (its loss, its tokens). Out of memory, the step is done again in micro-batches half the size."""
+    s = run.settings
+    while True:
+        try:
+            return _accumulate(run, step_batches)
+        except Exception as err:  # noqa: BLE001 (anything but running out of memory is raised)
+            if not memory.is_out_of_memory(err):
+                raise
+            ran_out = run.micro or max(memory.rows_of(b) for b in step_batches)
+        # here, outside the except, the failed try's activations are unreachable and can be freed
+        run.optimizer.zero_grad(set_to_none=True)  # a backward cut short left partial gradients
+        if run.dev.type == "cuda":
+            torch.cuda.empty_cache()
+        if ran_out <= 1:
+            raise ConfigError(_out_of_memory_advice(step, run.batches, s.gradient_checkpointing, run.choice.name))
+        run.micro = ran_out // 2
+        if run.evals is not None and run.evals.kind != "batches":
+            run.evals.batch_size = min(run.evals.batch_size, run.micro)
+        run.rows = run.rows or max(memory.rows_of(b) for b in step_batches)  # a DataLoader's: the first that ran out
+        run.listener.on_note(Note(
+            f"out of memory at micro-batch {ran_out} in step {step}; retrying the step with micro-batch {run.micro} "
+            f"× {run.accumulated} accumulated (the same effective batch {run.rows * s.grad_accum})"))
+
+
+def _accumulate(run: Run, step_batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+    """Forward and backward of one step's batches, ``run.micro`` rows at a time: (the step's loss, its tokens).
 
     Each micro-batch's loss counts by its share of its batch's rows, so the gradients add up
     to those of whole batches. A non-finite loss is returned as the step's loss before any
@@ -472,17 +554,75 @@ def _accumulate(model: nn.Module, step_batches: list[dict[str, torch.Tensor]], m
     """
     loss_sum, tokens = 0.0, 0
     for whole in step_batches:
-        for part, share in memory.split_batch(whole, micro):
-            batch = {k: v.to(dev) for k, v in part.items()}
-            with autocast:
-                loss = loss_fn(model, batch) if loss_fn else lm_loss.model_loss(model, batch, use_cache)
+        for part, share in memory.split_batch(whole, run.micro):
+            batch = {k: v.to(run.dev) for k, v in part.items()}
+            with run.autocast:
+                loss = _loss(run, batch)
                 loss = (loss * share if share != 1.0 else loss) / len(step_batches)
             if not torch.isfinite(loss):
                 return loss.item(), tokens
-            (scaler.scale(loss) if scaler else loss).backward()
+            (run.scaler.scale(loss) if run.scaler else loss).backward()
             loss_sum += loss.item()
             tokens += batch_size_in_tokens(batch)
     return loss_sum, tokens
+
+
+def _loss(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    loss_fn = run.settings.loss_fn
+    return loss_fn(run.model, batch) if loss_fn else lm_loss.model_loss(run.model, batch, run.use_cache)
+
+
+def _evaluate(run: Run, event: Step) -> None:
+    """On evaluation steps (every eval_every and the last): the eval loss and the metrics, into the step's event."""
+    s = run.settings
+    if run.eval_every is None or (event.step % run.eval_every and event.step != run.steps):
+        return
+    if run.evals is not None:
+        event.eval_loss = evaluate(run.model, run.evals, run.dev, run.autocast, run.use_cache, s.loss_fn)
+    if s.metrics is not None:
+        event.metrics = _metrics(run.model, s.metrics)
+    run.model.train()
+
+
+def _record(run: Run, event: Step) -> None:
+    """The step's time since the run began, its estimate of the time left, and its history row."""
+    event.elapsed_s = time.perf_counter() - run.started
+    event.eta_s = event.elapsed_s / (event.step - run.first) * (run.steps - event.step)
+    run.result.history.append(asdict(event))
+
+
+def _checkpoint(run: Run, step: int) -> None:
+    """Every save_every steps and at the last: everything a resumed run needs, under output_dir."""
+    s = run.settings
+    if s.save_every is not None and (step % s.save_every == 0 or step == run.steps):
+        path = checkpoint.save(checkpoint.folder(s.output_dir, step), run.model, run.optimizer, run.scaler, step,
+                               run.result.history, run.identity)
+        run.result.checkpoint = str(path)
+
+
+def _compile_if_it_pays(run: Run, step: int) -> None:
+    """compile=None: after two eager steps, compile the repeated block if the steps left would pay it back."""
+    if not run.decide_compile or step != run.first + 2:
+        return
+    if compiling.compile_pays_off(run.dev, min(r["step_time_s"] for r in run.result.history[-2:]), run.steps - step):
+        run.listener.on_note(Note("compiling the decoder block for faster steps "
+                                  "(a one-off pause; compile=False turns this off)"))
+        run.compiled = compiling.compile_blocks(run.model)
+
+
+def _end(run: Run) -> TrainResult:
+    """The result, completed with the run's time and batch, to the listeners' End and the caller."""
+    result = run.result
+    result.seconds = time.perf_counter() - run.started
+    result.truncated, result.dropped = run.batches.truncated, run.batches.dropped
+    result.batch_size, result.grad_accum = run.micro or 0, run.accumulated
+    run.listener.on_end(End(result))
+    return result
+
+
+def _parts(rows: int | None, micro: int | None) -> int:
+    """How many micro-batches one batch of ``rows`` makes."""
+    return -(-rows // micro) if rows and micro else 1
 
 
 def _out_of_memory_advice(step: int, batches: Batches, gradient_checkpointing: bool, precision: str) -> str:

@@ -166,7 +166,8 @@ OPTIONS: list[TrainOption] = [
                 "optimizer", "float", lambda v: _number(v) and v > 0,
                 "a positive number (B's learning rate over A's), e.g. 16"),
     TrainOption("max_grad_norm", 1.0, "clip the gradients' total norm to this (None: no clipping)",
-                "optimizer", "float", lambda v: v is None or _number(v) and v > 0, "a positive number, or None for no clipping"),
+                "optimizer", "float", lambda v: v is None or (_number(v) and v > 0),
+                "a positive number, or None for no clipping"),
     # batch
     TrainOption("batch_size", 8, "examples a micro-batch, or auto: the largest that fits, accumulated",
                 "batch", "int-or-auto", lambda v: v == "auto" or _positive_int(v),
@@ -190,6 +191,8 @@ OPTIONS: list[TrainOption] = [
     TrainOption("resume", False, "continue from the latest checkpoint in output_dir (or from the one at a path)",
                 "checkpoints", "bool-or-path", lambda v: isinstance(v, (bool, str)) or hasattr(v, "__fspath__"),
                 "True, False or a checkpoint's path"),
+    TrainOption("overwrite", False, "replace the checkpoints already in output_dir (another run's are refused without it)",
+                "checkpoints", "bool", _flag, "True or False"),
     # hardware
     TrainOption("device", "auto", "auto (CUDA, then MPS, then CPU), or a device such as cpu or cuda:1",
                 "hardware", "text", lambda v: isinstance(v, str), "a device name such as 'auto', 'cpu' or 'cuda'"),
