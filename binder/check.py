@@ -84,8 +84,10 @@ def build(env_dir: Path, home: Path, base_env: dict[str, str], reuse: bool, log:
     home.mkdir(parents=True)
     run([python_for_runtime(), "-m", "venv", str(env_dir)], base_env, log, "venv")
     run([str(python), "-m", "pip", "install", "-q", "--upgrade", "pip"], base_env, log, "pip upgrade")
-    run([str(python), "-m", "pip", "install", "--no-cache-dir", "-r", "binder/requirements.txt"], base_env, log,
-        "pip install -r binder/requirements.txt")
+    # one retry: where requirements.txt's extra index cannot be reached, pip's default five retries with
+    # back-off for every package add many minutes and change nothing in what gets installed
+    run([str(python), "-m", "pip", "install", "--no-cache-dir", "--retries", "1", "-r", "binder/requirements.txt"],
+        base_env, log, "pip install -r binder/requirements.txt")
     run([str(python), "-m", "pip", "install", "-q", "--no-cache-dir", *JUPYTER], base_env, log, "Jupyter's part")
     run([str(python), "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3"], base_env, log, "kernel spec")
     run(["bash", str(BINDER / "postBuild")], base_env, log, "postBuild")
