@@ -8,7 +8,7 @@ STAMP := $(VENV)/.nbpeft-installed
 # CPU build of torch: an unpinned torch pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test unit notebooks browser lint bench bench-gpu compat clean serve-check
+.PHONY: demo test unit notebooks browser lint bench bench-gpu compat clean serve-check binder-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,15 @@ bench-gpu:
 # under serve_check/ (never in the package's dependencies; the first run compiles llama.cpp: 10-40 min on 2 busy cores).
 serve-check: $(STAMP)
 	PY=$(CURDIR)/$(PY) bash serve_check/run.sh
+
+# The environment binder/ makes, built as repo2docker builds it (fresh venv, binder/requirements.txt,
+# postBuild, a HOME of its own: .binder-env/, .binder-home/), then every notebook run in it under a
+# 2 GiB memory cgroup, mybinder.org's cap; per notebook its time and peak memory, and a dead kernel's
+# faulthandler traceback. BINDER_CHECK="--avx2" runs the kernels as on an AVX2-only CPU without native
+# bf16; "--reuse" keeps an environment built from the same binder/ files. Not part of `make test`.
+BINDER_PYTHON ?= python3.11
+binder-check:
+	$(BINDER_PYTHON) binder/check.py $(BINDER_CHECK)
 
 clean:
 	rm -rf $(VENV) artifacts
