@@ -2,7 +2,7 @@
 changing r in the page changes the preview, Attach leaves no red error line behind, Stop ends a
 training run while it is running, Show example renders an example in the Train tab, and the
 Adapters tab keeps its buttons on one row under a table whose heads sit over their columns, with
-its Export rows below. Each tab is photographed and the pictures checked too.
+its Export rows below; the Runs tab lists the kernel's runs and plots them. Each tab is photographed and the pictures checked too.
 
 Needs the ``browser`` extra (jupyterlab, playwright) and a Chromium binary (Debian's
 ``chromium`` package; another path through NBPEFT_CHROMIUM). Without them the test is skipped
@@ -264,6 +264,16 @@ def test_panel_in_jupyterlab(lab):
                 edge = (th_left, td_left) if th_align == "left" else (th_right, td_right)
                 assert abs(edge[0] - edge[1]) < 2, column  # the head's text lines up with its column's
                 assert th_height < 1.5 * td_height, column  # one line: not squashed into two
+
+            # Runs: the runs this kernel trained (the notebook's and the stopped one) are listed and plotted
+            panel.locator(".lm-TabBar-tab", has_text="Runs").click()
+            panel.locator(".nbpeft-runs-refresh").click()
+            runs_table = panel.locator(".nbpeft-runs-table table")
+            expect(runs_table).to_contain_text("stopped", timeout=30_000)
+            expect(runs_table).to_contain_text("finished")
+            panel.locator(".nbpeft-runs-plot-button").click()
+            expect(panel.locator(".nbpeft-runs-plot")).to_be_visible(timeout=30_000)
+            panel.screenshot(path=str(ARTIFACTS / "browser_runs.png"))
             page.screenshot(path=str(ARTIFACTS / "browser_notebook.png"), full_page=True)
         except Exception:
             page.screenshot(path=str(ARTIFACTS / "browser_failure.png"))

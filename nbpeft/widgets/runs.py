@@ -29,6 +29,9 @@ class RunsTab(widgets.VBox):
         self.plot_button = widgets.Button(description="Plot", icon="line-chart")
         self.plot = widgets.Image(format="png", layout={"display": "none"})
         self.message = widgets.HTML()
+        for widget, name in ((self.refresh_button, "refresh"), (self.table, "table"), (self.picked, "picked"),
+                             (self.plot_button, "plot-button"), (self.plot, "plot"), (self.message, "message")):
+            widget.add_class(f"nbpeft-runs-{name}")
         self.refresh_button.on_click(lambda _: self.refresh())
         self.plot_button.on_click(lambda _: self.draw())
         filters = widgets.HBox([self.model_filter, self.method_filter, self.since, self.status, self.refresh_button])
