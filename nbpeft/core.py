@@ -94,27 +94,34 @@ def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
     return out
 
 
-def attach(model: nn.Module, method: str, *, name: str = "default", **options: Any) -> Adapter:
+def attach(model: nn.Module, method: str, *, name: str = "default", replace: bool = False, **options: Any) -> Adapter:
     """Add a named adapter to ``model`` and freeze everything else.
 
     Every option is validated before the model is touched, and any error leaves the
     model exactly as it was (module types, state_dict and requires_grad flags).
+    ``replace=True`` puts a fresh adapter in place of an attached one of the same name
+    (what re-running an attach cell means), once the new one's options have passed.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"attach(): expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(name, str) or not name.isidentifier():
         raise ConfigError(f"attach(): name={name!r} must be a simple identifier such as 'default' or 'sql'")
     st = state(model)
-    if name in st.adapters:
-        raise ConfigError(f"attach(): an adapter named {name!r} is already attached; pick another name= or detach it first")
+    if name in st.adapters and not replace:
+        raise ConfigError(f"attach(): an adapter named {name!r} is already attached; pick another name= or detach it "
+                          "first (replace=True puts a fresh one in its place)")
     spec = get_method(method)
     config = spec.config_class.from_options(options)
-    chosen = spec.select(model, config, st.adapters)
+    others = {n: a for n, a in st.adapters.items() if n != name}
+    chosen = spec.select(model, config, others)
     saved = config.modules_to_save if config.modules_to_save is not None else _default_saved_modules(model)
     modules = targeting.base_modules(model)
     missing = [m for m in saved if m not in modules]
     if missing:
         raise ConfigError(f"attach(): modules_to_save={missing} not found in the model")
+    if name in st.adapters:  # replace=True, and the new adapter's options passed
+        detach(model, name)
+        st = state(model)
 
     first = not st.adapters
     with undo_on_error() as undo:

@@ -344,3 +344,21 @@ def test_several_active_loras_run_as_one_with_the_same_outputs_and_gradients(lla
     assert len(stacked_grads) == len(plain_grads) == 2 * 2 * 2 + 2 * 2  # a: (q, v) x 2 layers x (A, B); b: v x 2 x (A, B)
     for got, want in zip(stacked_grads, plain_grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_replace_puts_a_fresh_adapter_in_place_and_a_bad_one_changes_nothing(llama):
+    """Re-running an attach cell: refused in one line that says how, or replaced when asked."""
+    bare = snapshot(llama)
+    nbpeft.attach(llama, "lora", r=4, init="random")
+    with pytest.raises(nbpeft.ConfigError, match=r"already attached; pick another name= or detach it first \(replace=True puts a fresh one"):
+        nbpeft.attach(llama, "lora", r=4)
+    attached = snapshot(llama)
+    with pytest.raises(nbpeft.ConfigError):
+        nbpeft.attach(llama, "lora", replace=True, targets=["nope"])  # the new one's options fail: the old stays
+    assert_same(attached, snapshot(llama))
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in llama.modules())
+    adapter = nbpeft.attach(llama, "lora", r=8, replace=True)
+    assert list(state(llama).adapters) == ["default"] and adapter.config.r == 8
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in llama.modules()) == hooks
+    nbpeft.detach(llama)
+    assert_same(bare, snapshot(llama))

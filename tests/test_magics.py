@@ -473,12 +473,12 @@ def test_release_reports_and_drops_gradients(shell):
     ("%peft_attach lora init=normal", "nbpeft: lora: init='normal' is not allowed"),
     ("%peft_attach lora targets=qproj", "nbpeft: lora: no module matched targets=['qproj']; did you mean 'q_proj'"),
     ("%peft_attach lora --name existing",
-     "nbpeft: attach(): an adapter named 'existing' is already attached; pick another --name or detach it first"),
+     "nbpeft: attach(): an adapter named 'existing' is already attached; pick another --name or detach it first (--replace puts a fresh one in its place)"),
     ("%peft_attach lora --name 'a b'", "nbpeft: attach(): --name 'a b' must be a simple identifier"),
     ("%peft_attach lora r", "nbpeft: expected key=value, got 'r'"),
     ("%peft_attach lora r=8 r=4", "nbpeft: option 'r' is given twice"),
     ("%%peft_attach lora r=8\nr: 4\n", "nbpeft: option 'r' is given twice"),
-    ("%peft_attach lora --modle other", "nbpeft: unknown flag --modle (flags: --model, --name)"),
+    ("%peft_attach lora --modle other", "nbpeft: unknown flag --modle (flags: --model, --name, --replace)"),
     ("%peft_attach lora --model", "nbpeft: --model needs a value"),
     ("%peft_attach lora --model nope", "nbpeft: no variable 'nope' in the notebook; load one with"),
     ("%peft_attach lora --model data", "nbpeft: 'data' holds a list, not a torch model"),
@@ -791,7 +791,7 @@ def test_complete_option_keys_values_and_flags(shell):
                                                            "init=olora", "init=loftq"]
     assert complete(shell, "%peft_attach lora init=g") == ["init=gaussian"]
     assert complete(shell, "%peft_attach lora rslora=") == ["rslora=true", "rslora=false"]
-    assert complete(shell, "%peft_attach lora --") == ["--model", "--name"]
+    assert complete(shell, "%peft_attach lora --") == ["--model", "--name", "--replace"]
     assert complete(shell, "%%peft_attach lora r=4\nal") == ["alpha=", "alpha_pattern="]  # a cell magic's body
     assert complete(shell, "%peft_train st") == ["steps="]
     assert complete(shell, "%peft_train --e") == ["--eval-data"]
@@ -1341,3 +1341,12 @@ def test_unload_gives_api_errors_their_traceback_back(shell):
     result, out = run(shell, "nbpeft.load_adapter(model, 'no-such-folder')")
     assert out.stderr.strip() == ("ConfigError: load_adapter(): no-such-folder does not exist; "
                                   "give the path of a folder written by save_adapter()")
+
+
+def test_rerunning_an_attach_cell_says_how_and_replace_replaces(shell):
+    assert run(shell, "%peft_attach lora r=4")[0].success
+    result, out = run(shell, "%peft_attach lora r=4")
+    assert not result.success
+    assert "(--replace puts a fresh one in its place)" in str(result.error_in_exec)
+    assert run(shell, "%peft_attach lora r=8 --replace")[0].success
+    assert state(shell.user_ns["model"]).adapters["default"].config.r == 8

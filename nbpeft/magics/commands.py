@@ -134,7 +134,7 @@ class PeftMagics(Magics):
     @line_cell_magic
     @usage_errors
     def peft_attach(self, line: str, cell: str | None = None) -> None:
-        """Attach an adapter:  %peft_attach METHOD key=value ... [--model VAR] [--name NAME]
+        """Attach an adapter:  %peft_attach METHOD key=value ... [--model VAR] [--name NAME] [--replace]
 
         The cell form takes further options in its body, one ``key: value`` or
         ``key=value`` per line (``#`` comments allowed)::
@@ -152,6 +152,8 @@ class PeftMagics(Magics):
         options = merged_options(options, cell)
         if "name" in flags:
             options["name"] = flags["name"]
+        if flags.get("replace"):
+            options["replace"] = True
         display(nbpeft.attach(self._model(flags.get("model")), words[0], **module_lists(words[0], options)))
 
     @line_magic

@@ -19,7 +19,7 @@ from ..training import options as train_options
 
 USAGE = {
     "peft_methods": "%peft_methods [METHOD]",
-    "peft_attach": "%peft_attach METHOD key=value ... [--model VAR] [--name NAME]",
+    "peft_attach": "%peft_attach METHOD key=value ... [--model VAR] [--name NAME] [--replace]",
     "peft_summary": "%peft_summary [VAR] [--model VAR]",
     "peft_use": "%peft_use NAME[,NAME...] [--model VAR]",
     "peft_detach": "%peft_detach [NAME] [--model VAR]",
@@ -47,7 +47,7 @@ USAGE = {
     "peft_runs": "%peft_runs [ID ...] [--plot] [--out VAR] [model=M] [method=M] [since=DATE] [until=DATE] [status=S]",
 }
 # --flags that take no value (a switch); every other flag takes one. A train option of kind bool that is a flag is one too.
-SWITCHES = ("overwrite", "no-base", "plot")
+SWITCHES = ("overwrite", "no-base", "plot", "replace")
 FLAGS = {magic: tuple(dict.fromkeys(re.findall(r"--([\w-]+)", usage))) for magic, usage in USAGE.items()}
 # what a train option's --flag takes, by the option's kind (a bool is a switch)
 METAVARS = {"data": "VAR|PATH", "tokenizer": "VAR", "function": "VAR", "int": "N", "float": "X",

@@ -19,7 +19,7 @@ from .messages import note, say, shows_errors
 from .preview import Preview, preview
 
 # the API's keyword spellings as this tab labels them
-SPELLINGS = {"name=": "adapter name "}
+SPELLINGS = {"name=": "adapter name ", "(replace=True puts a fresh one in its place)": ""}  # no replace box here
 
 
 def target_choices(model: nn.Module, method: Method) -> list[tuple[str, str]]:
