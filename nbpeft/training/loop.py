@@ -29,8 +29,8 @@ from ..errors import ConfigError
 from . import checkpoints as checkpoint
 from . import compiling, distributed, lm_loss, memory, precision, record
 from .events import Begin, End, Listener, Note, Step, StopTraining, TrainResult, as_listener
-from .options import SCHEDULES, Settings, docstring, signature  # noqa: F401  (SCHEDULES: imported from here)
-from .precision import PRECISIONS, Choice, choose  # noqa: F401  (PRECISIONS: the panel imports it from here)
+from .options import Settings, docstring, signature
+from .precision import Choice, choose
 
 __all__ = ["Listener", "StopTraining", "TrainResult", "train", "evaluate", "pick_device", "pick_precision"]
 
