@@ -32,11 +32,11 @@ def tokenizer():
     return transformers.AutoTokenizer.from_pretrained(resolve_name("smollm2-135m"))
 
 
-def small_llama(vocab: int, seed: int = 0, tied: bool = True) -> transformers.LlamaForCausalLM:
+def small_llama(vocab: int, seed: int = 0, tied: bool = True, hidden: int = 64) -> transformers.LlamaForCausalLM:
     """A tiny random Llama with SmolLM2's vocabulary, so the real tokenizer fits it."""
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2,
     )
     return transformers.LlamaForCausalLM(config).eval()
@@ -191,6 +191,55 @@ def test_gguf_model_layout(lora_model, tokenizer, tmp_path, quant, kind):
     modelfile = (tmp_path / "g" / "Modelfile").read_text()
     assert modelfile.startswith("FROM ./model.gguf") and "<|im_start|>{{ .Role }}" in modelfile
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+def test_k_quant_without_llama_cpp_says_how_to_install(lora_model, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp fails as when it is not installed
+    with monkeypatch.context() as patch:
+        patch.setattr("nbpeft.formats.export.merged_state_dict", lambda *a, **k: pytest.fail("slow work before the check"))
+        for quant in gguf_export.K_QUANTS:
+            with pytest.raises(ConfigError) as err:
+                export(lora_model, tmp_path / "g", format="gguf", tokenizer=tokenizer, quant=quant)
+            assert str(err.value) == (f"export(): quant={quant!r} is written by llama.cpp's quantiser, which needs "
+                                      "llama-cpp-python: pip install llama-cpp-python (it compiles llama.cpp from source, "
+                                      "which takes minutes)")
+    assert list(tmp_path.iterdir()) == []
+    export(lora_model, tmp_path / "q8", format="gguf", tokenizer=tokenizer, quant="q8_0")  # nbpeft's own need nothing
+
+
+def test_gguf_adapter_refuses_k_quants(lora_model, tmp_path):
+    with pytest.raises(ConfigError, match=r"^export\(\): quant='q4_k_m' is for format='gguf' \(the merged model\); llama.cpp reads no"):
+        export(lora_model, tmp_path / "a", format="gguf-adapter", quant="q4_k_m")
+    assert list(tmp_path.iterdir()) == []
+
+
+# what llama.cpp's quantiser makes of each K-quant: the file type, the main matrix type, the finer one some layers get
+K_QUANT_TYPES = {"q4_k_m": ("MOSTLY_Q4_K_M", "Q4_K", "Q6_K"), "q5_k_m": ("MOSTLY_Q5_K_M", "Q5_K", "Q6_K")}
+
+
+@pytest.mark.parametrize("quant", list(gguf_export.K_QUANTS))
+def test_k_quants_by_llama_cpps_quantiser(tokenizer, tmp_path, quant):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="the K-quants need llama-cpp-python (pip install llama-cpp-python)")
+    model = small_llama(len(tokenizer), hidden=256)  # rows of 256: every matrix fits the K blocks, no fallback type
+    nbpeft.attach(model, "lora", r=4, init="random", targets="all-linear")
+    result = export(model, tmp_path / "g", format="gguf", tokenizer=tokenizer, quant=quant)
+    assert result.notes[-1] == f"{quant} by llama.cpp's quantiser (llama-cpp-python {llama_cpp.__version__})"
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == sorted(result.files)  # the f16 file is gone
+    assert [p.name for p in tmp_path.iterdir()] == ["g"]
+    reader = gguf.GGUFReader(tmp_path / "g" / "model.gguf")
+    file_type, main, finer = K_QUANT_TYPES[quant]
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType[file_type]
+    assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.eos_token_id
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert {types[n] for n in types if n.endswith("_norm.weight")} == {"F32"}
+    matrices = [n for n in types if not n.endswith("_norm.weight")]
+    assert {types[n] for n in matrices} == {main, finer} and types["blk.0.attn_q.weight"] == main
+    merged, _ = merged_state_dict(model, torch.float32)
+    want = reorder_rotary_rows(merged["model.layers.0.self_attn.q_proj.weight"].numpy(), 4)
+    tensor = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
+    got = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(want.shape)
+    assert np.abs(got - want).max() < 0.25 * np.abs(want).max()  # 4 or 5 bits per weight: close, not exact
+    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.99
 
 
 def test_check_export_lines(tokenizer, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import sys
 from unittest.mock import create_autospec
 
 import pytest
@@ -1130,6 +1131,15 @@ def test_export_a_gguf_adapter_for_real(shell, tmp_path):
     assert result.success, out.stderr
 
 
+def test_export_k_quant_without_llama_cpp_in_the_magics_syntax(shell, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    nbpeft.attach(shell.user_ns["model"], "lora", r=2)
+    result, out = run(shell, f"%peft_export gguf {tmp_path / 'g'} --quant q5_k_m")
+    assert_usage_error(result, out, "nbpeft: export(): --quant 'q5_k_m' is written by llama.cpp's quantiser, which needs "
+                                   "llama-cpp-python: pip install llama-cpp-python (it compiles llama.cpp from source, which takes minutes)")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("code, message", [
     ("%peft_export", "nbpeft: which format? one of merged, gguf, gguf-adapter, or check TARGET; usage: %peft_export FORMAT PATH"),
     ("%peft_export merged", "nbpeft: where to? usage: %peft_export FORMAT PATH"),
@@ -1220,7 +1230,8 @@ def test_complete_answers_and_export_words(shell):
     assert complete(shell, "%peft_export gguf") == ["gguf", "gguf-adapter"]
     assert complete(shell, "%peft_export check ") == ["vllm", "llama.cpp", "ollama", "peft"]
     assert complete(shell, "%peft_export merged out --dtype ") == ["float32", "bfloat16", "float16"]
-    assert complete(shell, "%peft_export gguf out --quant q") == ["q8_0"]
+    assert complete(shell, "%peft_export gguf out --quant q") == ["q8_0", "q4_k_m", "q5_k_m"]
+    assert complete(shell, "%peft_export gguf out --quant q5") == ["q5_k_m"]
     assert complete(shell, "%peft_to_lora s") == ["sql"]
     from nbpeft.magics import completions
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import re
+import sys
 import threading
 import time
 
@@ -605,8 +606,24 @@ def test_dtype_and_quant_follow_the_format(llama):
     from nbpeft.formats.gguf import QUANTS
 
     assert list(tab.export_format.options) == list(FORMATS) and list(tab.export_quant.options) == list(QUANTS)
+    assert {"q4_k_m", "q5_k_m"} <= set(tab.export_quant.options)  # llama.cpp's K-quants
     assert [value for _, value in tab.export_dtype.options] == ["base", *DTYPES]
     assert tab.export_dtype.label == "as the base"  # shown, not blank: the base's dtype by default
+
+
+def test_k_quant_without_llama_cpp_is_one_line(llama, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    nbpeft.attach(llama, "lora", r=2, init="random")
+    tab = make_panel(llama).adapters_tab
+    tab.export_format.value = "gguf"
+    tab.export_quant.value = "q4_k_m"
+    tab.export_path.value = str(tmp_path / "g")
+    tab.export_button.click()
+    shown = text(tab.message).strip()
+    assert red(tab.message) and shown == ("export(): quant (gguf) 'q4_k_m' is written by llama.cpp's quantiser, which needs "
+                                         "llama-cpp-python: pip install llama-cpp-python (it compiles llama.cpp from source, "
+                                         "which takes minutes)"), shown
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("setup, message", [

@@ -209,8 +209,10 @@ def export(
 
     - ``"merged"``: a plain transformers folder (config, safetensors, tokenizer, generation
       config) of the base with the active adapters folded in, in the base's dtype or ``dtype``.
-    - ``"gguf"``: the merged model as ``model.gguf`` (``quant`` ``"f16"`` or ``"q8_0"``) with its
-      tokenizer, plus an Ollama ``Modelfile`` (llama.cpp architectures of the Llama family).
+    - ``"gguf"``: the merged model as ``model.gguf`` (``quant`` ``"f16"`` or ``"q8_0"``, written by
+      nbpeft, or ``"q4_k_m"`` or ``"q5_k_m"``, llama.cpp's quantiser's work on nbpeft's f16 file,
+      which needs llama-cpp-python) with its tokenizer, plus an Ollama ``Modelfile`` (llama.cpp
+      architectures of the Llama family).
     - ``"gguf-adapter"``: the LoRA adapter as llama.cpp reads it (``adapter.gguf``), plus a
       ``Modelfile`` whose ``ADAPTER`` line points at it.
 
@@ -232,6 +234,11 @@ def export(
 
     if quant not in gguf_export.QUANTS:
         raise ConfigError(f"export(): quant={quant!r} is not supported; use one of {', '.join(map(repr, gguf_export.QUANTS))}")
+    if format == "gguf-adapter" and quant in gguf_export.K_QUANTS:
+        raise ConfigError(f"export(): quant={quant!r} is for format='gguf' (the merged model); llama.cpp reads no K-quant "
+                          "LoRA adapter (its rank-long rows do not fill a K block), so format='gguf-adapter' is written in f32")
+    if format == "gguf":
+        gguf_export.llama_quantiser(quant)  # a K-quant's missing llama-cpp-python is said now, before any work
     target = Path(path)
     check_free(target, overwrite, "export")
     names = _active(model, "export")

@@ -12,11 +12,19 @@ Facts this module builds on (from llama.cpp's converters, ``convert_hf_to_gguf.p
   ``adapter.lora.alpha``, and per target ``<base name>.weight.lora_a`` (PEFT's ``A``, r x in)
   and ``.lora_b`` (``B``, out x r). llama.cpp scales by ``alpha / rank`` with rank read from
   the shapes, so an rsLoRA scale ``alpha / sqrt(r)`` is written as ``alpha' = alpha * sqrt(r)``.
+- The K-quants (``q4_k_m``, ``q5_k_m``) are llama.cpp's own: its quantiser picks a type per tensor
+  (some layers one step finer, a row length that is no multiple of 256 a fallback type), so nbpeft
+  writes f16 and hands that file to ``llama_model_quantize`` (llama-cpp-python's binding), as
+  llama.cpp's ``llama-quantize`` does. A LoRA adapter has no K-quant form: its ``lora_b`` rows
+  are ``rank`` long, never a multiple of the 256-wide K blocks, and llama.cpp's own
+  ``convert_lora_to_gguf.py`` writes f32, f16, bf16 or q8_0 only.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -29,7 +37,9 @@ from .. import core
 from ..errors import ConfigError
 from ..methods.base import get_method
 
-QUANTS = ("f16", "q8_0")
+# the K-quants, written by llama.cpp's quantiser from nbpeft's f16 file: its ftype constant for each
+K_QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M"}
+QUANTS = ("f16", "q8_0", *K_QUANTS)  # f16 and q8_0 are written by nbpeft itself
 # transformers model_type -> (llama.cpp architecture, whether q/k rows are reordered)
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
 
@@ -138,15 +148,69 @@ def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, notes: list[str
 # ---------------------------------------------------------------- model
 
 
+def llama_quantiser(quant: str) -> Any:
+    """llama-cpp-python's ``llama_cpp`` for a K-quant, imported only then; None for what nbpeft writes itself.
+
+    Called before anything is written, so a missing package costs nothing but the one-line error.
+    """
+    if quant not in K_QUANTS:
+        return None
+    try:
+        import llama_cpp
+    except ModuleNotFoundError:
+        raise ConfigError(f"export(): quant={quant!r} is written by llama.cpp's quantiser, which needs llama-cpp-python: "
+                          "pip install llama-cpp-python (it compiles llama.cpp from source, which takes minutes)") from None
+    except (ImportError, OSError, RuntimeError) as err:  # installed, but its compiled library does not load
+        raise ConfigError(f"export(): quant={quant!r} needs llama-cpp-python, which is installed but does not load ({err}); "
+                          "reinstall it: pip install --force-reinstall --no-cache-dir llama-cpp-python") from None
+    return llama_cpp
+
+
+def _quantise(llama_cpp: Any, source: Path, target: Path, quant: str) -> None:
+    """``target``: llama.cpp's ``quant`` of the f16 GGUF ``source``, by its own quantiser (as ``llama-quantize`` does)."""
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, K_QUANTS[quant])
+    params.nthread = torch.get_num_threads()  # the threads this process already uses, not every core
+    log = logging.getLogger("llama-cpp-python")  # llama-cpp-python prints llama.cpp's log at this logger's level
+    level = log.level
+    log.setLevel(logging.ERROR)  # one line per tensor otherwise; errors still show
+    try:
+        code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    finally:
+        log.setLevel(level)
+    if code != 0:
+        raise RuntimeError(f"export(): llama.cpp's quantiser failed to write {quant} (code {code}; its message is above); nothing was written")
+
+
 def write_model(config: Any, state_dict: dict[str, torch.Tensor], tokenizer: Any, folder: Path, quant: str) -> tuple[list[str], list[str]]:
-    """``model.gguf`` (``quant``: f16 or q8_0 matrices, f32 vectors) and an Ollama ``Modelfile``."""
+    """``model.gguf`` (``quant``: f16, q8_0 or a K-quant; vectors f32) and an Ollama ``Modelfile``.
+
+    f16 and q8_0 are written here; a K-quant is llama.cpp's quantisation of the f16 file, which
+    is written beside it in ``folder`` (the export's hidden folder) and removed afterwards.
+    """
+    llama_cpp = llama_quantiser(quant)
+    if llama_cpp is None:
+        notes = _write_gguf(config, state_dict, tokenizer, folder / "model.gguf", quant)
+        notes += ["q8_0 by nbpeft's quantiser"] if quant == "q8_0" else []
+    else:
+        f16 = folder / ".model.f16.gguf"
+        notes = _write_gguf(config, state_dict, tokenizer, f16, "f16")
+        _quantise(llama_cpp, f16, folder / "model.gguf", quant)
+        f16.unlink()
+        notes.append(f"{quant} by llama.cpp's quantiser (llama-cpp-python {getattr(llama_cpp, '__version__', '?')})")
+    (folder / "Modelfile").write_text(modelfile("./model.gguf", tokenizer))
+    return ["model.gguf", "Modelfile"], notes
+
+
+def _write_gguf(config: Any, state_dict: dict[str, torch.Tensor], tokenizer: Any, path: Path, quant: str) -> list[str]:
+    """The model as one GGUF file at ``path``, matrices in f16 or q8_0; returns notes for the export's line."""
     import gguf
 
     arch, reorder = _arch(config, "export")
     blocks = config.num_hidden_layers
     names = _name_map(arch, blocks)
     notes: list[str] = []
-    writer = gguf.GGUFWriter(str(folder / "model.gguf"), arch)
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(Path(getattr(config, "_name_or_path", "") or "model").name + " (nbpeft merged)")
     writer.add_block_count(blocks)
@@ -188,8 +252,7 @@ def write_model(config: Any, state_dict: dict[str, torch.Tensor], tokenizer: Any
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    (folder / "Modelfile").write_text(modelfile("./model.gguf", tokenizer))
-    return ["model.gguf", "Modelfile"], notes
+    return notes
 
 
 # ---------------------------------------------------------------- LoRA adapter

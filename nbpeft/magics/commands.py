@@ -402,7 +402,8 @@ class PeftMagics(Magics):
         """Write the model with its active adapter for another program:  %peft_export FORMAT PATH [--dtype D] [--quant Q] [--model VAR] [--tokenizer VAR] [--overwrite]  or  %peft_export check TARGET [FOLDER]
 
         FORMAT is ``merged`` (a plain transformers folder; --dtype float32, bfloat16 or
-        float16), ``gguf`` (llama.cpp and Ollama; --quant f16 or q8_0) or ``gguf-adapter``
+        float16), ``gguf`` (llama.cpp and Ollama; --quant f16 or q8_0, or q4_k_m or q5_k_m by
+        llama.cpp's quantiser, which needs llama-cpp-python) or ``gguf-adapter``
         (llama.cpp's --lora). An existing, non-empty PATH is replaced only with --overwrite, as
         in %peft_save. Same as ``nbpeft.export(model, PATH, format=FORMAT, tokenizer=tokenizer,
         dtype=D, quant=Q, overwrite=...)``; the model is not changed.

@@ -24,7 +24,7 @@ from .messages import say, shows_errors
 # the API's keyword spellings as this tab labels them
 SPELLINGS = {"pass overwrite=True": "tick overwrite",
              "pass tokenizer= (the one load_model returned)": "open the panel with nbpeft.panel(model, tokenizer)",
-             "export format=": "export as ", "nbpeft.unmerge(model) first": "press Unmerge first"}
+             "export format=": "export as ", "quant=": "quant (gguf) ", "nbpeft.unmerge(model) first": "press Unmerge first"}
 # the combine row's fields as this tab labels them
 COMBINE_SPELLINGS = {"weights=": "weights ", "name=": "new adapter ", "density=": "density ", "how=": "how "}
 # every field of the export rows is this wide, so the buttons after them line up
