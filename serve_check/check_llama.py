@@ -1,12 +1,15 @@
 """llama.cpp (llama-cpp-python built from source) runs nbpeft's GGUF files like nbpeft runs the model.
 
-Run with serve_check/.venv-llama:  python check_llama.py OUT BASE_F16_GGUF [BASE_Q8_0_GGUF]
+Run with serve_check/.venv-llama:  python check_llama.py OUT BASE_F16_GGUF [BASE_Q8_0_GGUF [MERGED_F16_GGUF]]
 Checks the GGUF adapter on llama.cpp's own f16 conversion of the base, and the merged GGUF models
-(f16, q8_0). For each: free-running greedy tokens against nbpeft's, and, teacher-forced on
-nbpeft's tokens, the largest logit difference and every step whose top token differs.
+(f16, q8_0, and the K-quants q4_k_m and q5_k_m). For each: free-running greedy tokens against nbpeft's,
+and, teacher-forced on nbpeft's tokens, the largest logit difference and every step whose top token differs.
 
 The tolerance is measured, not chosen: llama.cpp's own conversion of the base (same tensor type,
-nothing from nbpeft) against nbpeft's base logits on the same tokens. A file from nbpeft passes when
+nothing from nbpeft) against nbpeft's base logits on the same tokens. For a K-quant it is llama.cpp's
+own quantisation (``llama_model_quantize``, as ``llama-quantize`` runs it) of its own f16 conversion of
+nbpeft's merged folder, against nbpeft's logits with the adapter on; nbpeft's K-quant file is also
+compared with that one directly (tensor types, identical tensors, tokens, logits). A file from nbpeft passes when
 its largest logit difference is within twice that, and a differing top token is counted as a
 near-tie only where nbpeft's top two logits are closer than twice the tolerance (two logits each
 off by up to the tolerance can swap there); any other differing token is an error.
@@ -15,7 +18,9 @@ Each model runs in a child process, so a crash inside llama.cpp is reported and 
 
 from __future__ import annotations
 
+import ctypes
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+K_QUANTS = ("q4_k_m", "q5_k_m")  # checked against llama.cpp's own quantisation of the merged model
 
 def evaluate(model_path: str, lora_path: str | None, out: Path, save: Path) -> None:
     """Child: greedy tokens and teacher-forced scores from llama.cpp, saved to ``save`` (.npz)."""
@@ -88,29 +94,78 @@ def compare(got: dict, reference: dict, key: str, tolerance: float | None) -> di
     return result
 
 
-def main(out: Path, base_f16: str, base_q8_0: str | None) -> int:
+def quantise(source: str, target: Path, quant: str) -> str | None:
+    """llama.cpp's own ``quant`` of the GGUF ``source`` into ``target`` (its path), or None where it failed."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}")
+    params.nthread = 1
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's log: one line per tensor otherwise
+    code = llama_cpp.llama_model_quantize(source.encode(), str(target).encode(), ctypes.byref(params))
+    return str(target) if code == 0 else None
+
+
+def tensor_agreement(ours: str, theirs: str) -> dict:
+    """Tensor by tensor, nbpeft's file against llama.cpp's own: same names, same types, identical bytes."""
+    from gguf import GGUFReader
+
+    a = {t.name: t for t in GGUFReader(ours).tensors}
+    b = {t.name: t for t in GGUFReader(theirs).tensors}
+    common = sorted(set(a) & set(b))
+    same_type = [n for n in common if a[n].tensor_type == b[n].tensor_type]
+    return {"tensors": len(b), "only_in_ours": sorted(set(a) - set(b)), "only_in_theirs": sorted(set(b) - set(a)),
+            "same_type": len(same_type), "types_differ": [n for n in common if n not in same_type],
+            "identical": sum(np.array_equal(a[n].data, b[n].data) for n in same_type)}
+
+
+def run_agreement(ours: dict, theirs: dict, reference: dict) -> dict:
+    """Two llama.cpp runs on the same tokens: greedy tokens, teacher-forced top tokens, largest logit difference."""
+    result = {"prompts": len(reference["prompts"]), "same_greedy_tokens": 0, "steps": 0, "steps_same_top_token": 0,
+              "max_abs_logit_diff": 0.0}
+    for i, (prompt, want) in enumerate(zip(reference["prompts"], reference["tokens"])):
+        result["same_greedy_tokens"] += np.array_equal(ours[f"tokens{i}"], theirs[f"tokens{i}"])
+        positions = slice(len(prompt) - 1, len(prompt) - 1 + len(want))
+        a, b = ours[f"scores{i}"][positions], theirs[f"scores{i}"][positions]
+        result["steps"] += len(a)
+        result["steps_same_top_token"] += int((a.argmax(-1) == b.argmax(-1)).sum())
+        result["max_abs_logit_diff"] = max(result["max_abs_logit_diff"], float(np.abs(ours[f"scores{i}"] - theirs[f"scores{i}"]).max()))
+    return result
+
+
+def main(out: Path, base_f16: str, base_q8_0: str | None, merged_f16: str | None = None) -> int:
     reference = torch.load(out / "reference.pt")
     adapter_effect = max(float((a - b).abs().max()) for a, b in zip(reference["logits"], reference["base_logits"]))
     print(f"(the adapter moves nbpeft's logits by up to {adapter_effect:.2f}: an adapter lost on the way shows as that)")
     tolerances: dict[str, float | None] = {}
     results: dict[str, dict | str] = {}
-    for quant, base in (("f16", base_f16), ("q8_0", base_q8_0)):
-        label = f"llama.cpp's own {quant} conversion of the base (tolerance)"
-        got = run_child(out, f"base_{quant}", base) if base else "not converted"
+    own_runs: dict[str, dict] = {}
+    references = [("f16", base_f16, "base", "base_logits"), ("q8_0", base_q8_0, "base", "base_logits")]
+    for quant in K_QUANTS:
+        own = quantise(merged_f16, out / f"merged-{quant}.gguf", quant) if merged_f16 else None
+        references.append((quant, own, "merged", "logits"))
+    for quant, path, what, key in references:
+        label = f"llama.cpp's own {quant} conversion of the {what} model (tolerance)"
+        got = run_child(out, f"own_{what}_{quant}", path) if path else "not converted"
         if isinstance(got, str):
             tolerances[quant] = None
             results[label] = got
             print(f"{label}: {got}", flush=True)
             continue
-        result = compare(got, reference, "base_logits", None)
+        own_runs[quant] = got
+        result = compare(got, reference, key, None)
         tolerances[quant] = result["max_abs_logit_diff"]
         results[label] = result
-        print(f"{label}: largest |logit difference| {tolerances[quant]:.4f} (against nbpeft with the adapter off)")
+        extra = "" if key == "base_logits" else (f"; same greedy tokens on {result['same_greedy_tokens']}/{result['prompts']} "
+                                                  f"prompts, top token equal on {result['steps_same_top_token']}/{result['steps']} steps")
+        print(f"{label}: largest |logit difference| {tolerances[quant]:.4f} (against nbpeft with the adapter "
+              f"{'off' if key == 'base_logits' else 'on'}){extra}")
 
     setups = {
         "gguf-adapter on llama.cpp's f16 base": ("f16", base_f16, str(out / "gguf-adapter" / "adapter.gguf")),
         "merged gguf f16": ("f16", str(out / "gguf-f16" / "model.gguf"), None),
         "merged gguf q8_0": ("q8_0", str(out / "gguf-q8_0" / "model.gguf"), None),
+        **{f"merged gguf {quant}": (quant, str(out / f"gguf-{quant}" / "model.gguf"), None) for quant in K_QUANTS},
     }
     failed = 0
     for label, (quant, model_path, lora_path) in setups.items():
@@ -134,6 +189,16 @@ def main(out: Path, base_f16: str, base_q8_0: str | None) -> int:
             for where in result[kind]:
                 print(f"  {kind[:-1].replace('_', '-')}: prompt {where['prompt']} step {where['step']}: nbpeft "
                       f"{where['nbpeft']}, llama.cpp {where['llama.cpp']}, nbpeft's gap {where['nbpeft_gap']}")
+        if quant in K_QUANTS and quant in own_runs:
+            tensors = tensor_agreement(model_path, str(out / f"merged-{quant}.gguf"))
+            runs = run_agreement(got, own_runs[quant], reference)
+            result["against llama.cpp's own"] = {"tensors": tensors, "runs": runs}
+            same = not tensors["only_in_ours"] and not tensors["only_in_theirs"] and not tensors["types_differ"]
+            failed += not same
+            print(f"  against llama.cpp's own {quant}: {'same' if same else 'DIFFERENT'} tensor types on "
+                  f"{tensors['same_type']}/{tensors['tensors']} tensors, identical data in {tensors['identical']}; "
+                  f"same greedy tokens on {runs['same_greedy_tokens']}/{runs['prompts']} prompts; top token equal on "
+                  f"{runs['steps_same_top_token']}/{runs['steps']} steps; largest |logit difference| {runs['max_abs_logit_diff']:.4f}")
     (out / "llama_cpp_results.json").write_text(json.dumps(results, indent=1))
     return 1 if failed else 0
 
@@ -142,4 +207,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "--evaluate":
         evaluate(sys.argv[4], sys.argv[5] if len(sys.argv) > 5 else None, Path(sys.argv[2]), Path(sys.argv[3]))
     else:
-        sys.exit(main(Path(sys.argv[1]), sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None))
+        sys.exit(main(Path(sys.argv[1]), *sys.argv[2:5]))

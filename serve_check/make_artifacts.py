@@ -3,12 +3,18 @@
 Run with the project's environment:  .venv/bin/python serve_check/make_artifacts.py OUT
 Writes OUT/lora (adapter folder), OUT/merged, OUT/gguf-f16, OUT/gguf-q8_0, OUT/gguf-adapter and
 OUT/reference.pt (prompts, greedy tokens, per-position logits of prompt + tokens).
+
+Then, in an environment that also has llama-cpp-python (serve_check/.venv-llama, PYTHONPATH=the
+repository):  make_artifacts.py OUT --k-quants  writes OUT/gguf-q4_k_m and OUT/gguf-q5_k_m, nbpeft's
+K-quant exports of the same adapter read back from OUT/lora.
 """
 
 from __future__ import annotations
 
+import filecmp
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -72,5 +78,24 @@ def main(out: Path) -> None:
         print(nbpeft.check_export(model, target))
 
 
+def export_k_quants(out: Path) -> None:
+    """nbpeft's K-quant exports (llama.cpp's quantiser, which needs llama-cpp-python here) of OUT/lora's adapter."""
+    from nbpeft.formats.gguf import K_QUANTS
+
+    model, tokenizer = nbpeft.load_model((out / "base_path.txt").read_text())
+    nbpeft.load_adapter(model, out / "lora")
+    with tempfile.TemporaryDirectory(dir=out) as scratch:  # the read-back adapter is the trained one, bit for bit
+        nbpeft.export(model, Path(scratch) / "f16", format="gguf", tokenizer=tokenizer, quant="f16")
+        same = filecmp.cmp(Path(scratch) / "f16" / "model.gguf", out / "gguf-f16" / "model.gguf", shallow=False)
+    print(f"the adapter read back from {out / 'lora'} exports the same f16 file as the trained one: {same}")
+    if not same:
+        sys.exit(1)
+    for quant in K_QUANTS:
+        print(nbpeft.export(model, out / f"gguf-{quant}", format="gguf", tokenizer=tokenizer, quant=quant, overwrite=True))
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[2:] == ["--k-quants"]:
+        export_k_quants(Path(sys.argv[1]))
+    else:
+        main(Path(sys.argv[1]))

@@ -21,8 +21,14 @@ if bash "$HERE/setup_llama.sh"; then
             --outtype $quant --outfile "$OUT/base-$quant.gguf" >"$OUT/convert-$quant.log" 2>&1 \
             || { tail -5 "$OUT/convert-$quant.log"; status=1; }
     done
+    # and of nbpeft's merged folder, which check_llama.py quantises with llama.cpp's quantiser (the K-quants' tolerance)
+    PYTHONPATH="$CONVERT/gguf-py" "$LLAMA" "$CONVERT/convert_hf_to_gguf.py" "$OUT/merged" \
+        --outtype f16 --outfile "$OUT/merged-f16.gguf" >"$OUT/convert-merged-f16.log" 2>&1 \
+        || { tail -5 "$OUT/convert-merged-f16.log"; status=1; }
+    # nbpeft's K-quants are llama.cpp's quantiser called from nbpeft: this environment has both
+    PYTHONPATH="$ROOT" "$LLAMA" "$HERE/make_artifacts.py" "$OUT" --k-quants || status=1
     if [ -f "$OUT/base-f16.gguf" ]; then
-        "$LLAMA" "$HERE/check_llama.py" "$OUT" "$OUT/base-f16.gguf" "$OUT/base-q8_0.gguf" || status=1
+        "$LLAMA" "$HERE/check_llama.py" "$OUT" "$OUT/base-f16.gguf" "$OUT/base-q8_0.gguf" "$OUT/merged-f16.gguf" || status=1
     fi
 else
     echo "llama.cpp: setup failed"; status=1

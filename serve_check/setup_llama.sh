@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # serve_check/.venv-llama: llama-cpp-python compiled from its sdist with the system cmake/gcc,
-# and llama.cpp's converters unpacked from that same sdist into serve_check/.cache/llama.cpp.
+# and llama.cpp's converters unpacked from that same sdist into serve_check/.cache/llama.cpp, and nbpeft's dependencies.
 # Idempotent. The compile (about 130 objects, one job at low priority) took 36 minutes on 2 busy cores.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(dirname "$HERE")"
 VENV="$HERE/.venv-llama"
 CACHE="$HERE/.cache"
 PY="$VENV/bin/python"
@@ -30,4 +31,7 @@ if ! "$PY" -c "import llama_cpp" 2>/dev/null; then
     CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}" \
         nice -n 19 "$PY" -m pip install --no-binary llama-cpp-python "$SDIST"
 fi
+# nbpeft's own dependencies too (it runs from the repository with PYTHONPATH): its K-quant exports call llama.cpp's
+# quantiser through llama-cpp-python, so they need both in one environment
+"$PY" -m pip install -q torch==2.13.0 $("$PY" -c "import tomllib; print(' '.join(tomllib.load(open('$ROOT/pyproject.toml', 'rb'))['project']['dependencies']))")
 "$PY" -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__, 'ready')"
