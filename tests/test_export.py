@@ -208,7 +208,7 @@ def test_k_quant_without_llama_cpp_says_how_to_install(lora_model, tokenizer, tm
 
 
 def test_gguf_adapter_refuses_k_quants(lora_model, tmp_path):
-    with pytest.raises(ConfigError, match=r"^export\(\): quant='q4_k_m' is for format='gguf' \(the merged model\); llama.cpp reads no"):
+    with pytest.raises(ConfigError, match=r"^export\(\): quant='q4_k_m' is for format='gguf' \(the merged model\); llama.cpp's quantiser takes whole"):
         export(lora_model, tmp_path / "a", format="gguf-adapter", quant="q4_k_m")
     assert list(tmp_path.iterdir()) == []
 

@@ -235,8 +235,8 @@ def export(
     if quant not in gguf_export.QUANTS:
         raise ConfigError(f"export(): quant={quant!r} is not supported; use one of {', '.join(map(repr, gguf_export.QUANTS))}")
     if format == "gguf-adapter" and quant in gguf_export.K_QUANTS:
-        raise ConfigError(f"export(): quant={quant!r} is for format='gguf' (the merged model); llama.cpp reads no K-quant "
-                          "LoRA adapter (its rank-long rows do not fill a K block), so format='gguf-adapter' is written in f32")
+        raise ConfigError(f"export(): quant={quant!r} is for format='gguf' (the merged model); llama.cpp's quantiser takes whole "
+                          "models, not LoRA adapters, so format='gguf-adapter' is written in f32")
     if format == "gguf":
         gguf_export.llama_quantiser(quant)  # a K-quant's missing llama-cpp-python is said now, before any work
     target = Path(path)

@@ -15,9 +15,10 @@ Facts this module builds on (from llama.cpp's converters, ``convert_hf_to_gguf.p
 - The K-quants (``q4_k_m``, ``q5_k_m``) are llama.cpp's own: its quantiser picks a type per tensor
   (some layers one step finer, a row length that is no multiple of 256 a fallback type), so nbpeft
   writes f16 and hands that file to ``llama_model_quantize`` (llama-cpp-python's binding), as
-  llama.cpp's ``llama-quantize`` does. A LoRA adapter has no K-quant form: its ``lora_b`` rows
-  are ``rank`` long, never a multiple of the 256-wide K blocks, and llama.cpp's own
-  ``convert_lora_to_gguf.py`` writes f32, f16, bf16 or q8_0 only.
+  llama.cpp's ``llama-quantize`` does. A LoRA adapter has no K-quant form: the quantiser refuses
+  an adapter file (it reads a model's hyperparameters, ``llama.context_length`` first), llama.cpp's
+  own ``convert_lora_to_gguf.py`` writes f32, f16, bf16 or q8_0 only, and ``lora_b``'s rows are
+  ``rank`` long, short of a 256-wide K block.
 """
 
 from __future__ import annotations
