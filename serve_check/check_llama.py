@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +28,8 @@ import numpy as np
 import torch
 
 K_QUANTS = ("q4_k_m", "q5_k_m")  # checked against llama.cpp's own quantisation of the merged model
+LLAMA_LOG: list[bytes] = []  # llama.cpp's log while it quantises (one line per tensor), kept for its last line
+LLAMA_LOG_CALLBACK: list = []
 
 def evaluate(model_path: str, lora_path: str | None, out: Path, save: Path) -> None:
     """Child: greedy tokens and teacher-forced scores from llama.cpp, saved to ``save`` (.npz)."""
@@ -94,16 +95,20 @@ def compare(got: dict, reference: dict, key: str, tolerance: float | None) -> di
     return result
 
 
-def quantise(source: str, target: Path, quant: str) -> str | None:
-    """llama.cpp's own ``quant`` of the GGUF ``source`` into ``target`` (its path), or None where it failed."""
+def quantise(source: str, target: Path, quant: str) -> tuple[str | None, str]:
+    """llama.cpp's own ``quant`` of the GGUF ``source`` into ``target``: (its path, "") or (None, llama.cpp's last line)."""
     import llama_cpp
 
+    lines = LLAMA_LOG
+    lines.clear()
+    LLAMA_LOG_CALLBACK.append(llama_cpp.llama_log_callback(lambda level, text, _: lines.append(text)))
+    llama_cpp.llama_log_set(LLAMA_LOG_CALLBACK[-1], None)  # llama.cpp keeps calling it: it lives as long as the module
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}")
     params.nthread = 1
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's log: one line per tensor otherwise
     code = llama_cpp.llama_model_quantize(source.encode(), str(target).encode(), ctypes.byref(params))
-    return str(target) if code == 0 else None
+    why = b"".join(lines).decode(errors="replace").strip().splitlines() or [f"code {code}"]
+    return (str(target), "") if code == 0 else (None, f"llama.cpp's quantiser failed: {why[-1]}")
 
 
 def tensor_agreement(ours: str, theirs: str) -> dict:
@@ -141,12 +146,13 @@ def main(out: Path, base_f16: str, base_q8_0: str | None, merged_f16: str | None
     results: dict[str, dict | str] = {}
     own_runs: dict[str, dict] = {}
     references = [("f16", base_f16, "base", "base_logits"), ("q8_0", base_q8_0, "base", "base_logits")]
+    why_not = {}
     for quant in K_QUANTS:
-        own = quantise(merged_f16, out / f"merged-{quant}.gguf", quant) if merged_f16 else None
+        own, why_not[quant] = quantise(merged_f16, out / f"merged-{quant}.gguf", quant) if merged_f16 else (None, "")
         references.append((quant, own, "merged", "logits"))
     for quant, path, what, key in references:
         label = f"llama.cpp's own {quant} conversion of the {what} model (tolerance)"
-        got = run_child(out, f"own_{what}_{quant}", path) if path else "not converted"
+        got = run_child(out, f"own_{what}_{quant}", path) if path else why_not.get(quant) or "not converted"
         if isinstance(got, str):
             tolerances[quant] = None
             results[label] = got

@@ -223,7 +223,7 @@ def test_k_quants_by_llama_cpps_quantiser(tokenizer, tmp_path, quant):
     model = small_llama(len(tokenizer), hidden=256)  # rows of 256: every matrix fits the K blocks, no fallback type
     nbpeft.attach(model, "lora", r=4, init="random", targets="all-linear")
     result = export(model, tmp_path / "g", format="gguf", tokenizer=tokenizer, quant=quant)
-    assert result.notes[-1] == f"{quant} by llama.cpp's quantiser (llama-cpp-python {llama_cpp.__version__})"
+    assert result.notes[-1] == f"{quant} by llama.cpp's quantiser (llama-cpp-python {llama_cpp.__version__})"  # no fallback
     assert sorted(p.name for p in (tmp_path / "g").iterdir()) == sorted(result.files)  # the f16 file is gone
     assert [p.name for p in tmp_path.iterdir()] == ["g"]
     reader = gguf.GGUFReader(tmp_path / "g" / "model.gguf")
@@ -240,6 +240,21 @@ def test_k_quants_by_llama_cpps_quantiser(tokenizer, tmp_path, quant):
     got = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(want.shape)
     assert np.abs(got - want).max() < 0.25 * np.abs(want).max()  # 4 or 5 bits per weight: close, not exact
     assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.99
+
+
+def test_k_quant_fallback_types_and_failures_are_one_line(lora_model, tokenizer, tmp_path, monkeypatch):
+    pytest.importorskip("llama_cpp", reason="the K-quants need llama-cpp-python (pip install llama-cpp-python)")
+    result = export(lora_model, tmp_path / "g", format="gguf", tokenizer=tokenizer, quant="q4_k_m")  # rows of 64
+    fallback = re.search(r"; (\d+) of (\d+) tensors in a fallback type \(rows not a multiple of 256\)\)$", result.notes[-1])
+    tensors = gguf.GGUFReader(tmp_path / "g" / "model.gguf").tensors
+    assert fallback and int(fallback[2]) == len(tensors)
+    not_k = [t for t in tensors if len(t.shape) == 2 and t.tensor_type.name not in ("Q4_K", "Q6_K")]
+    assert 0 < int(fallback[1]) <= len(not_k), {t.name: t.tensor_type.name for t in tensors}
+    monkeypatch.setattr(gguf_export, "_write_gguf", lambda config, sd, tok, path, quant: path.write_bytes(b"no gguf") and [])
+    with pytest.raises(RuntimeError, match=r"^export\(\): llama.cpp's quantiser could not write q5_k_m: .*fail") as err:
+        export(lora_model, tmp_path / "bad", format="gguf", tokenizer=tokenizer, quant="q5_k_m")
+    assert "\n" not in str(err.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["g"]  # nothing of the failed export, not even its hidden folder
 
 
 def test_check_export_lines(tokenizer, tmp_path):

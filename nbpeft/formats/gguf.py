@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -167,20 +166,42 @@ def llama_quantiser(quant: str) -> Any:
     return llama_cpp
 
 
-def _quantise(llama_cpp: Any, source: Path, target: Path, quant: str) -> None:
-    """``target``: llama.cpp's ``quant`` of the f16 GGUF ``source``, by its own quantiser (as ``llama-quantize`` does)."""
+# ggml's log levels (ggml.h); a CONT line continues the one before
+_LOG_WARN, _LOG_CONT = 3, 5
+
+
+def _quantise(llama_cpp: Any, source: Path, target: Path, quant: str) -> str:
+    """``target``: llama.cpp's ``quant`` of the f16 GGUF ``source``, by its own quantiser (as ``llama-quantize`` does).
+
+    llama.cpp's log is held back while it runs (a line per tensor); its warnings and errors are
+    kept, the last error goes into the exception, and the line that counts the tensors given a
+    fallback type (rows not a multiple of 256) is returned.
+    """
+    kept: list[str] = []
+    level = [0]
+
+    @llama_cpp.llama_log_callback
+    def keep(log_level: int, text: bytes, _: Any) -> None:
+        level[0] = level[0] if log_level == _LOG_CONT else log_level
+        if level[0] >= _LOG_WARN:
+            kept.append(text.decode("utf-8", "replace"))
+
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, K_QUANTS[quant])
     params.nthread = torch.get_num_threads()  # the threads this process already uses, not every core
-    log = logging.getLogger("llama-cpp-python")  # llama-cpp-python prints llama.cpp's log at this logger's level
-    level = log.level
-    log.setLevel(logging.ERROR)  # one line per tensor otherwise; errors still show
+    previous, previous_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(previous_data))
+    llama_cpp.llama_log_set(keep, None)
     try:
         code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
     finally:
-        log.setLevel(level)
+        llama_cpp.llama_log_set(previous, previous_data)
+    lines = [line.strip() for line in "".join(kept).splitlines() if line.strip()]
     if code != 0:
-        raise RuntimeError(f"export(): llama.cpp's quantiser failed to write {quant} (code {code}; its message is above); nothing was written")
+        why = next((line for line in reversed(lines) if "fail" in line or "error" in line), f"code {code}")
+        raise RuntimeError(f"export(): llama.cpp's quantiser could not write {quant}: {why}")
+    fallback = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback", "\n".join(lines))
+    return f"{fallback[1]} of {fallback[2]} tensors in a fallback type (rows not a multiple of 256)" if fallback else ""
 
 
 def write_model(config: Any, state_dict: dict[str, torch.Tensor], tokenizer: Any, folder: Path, quant: str) -> tuple[list[str], list[str]]:
@@ -196,9 +217,10 @@ def write_model(config: Any, state_dict: dict[str, torch.Tensor], tokenizer: Any
     else:
         f16 = folder / ".model.f16.gguf"
         notes = _write_gguf(config, state_dict, tokenizer, f16, "f16")
-        _quantise(llama_cpp, f16, folder / "model.gguf", quant)
+        fallback = _quantise(llama_cpp, f16, folder / "model.gguf", quant)
         f16.unlink()
-        notes.append(f"{quant} by llama.cpp's quantiser (llama-cpp-python {getattr(llama_cpp, '__version__', '?')})")
+        version = getattr(llama_cpp, "__version__", "?")
+        notes.append(f"{quant} by llama.cpp's quantiser (llama-cpp-python {version}{'; ' + fallback if fallback else ''})")
     (folder / "Modelfile").write_text(modelfile("./model.gguf", tokenizer))
     return ["model.gguf", "Modelfile"], notes
 
