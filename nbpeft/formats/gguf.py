@@ -166,7 +166,8 @@ def llama_quantiser(quant: str) -> Any:
     return llama_cpp
 
 
-# ggml's log levels (ggml.h); a CONT line continues the one before
+# ggml's log levels (ggml.h); a CONT line continues the one before. llama-cpp-python's own logger maps
+# an older numbering (WARN reads as ERROR there), so its logging level cannot hold the warnings back
 _LOG_WARN, _LOG_CONT = 3, 5
 
 
