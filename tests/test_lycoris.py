@@ -15,11 +15,12 @@ from safetensors.torch import load_file
 import nbpeft
 from nbpeft.errors import ConfigError
 from nbpeft.formats.export import check_export, to_lora
+from nbpeft.methods.lokr import factor_pair
 
 from conftest import assert_same, snapshot
 from families import outputs, tiny_batch, tiny_model
 
-METHODS = ["loha"]
+METHODS = ["loha", "lokr"]
 # the tensors of one adapted linear layer in the reference's files, with default options on a 16 x 16 layer
 FACTORS = {"loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}, "lokr": {"lokr_w1", "lokr_w2"}}
 
@@ -153,3 +154,37 @@ def test_bad_options_are_one_line_and_change_nothing(method, options, message):
         nbpeft.attach(model, method, **options)
     assert message in str(info.value) and "\n" not in str(info.value)
     assert_same(before, snapshot(model))
+
+
+@pytest.mark.parametrize(("size", "factor", "pair"), [
+    (16, -1, (4, 4)), (12, -1, (3, 4)), (127, -1, (1, 127)), (128, -1, (8, 16)), (128, 4, (4, 32)), (16, 8, (8, 2)),
+    (16, 3, (2, 8)), (1, -1, (1, 1)),
+])
+def test_factor_pairs_split_sizes_as_the_reference_does(size, factor, pair):
+    assert factor_pair(size, factor) == pair
+
+
+@pytest.mark.parametrize(("options", "factors"), [
+    ({}, {"lokr_w1": (4, 4), "lokr_w2": (4, 4)}),  # r=8 is not below half of 4: both whole
+    ({"r": 1}, {"lokr_w1": (4, 4), "lokr_w2_a": (4, 1), "lokr_w2_b": (1, 4)}),
+    ({"r": 1, "decompose_both": True}, {"lokr_w1_a": (4, 1), "lokr_w1_b": (1, 4), "lokr_w2_a": (4, 1), "lokr_w2_b": (1, 4)}),
+    ({"r": 1, "decompose_factor": 2}, {"lokr_w1": (2, 2), "lokr_w2_a": (8, 1), "lokr_w2_b": (1, 8)}),
+])
+def test_lokr_factors_are_whole_or_low_rank_as_the_reference_chooses(options, factors):
+    model = tiny_model("llama")
+    nbpeft.attach(model, "lokr", targets=["q_proj"], **options)  # q_proj: 16 x 16
+    params = model.model.layers[0].self_attn.q_proj.adapter_parameters("default")
+    assert {k: tuple(v.shape) for k, v in params.items()} == factors
+    zero = [k for k, v in params.items() if not v.any()]
+    assert zero == [next(k for k in ("lokr_w1", "lokr_w1_a") if k in params)]
+
+
+def test_lokr_lycoris_init_zeroes_w2_and_keeps_the_outputs():
+    model, batch = tiny_model("llama"), tiny_batch("llama")
+    base = outputs(model, batch)
+    nbpeft.attach(model, "lokr", r=1, init_weights="lycoris")
+    params = model.model.layers[0].self_attn.q_proj.adapter_parameters("default")
+    assert [k for k, v in params.items() if not v.any()] == ["lokr_w2_b"]
+    torch.testing.assert_close(outputs(model, batch), base, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="use True, False or 'lycoris'"):
+        nbpeft.attach(model, "lokr", name="other", init_weights="nope")
