@@ -188,3 +188,28 @@ def test_lokr_lycoris_init_zeroes_w2_and_keeps_the_outputs():
     torch.testing.assert_close(outputs(model, batch), base, rtol=0, atol=0)
     with pytest.raises(ConfigError, match="use True, False or 'lycoris'"):
         nbpeft.attach(model, "lokr", name="other", init_weights="nope")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_merge_and_detach_after_bf16_training_are_exact(method):
+    model, batch = tiny_model("llama"), tiny_batch("llama")
+    before = snapshot(model)
+    nbpeft.attach(model, method, targets="all-linear", init_weights=False)
+    nbpeft.train(model, [batch] * 2, steps=2, lr=1e-2, precision="bf16", warmup=0, live=False, compile=False)
+    adapted = outputs(model, batch)
+    nbpeft.merge(model)
+    torch.testing.assert_close(outputs(model, batch), adapted, rtol=1e-5, atol=1e-5)
+    nbpeft.detach(model)
+    assert_same(before, snapshot(model))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_bf16_model_keeps_fp32_factors_and_bf16_outputs(method):
+    model, batch = tiny_model("llama").to(torch.bfloat16), tiny_batch("llama")
+    base = outputs(model, batch)
+    nbpeft.attach(model, method)
+    assert all(p.dtype == torch.float32 for p in nbpeft.core.adapter_parameters(model, "default").values())
+    out = outputs(model, batch)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, base)
+    randomised(model)
+    assert not torch.equal(outputs(model, batch), base)
