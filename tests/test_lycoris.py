@@ -17,7 +17,7 @@ from nbpeft.errors import ConfigError
 from nbpeft.formats.export import check_export, to_lora
 from nbpeft.methods.lokr import factor_pair
 
-from conftest import assert_same, snapshot
+from conftest import assert_same, char_tokenizer, snapshot
 from families import outputs, tiny_batch, tiny_model
 
 METHODS = ["loha", "lokr"]
@@ -121,8 +121,9 @@ def test_the_folder_is_in_the_reference_layout_and_loads_back(method, tmp_path):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_to_lora_converts_and_serving_targets_say_what_they_take(method):
-    model, batch = tiny_model("llama"), tiny_batch("llama")
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: the delta of Conv1D's (in, out) weight
+def test_to_lora_converts_and_serving_targets_say_what_they_take(method, family):
+    model, batch = tiny_model(family), tiny_batch(family)
     nbpeft.attach(model, method)
     randomised(model)
     adapted = outputs(model, batch)
@@ -213,3 +214,16 @@ def test_a_bf16_model_keeps_fp32_factors_and_bf16_outputs(method):
     assert out.dtype == torch.bfloat16 and torch.equal(out, base)
     randomised(model)
     assert not torch.equal(outputs(model, batch), base)
+
+
+@pytest.mark.parametrize("method", [*METHODS, "ln_tuning"])
+def test_a_merged_export_loads_in_transformers_with_the_same_logits(method, tmp_path):
+    import transformers
+
+    model, batch = tiny_model("llama"), tiny_batch("llama")
+    nbpeft.attach(model, method)
+    randomised(model)
+    adapted = outputs(model, batch)
+    nbpeft.export(model, tmp_path, format="merged", tokenizer=char_tokenizer())
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(outputs(plain, batch), adapted, rtol=1e-5, atol=1e-5)
