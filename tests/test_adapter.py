@@ -279,9 +279,9 @@ def test_check_export_of_a_saved_folder_names_the_method(llama, tmp_path):
         assert lines == nbpeft.check_export(llama, target) and len(lines) == 1 and "(adapter)" in lines[0]
     assert "the reference has no adapter format" in str(nbpeft.check_export(tmp_path, "peft"))
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LOHA"}))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "HRA"}))
     lines = nbpeft.check_export(tmp_path, "vllm")  # a method of another tool: no ability known
-    assert len(lines) == 1 and "(loha): vLLM serves LoRA only" in lines[0]
+    assert len(lines) == 1 and "(hra): vLLM serves LoRA only" in lines[0]
     assert nbpeft.check_export(tmp_path, "peft") == []
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import nbpeft
-from nbpeft.training.bakeoff import DEFAULT_LR
+from nbpeft.training.bakeoff import usual_lr
 
 from conftest import assert_same, char_tokenizer, snapshot, tiny_llama
 
@@ -30,11 +30,11 @@ def test_each_row_equals_the_run_made_alone_and_the_model_comes_back_exact(store
 
     frame = table.to_pandas()
     assert list(frame["name"]) == ["lora", "ia3", "prompt"]
-    assert list(frame["lr"]) == [1e-2, DEFAULT_LR["ia3"], DEFAULT_LR["prompt"]]
+    assert list(frame["lr"]) == [1e-2, usual_lr("ia3"), usual_lr("prompt")] == [1e-2, 3e-3, 3e-2]
     assert frame["run_id"].tolist() == nbpeft.runs().ids  # each method's run is recorded
     for name, settings in METHODS.items():
         settings = dict(settings)
-        lr = settings.pop("lr", DEFAULT_LR.get(name))
+        lr = settings.pop("lr", usual_lr(name))
         alone = tiny_llama()
         torch.manual_seed(3)
         adapter = nbpeft.attach(alone, name, **settings)
@@ -123,3 +123,11 @@ def test_the_magic_makes_the_same_call() -> None:
         shell.run_line_magic("peft_bakeoff", "ia3={} setps=5")
     for name in ("model", "data", "val", "tokenizer", "bo"):
         shell.user_ns.pop(name)
+
+
+def test_methods_take_part_by_name_at_their_usual_rate(store) -> None:
+    model = tiny_llama()
+    options = {"tokenizer": char_tokenizer(), "steps": 2, "batch_size": 2, "live": False}
+    frame = nbpeft.bakeoff(model, DATA, methods={"loha": {}, "lokr": {"r": 2}, "ln_tuning": {}}, **options).to_pandas()
+    assert list(frame["name"]) == ["loha", "lokr", "ln_tuning"] and frame["final_loss"].notna().all()
+    assert list(frame["lr"]) == [2e-4, 2e-4, 1e-3]  # train()'s default, and LN tuning's own

@@ -148,8 +148,8 @@ def test_missing_files_and_pickles_get_clear_errors(llama, tmp_path):
     with pytest.raises(nbpeft.ConfigError, match="pickle file, which nbpeft does not load"):
         nbpeft.load_adapter(llama, tmp_path)
     assert not hasattr(llama, "_nbpeft")
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA"}))
-    with pytest.raises(nbpeft.ConfigError, match="holds a LOHA adapter"):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "HRA"}))
+    with pytest.raises(nbpeft.ConfigError, match="holds a HRA adapter"):
         nbpeft.load_adapter(llama, tmp_path)
 
 

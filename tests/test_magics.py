@@ -778,8 +778,8 @@ def complete(shell, text: str) -> list[str]:
 def test_complete_method_names(shell):
     names = [m.name for m in nbpeft.methods()]
     assert complete(shell, "%peft_attach ") == names
-    assert complete(shell, "%peft_attach lo") == ["lora"]
-    assert complete(shell, "%%peft_attach lo") == ["lora"]
+    assert complete(shell, "%peft_attach lo") == [n for n in names if n.startswith("lo")]
+    assert complete(shell, "%%peft_attach lor") == ["lora"]
     assert complete(shell, "%peft_methods ") == names
 
 
@@ -816,7 +816,7 @@ def test_complete_variables_and_adapter_names(shell):
 
 def test_complete_compare_methods(shell, fake_compare):
     assert complete(shell, "%peft_compare methods=lora,i") == ["methods=lora,ia3"]
-    assert complete(shell, "%peft_compare lo") == ["lora="]
+    assert complete(shell, "%peft_compare lor") == ["lora="]
     assert complete(shell, "%peft_compare --") == ["--model", "--out"]
 
 

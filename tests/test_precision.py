@@ -298,7 +298,7 @@ class Interrupt(Listener):
             raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "bitfit", "qlora", "adapter", "prompt"])
+@pytest.mark.parametrize("method", ["lora", "dora", "loha", "lokr", "ia3", "bitfit", "ln_tuning", "qlora", "adapter", "prompt"])
 def test_training_in_bf16_leaves_the_base_weights_bit_identical(method):
     model = tiny_llama()
     attach_method(model, method)

@@ -348,11 +348,14 @@ def _method_line(target: str, spec: Method, method: str) -> str | None:
     if note:
         return note
     if target == "vllm" and not spec.plain_lora:
+        if spec.mergeable and not spec.weight_delta:  # merging is the only way: no LoRA holds its change
+            return "vLLM serves LoRA only; export format='merged'"
         return "vLLM serves LoRA only; export format='merged' if the method merges, or use nbpeft.to_lora()"
     if target in ("llama.cpp", "ollama") and not spec.mergeable:
         return "has no GGUF form; save it with nbpeft.save_adapter() for the reference peft"
     if target in ("llama.cpp", "ollama") and not spec.plain_lora:
-        return "GGUF adapters are LoRA only; export format='gguf' (merged) or convert with nbpeft.to_lora()"
+        convert = " or convert with nbpeft.to_lora()" if spec.weight_delta else ""
+        return f"GGUF adapters are LoRA only; export format='gguf' (merged){convert}"
     if target == "peft" and not spec.in_reference:
         return f"the reference has no {method} format; it refuses this folder's peft_type"
     return None

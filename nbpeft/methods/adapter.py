@@ -269,6 +269,7 @@ class BottleneckAdapterMethod(Method):
     layer_class = BottleneckAdapter
     peft_type = "BOTTLENECK_ADAPTER"
     listing_order = 40
+    usual_lr = 5e-4  # bottleneck adapters (Houlsby et al. 2019) train at 1e-4 to 1e-3
     compare_options = {"bottleneck": 64}
     identity_at_attach = True
 

@@ -138,6 +138,10 @@ class Method:
     listing_order: ClassVar[int] = 1000
     # compare()'s usual setting for this method (the rest are the config's defaults).
     compare_options: ClassVar[dict[str, Any]] = {}
+    # The learning rate that trains this method in a few dozen steps, where it differs from train()'s default
+    # (2e-4, LoRA's usual rate): the bake-off trains each method at its own. From the method's paper or the
+    # reference's examples.
+    usual_lr: ClassVar[float | None] = None
     # Set for a method that only combines adapters already trained (nothing to count on a bare model): why.
     needs_other_adapters: ClassVar[str | None] = None
 

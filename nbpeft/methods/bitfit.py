@@ -29,15 +29,17 @@ from ..layers import AdapterLayer, adapter_dtype, wrappers
 from .base import Attached, Method, MethodConfig, option, register
 
 
-def _is_norm(module: nn.Module) -> bool:
+def is_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a norm layer with a weight (LayerNorm, RMSNorm and the models' own kinds of them)."""
     name = type(module).__name__
     return (isinstance(module, nn.LayerNorm) or name.endswith(("LayerNorm", "RMSNorm"))) and getattr(
         module, "weight", None
     ) is not None
 
 
-def _norm_types(model: nn.Module) -> tuple[type, ...]:
-    return tuple({type(m) for m in targeting.base_modules(model).values() if _is_norm(m)})
+def norm_types(model: nn.Module) -> tuple[type, ...]:
+    """The classes of ``model``'s norm layers."""
+    return tuple({type(m) for m in targeting.base_modules(model).values() if is_norm(m)})
 
 
 @dataclass
@@ -89,18 +91,18 @@ class BitFitLayer(AdapterLayer):
     @property
     def added_bias(self) -> bool:
         """True when the adapter adds a bias: a linear layer without one."""
-        return getattr(self.inner, "bias", None) is None and not _is_norm(self.inner)
+        return getattr(self.inner, "bias", None) is None and not is_norm(self.inner)
 
     def add(self, name: str, config: BitFitConfig) -> None:
         inner = self.inner
         weight = inner.weight
         dtype = adapter_dtype(weight.dtype)
         start = {}
-        if _is_norm(inner):  # a norm layer trains its weight and any bias it has (none is added)
+        if is_norm(inner):  # a norm layer trains its weight and any bias it has (none is added)
             start["weight"] = weight.detach().to(dtype)
         if getattr(inner, "bias", None) is not None:
             start["bias"] = inner.bias.detach().to(dtype)
-        elif not _is_norm(inner):
+        elif not is_norm(inner):
             start["bias"] = torch.zeros(_out_features(inner), device=weight.device, dtype=dtype)
         self.bitfit[name] = BitFitCopy(start)
 
@@ -176,22 +178,23 @@ class BitFit(Method):
     layer_class = BitFitLayer
     peft_type = "BITFIT"
     listing_order = 30
+    usual_lr = 1e-3  # BitFit (Ben Zaken et al. 2022) searched 1e-4 to 1e-3
     identity_at_attach = True
     mergeable = True  # where every adapted layer had a bias: the layer says which
 
     def select(self, model: nn.Module, config: BitFitConfig, attached: Mapping[str, Attached]) -> list[str]:
-        kinds = targeting.linear_types() + _norm_types(model)
+        kinds = targeting.linear_types() + norm_types(model)
         chosen = targeting.resolve(model, config.targets or targeting.ALL_LINEAR, kinds, self.name)
         if config.layer_norms:
             modules = targeting.base_modules(model)
-            chosen += [p for p, m in modules.items() if _is_norm(m) and p not in chosen]
+            chosen += [p for p, m in modules.items() if is_norm(m) and p not in chosen]
             order = {p: i for i, p in enumerate(modules)}
             chosen.sort(key=order.__getitem__)
         return chosen
 
     def notes(self, model: nn.Module, config: BitFitConfig, targets: list[str]) -> list[str]:
         modules = targeting.base_modules(model)
-        added = [p for p in targets if getattr(modules[p], "bias", None) is None and not _is_norm(modules[p])]
+        added = [p for p in targets if getattr(modules[p], "bias", None) is None and not is_norm(modules[p])]
         if not added:
             return []
         leaves = sorted({p.rsplit(".", 1)[-1] for p in added})

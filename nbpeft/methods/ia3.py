@@ -163,6 +163,7 @@ class IA3(Method):
     layer_class = IA3Layer
     peft_type = "IA3"
     listing_order = 20
+    usual_lr = 3e-3  # the reference's IA3 examples: a few scales need ~10× LoRA's rate
     identity_at_attach = True
     weight_delta = mergeable = in_reference = True
     holds_token_rows = False  # the reference keeps trainable tokens only beside LoRA

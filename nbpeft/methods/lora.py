@@ -105,14 +105,14 @@ class LoraConfig(MethodConfig):
             raise ConfigError(f"{self.method}: targets=[] is empty; name at least one module, e.g. targets=['q_proj']")
         for option_name, patterns, kind in (("rank_pattern", self.rank_pattern, int), ("alpha_pattern", self.alpha_pattern, float)):
             for key, value in patterns.items():
-                _check_pattern(self.method, option_name, key, value, kind)
+                check_pattern(self.method, option_name, key, value, kind)
         layers = [self.layers] if isinstance(self.layers, int) else self.layers or []
         if any(i < 0 for i in layers):
             raise ConfigError(f"{self.method}: layers={self.layers!r} must be block numbers from 0, e.g. layers=[0, 1]")
         if self.layers_pattern and self.layers is None:
             raise ConfigError(f"{self.method}: layers_pattern={self.layers_pattern!r} only applies with layers=[...]; add layers")
         if isinstance(self.exclude, str):
-            _check_regex(self.method, "exclude", self.exclude)
+            check_regex(self.method, "exclude", self.exclude)
 
     def for_module(self, path: str) -> LoraConfig:
         """This config with the rank and alpha that ``rank_pattern`` and ``alpha_pattern`` give the module at ``path``."""
@@ -128,25 +128,25 @@ class LoraConfig(MethodConfig):
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
 
-def _check_regex(method: str, option_name: str, text: str) -> None:
+def check_regex(method: str, option_name: str, text: str) -> None:
     try:
         re.compile(text)
     except re.error as err:
         raise ConfigError(f"{method}: {option_name} has {text!r}, which is not a valid regex ({err})") from None
 
 
-def _check_pattern(method: str, option_name: str, key: Any, value: Any, kind: type) -> None:
+def check_pattern(method: str, option_name: str, key: Any, value: Any, kind: type) -> None:
     example = f"{option_name}={{'v_proj': {4 if kind is int else 8.0}}}"
     if not isinstance(key, str) or not key:
         raise ConfigError(f"{method}: {option_name} keys must be module names or regexes, got {key!r}; e.g. {example}")
-    _check_regex(method, option_name, key)
+    check_regex(method, option_name, key)
     number = isinstance(value, int) if kind is int else isinstance(value, (int, float))
     if not number or isinstance(value, bool) or value <= 0:
         what = "a positive integer" if kind is int else "a positive number"
         raise ConfigError(f"{method}: {option_name}[{key!r}]={value!r} must be {what}, e.g. {example}")
 
 
-def _saved_pattern(patterns: dict[str, Any], chosen: list[str], default: Any) -> dict[str, Any]:
+def saved_pattern(patterns: dict[str, Any], chosen: list[str], default: Any) -> dict[str, Any]:
     """``patterns`` as a file holds them: the JSON is written with sorted keys and the first matching key
     wins, so where sorting would change what a module gets, each such module is written by its exact path."""
     def values(order: dict[str, Any]) -> dict[str, Any]:
@@ -552,8 +552,8 @@ class LoRA(Method):
             "fan_in_fan_out": fan_in_fan_out,
             "init_lora_weights": lora_init.reference_init(config.init, config.pissa_niter),
             **self._saved_targets(config, model, chosen),
-            "rank_pattern": _saved_pattern(config.rank_pattern, chosen, config.r),
-            "alpha_pattern": _saved_pattern(config.alpha_pattern, chosen, config.alpha),
+            "rank_pattern": saved_pattern(config.rank_pattern, chosen, config.r),
+            "alpha_pattern": saved_pattern(config.alpha_pattern, chosen, config.alpha),
             "lora_bias": config.lora_bias,
         }
 

@@ -259,6 +259,7 @@ class PrefixTuning(Method):
     layer_class = PrefixKV
     peft_type = "PREFIX_TUNING"
     listing_order = 51
+    usual_lr = 1e-2  # the reference's prefix-tuning examples
     compare_options = {"num_virtual_tokens": 20}
     in_reference = True
     holds_token_rows = False  # the reference keeps trainable tokens only beside LoRA

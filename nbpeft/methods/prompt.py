@@ -370,6 +370,7 @@ class Prompt(Method):
     layer_class = PromptEmbedding
     peft_type = "PROMPT_TUNING"
     listing_order = 50
+    usual_lr = 3e-2  # the reference's prompt-tuning examples
     compare_options = {"num_virtual_tokens": 20}
     in_reference = True
     holds_token_rows = False  # the reference keeps trainable tokens only beside LoRA

@@ -30,16 +30,12 @@ from .options import Settings, by_name
 from .record import model_name
 from .run_table import RunTable
 
-# A learning rate that trains each method in a few dozen steps, where it differs from train()'s
-# default (2e-4, LoRA's usual rate). Rates from the methods' papers and the reference examples:
-# IA3 and BitFit scale or shift few values and need ~10× more; soft prompts and prefixes need more still.
-DEFAULT_LR = {
-    "ia3": 3e-3,        # the reference's IA3 examples
-    "bitfit": 1e-3,     # BitFit (Ben Zaken et al. 2022) searched 1e-4 to 1e-3
-    "adapter": 5e-4,    # bottleneck adapters (Houlsby et al. 2019) train at 1e-4 to 1e-3
-    "prompt": 3e-2,     # the reference's prompt-tuning examples
-    "prefix": 1e-2,     # the reference's prefix-tuning examples
-}
+
+def usual_lr(method: str) -> float:
+    """The learning rate ``method`` trains at in a bake-off: its own (``Method.usual_lr``), else train()'s default."""
+    own = get_method(method).usual_lr
+    return own if own is not None else by_name()["lr"].default
+
 # options bakeoff() sets itself, or that make no sense when several methods train in turn
 NOT_OPTIONS = ("full", "resume")
 
@@ -74,11 +70,11 @@ def _plan(model: nn.Module, methods: Any, options: dict[str, Any]) -> list[tuple
             raise ConfigError(f"bakeoff(): methods[{row!r}] must be a dict of options, e.g. {{'r': 8}} or {{}}")
         settings = dict(settings)
         method = settings.pop("method", row)  # {"lora-r16": {"method": "lora", "r": 16}}: one method twice
-        lr = settings.pop("lr", options.get("lr", DEFAULT_LR.get(method, by_name()["lr"].default)))
         try:
-            get_method(method).config_class.from_options(settings)
+            get_method(method).config_class.from_options({k: v for k, v in settings.items() if k != "lr"})
         except ConfigError as err:
             raise ConfigError(f"bakeoff(): methods[{row!r}]: {err}") from None
+        lr = settings.pop("lr", options.get("lr", usual_lr(method)))
         plan.append((str(row), method, settings, lr))
     Settings.of("bakeoff()", {"data": [], **options, "lr": plan[0][3]})
     for _, _, _, lr in plan:
@@ -123,7 +119,7 @@ def bakeoff(model: nn.Module, data: Any, methods: dict[str, dict[str, Any]], *, 
 
     ``methods`` maps a method name to its attach options, e.g. ``{"lora": {"r": 8}, "ia3": {}}``;
     an ``"lr"`` among them is that method's learning rate (else ``lr=`` if given, else the
-    method's usual rate from :data:`DEFAULT_LR`, else train()'s default); ``"method"`` lets one
+    method's usual rate, :func:`usual_lr`); ``"method"`` lets one
     method appear twice under other names (``{"lora-r16": {"method": "lora", "r": 16}}``).
     ``seed`` and every other keyword (``eval_data``, ``steps``, ``metrics``, ...) go to
     ``train()``. The model must come bare and is given back bare, its weights bit for bit.
