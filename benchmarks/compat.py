@@ -41,7 +41,7 @@ import peft  # noqa: E402
 import nbpeft  # noqa: E402
 from nbpeft.methods import get_method  # noqa: E402
 
-from families import FAMILIES, KIND, METHODS, REFUSED, inputs, tiny_batch, tiny_model  # noqa: E402
+from families import FAMILIES, FAST_OPTIONS, KIND, REFUSED, inputs, tiny_batch, tiny_model  # noqa: E402
 
 TOLERANCE = 1e-4
 # With two or more layers a stored layer read by the wrong model layer shows; three makes the
@@ -134,7 +134,7 @@ def run_pair(family: str, method: str, tmp: Path) -> tuple[Outcome, Outcome]:
     try:
         torch.manual_seed(0)
         model = model_of(family)
-        nbpeft.attach(model, method, **METHODS.get(method, {}))
+        nbpeft.attach(model, method, **FAST_OPTIONS.get(method, {}))
         randomise(nbpeft.core.trainable_parameters(model))
         ours = logits(model, family)
         nbpeft.save_adapter(model, ours_dir)
