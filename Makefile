@@ -48,11 +48,13 @@ bench:
 # Adapter files both ways between nbpeft and the reference peft (pinned in setup_ref_venv.sh) for every
 # method with a reference peft_type, on tiny random models of every family in tests/families.py; prints
 # a table and a summary and fails when a direction fails on nbpeft's side. Then LoRA on
-# mixture-of-experts weights (target_parameters), both ways.
+# mixture-of-experts weights (target_parameters), both ways; AdaLoRA's rank allocation step for step and
+# VeRA's projections drawn from the key.
 compat:
 	bash benchmarks/setup_ref_venv.sh
 	.venv-bench/bin/python benchmarks/compat.py
 	.venv-bench/bin/python benchmarks/moe_parity.py
+	.venv-bench/bin/python benchmarks/adalora_vera_parity.py
 
 bench-gpu:
 	bash benchmarks/setup_ref_venv.sh

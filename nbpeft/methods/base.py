@@ -189,6 +189,19 @@ class Method:
     def on_detach(self, model: nn.Module, name: str) -> None:
         """Called before the adapter's layers are removed: undo ``on_attach``."""
 
+    # Optional training hooks, for methods whose training is more than optimizer steps on their parameters
+    # (AdaLoRA's orthogonality penalty and rank budget). train() calls them for every active adapter.
+    def extra_loss(self, model: nn.Module, name: str, config: MethodConfig) -> torch.Tensor | None:
+        """A term added to each step's training loss (once a step, outside the reported loss), or None."""
+        return None
+
+    def after_step(self, model: nn.Module, name: str, config: MethodConfig, step: int, total_steps: int) -> dict[str, float]:
+        """Called after each optimizer step (1-based ``step`` of ``total_steps``), gradients still in place.
+
+        Returns figures for the step's history row (``Step.figures``), e.g. ``{"rank q_proj": 6}``.
+        """
+        return {}
+
     def uses(self, config: MethodConfig) -> list[str]:
         """Names of other adapters this one computes with (AdapterFusion); detach removes it first."""
         return []

@@ -68,6 +68,7 @@ class Step:
     grad_norm: float | None = None  # the gradients' total norm before clipping
     eval_loss: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    figures: dict[str, float] = field(default_factory=dict)  # what attached methods report (e.g. AdaLoRA's ranks)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from .. import core
 from ..data.batches import Batches
 from ..errors import ConfigError
 from . import checkpoints as checkpoint
-from . import compiling, distributed, lm_loss, memory, precision, record
+from . import compiling, distributed, lm_loss, memory, method_steps, precision, record
 from .events import Begin, End, Listener, Note, Step, StopTraining, TrainResult, as_listener
 from .options import Settings, docstring, signature
 from .precision import Choice, choose
@@ -486,6 +486,7 @@ def _step(run: Run, step: int, step_batches: list[dict[str, torch.Tensor]], bega
     for group in optimizer.param_groups:
         group["lr"] = s.lr * group.get("lr_scale", 1.0) * lr_factor(step, run.steps, run.warmup, s.schedule)
     loss, tokens = _forward_backward(run, step, step_batches)
+    figures = method_steps.backward_extra_loss(run.model, run.scaler)  # e.g. AdaLoRA's orthogonality penalty
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
         run.result.stopped = "non-finite loss"
@@ -503,12 +504,13 @@ def _step(run: Run, step: int, step_batches: list[dict[str, torch.Tensor]], bega
         run.scaler.update()
     else:
         optimizer.step()
+    figures.update(method_steps.after_step(run.model, step, run.steps))  # gradients still there: e.g. AdaLoRA's budget
     optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - began
     run.tokens, run.step_seconds = run.tokens + tokens, run.step_seconds + seconds
     return Step(step=step, total_steps=run.steps, loss=loss, lr=optimizer.param_groups[0]["lr"], tokens=tokens,
                 step_time_s=seconds, elapsed_s=0.0, tokens_per_s=run.tokens / run.step_seconds, eta_s=0.0,
-                peak_mem_bytes=peak_memory(run.dev), grad_norm=grad_norm)
+                peak_mem_bytes=peak_memory(run.dev), grad_norm=grad_norm, figures=figures)
 
 
 def _clip(params: list[nn.Parameter], max_grad_norm: float | None) -> float:
