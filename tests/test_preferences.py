@@ -274,3 +274,38 @@ def test_a_pair_objective_computes_chosen_and_rejected_one_after_the_other_with_
     (-F.logsigmoid(2.0 * (means[:, 0] - means[:, 1]) - 0.5)).mean().backward()
     for a, p in zip(sequential, nbpeft.core.trainable_parameters(model)):
         assert torch.allclose(a, p.grad, atol=1e-5)
+
+
+def test_the_train_tab_shows_an_objectives_options_only_while_it_is_chosen():
+    from nbpeft.widgets.training import TrainTab
+
+    model = tiny_llama()
+    nbpeft.attach(model, "lora", r=4)
+    tab = TrainTab(model, char_tokenizer(), namespace={"data": PAIRS})
+    assert tab.fields["gamma"].row.layout.display == "none" and tab.fields["beta"].row.layout.display == "none"
+    tab.objective.value = "simpo"
+    assert tab.fields["gamma"].row.layout.display is None and tab.fields["beta"].row.layout.display is None
+    assert tab.fields["desirable_weight"].row.layout.display == "none"
+    tab.gamma.value = 1.0
+    assert tab.options()["gamma"] == 1.0 and tab.options()["objective"] == "simpo"
+    tab.objective.value = "dpo"
+    assert "gamma" not in tab.options()
+
+
+def test_the_magic_takes_an_objective_and_its_options(monkeypatch):
+    from IPython import get_ipython
+    from IPython.testing.globalipapp import start_ipython
+
+    ip = start_ipython() or get_ipython()
+    if "nbpeft" not in ip.extension_manager.loaded:
+        ip.run_line_magic("load_ext", "nbpeft")
+    calls = []
+    monkeypatch.setattr(nbpeft, "train", lambda model, data, **keywords: calls.append(keywords) or "result")
+    ip.user_ns.update(model=tiny_llama(), data=PAIRS)
+    try:
+        result = ip.run_cell("%%peft_train steps=2\nobjective: dpo\nbeta: 0.2\nprecompute_ref: true\nlive: false\n")
+    finally:
+        for name in ("model", "data", "_peft_result"):
+            ip.user_ns.pop(name, None)
+    assert result.success, result.error_in_exec
+    assert calls[0]["objective"] == "dpo" and calls[0]["beta"] == 0.2 and calls[0]["precompute_ref"] is True

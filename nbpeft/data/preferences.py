@@ -80,6 +80,23 @@ def check_row(row: Any, form: str, where: str, caller: str = "train()", objectiv
         chat.check_conversation({"messages": prompt + [{"role": "assistant", "content": ""}]}, where, caller)
 
 
+def form_of(data: Any) -> str | None:
+    """The preference form of ``data``'s first row ('pairs', 'unpaired', 'prompts'), or None when it is none."""
+    try:
+        source = sources.read(data)
+    except ConfigError:
+        return None
+    if source.batches:
+        return None
+    first = next(iter(source.rows), None) if source.length is None else (source.rows[0] if source.length else None)
+    if not isinstance(first, dict) or "prompt" not in first:
+        return None
+    for form in ("pairs", "unpaired"):
+        if set(FORMS[form]) <= first.keys():
+            return form
+    return "prompts" if not {"response", "messages"} & first.keys() else None
+
+
 def _messages(value: str | list[dict[str, str]], role: str) -> list[dict[str, str]]:
     return [{"role": role, "content": value}] if isinstance(value, str) else [
         {"role": m["role"], "content": m["content"]} for m in value]
