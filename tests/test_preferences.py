@@ -309,3 +309,13 @@ def test_the_magic_takes_an_objective_and_its_options(monkeypatch):
             ip.user_ns.pop(name, None)
     assert result.success, result.error_in_exec
     assert calls[0]["objective"] == "dpo" and calls[0]["beta"] == 0.2 and calls[0]["precompute_ref"] is True
+
+
+def test_show_example_shows_both_answers_of_a_pair_with_the_tokens_under_the_loss(smol_tokenizer):
+    shown = nbpeft.show_example([{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}], smol_tokenizer)
+    assert list(shown.answers) == ["chosen", "rejected"]
+    chosen = shown.answers["chosen"]
+    assert "".join(t for t, on in zip(chosen.tokens, chosen.trained) if on) == "Hello!<|im_end|>"
+    assert "⟦Go away.<|im_end|>⟧" in repr(shown).replace("⟦Go", "⟦Go") and "<b>rejected</b>" in shown._repr_html_()
+    rated = nbpeft.show_example([{"prompt": "Hi", "completion": "Hey", "label": False}], smol_tokenizer)
+    assert list(rated.answers) == ["completion (undesirable)"]

@@ -97,6 +97,18 @@ def form_of(data: Any) -> str | None:
     return "prompts" if not {"response", "messages"} & first.keys() else None
 
 
+def fit(ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int]] | None:
+    """An answer after its prompt cut to ``max_length`` tokens: the prompt's start goes first (at most half
+    the room stays prompt), then the answer's end; None when no labelled token is left."""
+    if len(ids) <= max_length:
+        return ids, labels
+    answer_at = next((i for i, t in enumerate(labels) if t != IGNORE), len(labels))
+    keep_prompt = max(1, min(answer_at, max_length // 2))  # the prompt's end leads into the answer
+    start = answer_at - keep_prompt
+    ids, labels = ids[start:start + max_length], labels[start:start + max_length]
+    return (ids, labels) if any(t != IGNORE for t in labels[1:]) else None
+
+
 def _messages(value: str | list[dict[str, str]], role: str) -> list[dict[str, str]]:
     return [{"role": role, "content": value}] if isinstance(value, str) else [
         {"role": m["role"], "content": m["content"]} for m in value]
@@ -173,15 +185,9 @@ class PreferenceBatches:
     # encoding ---------------------------------------------------------------------------------------------
 
     def _cut(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]] | None:
-        """``max_length`` from the left of the answer's end: the prompt's start goes first, then the answer's end."""
-        if len(ids) <= self.max_length:
-            return ids, labels
-        self.truncated += 1
-        answer_at = next((i for i, t in enumerate(labels) if t != IGNORE), len(labels))
-        keep_prompt = max(1, min(answer_at, self.max_length // 2))  # the prompt's end leads into the answer
-        start = answer_at - keep_prompt
-        ids, labels = ids[start:start + self.max_length], labels[start:start + self.max_length]
-        return (ids, labels) if any(t != IGNORE for t in labels[1:]) else None
+        cut = fit(ids, labels, self.max_length)
+        self.truncated += cut is None or len(cut[0]) < len(ids)
+        return cut
 
     def _encode_all(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out = []

@@ -6,7 +6,8 @@ to ``x`` and ``h = (log π(y_w|x) − log ref(y_w|x)) − (log π(y_l|x) − log
     DPO:  loss = −(1 − ε) log σ(β h) − ε log σ(−β h)      (ε = label_smoothing: conservative DPO)
     IPO:  loss = (h − 1/(2β))²                          with each log-probability averaged over its tokens
 
-as TRL computes them. Each answer's reward is ``β (log π(y|x) − log ref(y|x))``.
+as TRL computes them. Each answer's reward is ``β (log π(y|x) − log ref(y|x))`` over the whole answer
+(for IPO too, as TRL reports it).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class DPO(Objective):
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         pol, ref = self.logps(policy), self.logps(reference).to(policy.sums.dtype)
         losses = self.row_losses(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1])
-        return losses.mean(), pair_figures(self.beta * (pol[:, 0] - ref[:, 0]), self.beta * (pol[:, 1] - ref[:, 1]))
+        ratio = policy.sums - reference.sums.to(policy.sums.dtype)  # rewards from whole answers, as TRL reports them
+        return losses.mean(), pair_figures(self.beta * ratio[:, 0], self.beta * ratio[:, 1])
 
     def row_losses(self, pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor) -> torch.Tensor:
         return dpo_loss(pc, pr, rc, rr, self.beta, self.option("label_smoothing"))
