@@ -220,10 +220,15 @@ def test_every_objective_trains_every_kind_of_method_and_leaves_the_base_alone(o
     rows = PAIRS if objective != "kto" else [
         {"prompt": r["prompt"], "completion": r["chosen"] if i % 2 else r["rejected"], "label": bool(i % 2)}
         for i, r in enumerate(PAIRS)]
+    extra = {}
+    if objective == "grpo":
+        rows = [{"prompt": r["prompt"]} for r in PAIRS]
+        extra = {"reward": lambda prompts, completions: [float(len(c) % 3) for c in completions], "max_new_tokens": 6,
+                 "num_generations": 2}
     result = nbpeft.train(model, rows, tokenizer=char_tokenizer(), objective=objective, steps=2, batch_size=4,
-                          lr=1e-2, precision="fp32", live=False, runs=False)
+                          lr=1e-2, precision="fp32", live=False, runs=False, **extra)
     assert result.steps == 2 and all(math.isfinite(loss) for loss in result.losses)
-    assert "rewards/chosen" in result.history[-1]
+    assert "rewards/chosen" in result.history[-1] or "reward" in result.history[-1]
     assert same(base, model)
 
 
@@ -319,3 +324,63 @@ def test_show_example_shows_both_answers_of_a_pair_with_the_tokens_under_the_los
     assert "⟦Go away.<|im_end|>⟧" in repr(shown).replace("⟦Go", "⟦Go") and "<b>rejected</b>" in shown._repr_html_()
     rated = nbpeft.show_example([{"prompt": "Hi", "completion": "Hey", "label": False}], smol_tokenizer)
     assert list(rated.answers) == ["completion (undesirable)"]
+
+
+# ------------------------------------------------------------------ GRPO
+
+def test_grpo_advantages_are_normalised_within_each_group_and_the_loss_is_the_clipped_ratio_plus_k3():
+    from nbpeft.training.objectives.grpo import group_advantages, grpo_token_losses
+
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 4.0])
+    advantages, stds = group_advantages(rewards, 3)
+    first = rewards[:3]
+    assert torch.allclose(advantages[:3], (first - first.mean()) / (first.std() + 1e-4))
+    assert stds.tolist() == pytest.approx([first.std().item(), rewards[3:].std().item()])
+    logps = torch.log(torch.rand(2, 4)).requires_grad_()
+    ref = torch.log(torch.rand(2, 4))
+    losses, kl = grpo_token_losses(logps, ref, torch.tensor([0.5, -1.0]), 0.2, 0.1)
+    delta = ref - logps.detach()
+    assert torch.allclose(kl, torch.exp(delta) - delta - 1)
+    assert torch.allclose(losses, -torch.tensor([[0.5], [-1.0]]) + 0.1 * kl)  # the ratio is 1 in value
+    losses.sum().backward()  # its gradient is that of log π: −A + β ∂k3
+    assert torch.allclose(logps.grad, -torch.tensor([[0.5], [-1.0]]) + 0.1 * (1 - torch.exp(delta)), atol=1e-6)
+
+
+def test_grpo_samples_scores_and_trains_leaving_the_base_alone():
+    model = tiny_llama()
+    nbpeft.attach(model, "lora", r=4)
+    base = base_weights(model)
+    seen = []
+
+    def short(prompts, completions):
+        seen.append((list(prompts), list(completions)))
+        return [1.0 if len(c) < 6 else 0.0 for c in completions]
+
+    result = nbpeft.train(model, [{"prompt": f"say {i}"} for i in range(4)], tokenizer=char_tokenizer(),
+                          objective="grpo", reward=[short, lambda p, c: [0.0] * len(c)], reward_weights=[1.0, 0.5],
+                          num_generations=3, max_new_tokens=8, steps=2, batch_size=2, lr=1e-2, precision="fp32",
+                          live=False, runs=False)
+    assert len(seen) == 2 and len(seen[0][0]) == 6 and seen[0][0][0] == seen[0][0][2]  # 3 answers per prompt
+    row = result.history[-1]
+    assert {"reward", "reward_std", "kl", "rewards/short/mean", "rewards/<lambda>/mean"} <= row.keys()
+    assert 0 < row["generation_s"] < row["step_time_s"]
+    assert same(base, model)
+    with pytest.raises(ConfigError, match="objective='grpo' needs reward=fn"):
+        nbpeft.train(model, [{"prompt": "x"}], tokenizer=char_tokenizer(), objective="grpo", steps=1, live=False,
+                     runs=False)
+
+
+def test_grpo_raises_the_mean_reward_on_smollm2(smol):
+    """Reward: answers of few words. A short run on the bundled SmolLM2 makes its answers shorter."""
+    model, tokenizer = smol
+    nbpeft.attach(model, "lora", r=16, targets="all-linear")
+
+    def few_words(prompts, completions):
+        return [-len(c.split()) / 10 for c in completions]
+
+    prompts = [{"prompt": p} for p in ("Tell me about the sea.", "What is a cat?", "Describe a city.", "Why is the sky blue?")]
+    result = nbpeft.train(model, prompts, tokenizer=tokenizer, objective="grpo", reward=few_words, num_generations=4,
+                          max_new_tokens=24, steps=8, batch_size=2, lr=5e-3, warmup=0, schedule="constant",
+                          live=False, runs=False, seed=0)
+    rewards = [value for _, value in result.figure("reward")]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3, rewards

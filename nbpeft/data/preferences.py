@@ -252,6 +252,10 @@ class PreferenceBatches:
         by_index = {e["index"]: e["prompt"] for e in self.examples}
         return [by_index[int(i)] for i in index]
 
+    def raw_prompts(self, index: torch.Tensor) -> list[Any]:
+        """The rows' prompts as the data gives them (a string or messages), for reward functions."""
+        return [self.rows[int(i)]["prompt"] for i in index]
+
 
 def _like(answer: Any, form: Any) -> Any:
     """``answer`` in the form of ``form`` (a string, or assistant messages), for a KL pair across forms."""

@@ -100,6 +100,8 @@ def progress_text(step: Step, memory: str = "peak mem") -> str:
     parts.append(f"lr {step.lr:.1e}")
     if step.grad_norm is not None:
         parts.append(f"grad {step.grad_norm:.2f}")
+    if step.generation_s is not None:
+        parts.append(f"generation {step.generation_s:.1f} s · training {step.step_time_s - step.generation_s:.1f} s")
     parts += [f"{format_eta(step.elapsed_s)} elapsed", f"ETA {format_eta(step.eta_s)}",
               f"{step.tokens_per_s:,.0f} tok/s", f"{memory} {format_bytes(step.peak_mem_bytes)}"]
     return " · ".join(parts)

@@ -76,6 +76,7 @@ class Step:
     metrics: dict[str, float] = field(default_factory=dict)
     figures: dict[str, float] = field(default_factory=dict)
     eval_figures: dict[str, float] = field(default_factory=dict)
+    generation_s: float | None = None  # of step_time_s, the time spent sampling answers (GRPO)
 
     def row(self) -> dict[str, Any]:
         """The step as a history row: its fields, each figure a column of its own (eval ones prefixed ``eval_``)."""

@@ -236,12 +236,7 @@ def labelled_logps(model: nn.Module, batch: dict[str, torch.Tensor], use_cache: 
     counts = keep.sum(dim=1)
     parts = _backbone_and_head(model)
     if parts is None:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        with fast_attention(model, batch):
-            logits = model(**inputs, **use_cache).logits[:, -labels.shape[1]:-1]
-        logps = torch.log_softmax(logits.float(), dim=-1)
-        picked = logps.gather(-1, next_tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return (picked * keep).sum(dim=1), counts
+        return (token_logps(model, batch, use_cache) * keep).sum(dim=1), counts
     backbone, head = parts
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if "use_cache" in _forward_params(backbone):
@@ -262,3 +257,15 @@ def labelled_logps(model: nn.Module, batch: dict[str, torch.Tensor], use_cache: 
                                                    compute_dtype))
             at += count
     return torch.stack(sums).float(), counts
+
+
+def token_logps(model: nn.Module, batch: dict[str, torch.Tensor], use_cache: dict[str, bool]) -> torch.Tensor:
+    """``log p(token t+1 | tokens up to t)`` at every position, (rows, width - 1) in fp32, from the full logits
+    (their last ``width`` positions: prompt tuning puts its virtual tokens in front); zero where unlabelled."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with fast_attention(model, batch):
+        logits = model(**inputs, **use_cache).logits[:, -labels.shape[1]:-1]
+    next_tokens = labels[:, 1:]
+    picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, next_tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * (next_tokens != IGNORE)

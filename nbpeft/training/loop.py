@@ -445,7 +445,7 @@ def _setup(run: Run, restores: contextlib.ExitStack) -> None:
     run.scaler = torch.amp.GradScaler(run.dev.type) if run.choice.needs_scaler else None
     if run.objective is not None:
         reference = objectives.Reference(model, run.params, s.full) if run.objective.uses_reference else None
-        run.objective_loss = objectives.ObjectiveLoss(run.objective, reference, run.use_cache)
+        run.objective_loss = run.objective.make_loss(reference, run.use_cache, {"train": run.batches, "eval": run.evals})
     run.optimizer = torch.optim.AdamW(_param_groups(run.params, s.weight_decay, lora_b_parameters(model), s.lr_ratio),
                                       lr=s.lr, **({"fused": True} if run.dev.type == "cuda" else {}))
     run.stream = iter(run.batches)
@@ -507,8 +507,11 @@ def _objective_note(run: Run) -> str:
     s, objective, reference = run.settings, run.objective, run.objective_loss.reference
     line = f"objective {objective.name} (beta={objective.beta})"
     if reference is None:
-        return line + ": no reference model"
+        return line + ": no reference model" + (f"; {s.num_generations} answers sampled per prompt each step"
+                                                if objective.data == "prompts" else "")
     line += f"; reference: the model as it started, {reference.how}"
+    if objective.data == "prompts":
+        return line + f"; {s.num_generations} answers sampled per prompt each step"
     passes = len(objective.trained_slots) + (objective.data == "unpaired")
     if not s.precompute_ref:
         return line + f" ({passes} reference forward passes a row each step; precompute_ref=True computes them once)"
@@ -538,6 +541,8 @@ def _step(run: Run, step: int, step_batches: list[dict[str, torch.Tensor]], bega
     for group in optimizer.param_groups:
         group["lr"] = s.lr * group.get("lr_scale", 1.0) * lr_factor(step, run.steps, run.warmup, s.schedule)
     run.figures = {}
+    if run.objective_loss is not None:
+        run.objective_loss.generation_s = 0.0
     loss, tokens = _forward_backward(run, step, step_batches)
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
@@ -561,7 +566,9 @@ def _step(run: Run, step: int, step_batches: list[dict[str, torch.Tensor]], bega
     run.tokens, run.step_seconds = run.tokens + tokens, run.step_seconds + seconds
     return Step(step=step, total_steps=run.steps, loss=loss, lr=optimizer.param_groups[0]["lr"], tokens=tokens,
                 step_time_s=seconds, elapsed_s=0.0, tokens_per_s=run.tokens / run.step_seconds, eta_s=0.0,
-                peak_mem_bytes=peak_memory(run.dev), grad_norm=grad_norm, figures=_means(run.figures))
+                peak_mem_bytes=peak_memory(run.dev), grad_norm=grad_norm, figures=_means(run.figures),
+                generation_s=run.objective_loss.generation_s if run.objective_loss and run.objective.data == "prompts"
+                else None)
 
 
 def _clip(params: list[nn.Parameter], max_grad_norm: float | None) -> float:

@@ -10,11 +10,12 @@ from typing import Any
 
 from .base import Logps, Objective, ObjectiveLoss, Reference, check_model
 from .dpo import DPO, IPO
+from .grpo import GRPO
 from .kto import KTO
 from .orpo import ORPO
 from .simpo import SimPO
 
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (DPO, IPO, ORPO, SimPO, KTO)}
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (DPO, IPO, ORPO, SimPO, KTO, GRPO)}
 NAMES = ("sft", *OBJECTIVES)
 
 

@@ -71,6 +71,11 @@ class Objective:
         """The batch's loss (a mean over its rows) and its figures, from the answers' log-probabilities."""
         raise NotImplementedError
 
+    def make_loss(self, reference: Reference | None, use_cache: dict[str, bool], sources: dict[str, Any]
+                  ) -> ObjectiveLoss:
+        """What the loop calls as its loss; ``sources`` holds the train and eval batches by split."""
+        return ObjectiveLoss(self, reference, use_cache, sources)
+
 
 def pair_figures(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
     """TRL's figures of a pair objective from its per-row rewards of the chosen and the rejected answers."""
@@ -194,16 +199,19 @@ def _adapters_add_nothing(model: nn.Module) -> bool:
 class ObjectiveLoss:
     """The loop's loss for a preference objective: ``loss_fn(model, batch)``, its figures left in ``figures``."""
 
-    def __init__(self, objective: Objective, reference: Reference | None, use_cache: dict[str, bool]) -> None:
+    def __init__(self, objective: Objective, reference: Reference | None, use_cache: dict[str, bool],
+                 sources: dict[str, Any] | None = None) -> None:
         self.objective, self.reference, self.use_cache = objective, reference, use_cache
+        self.sources = sources or {}
         self.figures: dict[str, float] = {}
         self.split = "train"
+        self.generation_s = 0.0  # time spent sampling answers (GRPO), added up until the loop resets it
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         policy = answer_logps(model, batch, self.use_cache, self.objective.trained_slots)
         reference = self.reference.logps(batch, self.use_cache, self.split) if self.reference is not None else None
         loss, figures = self.objective.loss(policy, reference, batch)
-        self.figures = {name: float(value) for name, value in figures.items()}
+        self.figures = {name: float(value.detach()) for name, value in figures.items()}
         return loss
 
 
