@@ -159,7 +159,7 @@ def _check_combinations(model: nn.Module, s: Settings) -> None:
 def _check_objective(model: nn.Module, s: Settings) -> None:
     """What a preference objective cannot go with."""
     why = f"train(): objective={s.objective!r} computes its own loss on whole rows of answers"
-    if s.loss_fn is not None:
+    if s.loss_fn is not None and not getattr(s.loss_fn, "around_objective", False):  # processes=N wraps the objective
         raise ConfigError(f"{why}; loss_fn= goes with objective='sft'; drop loss_fn=")
     if s.packing:
         raise ConfigError(f"{why}; packing=True goes with objective='sft'; drop packing=")
@@ -446,6 +446,8 @@ def _setup(run: Run, restores: contextlib.ExitStack) -> None:
     if run.objective is not None:
         reference = objectives.Reference(model, run.params, s.full) if run.objective.uses_reference else None
         run.objective_loss = run.objective.make_loss(reference, run.use_cache, {"train": run.batches, "eval": run.evals})
+        if s.loss_fn is not None:  # one process of several: its share of each batch, gradients summed over ranks
+            s.loss_fn.inner = run.objective_loss
     run.optimizer = torch.optim.AdamW(_param_groups(run.params, s.weight_decay, lora_b_parameters(model), s.lr_ratio),
                                       lr=s.lr, **({"fused": True} if run.dev.type == "cuda" else {}))
     run.stream = iter(run.batches)
@@ -643,9 +645,9 @@ def _means(sums: dict[str, list[float]]) -> dict[str, float]:
 
 
 def _loss(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    if run.objective_loss is not None:
-        return run.objective_loss(run.model, batch)
     loss_fn = run.settings.loss_fn
+    if run.objective_loss is not None and loss_fn is None:
+        return run.objective_loss(run.model, batch)
     return loss_fn(run.model, batch) if loss_fn else lm_loss.model_loss(run.model, batch, run.use_cache)
 
 
