@@ -384,3 +384,22 @@ def test_grpo_raises_the_mean_reward_on_smollm2(smol):
                           live=False, runs=False, seed=0)
     rewards = [value for _, value in result.figure("reward")]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3, rewards
+
+
+def test_the_progress_line_and_the_live_plot_show_the_objectives_figures():
+    from nbpeft.training.display import LossCurve, progress_text
+    from nbpeft.training.events import Begin, Step
+
+    steps = [Step(step=i, total_steps=3, loss=0.7 - 0.1 * i, lr=1e-3, tokens=10, step_time_s=1.0, elapsed_s=i,
+                  tokens_per_s=10.0, eta_s=0.0, peak_mem_bytes=1 << 20, generation_s=0.4 if i == 3 else None,
+                  figures={"rewards/margins": 0.1 * i, "rewards/accuracies": 0.5}) for i in (1, 2, 3)]
+    line = progress_text(steps[-1])
+    assert "rewards/margins 0.300" in line and "rewards/accuracies 0.500" in line
+    assert "generation 0.4 s · training 0.6 s" in line
+    curve = LossCurve()
+    curve.start(Begin(total_steps=3, trainable=10, device="cpu", precision="fp32", objective="dpo",
+                      figures=("rewards/margins", "rewards/accuracies")))
+    for step in steps:
+        curve.add(step)
+    assert curve.figures["rewards/margins"] == [(1, 0.1), (2, 0.2), (3, pytest.approx(0.3))]
+    assert curve.png()[:4] == b"\x89PNG"
