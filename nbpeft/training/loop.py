@@ -626,7 +626,8 @@ def _accumulate(run: Run, step_batches: list[dict[str, torch.Tensor]]) -> tuple[
                 return loss.item(), tokens
             (run.scaler.scale(loss) if run.scaler else loss).backward()
             loss_sum += loss.item()
-            tokens += batch_size_in_tokens(batch)
+            sampled = run.objective_loss.tokens if run.objective_loss is not None else None
+            tokens += sampled if sampled is not None else batch_size_in_tokens(batch)
             if run.objective_loss is not None:
                 _add_figures(run.figures, run.objective_loss.figures, share / len(step_batches))
     return loss_sum, tokens

@@ -206,6 +206,7 @@ class ObjectiveLoss:
         self.figures: dict[str, float] = {}
         self.split = "train"
         self.generation_s = 0.0  # time spent sampling answers (GRPO), added up until the loop resets it
+        self.tokens: int | None = None  # the last call's tokens where the batch does not show them (GRPO's samples)
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         policy = answer_logps(model, batch, self.use_cache, self.objective.trained_slots)

@@ -113,6 +113,7 @@ class GRPOLoss(ObjectiveLoss):
             model.train(was_training)
         self.generation_s += time.perf_counter() - began
         rows = self._rows(out, prompt_mask, skip, source.tokenizer)
+        self.tokens = int(rows["attention_mask"].sum())
         completions = [source.tokenizer.decode(row, skip_special_tokens=True) for row in self._answers(rows, skip)]
         rewards, per_function = self._rewards(raw, completions, out.device)
         advantages, stds = group_advantages(rewards, group)
