@@ -403,3 +403,12 @@ def test_the_progress_line_and_the_live_plot_show_the_objectives_figures():
         curve.add(step)
     assert curve.figures["rewards/margins"] == [(1, 0.1), (2, 0.2), (3, pytest.approx(0.3))]
     assert curve.png()[:4] == b"\x89PNG"
+
+
+def test_a_combined_adapter_is_not_taken_for_a_fresh_one():
+    model = tiny_llama()
+    nbpeft.attach(model, "lora", name="a", r=4, init="random")
+    nbpeft.attach(model, "lora", name="b", r=4, init="random")
+    nbpeft.combine(model, {"a": 0.5, "b": 0.5}, name="mix")
+    nbpeft.set_adapter(model, "mix")
+    assert not Reference(model, nbpeft.core.trainable_parameters(model), full=False).disabled
