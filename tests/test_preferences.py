@@ -380,10 +380,10 @@ def test_grpo_raises_the_mean_reward_on_smollm2(smol):
 
     prompts = [{"prompt": p} for p in ("Tell me about the sea.", "What is a cat?", "Describe a city.", "Why is the sky blue?")]
     result = nbpeft.train(model, prompts, tokenizer=tokenizer, objective="grpo", reward=few_words, num_generations=4,
-                          max_new_tokens=24, steps=8, batch_size=2, lr=5e-3, warmup=0, schedule="constant",
+                          max_new_tokens=16, steps=6, batch_size=2, lr=5e-3, warmup=0, schedule="constant",
                           live=False, runs=False, seed=0)
     rewards = [value for _, value in result.figure("reward")]
-    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3, rewards
+    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2, rewards
 
 
 def test_the_progress_line_and_the_live_plot_show_the_objectives_figures():
