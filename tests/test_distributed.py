@@ -243,3 +243,26 @@ def test_full_fine_tuning_in_two_processes_with_the_weights_sent_at_the_end(monk
     for name in a:  # every weight trains here: the rounding of the split sums shows up to ~1.4e-6
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5, msg=name)
     assert not torch.equal(two.lm_head.weight, tiny_llama().lm_head.weight)  # it trained
+
+
+PAIRS = [{"prompt": f"q{i}", "chosen": "yes" * (1 + i % 3), "rejected": "no" * (1 + i % 2)} for i in range(8)]
+
+
+@pytest.mark.parametrize("objective, options", [("dpo", {"init": "random"}), ("simpo", {})])
+def test_a_preference_objective_in_two_processes_equals_one_process_on_the_double_batch(objective, options):
+    """Each rank computes its own rows' reference log-probabilities; the loss is a mean over pairs."""
+    one, two = lora_llama(r=4, **options), lora_llama(r=4, **options)
+    expected = fit(one, PAIRS, batch_size=4, objective=objective, tokenizer=char_tokenizer())
+    got = fit(two, PAIRS, batch_size=2, objective=objective, processes=2, tokenizer=char_tokenizer())
+    torch.testing.assert_close(got.losses, expected.losses, rtol=1e-5, atol=1e-6)
+    assert_close(trained(two), trained(one))
+    assert not workers_alive()
+
+
+def test_grpo_in_two_processes_samples_on_each_rank():
+    model = lora_llama(r=4)
+    result = fit(model, [{"prompt": f"say {i}"} for i in range(4)], batch_size=1, objective="grpo", processes=2,
+                 steps=2, num_generations=2, max_new_tokens=4, tokenizer=char_tokenizer(),
+                 reward=lambda prompts, completions: [float(len(c)) for c in completions])
+    assert result.steps == 2 and all(r["reward"] >= 0 for r in result.history)
+    assert not workers_alive()

@@ -89,6 +89,7 @@ def combine(
             core.detach(model, name)
             raise
     adapter.notes.append(f"{how} mix of " + ", ".join(f"{n}×{w:g}" for n, w in scale_by.items()))
+    adapter.trained = True  # it starts as the mix, not at zero
     return adapter
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..layers import IGNORE
-from . import chat, sources
+from . import chat, preferences, sources
 from .batches import check_example, kind_of_example, tokenize, tokenizer_for
 
 TRAINED_STYLE = "background:#c8f0c8;color:#0b3d0b;border-radius:2px"
@@ -88,9 +88,47 @@ class Example:
                 f'<div style="font-family:monospace;white-space:pre-wrap;line-height:1.6">{"".join(spans)}</div></div>')
 
 
+@dataclass
+class Answers:
+    """A preference row as the model sees it: each answer after its prompt (an :class:`Example` each)."""
+
+    where: str
+    answers: dict[str, Example]
+
+    def __repr__(self) -> str:
+        return "\n\n".join(f"{name}: {example!r}" for name, example in self.answers.items())
+
+    def _repr_html_(self) -> str:
+        return "".join(f"<div><b>{html.escape(name)}</b></div>{example._repr_html_()}" for name, example in self.answers.items())
+
+
+def _answers(row: Any, form: str, tokenizer: Any, where: str, max_length: int, caller: str) -> Answers | Example:
+    """The row's answers (pairs: chosen and rejected; KTO: its completion) or, for GRPO, its prompt."""
+    preferences.check_row(row, form, where, caller, {"pairs": "dpo", "unpaired": "kto", "prompts": "grpo"}[form])
+    if form == "prompts":
+        ids = tokenizer(preferences.prompt_text(tokenizer, row["prompt"]), add_special_tokens=False)["input_ids"]
+        return Example(where=where, kind="prompt", tokens=[tokenizer.decode([t]) for t in ids[:max_length]],
+                       trained=[False] * min(len(ids), max_length), full_length=len(ids), max_length=max_length,
+                       notes=["the answers are sampled while training; none is under the loss here"])
+    names = ("chosen", "rejected") if form == "pairs" else (
+        "completion (desirable)" if row["label"] else "completion (undesirable)",)
+    keys = ("chosen", "rejected") if form == "pairs" else ("completion",)
+    shown = {}
+    for name, key in zip(names, keys):
+        ids, labels = preferences.encode_answer(tokenizer, row["prompt"], row[key], where, caller)
+        cut = preferences.fit(ids, labels, max_length) or (ids[:max_length], [IGNORE] * min(len(ids), max_length))
+        shown[name] = Example(where=where, kind=form, tokens=[tokenizer.decode([t]) for t in cut[0]],
+                              trained=[False] + [t != IGNORE for t in cut[1][1:]], full_length=len(ids),
+                              max_length=max_length)
+    return Answers(where, shown)
+
+
 def show_example(data: Any, tokenizer: Any = None, i: int = 0, *, model: nn.Module | None = None,
-                 max_length: int = 512, columns: dict[str, str] | None = None) -> Example:
+                 max_length: int = 512, columns: dict[str, str] | None = None) -> Example | Answers:
     """Example ``i`` of ``data`` as ``train`` would feed it (same forms, ``columns`` and ``max_length``).
+
+    A preference row gives :class:`Answers`: each answer after its prompt (a pair's chosen and
+    rejected, KTO's completion), the tokens under the loss highlighted; a GRPO prompt row its prompt.
 
     ``tokenizer`` may be a model instead, whose own tokenizer is then used (see
     ``data.tokenizer_for``).
@@ -113,6 +151,10 @@ def show_example(data: Any, tokenizer: Any = None, i: int = 0, *, model: nn.Modu
         raise ConfigError(f"{caller}: i={i} is past the end of the data stream")
     first = row if i == 0 else next(iter(source.rows))
     kind = kind_of_example(first)
+    form = preferences.form_of([first]) if kind is None else None
+    if form is not None:
+        tokenizer = tokenizer_for(model, tokenizer, caller=caller, fix="pass the tokenizer: show_example(data, tokenizer, i)")
+        return _answers(row, form, tokenizer, source.where(i), max_length, caller)
     if kind is None:
         raise ConfigError(f"{caller}: cannot read examples like {str(first)[:60]!r}; use strings, "
                           "{'prompt', 'response'}, {'messages'} or {'text', 'label'}")

@@ -468,7 +468,7 @@ def to_lora(model: nn.Module, rank: int = 8, name: str | None = None, source: st
         total_norm += norm**2
         factors[path] = (A.float(), B.float())
     targets = sorted(deltas)
-    core.attach(model, "lora", name=name, r=rank, alpha=float(rank), targets=targets)
+    core.attach(model, "lora", name=name, r=rank, alpha=float(rank), targets=targets).trained = True  # the factors
     with torch.no_grad():
         for path, layer in core.adapter_layers(model):
             if path in factors and name in layer.adapter_names:

@@ -19,6 +19,7 @@ from torch import nn
 from ..core import end_rows, row_plan, start_rows
 from ..data.batches import chat_prompt, tokenizer_for
 from ..errors import ConfigError
+from ..training import sampling
 from ..training.display import in_notebook
 
 Messages = list[dict[str, str]]
@@ -192,36 +193,11 @@ def _rows(model: nn.Module, names: Sequence[str | None] | None, start: int, end:
         end_rows(model)
 
 
-def _pad_id(tokenizer: Any) -> int:
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if value is not None:
-            return int(value)
-    return 0
-
-
-def _run(model: nn.Module, tokenizer: Any, texts: list[str], max_new_tokens: int, sampling: dict[str, Any],
+def _run(model: nn.Module, tokenizer: Any, texts: list[str], max_new_tokens: int, sampling_args: dict[str, Any],
          stops: list[str], display: _StreamDisplay | None) -> list[str]:
-    """One batch: prompts padded on the left, so each row's new tokens start at the same column.
-
-    An encoder-decoder reads the prompt (with the tokenizer's special tokens, T5's closing ``</s>``)
-    in its encoder; its output is the decoder's tokens alone, so the answer starts at column 0.
-    """
-    device = next(model.parameters()).device
-    seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-    rows = [tokenizer(t, add_special_tokens=seq2seq)["input_ids"] for t in texts]
-    width, pad = max(len(r) for r in rows), _pad_id(tokenizer)
-    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    extra: dict[str, Any] = {}
-    skip = 0 if seq2seq else width
-    if stops:
-        from transformers import StoppingCriteriaList
-
-        extra["stopping_criteria"] = StoppingCriteriaList([_StopStrings(tokenizer, stops, skip)])
-    if display is not None:
-        extra["streamer"] = _Streamer(tokenizer, stops, display)
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                         pad_token_id=pad, **sampling, **extra)
+    """One batch of prompts answered (see :func:`nbpeft.training.sampling.sample`)."""
+    streamer = _Streamer(tokenizer, stops, display) if display is not None else None
+    out, _, skip = sampling.sample(model, tokenizer, texts, max_new_tokens, sampling_args, stops, streamer)
     return [_answer(tokenizer, row[skip:], stops) for row in out]
 
 
@@ -233,17 +209,6 @@ def _cut(text: str, stops: list[str]) -> str:
     """``text`` up to the first stop string (which is left out)."""
     ends = [i for i in (text.find(s) for s in stops) if i >= 0]
     return text[:min(ends)] if ends else text
-
-
-class _StopStrings:
-    """Ends a row once its new text holds a stop string (rows of a batch end one by one)."""
-
-    def __init__(self, tokenizer: Any, stops: list[str], prompt_width: int) -> None:
-        self.tokenizer, self.stops, self.prompt_width = tokenizer, stops, prompt_width
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
-        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
 
 
 class _Streamer:

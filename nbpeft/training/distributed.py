@@ -449,7 +449,8 @@ def _train_rank(train: Callable[..., Any], model: nn.Module, data: Any, options:
         report.state = lambda: trainable_state(model)
     sync = None if shard else _GradSync(params, world)
     options["loss_fn"] = _RankLoss(options.get("loss_fn"), model, params, rank=rank, world=world, per_rank=per_rank,
-                                   grad_accum=options.get("grad_accum", 1), sync=sync, shard=shard)
+                                   grad_accum=options.get("grad_accum", 1), sync=sync, shard=shard,
+                                   objective=options.get("objective", "sft") != "sft")
     options["live"] = _Ranks(report, stop, model, shard and every_step)
     _inside = True
     try:
@@ -516,14 +517,18 @@ class _RankLoss:
 
     Losses are taken as means over labelled tokens where the batch has token labels (the
     causal shift counted), else over examples; a custom ``loss_fn`` is assumed to do the same.
+    A preference objective's loss is a mean over rows (pairs, rated answers, prompts): it is
+    weighted by rows, and the loop hands it in as ``inner`` (``around_objective``); each rank
+    computes its own rows' reference log-probabilities.
 
     The gradient is that of ``world × (this rank's labelled tokens / the batch's) × its mean
     loss``; averaged over the ranks, that is the gradient of the mean over the whole batch.
     """
 
     def __init__(self, inner: Callable | None, model: nn.Module, params: list[nn.Parameter], *, rank: int, world: int,
-                 per_rank: int, grad_accum: int, sync: _GradSync | None, shard: bool) -> None:
+                 per_rank: int, grad_accum: int, sync: _GradSync | None, shard: bool, objective: bool = False) -> None:
         self.inner, self.params, self.rank, self.world, self.per_rank = inner, params, rank, world, per_rank
+        self.around_objective = objective
         self.grad_accum, self.sync, self.calls = grad_accum, sync, 0
         self.causal = "CausalLM" in type(model).__name__
         if inner is None:
@@ -555,7 +560,7 @@ class _RankLoss:
 
     def _weight(self, batch: dict[str, torch.Tensor]) -> int:
         labels = batch.get("labels")
-        if not isinstance(labels, torch.Tensor) or labels.dim() < 2:
+        if self.around_objective or not isinstance(labels, torch.Tensor) or labels.dim() < 2:
             return _rows(batch)
         counted = labels[:, 1:] if self.causal else labels
         return int((counted != IGNORE).sum())
