@@ -56,13 +56,13 @@ def test_attach_is_the_identity_and_r_points_to_init_r():
 def test_training_reallocates_ranks_down_to_the_target_and_records_them():
     model = tiny_model("llama", layers=2)
     result = trained_run(model, steps=10, tinit=2, tfinal=2)
-    first = result.history[0]["figures"]
+    first = result.history[0]
     ranks = rank_history(result.history)
     assert len(ranks) == 4 and all(len(points) == 10 for points in ranks.values())
     assert all(first[f"rank {path}"] == 4 for path in ranks)  # tinit: the full budget
     assert sum(points[-1][1] for points in ranks.values()) == 2 * 4  # target_r × modules
-    assert first["rank budget"] == 16 and result.history[7]["figures"]["rank budget"] == 8
-    assert all(row["figures"]["extra loss"] > 0 for row in result.history)  # the orthogonality penalty, reported apart
+    assert first["rank budget"] == 16 and result.history[7]["rank budget"] == 8
+    assert all(row["extra loss"] > 0 for row in result.history)  # the orthogonality penalty, reported apart
     pattern = nbpeft.core.state(model).adapters["default"].config.rank_pattern
     for path, kept in pattern.items():
         layer = model.get_submodule(path)
@@ -93,7 +93,7 @@ def test_files_hold_the_kept_triplets_and_load_back_at_those_ranks(tmp_path):
     torch.testing.assert_close(outputs(fresh, batch), outputs(model, batch), rtol=1e-6, atol=1e-6)
     assert "ranks as allocated: 8 triplets" in repr(loaded)
     result = nbpeft.train(fresh, data(), steps=2, lr=1e-2, warmup=0, live=False, compile=False)
-    assert all(not row["figures"].get("rank budget") for row in result.history)  # allocated already: ranks stay
+    assert all(not row.get("rank budget") for row in result.history)  # allocated already: ranks stay
 
 
 def test_files_of_older_versions_with_ranknum_load(tmp_path):
@@ -187,8 +187,8 @@ def test_the_loop_calls_any_methods_hooks_and_keeps_their_figures():
         start = sum(float(p.detach().square().sum()) for p in lambda_d)
         result = nbpeft.train(model, data(), steps=3, lr=1e-2, warmup=0, live=False, compile=False)
         assert get_method("counted").steps == [(1, 3), (2, 3), (3, 3)]
-        assert [row["figures"]["other: seen"] for row in result.history] == [1, 2, 3]
-        assert result.history[0]["figures"]["other: extra loss"] == pytest.approx(start, rel=1e-5)
+        assert [row["other: seen"] for row in result.history] == [1, 2, 3]
+        assert result.history[0]["other: extra loss"] == pytest.approx(start, rel=1e-5)
         assert sum(float(p.detach().square().sum()) for p in lambda_d) < start  # the penalty's gradient reached the update
     finally:
         unregister("counted")

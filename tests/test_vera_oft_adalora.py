@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from IPython import get_ipython
 from IPython.testing.globalipapp import start_ipython
 from IPython.utils.capture import capture_output
 
@@ -33,10 +34,10 @@ def test_methods_lists_them_with_the_references_options_and_defaults():
 
 @pytest.fixture(scope="module")
 def shell():
-    ip = start_ipython()
-    ip.run_line_magic("load_ext", "nbpeft.magics")
-    yield ip
-    ip.run_line_magic("unload_ext", "nbpeft.magics")
+    ip = start_ipython() or get_ipython()  # the shell is a process-wide singleton
+    if "nbpeft" not in ip.extension_manager.loaded:
+        ip.run_line_magic("load_ext", "nbpeft")
+    return ip
 
 
 @pytest.mark.parametrize(("line", "options"), [

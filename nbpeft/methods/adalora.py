@@ -371,7 +371,7 @@ def rank_history(history: list[dict[str, Any]]) -> dict[str, list[tuple[int, flo
     """Each module's rank along a run, ``{path: [(step, rank), ...]}``, from ``TrainResult.history``."""
     ranks: dict[str, list[tuple[int, float]]] = {}
     for row in history:
-        for key, value in (row.get("figures") or {}).items():
+        for key, value in row.items():  # each figure is a column of the history row
             if key.startswith("rank ") and key != "rank budget":
                 ranks.setdefault(key.removeprefix("rank "), []).append((row["step"], value))
     return ranks
