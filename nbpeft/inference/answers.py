@@ -19,7 +19,7 @@ from .generate import find_tokenizer, generate, prompt_label, prompt_texts, samp
 BASE = "base"
 # The options of generate() that compare_answers() passes on, with their defaults.
 OPTIONS = {name: p.default for name, p in inspect.signature(generate).parameters.items()
-           if name not in ("model", "tokenizer", "prompts", "stream")}
+           if name not in ("model", "tokenizer", "prompts", "stream", "num_samples")}
 
 
 @dataclass

@@ -2,12 +2,14 @@
 
 Plain prompts go through the tokenizer's chat template as one user turn when it has one;
 ``messages=`` takes a whole conversation. Several prompts run as one batch, padded on the
-left so every answer starts right after its own prompt.
+left so every answer starts right after its own prompt. Several sampled answers to one prompt
+(``num_samples=``) share the prompt's forward pass: its key/value cache is copied to each sample.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -43,7 +45,8 @@ def generate(
     stream: bool = False,
     batch_size: int = 8,
     adapter_names: Sequence[str | None] | None = None,
-) -> str | list[str]:
+    num_samples: int = 1,
+) -> str | list[str] | list[list[str]]:
     """The model's answer to ``prompts``: one string for one prompt, a list for a list.
 
     ``temperature=0`` answers greedily (the most likely token each step); above 0 each token
@@ -54,12 +57,16 @@ def generate(
     conversations gives a list). ``stream=True`` shows the answer as tokens arrive, in one
     output area in a notebook and as plain printing elsewhere. ``adapter_names=[...]`` answers
     each prompt with its own adapter ("__base__" or None: the base model), several in one batch.
+    ``num_samples=k`` (with ``temperature`` above 0) draws k answers to each prompt: a list of k
+    strings for one prompt, a list of such lists for a list. The prompt runs through the model
+    once; its key/value cache is repeated for the k answers, which are then decoded as one batch.
     """
     if tokenizer is not None and prompts is None and _is_text(tokenizer):
         tokenizer, prompts = None, tokenizer  # generate(model, "a prompt")
     texts, single = prompt_texts(model, prompts, messages, "generate")
     sampling = sampling_options(temperature, top_p, seed, max_new_tokens, batch_size, "generate")
     stops = stop_strings(stop, "generate")
+    check_samples(num_samples, temperature, stream, "generate")
     tokenizer = find_tokenizer(model, tokenizer, "generate")
     rendered = [chat_prompt(tokenizer, t) if isinstance(t, str) else _render(tokenizer, t, "generate") for t in texts]
     if adapter_names is not None and (isinstance(adapter_names, str) or len(adapter_names) != len(texts)):
@@ -77,14 +84,18 @@ def generate(
                 answers = []
                 for i, text in enumerate(rendered):
                     display.start(i)
-                    with _rows(model, adapter_names, i, i + 1):
+                    with _rows(model, _part(adapter_names, i, i + 1)):
                         answers += _run(model, tokenizer, [text], max_new_tokens, sampling, stops, display)
             else:
                 answers = []
                 for start in range(0, len(rendered), batch_size):
-                    with _rows(model, adapter_names, start, start + batch_size):
-                        answers += _run(model, tokenizer, rendered[start:start + batch_size], max_new_tokens, sampling,
-                                        stops, None)
+                    texts_now, names_now = rendered[start:start + batch_size], _part(adapter_names, start, start + batch_size)
+                    if num_samples > 1:
+                        answers += _run_samples(model, tokenizer, texts_now, names_now, num_samples, max_new_tokens,
+                                                sampling, stops)
+                        continue
+                    with _rows(model, names_now):
+                        answers += _run(model, tokenizer, texts_now, max_new_tokens, sampling, stops, None)
     finally:
         model.train(was_training)
     return answers[0] if single else answers
@@ -143,6 +154,17 @@ def sampling_options(temperature: Any, top_p: Any, seed: Any, max_new_tokens: An
     return {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0}
 
 
+def check_samples(num_samples: Any, temperature: Any, stream: bool, fn: str) -> None:
+    """``num_samples`` is a positive integer, and above 1 only when sampling and not streaming."""
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        raise ConfigError(f"{fn}(): num_samples={num_samples!r} must be a positive integer, e.g. num_samples=4")
+    if num_samples > 1 and temperature == 0:
+        raise ConfigError(f"{fn}(): num_samples={num_samples} gives different answers only when sampling; "
+                          "set temperature= above 0 too, e.g. temperature=0.8")
+    if num_samples > 1 and stream:
+        raise ConfigError(f"{fn}(): stream=True shows one answer at a time; leave it out with num_samples={num_samples}")
+
+
 def stop_strings(stop: Any, fn: str) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if not all(isinstance(s, str) and s for s in stops):
@@ -179,13 +201,17 @@ def _seeded(model: nn.Module, seed: int | None) -> Iterator[None]:
 
 # Running the model ----------------------------------------------------------------------------
 
+def _part(names: Sequence[str | None] | None, start: int, end: int) -> list[str | None] | None:
+    return None if names is None else list(names)[start:end]
+
+
 @contextlib.contextmanager
-def _rows(model: nn.Module, names: Sequence[str | None] | None, start: int, end: int) -> Iterator[None]:
-    """Prompts ``start:end`` answered by their adapters in ``names`` (nothing to route without names)."""
+def _rows(model: nn.Module, names: list[str | None] | None) -> Iterator[None]:
+    """Each row of the batch answered by its adapter in ``names`` (nothing to route without names)."""
     if names is None:
         yield
         return
-    start_rows(model, list(names)[start:end], "generate()")
+    start_rows(model, names, "generate()")
     try:
         yield
     finally:
@@ -199,30 +225,91 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
+def _is_seq2seq(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def _batch(model: nn.Module, tokenizer: Any, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded on the left, and the mask of the real tokens.
+
+    An encoder-decoder reads the prompt with the tokenizer's special tokens (T5's closing ``</s>``).
+    """
+    device = next(model.parameters()).device
+    rows = [tokenizer(t, add_special_tokens=_is_seq2seq(model))["input_ids"] for t in texts]
+    width, pad = max(len(r) for r in rows), _pad_id(tokenizer)
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return input_ids, attention_mask
+
+
+def _stopping(tokenizer: Any, stops: list[str], skip: int) -> dict[str, Any]:
+    if not stops:
+        return {}
+    from transformers import StoppingCriteriaList
+
+    return {"stopping_criteria": StoppingCriteriaList([_StopStrings(tokenizer, stops, skip)])}
+
+
 def _run(model: nn.Module, tokenizer: Any, texts: list[str], max_new_tokens: int, sampling: dict[str, Any],
          stops: list[str], display: _StreamDisplay | None) -> list[str]:
     """One batch: prompts padded on the left, so each row's new tokens start at the same column.
 
-    An encoder-decoder reads the prompt (with the tokenizer's special tokens, T5's closing ``</s>``)
-    in its encoder; its output is the decoder's tokens alone, so the answer starts at column 0.
+    An encoder-decoder reads the prompt in its encoder; its output is the decoder's tokens alone,
+    so the answer starts at column 0.
     """
-    device = next(model.parameters()).device
-    seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-    rows = [tokenizer(t, add_special_tokens=seq2seq)["input_ids"] for t in texts]
-    width, pad = max(len(r) for r in rows), _pad_id(tokenizer)
-    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    extra: dict[str, Any] = {}
-    skip = 0 if seq2seq else width
-    if stops:
-        from transformers import StoppingCriteriaList
-
-        extra["stopping_criteria"] = StoppingCriteriaList([_StopStrings(tokenizer, stops, skip)])
+    input_ids, attention_mask = _batch(model, tokenizer, texts)
+    skip = 0 if _is_seq2seq(model) else input_ids.shape[1]
+    extra = _stopping(tokenizer, stops, skip)
     if display is not None:
         extra["streamer"] = _Streamer(tokenizer, stops, display)
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                         pad_token_id=pad, **sampling, **extra)
+                         pad_token_id=_pad_id(tokenizer), **sampling, **extra)
     return [_answer(tokenizer, row[skip:], stops) for row in out]
+
+
+def _run_samples(model: nn.Module, tokenizer: Any, texts: list[str], names: list[str | None] | None, k: int,
+                 max_new_tokens: int, sampling: dict[str, Any], stops: list[str]) -> list[list[str]]:
+    """``k`` answers to each prompt of one batch, the prompt run through the model once.
+
+    Every prompt token but the last goes through one forward pass, which fills the key/value
+    cache; the cache is repeated ``k`` times along the batch, and ``model.generate`` continues
+    from it with the last prompt token of each copy, so the copies share everything before
+    their first sampled token. (An encoder-decoder's ``num_return_sequences`` already runs the
+    encoder once and repeats its output.)
+    """
+    input_ids, attention_mask = _batch(model, tokenizer, texts)
+    pad = _pad_id(tokenizer)
+    repeated = [n for n in names for _ in range(k)] if names is not None else None
+    if _is_seq2seq(model):
+        with _rows(model, repeated):
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                 num_return_sequences=k, pad_token_id=pad, **sampling, **_stopping(tokenizer, stops, 0))
+        skip = 0
+    else:
+        cache = None
+        if input_ids.shape[1] > 1:
+            with _rows(model, names):
+                cache = _prompt_cache(model, input_ids[:, :-1], attention_mask[:, :-1])
+            cache.batch_repeat_interleave(k)
+        last = input_ids[:, -1:].repeat_interleave(k, dim=0)
+        mask = attention_mask.repeat_interleave(k, dim=0)
+        with _rows(model, repeated):
+            out = model.generate(input_ids=last, attention_mask=mask, cache=cache, max_new_tokens=max_new_tokens,
+                                 pad_token_id=pad, **sampling, **_stopping(tokenizer, stops, 1))
+        skip = 1
+    answers = [_answer(tokenizer, row[skip:], stops) for row in out]
+    return [answers[i:i + k] for i in range(0, len(answers), k)]
+
+
+def _prompt_cache(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+    """The key/value cache after ``input_ids`` (padded on the left; positions count real tokens only)."""
+    accepted = inspect.signature(model.forward).parameters
+    extra: dict[str, Any] = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+    if "position_ids" in accepted:
+        extra["position_ids"] = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **extra)
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def _answer(tokenizer: Any, ids: Any, stops: list[str]) -> str:
