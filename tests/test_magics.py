@@ -958,7 +958,7 @@ def test_compare_answers_line_maps_names_flags_and_options(shell, fake_answers):
     assert result.success, out.stderr
     (call,) = fake_answers
     assert call == {"model": shell.user_ns["model"], "prompts": ["Tell me a joke"], "adapters": ["chat", "sql"],
-                    "tokenizer": "tok", "include_base": True,
+                    "tokenizer": "tok", "include_base": True, "pick": False, "samples": 1,
                     "options": {"max_new_tokens": 20, "temperature": 0.7, "top_p": 0.9, "seed": 3, "stop": "\n\n"}}
     assert out.outputs[0].data["text/plain"] == repr(shell.user_ns["_peft_answers"])
     assert shell.user_ns["_peft_answers"].answers["sql"] == ["sql says Tell me a joke"]
@@ -971,7 +971,7 @@ def test_compare_answers_cell_takes_one_prompt_per_line(shell, fake_answers):
     assert result.success, out.stderr
     (call,) = fake_answers
     assert call == {"model": shell.user_ns["other"], "prompts": ["Tell me a joke", "What is 2+2?"], "adapters": None,
-                    "tokenizer": "a tokenizer", "include_base": False, "options": {}}
+                    "tokenizer": "a tokenizer", "include_base": False, "pick": False, "samples": 1, "options": {}}
     assert shell.user_ns["res"].prompts == ["Tell me a joke", "What is 2+2?"]
 
 
