@@ -176,3 +176,54 @@ def test_lab_errors_are_one_line(llama, kwargs, message):
     model = two_adapters(llama)
     with pytest.raises(ConfigError, match=r"^compare_answers\(\): " + message):
         nbpeft.compare_answers(model, "Hello", tokenizer=char_tokenizer(), max_new_tokens=4, **kwargs)
+
+
+# the panel's Answers tab -----------------------------------------------------------------------
+
+def test_collect_preferences_in_the_panel_feeds_the_train_tab(llama):
+    model, tok = two_adapters(llama), char_tokenizer()
+    namespace = {"tok": tok}
+    panel = nbpeft.panel(model, tok, namespace=namespace)
+    tab = panel.answers_tab
+    assert panel.get_title(4) == "Answers" and list(tab.adapters.value) == ["pirate", "poet"]
+    tab.prompts.value = "Hello\n\n  Is 1 < 2?\n"
+    tab.max_new_tokens.value = 6
+    tab.compare_button.click()
+    assert "3 columns" not in text(tab.message) and "2 prompts answered by base, pirate, poet" in text(tab.message)
+    tab.collect_button.click()
+    view = tab.lab_box.children[0]
+    assert isinstance(view, LabView) and view.lab is tab.lab and namespace["prefs"] == []
+    assert panel.train_tab.fields["data"].widget.value == "prefs"
+    view.answer_buttons[2].click()  # poet's answer to "Hello" over the base's and pirate's
+    assert tab.lab.choices == [Choice(0, 2)] and "1 of 2 judged" in text(view.progress)
+    assert namespace["prefs"] == tab.lab.pairs and {p["prompt"] for p in namespace["prefs"]} == {"Hello"}
+    view.undo_button.click()
+    assert namespace["prefs"] == []
+    view.answer_buttons[0].click()
+    view.neither_button.click()
+    assert tab.lab.done and namespace["prefs"] == tab.lab.pairs
+    assert panel.train_tab.fields["data"].read("train") is namespace["prefs"]
+
+
+def test_answers_tab_samples_one_adapter_and_says_what_is_wrong(llama):
+    model = two_adapters(llama)
+    namespace: dict = {}
+    tab = nbpeft.panel(model, char_tokenizer(), namespace=namespace).answers_tab
+    tab.collect_button.click()
+    assert text(tab.message).strip() == "type a prompt first, one per line"
+    tab.prompts.value = "Hello"
+    tab.samples.value = 3
+    tab.collect_button.click()
+    assert "samples 3 draws different answers only when sampling; pass temperature above 0 too" in text(tab.message)
+    tab.temperature.value = 2.0
+    tab.collect_button.click()
+    assert "samples 3 draws several answers of one adapter; pass adapters one of 'pirate', 'poet'" in text(tab.message)
+    tab.adapters.value = ["poet"]
+    tab.variable.value = "sampled"
+    tab.collect_button.click()
+    assert tab.lab.sources[0] == ["poet #1", "poet #2", "poet #3"] and namespace["sampled"] == []
+    tab.lab_box.children[0].answer_buttons[1].click()
+    assert len(namespace["sampled"]) == len({*tab.lab.answers[0]} - {tab.lab.answers[0][1]})
+    tab.variable.value = "1x"
+    tab.collect_button.click()
+    assert "pairs in '1x' must be a variable name" in text(tab.message)
