@@ -60,7 +60,8 @@ class AnswersTab(widgets.VBox):
                                              tooltip="judge the answers one prompt at a time; the choices become pairs")
         self.table, self.message = widgets.HTML(), widgets.HTML()
         self.lab_box = widgets.VBox()
-        for widget, name in ((self.prompts, "prompts"), (self.samples, "samples"), (self.temperature, "temperature"),
+        for widget, name in ((self.prompts, "prompts"), (self.adapters, "adapters"), (self.samples, "samples"),
+                             (self.temperature, "temperature"), (self.max_new_tokens, "max-new-tokens"),
                              (self.variable, "variable"), (self.compare_button, "compare"),
                              (self.collect_button, "collect"), (self.table, "table"), (self.message, "message")):
             widget.add_class(f"nbpeft-answers-{name}")
