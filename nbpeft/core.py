@@ -43,6 +43,8 @@ class Adapter:
     merged: bool = False
     notes: list[str] = field(default_factory=list)
     run_id: str | None = None  # the last recorded train() run that trained it: what its model card reports
+    # Its weights moved since attach (train(), load_adapter()): disabling it no longer gives the model it started from.
+    trained: bool = False
 
     @property
     def options(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import batches as data
+from .data import preferences
 from .errors import ConfigError
 from .errors import one_line as one_line  # the front-ends show every error through it
 from .training.display import notebook_shell
@@ -139,11 +140,11 @@ def _hidden_names() -> set[str]:
 
 
 def trainable_data(value: Any) -> bool:
-    """Whether ``train()`` accepts ``value`` as data (it decides through ``data.kind_of``)."""
+    """Whether ``train()`` accepts ``value`` as data (``data.kind_of``, or preference rows for an objective)."""
     try:
         data.kind_of(value)
     except ConfigError:
-        return False
+        return preferences.form_of(value) is not None
     return True
 
 

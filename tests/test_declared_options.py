@@ -19,7 +19,7 @@ from nbpeft.training.options import TrainOption
 from conftest import tiny_llama, tokens
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-THROWAWAY = TrainOption("label_smoothing", 0.0, "spread this share of the target over the other tokens",
+THROWAWAY = TrainOption("token_smoothing", 0.0, "spread this share of the target over the other tokens",
                         "optimizer", "float", lambda v: isinstance(v, float) and 0 <= v < 1, "between 0 and 1")
 
 
@@ -58,24 +58,24 @@ def test_a_new_option_reaches_the_magic(shell):
     with options.declared(THROWAWAY):
         with capture_output() as out:
             ip.run_cell("%%peft_train?")
-        assert "label_smoothing=0.0: spread this share of the target over the other tokens" in out.stdout
-        assert out.stdout.index("Optimizer:") < out.stdout.index("label_smoothing=") < out.stdout.index("Batch:")
-        assert complete(ip, "%peft_train label_") == ["label_smoothing="]
-        assert complete(ip, "%%peft_train\nlabel_") == ["label_smoothing="]
+        assert "token_smoothing=0.0: spread this share of the target over the other tokens" in out.stdout
+        assert out.stdout.index("Optimizer:") < out.stdout.index("token_smoothing=") < out.stdout.index("Batch:")
+        assert complete(ip, "%peft_train token_") == ["token_smoothing="]
+        assert complete(ip, "%%peft_train\ntoken_") == ["token_smoothing="]
         with capture_output() as out:
-            result = ip.run_cell("%%peft_train steps=2\nlabel_smoothing: 0.1\nlive: false\n")
+            result = ip.run_cell("%%peft_train steps=2\ntoken_smoothing: 0.1\nlive: false\n")
         assert result.success, out.stderr
         (call,) = calls
-        assert call["label_smoothing"] == 0.1 and call["steps"] == 2 and call["live"] is False
+        assert call["token_smoothing"] == 0.1 and call["steps"] == 2 and call["live"] is False
         with capture_output() as out:
-            ip.run_cell("%peft_train label_smothing=0.1")
-        assert "unknown option 'label_smothing' (did you mean 'label_smoothing'?)" in out.stderr
+            ip.run_cell("%peft_train token_smothing=0.1")
+        assert "unknown option 'token_smothing' (did you mean 'token_smoothing'?)" in out.stderr
     with capture_output() as out:  # gone with its declaration
         ip.run_cell("%%peft_train?")
-    assert "label_smoothing" not in out.stdout and complete(ip, "%peft_train label_") == []
+    assert "token_smoothing" not in out.stdout and complete(ip, "%peft_train token_") == []
     with capture_output() as out:
-        ip.run_cell("%peft_train label_smoothing=0.1")
-    assert "unknown option 'label_smoothing'" in out.stderr and len(calls) == 1
+        ip.run_cell("%peft_train token_smoothing=0.1")
+    assert "unknown option 'token_smoothing'" in out.stderr and len(calls) == 1
 
 
 def test_a_new_option_is_a_field_of_a_new_train_tab():
@@ -84,16 +84,16 @@ def test_a_new_option_is_a_field_of_a_new_train_tab():
     namespace = {"data": [{"input_ids": tokens(), "labels": tokens()}]}
     with options.declared(THROWAWAY):
         tab = nbpeft.panel(model, namespace=namespace).train_tab
-        field = tab.fields["label_smoothing"]
+        field = tab.fields["token_smoothing"]
         assert type(field.widget).__name__ == "FloatText" and field.widget.tooltip == THROWAWAY.help
         titles = [getattr(w, "value", "") for w in tab.children]
         where = list(tab.children).index(field.row)  # under its group's title, after the group's other fields
         assert titles.index("<b>Optimizer</b>") < where < titles.index("<b>Batch</b>")
         assert tab.children[where - 1] is tab.fields["max_grad_norm"].row
-        assert "label_smoothing" not in tab.options()  # at its default: not passed
-        tab.label_smoothing.value = 0.1
-        assert tab.options()["label_smoothing"] == 0.1
-    assert "label_smoothing" not in nbpeft.panel(model, namespace=namespace).train_tab.fields
+        assert "token_smoothing" not in tab.options()  # at its default: not passed
+        tab.token_smoothing.value = 0.1
+        assert tab.options()["token_smoothing"] == 0.1
+    assert "token_smoothing" not in nbpeft.panel(model, namespace=namespace).train_tab.fields
 
 
 def test_export_job_help_lists_what_travels(shell):

@@ -108,7 +108,7 @@ def check_conversation(row: Any, where: str, caller: str) -> list[dict[str, str]
     return [{"role": turn["role"], "content": turn["content"]} for turn in messages]
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool, where: str, caller: str) -> str:
+def render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool, where: str, caller: str) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as err:  # a template raises its own errors, e.g. for roles it does not accept
@@ -118,14 +118,14 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: b
 
 def pieces(tokenizer: Any, messages: list[dict[str, str]], where: str = "row 0", caller: str = "train()") -> list[tuple[str, bool]]:
     """The rendered conversation as consecutive (text, is_assistant_turn) pieces."""
-    full = _render(tokenizer, messages, False, where, caller)
+    full = render(tokenizer, messages, False, where, caller)
     out: list[tuple[str, bool]] = []
     done = 0
     for k, turn in enumerate(messages):
         if turn["role"] != "assistant":
             continue
-        start = len(_render(tokenizer, messages[:k], True, where, caller))
-        before = _render(tokenizer, messages[:k + 1], False, where, caller)
+        start = len(render(tokenizer, messages[:k], True, where, caller))
+        before = render(tokenizer, messages[:k + 1], False, where, caller)
         if not full.startswith(before) or start < done or start > len(before):
             raise ConfigError(f"{caller}: the chat template renders {where} differently when it is cut after a turn, "
                               "so its assistant turns cannot be found; use a template that renders turn by turn")
@@ -143,19 +143,23 @@ def _end_ids(tokenizer: Any) -> set[int]:
 
 
 def encode(tokenizer: Any, messages: list[dict[str, str]], where: str = "row 0",
-           caller: str = "train()") -> tuple[list[int], list[int]]:
+           caller: str = "train()", answer_from: int = 0) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` of a whole conversation, labels -100 outside the assistant turns.
 
     Each assistant turn is labelled up to and including its last special token (the
     template's end of turn); what follows it inside the turn (e.g. a newline) is not.
-    A turn with no special token gets the end-of-sequence token appended.
+    A turn with no special token gets the end-of-sequence token appended. Assistant turns
+    that start before character ``answer_from`` of the rendered text are not labelled (a
+    preference pair's prompt may hold earlier assistant turns; only its answer is learnt).
     """
     ends = _end_ids(tokenizer)
     eos = getattr(tokenizer, "eos_token_id", None)
     input_ids: list[int] = []
     labels: list[int] = []
+    at = 0
     for text, trained in pieces(tokenizer, messages, where, caller):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        trained, at = trained and at >= answer_from, at + len(text)
         if not trained:
             input_ids += ids
             labels += [IGNORE] * len(ids)

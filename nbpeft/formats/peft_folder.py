@@ -226,6 +226,7 @@ def _load_one(model: nn.Module, folder: Path, name: str) -> core.Adapter:
     except Exception:
         core.detach(model, name)
         raise
+    adapter.trained = True
     return adapter
 
 
@@ -352,4 +353,5 @@ def hotswap_adapter(model: nn.Module, path: str | Path, name: str = "default") -
         for A, B, new_A, new_B in writes:
             A.zero_()[: new_A.shape[0]].copy_(new_A)
             B.zero_()[:, : new_B.shape[1]].copy_(new_B)
+    adapter.trained = True
     return adapter

@@ -160,6 +160,11 @@ class Method:
     # (in place of the line it would print from the abilities above).
     serving_notes: ClassVar[dict[str, str]] = {}
 
+    def disabled_is_start(self, config: MethodConfig) -> bool:
+        """Whether, right after attach, disabling the adapter gives the model as it is with it: its start adds
+        nothing and the base weights are untouched (the preference objectives' reference needs no copy then)."""
+        return self.identity_at_attach
+
     def select(self, model: nn.Module, config: MethodConfig, attached: Mapping[str, Attached]) -> list[str]:
         """Module paths to adapt; ``attached`` holds the adapters already on the model, by name."""
         raise NotImplementedError

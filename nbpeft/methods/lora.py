@@ -485,6 +485,10 @@ class LoRA(Method):
     identity_at_attach = True
     weight_delta = mergeable = plain_lora = in_reference = True
 
+    def disabled_is_start(self, config: LoraConfig) -> bool:
+        # B starts at zero; 'random' starts B elsewhere and PiSSA, OLoRA, LoftQ rewrite the base weight
+        return config.init in ("default", "gaussian")
+
     def kinds(self) -> tuple[type, ...]:
         return targeting.linear_types() + ((nn.Embedding,) if self.adapts_embeddings else ())
 

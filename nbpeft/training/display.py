@@ -78,6 +78,8 @@ def banner_text(begin: Begin) -> str:
         parts.append(f"effective batch {begin.effective_batch}{how}")
     else:  # ready-made batches: their size is the DataLoader's
         parts.append(f"{plural(begin.grad_accum, 'batch', 'batches')} per step")
+    if begin.objective != "sft":
+        parts.insert(1, f"objective {begin.objective}")
     steps = plural(begin.total_steps, "step")
     if begin.start_step:
         steps += f", resuming after step {begin.start_step}"
@@ -94,6 +96,7 @@ def progress_text(step: Step, memory: str = "peak mem") -> str:
     parts = [f"step {step.step}/{step.total_steps}", f"loss {step.loss:.4f}"]
     if step.eval_loss is not None:
         parts.append(f"eval {step.eval_loss:.4f}")
+    parts += [f"{name} {value:.3f}" for name, value in step.figures.items()]
     parts.append(f"lr {step.lr:.1e}")
     if step.grad_norm is not None:
         parts.append(f"grad {step.grad_norm:.2f}")
@@ -130,6 +133,7 @@ class LossCurve:
         self.losses: list[float] = []
         self.evals: list[EvalRow] = []
         self.last: Step | None = None
+        self.figures: dict[str, list[tuple[int, float]]] = {}  # a preference objective's, by name
 
     @property
     def total(self) -> int:
@@ -151,6 +155,8 @@ class LossCurve:
         self.steps.append(step.step)
         self.losses.append(step.loss)
         self.last = step
+        for name, value in step.figures.items():
+            self.figures.setdefault(name, []).append((step.step, value))
         if step.eval_loss is not None or step.metrics:
             since = self.evals[-1].step if self.evals else 0
             window = [loss for s, loss in zip(self.steps, self.losses) if s > since]
@@ -211,6 +217,23 @@ class LossCurve:
         axes.set_ylabel("loss")
         axes.grid(alpha=0.3)
         axes.legend(loc="upper right")
+        self._draw_figures(axes)
+
+    def _draw_figures(self, axes: Any) -> None:
+        """A preference objective's rewards on a second scale, dashed, beside the loss."""
+        shown = {name: points for name, points in self.figures.items()
+                 if name.startswith("rewards/") and name != "rewards/accuracies" or name == "kl"}
+        twin = getattr(axes, "_nbpeft_twin", None)
+        if twin is not None:
+            twin.clear()
+        if not shown:
+            return
+        if twin is None:
+            twin = axes._nbpeft_twin = axes.twinx()
+        for name, points in shown.items():
+            twin.plot([s for s, _ in points], [v for _, v in points], "--", label=name)
+        twin.set_ylabel("reward")
+        twin.legend(loc="upper left", fontsize="small")
 
     def png(self, width: float = 6.4, height: float = 3.2, dpi: int = 90) -> bytes:
         from matplotlib.backends.backend_agg import FigureCanvasAgg

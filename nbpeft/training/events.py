@@ -45,6 +45,8 @@ class Begin:
     has_eval: bool = False
     start_step: int = 0  # > 0 when resuming from a checkpoint
     batch_reason: str = ""  # how batch_size="auto" chose the micro-batch ("" when it was given)
+    objective: str = "sft"
+    figures: tuple[str, ...] = ()  # the objective's figures each step reports (TRL's names, e.g. "rewards/margins")
 
     @property
     def effective_batch(self) -> int:
@@ -53,7 +55,11 @@ class Begin:
 
 @dataclass
 class Step:
-    """One optimizer step. ``eval_loss`` and ``metrics`` are filled on evaluation steps."""
+    """One optimizer step. ``eval_loss``, ``eval_figures`` and ``metrics`` are filled on evaluation steps.
+
+    ``figures`` are a preference objective's own values of the step (TRL's names: ``rewards/chosen``,
+    ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ...), means over its rows.
+    """
 
     step: int
     total_steps: int
@@ -68,6 +74,16 @@ class Step:
     grad_norm: float | None = None  # the gradients' total norm before clipping
     eval_loss: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    figures: dict[str, float] = field(default_factory=dict)
+    eval_figures: dict[str, float] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        """The step as a history row: its fields, each figure a column of its own (eval ones prefixed ``eval_``)."""
+        row = {k: v for k, v in vars(self).items() if k not in ("figures", "eval_figures")}
+        row["metrics"] = dict(self.metrics)
+        row.update(self.figures)
+        row.update({f"eval_{name}": value for name, value in self.eval_figures.items()})
+        return row
 
 
 @dataclass
@@ -108,6 +124,11 @@ class TrainResult:
     @property
     def eval_losses(self) -> list[tuple[int, float]]:
         return [(row["step"], row["eval_loss"]) for row in self.history if row.get("eval_loss") is not None]
+
+    def figure(self, name: str) -> list[tuple[int, float]]:
+        """(step, value) of a preference objective's figure, e.g. ``result.figure("rewards/margins")``;
+        ``"eval_rewards/margins"`` for its value on ``eval_data``."""
+        return [(row["step"], row[name]) for row in self.history if row.get(name) is not None]
 
     @property
     def final_loss(self) -> float | None:

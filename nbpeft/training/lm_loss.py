@@ -219,3 +219,46 @@ def model_loss(model: nn.Module, batch: dict[str, torch.Tensor], use_cache: dict
         return loss
     with fast_attention(model, batch):
         return model(**batch, **use_cache).loss
+
+
+def labelled_logps(model: nn.Module, batch: dict[str, torch.Tensor], use_cache: dict[str, bool]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the sum of ``log p(y_i | tokens before i)`` over its labelled tokens, and their count.
+
+    The preference objectives' sequence log-probability. On the plain-head path each row's sum
+    is :class:`_LinearCrossEntropy` over its own labelled positions (never a row's full logits);
+    any other model gives its logits (the last ``width`` positions: prompt tuning puts its
+    virtual tokens in front) and their log-softmax.
+    """
+    labels = batch["labels"]
+    next_tokens = labels[:, 1:]
+    keep = next_tokens != IGNORE
+    counts = keep.sum(dim=1)
+    parts = _backbone_and_head(model)
+    if parts is None:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with fast_attention(model, batch):
+            logits = model(**inputs, **use_cache).logits[:, -labels.shape[1]:-1]
+        logps = torch.log_softmax(logits.float(), dim=-1)
+        picked = logps.gather(-1, next_tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (picked * keep).sum(dim=1), counts
+    backbone, head = parts
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if "use_cache" in _forward_params(backbone):
+        inputs["use_cache"] = False
+    with fast_attention(model, batch):
+        output = backbone(**inputs)
+    hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+    hidden, targets = hidden[:, :-1][keep], next_tokens[keep]
+    compute_dtype = hidden.dtype
+    if torch.is_autocast_enabled(hidden.device.type):
+        compute_dtype = torch.get_autocast_dtype(hidden.device.type)
+    rows = block_rows(int(counts.max()) if counts.numel() else 1, head.weight.shape[0], hidden.device)
+    sums, at = [], 0
+    with torch.autocast(hidden.device.type, enabled=False):
+        for count in counts.tolist():
+            segment = slice(at, at + count)
+            sums.append(-_LinearCrossEntropy.apply(hidden[segment], head.weight, head.bias, targets[segment], rows,
+                                                   compute_dtype))
+            at += count
+    return torch.stack(sums).float(), counts

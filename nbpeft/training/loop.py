@@ -17,7 +17,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,9 +25,10 @@ from torch import nn
 
 from .. import core
 from ..data.batches import Batches
+from ..data.preferences import PreferenceBatches
 from ..errors import ConfigError
 from . import checkpoints as checkpoint
-from . import compiling, distributed, lm_loss, memory, precision, record
+from . import compiling, distributed, lm_loss, memory, objectives, precision, record
 from .events import Begin, End, Listener, Note, Step, StopTraining, TrainResult, as_listener
 from .options import Settings, docstring, signature
 from .precision import Choice, choose
@@ -151,6 +152,20 @@ def _check_combinations(model: nn.Module, s: Settings) -> None:
         raise ConfigError(f"train(): lr_ratio={s.lr_ratio} speeds up LoRA's B matrices, but no trainable lora_B was "
                           "found; attach a LoRA-family adapter or leave lr_ratio=1")
     _check_trainable(model, s.full)
+    if s.objective != "sft":
+        _check_objective(model, s)
+
+
+def _check_objective(model: nn.Module, s: Settings) -> None:
+    """What a preference objective cannot go with."""
+    why = f"train(): objective={s.objective!r} computes its own loss on whole rows of answers"
+    if s.loss_fn is not None:
+        raise ConfigError(f"{why}; loss_fn= goes with objective='sft'; drop loss_fn=")
+    if s.packing:
+        raise ConfigError(f"{why}; packing=True goes with objective='sft'; drop packing=")
+    if s.batch_size == "auto":
+        raise ConfigError(f"{why}; batch_size='auto' goes with objective='sft'; give batch_size=N (rows a micro-batch)")
+    objectives.check_model(model, objectives.build(s.objective, s), s.full)
 
 
 def _batch_plan(batch_size: int | str, grad_accum: int, effective_batch: int | None) -> tuple[Any, bool]:
@@ -358,6 +373,9 @@ class Run:
     started: float = 0.0
     tokens: int = 0  # trained on by this run, for its speed
     step_seconds: float = 0.0
+    objective: objectives.Objective | None = None  # None: SFT, the model's own loss
+    objective_loss: objectives.ObjectiveLoss | None = None
+    figures: dict[str, list[float]] = field(default_factory=dict)  # this step's figures: [weighted sum, weight]
 
     @property
     def accumulated(self) -> int:
@@ -369,13 +387,12 @@ def _plan(model: nn.Module, s: Settings) -> Run:
     """What the run will do, every check passed before anything changes: its data, length, device and checkpoint."""
     batch_size, auto_batch = _batch_plan(s.batch_size, s.grad_accum, s.effective_batch)
     resume_from = checkpoint.find(s.resume, s.output_dir) if s.resume else None
-    batches = Batches(s.data, s.tokenizer, batch_size, s.max_length, s.seed, model=model, columns=s.columns,
-                      packing=s.packing)
+    objective = objectives.build(s.objective, s) if s.objective != "sft" else None
+    batches = _batches(s.data, s, batch_size, model, objective)
     if auto_batch and (batches.kind == "batches" or batches.stream is not None):
         raise ConfigError("train(): batch_size='auto' needs examples with a length (a list or a Dataset); "
                           "a DataLoader or a stream keeps the batch size it has, so give batch_size=")
-    evals = (Batches(s.eval_data, s.tokenizer, batch_size, s.max_length, s.seed, model=model, columns=s.columns,
-                     packing=s.packing) if s.eval_data is not None else None)
+    evals = _batches(s.eval_data, s, batch_size, model, objective) if s.eval_data is not None else None
     steps, eval_every = s.steps, s.eval_every
     if steps is None:
         if batches.per_epoch is None:
@@ -401,7 +418,16 @@ def _plan(model: nn.Module, s: Settings) -> Run:
         checkpoint.check_folder(s.output_dir, identity, resuming=saved is not None)
     return Run(model=model, settings=s, batches=batches, evals=evals, listener=_listener(s.live), dev=dev,
                choice=choice, steps=steps, warmup=warmup_steps(s.warmup, steps), eval_every=eval_every,
-               auto_batch=auto_batch, saved=saved, identity=identity)
+               auto_batch=auto_batch, saved=saved, identity=identity, objective=objective)
+
+
+def _batches(data: Any, s: Settings, batch_size: int, model: nn.Module, objective: objectives.Objective | None) -> Any:
+    """The stream of batches: examples for SFT, the objective's rows (pairs, rated answers, prompts) otherwise."""
+    if objective is None:
+        return Batches(data, s.tokenizer, batch_size, s.max_length, s.seed, model=model, columns=s.columns,
+                       packing=s.packing)
+    return PreferenceBatches(data, s.tokenizer, batch_size, s.max_length, s.seed, form=objective.data,
+                             objective=objective.name, model=model, columns=s.columns)
 
 
 def _setup(run: Run, restores: contextlib.ExitStack) -> None:
@@ -417,6 +443,9 @@ def _setup(run: Run, restores: contextlib.ExitStack) -> None:
     run.use_cache = {"use_cache": False} if _accepts(model, "use_cache") else {}
     run.autocast = run.choice.autocast(run.dev) if run.choice.autocast_dtype is not None else contextlib.nullcontext()
     run.scaler = torch.amp.GradScaler(run.dev.type) if run.choice.needs_scaler else None
+    if run.objective is not None:
+        reference = objectives.Reference(model, run.params, s.full) if run.objective.uses_reference else None
+        run.objective_loss = objectives.ObjectiveLoss(run.objective, reference, run.use_cache)
     run.optimizer = torch.optim.AdamW(_param_groups(run.params, s.weight_decay, lora_b_parameters(model), s.lr_ratio),
                                       lr=s.lr, **({"fused": True} if run.dev.type == "cuda" else {}))
     run.stream = iter(run.batches)
@@ -458,16 +487,39 @@ def _begin(run: Run, restores: contextlib.ExitStack) -> None:
         batch_size=run.micro or 0, grad_accum=run.accumulated, full=s.full, device_name=device_name,
         device_memory=device_memory, precision_reason=run.choice.reason, schedule=s.schedule,
         warmup_steps=run.warmup, lr=s.lr, has_eval=run.evals is not None, start_step=run.first,
-        batch_reason=batch_reason,
+        batch_reason=batch_reason, objective=s.objective,
+        figures=run.objective.figures if run.objective is not None else (),
     ))
     for note in batches.notes:
         run.listener.on_note(Note(note))
+    if run.objective_loss is not None:
+        run.listener.on_note(Note(_objective_note(run)))
     run.started = time.perf_counter()
     model.train()
     restores.callback(model.eval)
     restores.callback(memory.steady_allocator(dev))
     restores.callback(precision.hold_frozen_weights_in_bf16(model, run.choice))
     restores.callback(lm_loss.frozen_head_casts())
+
+
+def _objective_note(run: Run) -> str:
+    """What the objective compares with, and what precompute_ref= did or would save."""
+    s, objective, reference = run.settings, run.objective, run.objective_loss.reference
+    line = f"objective {objective.name} (beta={objective.beta})"
+    if reference is None:
+        return line + ": no reference model"
+    line += f"; reference: the model as it started, {reference.how}"
+    passes = len(objective.trained_slots) + (objective.data == "unpaired")
+    if not s.precompute_ref:
+        return line + f" ({passes} reference forward passes a row each step; precompute_ref=True computes them once)"
+    began = time.perf_counter()
+    with torch.no_grad():
+        rows = reference.precompute(run.batches, run.dev, run.autocast, run.use_cache)
+        if run.evals is not None:
+            reference.precompute(run.evals, run.dev, run.autocast, run.use_cache, "eval")
+    seen = run.steps * s.grad_accum * run.batches.batch_size
+    return line + (f"; its log-probabilities precomputed for {rows} rows in {time.perf_counter() - began:.1f} s, "
+                   f"saving {passes} forward passes a row on each of the ~{seen:,} rows the run trains on")
 
 
 def _set_requires_grad(flags: dict[nn.Parameter, bool]) -> None:
@@ -485,6 +537,7 @@ def _step(run: Run, step: int, step_batches: list[dict[str, torch.Tensor]], bega
     s, optimizer = run.settings, run.optimizer
     for group in optimizer.param_groups:
         group["lr"] = s.lr * group.get("lr_scale", 1.0) * lr_factor(step, run.steps, run.warmup, s.schedule)
+    run.figures = {}
     loss, tokens = _forward_backward(run, step, step_batches)
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
@@ -508,7 +561,7 @@ def _step(run: Run, step: int, step_batches: list[dict[str, torch.Tensor]], bega
     run.tokens, run.step_seconds = run.tokens + tokens, run.step_seconds + seconds
     return Step(step=step, total_steps=run.steps, loss=loss, lr=optimizer.param_groups[0]["lr"], tokens=tokens,
                 step_time_s=seconds, elapsed_s=0.0, tokens_per_s=run.tokens / run.step_seconds, eta_s=0.0,
-                peak_mem_bytes=peak_memory(run.dev), grad_norm=grad_norm)
+                peak_mem_bytes=peak_memory(run.dev), grad_norm=grad_norm, figures=_means(run.figures))
 
 
 def _clip(params: list[nn.Parameter], max_grad_norm: float | None) -> float:
@@ -532,6 +585,7 @@ def _forward_backward(run: Run, step: int, step_batches: list[dict[str, torch.Te
             ran_out = run.micro or max(memory.rows_of(b) for b in step_batches)
         # here, outside the except, the failed try's activations are unreachable and can be freed
         run.optimizer.zero_grad(set_to_none=True)  # a backward cut short left partial gradients
+        run.figures = {}
         if run.dev.type == "cuda":
             torch.cuda.empty_cache()
         if ran_out <= 1:
@@ -564,10 +618,26 @@ def _accumulate(run: Run, step_batches: list[dict[str, torch.Tensor]]) -> tuple[
             (run.scaler.scale(loss) if run.scaler else loss).backward()
             loss_sum += loss.item()
             tokens += batch_size_in_tokens(batch)
+            if run.objective_loss is not None:
+                _add_figures(run.figures, run.objective_loss.figures, share / len(step_batches))
     return loss_sum, tokens
 
 
+def _add_figures(sums: dict[str, list[float]], figures: dict[str, float], weight: float) -> None:
+    """Into ``sums`` (name -> [weighted sum, weight]): a micro-batch's figures at ``weight``."""
+    for name, value in figures.items():
+        total = sums.setdefault(name, [0.0, 0.0])
+        total[0] += value * weight
+        total[1] += weight
+
+
+def _means(sums: dict[str, list[float]]) -> dict[str, float]:
+    return {name: total / weight for name, (total, weight) in sums.items() if weight}
+
+
 def _loss(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    if run.objective_loss is not None:
+        return run.objective_loss(run.model, batch)
     loss_fn = run.settings.loss_fn
     return loss_fn(run.model, batch) if loss_fn else lm_loss.model_loss(run.model, batch, run.use_cache)
 
@@ -577,18 +647,40 @@ def _evaluate(run: Run, event: Step) -> None:
     s = run.settings
     if run.eval_every is None or (event.step % run.eval_every and event.step != run.steps):
         return
-    if run.evals is not None:
+    if run.evals is not None and run.objective_loss is not None:
+        event.eval_loss, event.eval_figures = _evaluate_objective(run)
+    elif run.evals is not None:
         event.eval_loss = evaluate(run.model, run.evals, run.dev, run.autocast, run.use_cache, s.loss_fn)
     if s.metrics is not None:
         event.metrics = _metrics(run.model, s.metrics)
     run.model.train()
 
 
+@torch.no_grad()
+def _evaluate_objective(run: Run) -> tuple[float, dict[str, float]]:
+    """The objective's mean loss and figures over one pass of eval_data."""
+    run.model.eval()
+    loss_fn, losses, figures, rows = run.objective_loss, [], {}, 0
+    loss_fn.split = "eval"
+    try:
+        for batch in run.evals.once():
+            batch = {k: v.to(run.dev) for k, v in batch.items()}
+            with run.autocast:
+                loss = loss_fn(run.model, batch)
+            n = len(batch["index"])
+            losses.append(loss.float().item() * n)
+            _add_figures(figures, loss_fn.figures, n)
+            rows += n
+    finally:
+        loss_fn.split = "train"
+    return sum(losses) / max(rows, 1), _means(figures)
+
+
 def _record(run: Run, event: Step) -> None:
     """The step's time since the run began, its estimate of the time left, and its history row."""
     event.elapsed_s = time.perf_counter() - run.started
     event.eta_s = event.elapsed_s / (event.step - run.first) * (run.steps - event.step)
-    run.result.history.append(asdict(event))
+    run.result.history.append(event.row())
 
 
 def _checkpoint(run: Run, step: int) -> None:
@@ -616,6 +708,11 @@ def _end(run: Run) -> TrainResult:
     result.seconds = time.perf_counter() - run.started
     result.truncated, result.dropped = run.batches.truncated, run.batches.dropped
     result.batch_size, result.grad_accum = run.micro or 0, run.accumulated
+    if result.history and not run.settings.full:  # the adapters moved: disabling them is no longer the start
+        st = core.state(run.model)
+        for name in st.active:
+            if name in st.adapters:
+                st.adapters[name].trained = True
     run.listener.on_end(End(result))
     return result
 

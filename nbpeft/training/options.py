@@ -21,6 +21,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from . import trackers
+from .objectives import NAMES as OBJECTIVES
 from .precision import PRECISIONS
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -29,6 +30,7 @@ REQUIRED = inspect.Parameter.empty  # the default of an option every call must g
 # The panel shows the groups in this order, each under its title.
 GROUPS = {
     "data": "Data",
+    "objective": "Objective",
     "length": "Length",
     "optimizer": "Optimizer",
     "batch": "Batch",
@@ -66,7 +68,9 @@ class TrainOption:
 
     ``check(value)`` is True for an acceptable value (None passes where the default is None);
     ``expects`` finishes the error's sentence "must be ...". ``flag`` names the magic's
-    ``--flag`` for the option where it has one (notebook variables and switches).
+    ``--flag`` for the option where it has one (notebook variables and switches). ``objectives``
+    names the training objectives the option belongs to (empty: every one); the panel shows it
+    only while one of them is chosen, and a call giving it with another objective is refused.
     """
 
     name: str
@@ -78,12 +82,20 @@ class TrainOption:
     expects: str = ""
     choices: tuple[Any, ...] = ()
     flag: bool = False
+    objectives: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.group not in GROUPS:
             raise ValueError(f"option {self.name}: group {self.group!r} is not one of {', '.join(GROUPS)}")
         if self.kind not in KINDS:
             raise ValueError(f"option {self.name}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        unknown = [o for o in self.objectives if o not in OBJECTIVES]
+        if unknown:
+            raise ValueError(f"option {self.name}: objective {unknown[0]!r} is not one of {', '.join(OBJECTIVES)}")
+
+    def belongs_to(self, objective: str) -> bool:
+        """Whether the option applies when training with ``objective``."""
+        return not self.objectives or objective in self.objectives
 
     @property
     def required(self) -> bool:
@@ -145,6 +157,24 @@ OPTIONS: list[TrainOption] = [
                 "data", "int", _positive_int, "a positive integer"),
     TrainOption("packing", False, "fill rows of max_length with whole examples instead of padding each",
                 "data", "bool", _flag, "True or False"),
+    # objective
+    TrainOption("objective", "sft", "what the run optimises: sft (next-token loss), or a preference objective "
+                "(dpo, ipo, orpo, simpo, kto) on preference rows", "objective", "choice", choices=OBJECTIVES),
+    TrainOption("beta", None, "preference strength: β of dpo/ipo/kto (default 0.1), orpo's λ (0.1), simpo's β (2.0)",
+                "objective", "float", lambda v: _number(v) and v > 0, "a positive number, e.g. beta=0.1",
+                objectives=("dpo", "ipo", "orpo", "simpo", "kto")),
+    TrainOption("label_smoothing", 0.0, "the share of pairs assumed mislabelled (conservative DPO), 0 to 0.5",
+                "objective", "float", lambda v: _number(v) and 0 <= v < 0.5, "between 0 and 0.5, e.g. 0.1",
+                objectives=("dpo", "simpo")),
+    TrainOption("gamma", 0.5, "SimPO's target margin between the answers' average log-probabilities",
+                "objective", "float", lambda v: _number(v) and v >= 0, "0 or more, e.g. gamma=0.5",
+                objectives=("simpo",)),
+    TrainOption("desirable_weight", 1.0, "KTO's weight of the rows labelled True",
+                "objective", "float", lambda v: _number(v) and v > 0, "a positive number", objectives=("kto",)),
+    TrainOption("undesirable_weight", 1.0, "KTO's weight of the rows labelled False",
+                "objective", "float", lambda v: _number(v) and v > 0, "a positive number", objectives=("kto",)),
+    TrainOption("precompute_ref", False, "compute the reference log-probabilities once before training, not every step",
+                "objective", "bool", _flag, "True or False", objectives=("dpo", "ipo", "kto")),
     # length
     TrainOption("steps", None, "optimizer steps to train (give steps or epochs)",
                 "length", "int", _positive_int, "a positive integer"),
@@ -280,6 +310,12 @@ class Settings:
             value = given.get(option.name, option.default)
             option.validate(value, caller)
             values[option.name] = value
+        objective = values.get("objective", "sft")
+        for option in OPTIONS:
+            if not option.belongs_to(objective) and differs(values[option.name], option.default):
+                owners = ", ".join(repr(o) for o in option.objectives)
+                raise ConfigError(f"{caller}: {option.name}= belongs to objective={owners}, not objective={objective!r}; "
+                                  f"drop {option.name}= or choose objective={option.objectives[0]!r}")
         return cls(values)
 
     def changed(self) -> dict[str, Any]:

@@ -170,6 +170,8 @@ class TrainTab(widgets.VBox):
         self.length_unit.observe(self._unit_changed, names="value")
         self.fields["batch_size"].widget.observe(self._batch_changed, names="value")
         self.fields["grad_accum"].widget.observe(self._batch_changed, names="value")
+        self.fields["objective"].widget.observe(self._objective_changed, names="value")
+        self._objective_changed()
         self.example_button.on_click(self.show_example)
         self.start_button.on_click(self.start)
         self.stop_button.on_click(self.stop)
@@ -186,6 +188,13 @@ class TrainTab(widgets.VBox):
 
     def _unit_changed(self, change: dict[str, Any]) -> None:
         self.steps.disabled, self.epochs.disabled = change["new"] == "epochs", change["new"] == "steps"
+
+    def _objective_changed(self, _: Any = None) -> None:
+        """Each objective's own options (``TrainOption.objectives``) show only while it is chosen."""
+        objective = self.fields["objective"].widget.value
+        for option in train_options.OPTIONS:
+            if option.name in self.fields and option.objectives:
+                self.fields[option.name].row.layout.display = None if option.belongs_to(objective) else "none"
 
     def _batch_changed(self, _: Any = None) -> None:
         """With "auto", the accumulation is chosen for the effective batch; with a number, the effective
@@ -218,12 +227,15 @@ class TrainTab(widgets.VBox):
         """``nbpeft.train`` keyword arguments: the required ones, the length, the batch, the tokenizer, and
         every other field that differs from its option's default (``live`` is the panel's)."""
         found = {}
+        objective = self.fields["objective"].widget.value
         for name, field in self.fields.items():
-            value = field.read("train") if name not in TAB_READ else None
-            if name not in TAB_READ and (field.option.required or train_options.differs(value, field.option.default)):
+            if name in TAB_READ or not field.option.belongs_to(objective):  # a hidden objective's options stay out
+                continue
+            value = field.read("train")
+            if field.option.required or train_options.differs(value, field.option.default):
                 found[name] = value
         tokenizer = self._chosen_tokenizer("train")
-        if tokenizer is None and kind_of(found["data"]) != "batches":
+        if tokenizer is None and (objective != "sft" or kind_of(found["data"]) != "batches"):
             try:
                 tokenizer = tokenizer_for(self.model)
             except MissingTokenizer:

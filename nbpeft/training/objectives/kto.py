@@ -1,0 +1,54 @@
+"""KTO (Ethayarajh et al. 2024): each answer rated desirable or not on its own, against a KL baseline.
+
+With ``r(y) = log π(y|x) − log ref(y|x)`` and ``z`` the batch's KL estimate: the mean of ``r`` over
+mismatched pairs (each prompt with the completion of the row before it), clamped at 0 and held
+constant, as TRL computes it:
+
+    desirable:    loss = λ_D (1 − σ(β (r(y) − z)))
+    undesirable:  loss = λ_U (1 − σ(β (z − r(y))))
+
+averaged over the batch's rows (λ_D, λ_U: ``desirable_weight``, ``undesirable_weight``). Each
+answer's reward is ``β r(y)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import Logps, Objective
+
+
+def kto_losses(logratio: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, beta: float,
+               desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> torch.Tensor:
+    """Per-row KTO loss from each row's log-ratio, its label and the KL estimate."""
+    good = desirable_weight * (1 - torch.sigmoid(beta * (logratio - kl)))
+    bad = undesirable_weight * (1 - torch.sigmoid(beta * (kl - logratio)))
+    return torch.where(desirable, good, bad)
+
+
+class KTO(Objective):
+    name = "kto"
+    description = "Kahneman-Tversky Optimization: answers rated one by one (label True/False), KL baseline"
+    data = "unpaired"
+    trained_slots = (0,)
+    figures = ("rewards/chosen", "rewards/rejected", "rewards/margins", "kl")
+    defaults = {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0}
+
+    def loss(self, policy: Logps, reference: Logps | None, batch: dict[str, Any]
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ratio = policy.sums - reference.sums.to(policy.sums.dtype)
+        kl = ratio[:, 1].detach().mean().clamp(min=0)
+        desirable = batch["desirable"].bool()
+        losses = kto_losses(ratio[:, 0], desirable, kl, self.beta, self.option("desirable_weight"),
+                            self.option("undesirable_weight"))
+        rewards = self.beta * ratio[:, 0].detach()
+        figures = {"kl": kl}
+        if desirable.any():
+            figures["rewards/chosen"] = rewards[desirable].mean()
+        if (~desirable).any():
+            figures["rewards/rejected"] = rewards[~desirable].mean()
+        if desirable.any() and (~desirable).any():
+            figures["rewards/margins"] = figures["rewards/chosen"] - figures["rewards/rejected"]
+        return losses.mean(), figures
