@@ -178,6 +178,18 @@ def test_lab_errors_are_one_line(llama, kwargs, message):
         nbpeft.compare_answers(model, "Hello", tokenizer=char_tokenizer(), max_new_tokens=4, **kwargs)
 
 
+def test_the_pairs_train_with_dpo_as_they_are(llama):
+    model, tok = two_adapters(llama), char_tokenizer()
+    lab = nbpeft.compare_answers(model, ["Hello", "Hi", "Hey"], tokenizer=tok, max_new_tokens=6, pick=True)
+    for answer in (1, 2, 0):
+        lab.choose(answer)
+    core.set_adapter(model, "poet")
+    result = nbpeft.train(model, lab.pairs, tokenizer=tok, objective="dpo", steps=2, batch_size=2, live=False)
+    assert len(result.history) == 2 and result.figure("rewards/margins")
+    result = nbpeft.train(model, lab.unpaired, tokenizer=tok, objective="kto", steps=1, batch_size=4, live=False)
+    assert len(result.history) == 1
+
+
 # the panel's Answers tab -----------------------------------------------------------------------
 
 def test_collect_preferences_in_the_panel_feeds_the_train_tab(llama):
@@ -203,6 +215,9 @@ def test_collect_preferences_in_the_panel_feeds_the_train_tab(llama):
     view.neither_button.click()
     assert tab.lab.done and namespace["prefs"] == tab.lab.pairs
     assert panel.train_tab.fields["data"].read("train") is namespace["prefs"]
+    assert panel.train_tab.fields["objective"].widget.value == "dpo"
+    options = panel.train_tab.options()
+    assert options["data"] is namespace["prefs"] and options["objective"] == "dpo"
 
 
 def test_answers_tab_samples_one_adapter_and_says_what_is_wrong(llama):
