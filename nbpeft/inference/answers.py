@@ -95,6 +95,9 @@ def compare_answers(
     if samples > 1 and len(names) > 1:
         raise ConfigError(f"compare_answers(): samples={samples} draws several answers of one adapter; "
                           f"pass adapters= one of {', '.join(map(repr, names))}")
+    if pick and (samples if samples > 1 else len(names) + include_base) < 2:
+        raise ConfigError("compare_answers(): pick=True needs two answers or more per prompt to choose between; "
+                          "keep include_base=True, name two adapters, or draw samples=2 or more")
     tokenizer = find_tokenizer(model, tokenizer, "compare_answers")
     answers: dict[str, list[str]] = {}
     base_column = BASE if BASE not in names else f"{BASE} (no adapter)"
@@ -111,9 +114,6 @@ def compare_answers(
     if not pick:
         return table
     columns = table.columns
-    if len(columns) < 2:
-        raise ConfigError("compare_answers(): pick=True needs two answers or more per prompt to choose between; "
-                          "keep include_base=True, name two adapters, or draw samples=2 or more")
     return PreferenceLab(texts, [[table.answers[c][i] for c in columns] for i in range(len(texts))],
                          [columns] * len(texts))
 
