@@ -1042,11 +1042,11 @@ def test_generate_maps_the_same_flags_and_streams(shell, monkeypatch):
     assert result.success, out.stderr
     assert calls[0] == {"model": shell.user_ns["model"], "tokenizer": "tok", "prompts": "Tell me a joke",
                         **GENERATION, "temperature": 0.5, "seed": 1, "messages": None, "stream": True,
-                        "adapter_names": None}
+                        "adapter_names": None, "num_samples": 1}
     run(shell, "%%peft_generate --max-new-tokens 5 --stop END\nfirst\nsecond")
     assert calls[1] == {"model": shell.user_ns["model"], "tokenizer": "tok", "prompts": ["first", "second"],
                         **GENERATION, "max_new_tokens": 5, "stop": "END", "messages": None, "stream": True,
-                        "adapter_names": None}
+                        "adapter_names": None, "num_samples": 1}
     assert len(calls) == 2
 
 
@@ -1064,7 +1064,8 @@ def test_generate_takes_the_prompt_as_the_lines_text(shell, monkeypatch, code, p
     result, out = run(shell, code)
     assert result.success, out.stderr
     assert calls == [{"model": shell.user_ns["model"], "tokenizer": "tok", "prompts": prompt, **GENERATION,
-                      **options, "messages": None, "stream": True, "adapter_names": None}]
+                      **options, "messages": None, "stream": True, "adapter_names": None,
+                      "num_samples": 1}]
 
 
 @pytest.mark.parametrize("code, message", [
