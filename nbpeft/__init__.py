@@ -24,6 +24,7 @@ from .formats.export import ExportCheck, ExportResult, check_export, export, to_
 from .formats.peft_folder import load_adapter, save_adapter
 from .inference.answers import Answers, compare_answers
 from .inference.generate import generate
+from .inference.preferences import PreferenceLab
 from .models import load_model
 from .training.bakeoff import bakeoff
 from .training.jobs import export_job
@@ -83,6 +84,7 @@ __all__ = [
     "export_job",
     "compare_answers",
     "Answers",
+    "PreferenceLab",
     "train",
     "ConfigError",
     "attach",

@@ -2,7 +2,9 @@
 changing r in the page changes the preview, Attach leaves no red error line behind, Stop ends a
 training run while it is running, Show example renders an example in the Train tab, and the
 Adapters tab keeps its buttons on one row under a table whose heads sit over their columns, with
-its Export rows below; the Runs tab lists the kernel's runs and plots them. Each tab is photographed and the pictures checked too.
+its Export rows below; the Runs tab lists the kernel's runs and plots them; in the Answers tab the
+preference lab opens over three samples of the trained adapter, a click picks one, and a cell run
+in the kernel finds the pairs in ``prefs``. Each tab is photographed and the pictures checked too.
 
 Needs the ``browser`` extra (jupyterlab, playwright) and a Chromium binary (Debian's
 ``chromium`` package; another path through NBPEFT_CHROMIUM). Without them the test is skipped
@@ -274,6 +276,33 @@ def test_panel_in_jupyterlab(lab):
             panel.locator(".nbpeft-runs-plot-button").click()
             expect(panel.locator(".nbpeft-runs-plot")).to_be_visible(timeout=30_000)
             panel.screenshot(path=str(ARTIFACTS / "browser_runs.png"))
+
+            # Answers: the preference lab over three samples of the trained adapter; a click records pairs
+            panel.locator(".lm-TabBar-tab", has_text="Answers").click()
+            panel.locator(".nbpeft-answers-prompts textarea").fill("What is your favourite food?")
+            panel.locator(".nbpeft-answers-adapters select").select_option(label=["default"])
+            for part, value in (("samples", "3"), ("temperature", "1.5"), ("max-new-tokens", "8")):
+                box = panel.locator(f".nbpeft-answers-{part} input")
+                box.fill(value)
+                box.press("Enter")
+            panel.locator(".nbpeft-answers-collect").click()
+            picks = panel.locator(".nbpeft-lab-pick")
+            expect(picks).to_have_count(3, timeout=120_000)
+            picks.first.click()
+            expect(panel.locator(".nbpeft-lab-progress")).to_contain_text("1 of 1 judged", timeout=30_000)
+            message = panel.locator(".nbpeft-lab-message")
+            expect(message).to_contain_text("pairs so far", timeout=30_000)
+            recorded = int(re.search(r"(\d+) pairs so far", message.inner_text())[1])
+            assert 1 <= recorded <= 2, recorded  # the first sample over each other one that differs from it
+            panel.screenshot(path=str(ARTIFACTS / "browser_lab.png"))
+            page.locator(".jp-Notebook .jp-Cell .jp-InputArea-prompt").last.click()
+            page.keyboard.press("Escape")
+            page.keyboard.press("b")  # a new cell below the last one
+            page.keyboard.press("Enter")
+            page.keyboard.type("print('pairs in the kernel:', len(prefs), prefs[0]['prompt'])")
+            page.keyboard.press("Shift+Enter")
+            expect(page.get_by_text(f"pairs in the kernel: {recorded} What is your favourite food?")).to_be_visible(
+                timeout=60_000)
             page.screenshot(path=str(ARTIFACTS / "browser_notebook.png"), full_page=True)
         except Exception:
             page.screenshot(path=str(ARTIFACTS / "browser_failure.png"))

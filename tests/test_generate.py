@@ -206,6 +206,100 @@ def test_messages_need_a_chat_template_and_a_classifier_cannot_generate(llama):
         nbpeft.generate(tiny_bert(), char_tokenizer(), "Hi")
 
 
+# several samples of one prompt ------------------------------------------------------------------
+
+SAMPLED = {"max_new_tokens": 12, "temperature": 3.0, "seed": 0}
+
+
+def repeated_answers(model, tok, prompts, k, **options):
+    """The answers of the same prompts each written out k times, in one batch: what num_samples must equal."""
+    rows = [p for p in prompts for _ in range(k)]
+    flat = nbpeft.generate(model, tok, rows, batch_size=len(rows), **SAMPLED, **options)
+    return [flat[i:i + k] for i in range(0, len(flat), k)]
+
+
+def forward_inputs(model) -> list[tuple[int, ...]]:
+    """The shape of input_ids at every forward call of ``model``."""
+    shapes: list[tuple[int, ...]] = []
+    model.register_forward_pre_hook(lambda _m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                    with_kwargs=True)
+    return shapes
+
+
+def test_samples_are_the_answers_of_the_prompt_repeated(llama, tok):
+    prompts = ["Hi", "A longer question?", "Mid"]
+    samples = nbpeft.generate(llama, tok, prompts, num_samples=4, **SAMPLED)
+    assert [len(s) for s in samples] == [4, 4, 4]
+    assert samples == repeated_answers(llama, tok, prompts, 4)  # the same draws: the same distribution
+    assert all(len(set(s)) > 1 for s in samples)
+    one = nbpeft.generate(llama, tok, "Hi", num_samples=4, **SAMPLED)
+    assert isinstance(one, list) and len(one) == 4 and all(isinstance(a, str) for a in one)
+
+
+def test_the_prompt_runs_through_the_model_once(llama, tok):
+    prompts, k = ["Hi", "A longer question?"], 4
+    width = max(len(tok(user(p), add_special_tokens=False)["input_ids"]) for p in prompts)
+    shapes = forward_inputs(llama)
+    nbpeft.generate(llama, tok, prompts, num_samples=k, **SAMPLED)
+    assert shapes[0] == (2, width - 1)  # every prompt token but the last, once per prompt
+    assert all(shape == (2 * k, 1) for shape in shapes[1:]) and len(shapes) <= 1 + SAMPLED["max_new_tokens"]
+    prompt_tokens_shared = sum(rows * length for rows, length in shapes[:2])
+    shapes.clear()
+    repeated_answers(llama, tok, prompts, k)
+    assert shapes[0] == (2 * k, width)  # written out k times, the prompt runs k times
+    assert prompt_tokens_shared < sum(rows * length for rows, length in shapes[:2]) / 3
+
+
+@pytest.mark.parametrize("method, options", [("lora", {"r": 4}), ("prefix", {"num_virtual_tokens": 3}),
+                                             ("prompt", {"num_virtual_tokens": 3})])
+def test_samples_of_an_adapter_equal_the_prompt_repeated(llama, tok, method, options):
+    torch.manual_seed(3)
+    nbpeft.attach(llama, method, **options)
+    for param in core.adapter_parameters(llama, "default").values():
+        param.data.normal_(0, 0.5)
+    samples = nbpeft.generate(llama, tok, ["Hi", "Longer one?"], num_samples=3, **SAMPLED)
+    assert samples == repeated_answers(llama, tok, ["Hi", "Longer one?"], 3)
+
+
+def test_samples_with_adapter_names_route_every_copy(llama, tok):
+    model = two_adapters(llama)
+    names = ["pirate", "__base__"]
+    samples = nbpeft.generate(model, tok, ["Hi", "Hello"], num_samples=2, adapter_names=names, **SAMPLED)
+    rows = ["Hi", "Hi", "Hello", "Hello"]
+    flat = nbpeft.generate(model, tok, rows, adapter_names=["pirate", "pirate", "__base__", "__base__"],
+                           batch_size=4, **SAMPLED)
+    assert samples == [flat[:2], flat[2:]]
+
+
+def test_samples_of_a_seq2seq_model_equal_the_prompt_repeated():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, pad_token_id=0,
+                      eos_token_id=2, decoder_start_token_id=0)
+    model, plain = T5ForConditionalGeneration(config).eval(), char_tokenizer(chat=False)
+    samples = nbpeft.generate(model, plain, ["Hello", "Hi"], num_samples=3, **SAMPLED)
+    assert samples == repeated_answers(model, plain, ["Hello", "Hi"], 3)
+    assert all(len(set(s)) > 1 for s in samples)
+
+
+def test_each_sample_ends_at_its_own_stop_string(llama, tok):
+    free = nbpeft.generate(llama, tok, "Hi", num_samples=6, **SAMPLED)
+    stop = next(ch for ch in "aeiou " if sum(ch in a for a in free) in range(1, 6))
+    cut = nbpeft.generate(llama, tok, "Hi", num_samples=6, stop=stop, **SAMPLED)
+    assert cut == [a[:a.index(stop)].strip() if stop in a else a for a in free]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_samples": 0, "temperature": 1.0}, r"num_samples=0 must be a positive integer"),
+    ({"num_samples": 3}, r"num_samples=3 gives different answers only when sampling; set temperature= above 0"),
+    ({"num_samples": 2, "temperature": 1.0, "stream": True}, r"stream=True shows one answer at a time"),
+])
+def test_bad_num_samples_get_one_line(llama, tok, kwargs, message):
+    with pytest.raises(ConfigError, match=r"^generate\(\): " + message):
+        nbpeft.generate(llama, tok, "Hi", **kwargs)
+
+
 # compare_answers -------------------------------------------------------------------------------
 
 def two_adapters(model):

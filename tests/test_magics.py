@@ -959,7 +959,7 @@ def test_compare_answers_line_maps_names_flags_and_options(shell, fake_answers):
     assert result.success, out.stderr
     (call,) = fake_answers
     assert call == {"model": shell.user_ns["model"], "prompts": ["Tell me a joke"], "adapters": ["chat", "sql"],
-                    "tokenizer": "tok", "include_base": True,
+                    "tokenizer": "tok", "include_base": True, "pick": False, "samples": 1,
                     "options": {"max_new_tokens": 20, "temperature": 0.7, "top_p": 0.9, "seed": 3, "stop": "\n\n"}}
     assert out.outputs[0].data["text/plain"] == repr(shell.user_ns["_peft_answers"])
     assert shell.user_ns["_peft_answers"].answers["sql"] == ["sql says Tell me a joke"]
@@ -972,7 +972,7 @@ def test_compare_answers_cell_takes_one_prompt_per_line(shell, fake_answers):
     assert result.success, out.stderr
     (call,) = fake_answers
     assert call == {"model": shell.user_ns["other"], "prompts": ["Tell me a joke", "What is 2+2?"], "adapters": None,
-                    "tokenizer": "a tokenizer", "include_base": False, "options": {}}
+                    "tokenizer": "a tokenizer", "include_base": False, "pick": False, "samples": 1, "options": {}}
     assert shell.user_ns["res"].prompts == ["Tell me a joke", "What is 2+2?"]
 
 
@@ -1043,11 +1043,11 @@ def test_generate_maps_the_same_flags_and_streams(shell, monkeypatch):
     assert result.success, out.stderr
     assert calls[0] == {"model": shell.user_ns["model"], "tokenizer": "tok", "prompts": "Tell me a joke",
                         **GENERATION, "temperature": 0.5, "seed": 1, "messages": None, "stream": True,
-                        "adapter_names": None}
+                        "adapter_names": None, "num_samples": 1}
     run(shell, "%%peft_generate --max-new-tokens 5 --stop END\nfirst\nsecond")
     assert calls[1] == {"model": shell.user_ns["model"], "tokenizer": "tok", "prompts": ["first", "second"],
                         **GENERATION, "max_new_tokens": 5, "stop": "END", "messages": None, "stream": True,
-                        "adapter_names": None}
+                        "adapter_names": None, "num_samples": 1}
     assert len(calls) == 2
 
 
@@ -1065,7 +1065,8 @@ def test_generate_takes_the_prompt_as_the_lines_text(shell, monkeypatch, code, p
     result, out = run(shell, code)
     assert result.success, out.stderr
     assert calls == [{"model": shell.user_ns["model"], "tokenizer": "tok", "prompts": prompt, **GENERATION,
-                      **options, "messages": None, "stream": True, "adapter_names": None}]
+                      **options, "messages": None, "stream": True, "adapter_names": None,
+                      "num_samples": 1}]
 
 
 @pytest.mark.parametrize("code, message", [

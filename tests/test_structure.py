@@ -47,7 +47,9 @@ LAYERS: list[tuple[str, list[str], str]] = [
 # Front-ends side by side: each may import nbpeft.frontend, never the other.
 FORBIDDEN = [("nbpeft.magics", "nbpeft.widgets"), ("nbpeft.widgets", "nbpeft.magics")]
 # The root's extension entry points (``%load_ext nbpeft``, ``nbpeft.panel``) load a front-end on demand.
-ENTRY_POINTS = [("nbpeft", "nbpeft.magics"), ("nbpeft", "nbpeft.widgets")]
+# A preference lab shows itself as the lab's widgets, loaded the first time a notebook displays it.
+ENTRY_POINTS = [("nbpeft", "nbpeft.magics"), ("nbpeft", "nbpeft.widgets"),
+                ("nbpeft.inference.preferences", "nbpeft.widgets")]
 # Known violations still being removed (none now).
 ALLOWANCE: list[tuple[str, str]] = []
 

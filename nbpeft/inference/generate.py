@@ -2,7 +2,8 @@
 
 Plain prompts go through the tokenizer's chat template as one user turn when it has one;
 ``messages=`` takes a whole conversation. Several prompts run as one batch, padded on the
-left so every answer starts right after its own prompt.
+left so every answer starts right after its own prompt. Several sampled answers to one prompt
+(``num_samples=``) share the prompt's forward pass: its key/value cache is copied to each sample.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def generate(
     stream: bool = False,
     batch_size: int = 8,
     adapter_names: Sequence[str | None] | None = None,
-) -> str | list[str]:
+    num_samples: int = 1,
+) -> str | list[str] | list[list[str]]:
     """The model's answer to ``prompts``: one string for one prompt, a list for a list.
 
     ``temperature=0`` answers greedily (the most likely token each step); above 0 each token
@@ -55,12 +57,16 @@ def generate(
     conversations gives a list). ``stream=True`` shows the answer as tokens arrive, in one
     output area in a notebook and as plain printing elsewhere. ``adapter_names=[...]`` answers
     each prompt with its own adapter ("__base__" or None: the base model), several in one batch.
+    ``num_samples=k`` (with ``temperature`` above 0) draws k answers to each prompt: a list of k
+    strings for one prompt, a list of such lists for a list. The prompt runs through the model
+    once; its key/value cache is repeated for the k answers, which are then decoded as one batch.
     """
     if tokenizer is not None and prompts is None and _is_text(tokenizer):
         tokenizer, prompts = None, tokenizer  # generate(model, "a prompt")
     texts, single = prompt_texts(model, prompts, messages, "generate")
     sampling = sampling_options(temperature, top_p, seed, max_new_tokens, batch_size, "generate")
     stops = stop_strings(stop, "generate")
+    check_samples(num_samples, temperature, stream, "generate")
     tokenizer = find_tokenizer(model, tokenizer, "generate")
     rendered = [chat_prompt(tokenizer, t) if isinstance(t, str) else _render(tokenizer, t, "generate") for t in texts]
     if adapter_names is not None and (isinstance(adapter_names, str) or len(adapter_names) != len(texts)):
@@ -78,14 +84,18 @@ def generate(
                 answers = []
                 for i, text in enumerate(rendered):
                     display.start(i)
-                    with _rows(model, adapter_names, i, i + 1):
+                    with _rows(model, _part(adapter_names, i, i + 1)):
                         answers += _run(model, tokenizer, [text], max_new_tokens, sampling, stops, display)
             else:
                 answers = []
                 for start in range(0, len(rendered), batch_size):
-                    with _rows(model, adapter_names, start, start + batch_size):
-                        answers += _run(model, tokenizer, rendered[start:start + batch_size], max_new_tokens, sampling,
-                                        stops, None)
+                    texts_now, names_now = rendered[start:start + batch_size], _part(adapter_names, start, start + batch_size)
+                    if num_samples > 1:
+                        answers += _run_samples(model, tokenizer, texts_now, names_now, num_samples, max_new_tokens,
+                                                sampling, stops)
+                        continue
+                    with _rows(model, names_now):
+                        answers += _run(model, tokenizer, texts_now, max_new_tokens, sampling, stops, None)
     finally:
         model.train(was_training)
     return answers[0] if single else answers
@@ -144,6 +154,17 @@ def sampling_options(temperature: Any, top_p: Any, seed: Any, max_new_tokens: An
     return {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0}
 
 
+def check_samples(num_samples: Any, temperature: Any, stream: bool, fn: str) -> None:
+    """``num_samples`` is a positive integer, and above 1 only when sampling and not streaming."""
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        raise ConfigError(f"{fn}(): num_samples={num_samples!r} must be a positive integer, e.g. num_samples=4")
+    if num_samples > 1 and temperature == 0:
+        raise ConfigError(f"{fn}(): num_samples={num_samples} gives different answers only when sampling; "
+                          "set temperature= above 0 too, e.g. temperature=0.8")
+    if num_samples > 1 and stream:
+        raise ConfigError(f"{fn}(): stream=True shows one answer at a time; leave it out with num_samples={num_samples}")
+
+
 def stop_strings(stop: Any, fn: str) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if not all(isinstance(s, str) and s for s in stops):
@@ -180,13 +201,17 @@ def _seeded(model: nn.Module, seed: int | None) -> Iterator[None]:
 
 # Running the model ----------------------------------------------------------------------------
 
+def _part(names: Sequence[str | None] | None, start: int, end: int) -> list[str | None] | None:
+    return None if names is None else list(names)[start:end]
+
+
 @contextlib.contextmanager
-def _rows(model: nn.Module, names: Sequence[str | None] | None, start: int, end: int) -> Iterator[None]:
-    """Prompts ``start:end`` answered by their adapters in ``names`` (nothing to route without names)."""
+def _rows(model: nn.Module, names: list[str | None] | None) -> Iterator[None]:
+    """Each row of the batch answered by its adapter in ``names`` (nothing to route without names)."""
     if names is None:
         yield
         return
-    start_rows(model, list(names)[start:end], "generate()")
+    start_rows(model, names, "generate()")
     try:
         yield
     finally:
@@ -199,6 +224,18 @@ def _run(model: nn.Module, tokenizer: Any, texts: list[str], max_new_tokens: int
     streamer = _Streamer(tokenizer, stops, display) if display is not None else None
     out, _, skip = sampling.sample(model, tokenizer, texts, max_new_tokens, sampling_args, stops, streamer)
     return [_answer(tokenizer, row[skip:], stops) for row in out]
+
+
+def _run_samples(model: nn.Module, tokenizer: Any, texts: list[str], names: list[str | None] | None, k: int,
+                 max_new_tokens: int, sampling_args: dict[str, Any], stops: list[str]) -> list[list[str]]:
+    """``k`` answers to each prompt of one batch, the prompt run through the model once (see ``sampling.sample``)."""
+    def route(times: int) -> Any:
+        return _rows(model, None if names is None else [n for n in names for _ in range(times)])
+
+    out, _, skip = sampling.sample(model, tokenizer, texts, max_new_tokens, sampling_args, stops,
+                                   num_samples=k, route=route)
+    answers = [_answer(tokenizer, row[skip:], stops) for row in out]
+    return [answers[i:i + k] for i in range(0, len(answers), k)]
 
 
 def _answer(tokenizer: Any, ids: Any, stops: list[str]) -> str:

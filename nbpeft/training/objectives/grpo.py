@@ -98,7 +98,7 @@ class GRPOLoss(ObjectiveLoss):
         group = settings.num_generations
         source = self.sources[self.split]
         index = batch["index"]
-        texts = [t for t in source.prompts(index) for _ in range(group)]
+        texts = list(source.prompts(index))  # each answered `group` times from one pass over it
         raw = [p for p in source.raw_prompts(index) for _ in range(group)]
         began = time.perf_counter()
         was_training = model.training
@@ -108,7 +108,7 @@ class GRPOLoss(ObjectiveLoss):
                 sampling_args = ({"do_sample": True, "temperature": float(settings.temperature), "top_p": 1.0, "top_k": 0}
                                  if settings.temperature > 0 else {"do_sample": False})
                 out, prompt_mask, skip = sampling.sample(model, source.tokenizer, texts, settings.max_new_tokens,
-                                                         sampling_args)
+                                                         sampling_args, num_samples=group)
         finally:
             model.train(was_training)
         self.generation_s += time.perf_counter() - began
