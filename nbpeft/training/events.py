@@ -45,6 +45,8 @@ class Begin:
     has_eval: bool = False
     start_step: int = 0  # > 0 when resuming from a checkpoint
     batch_reason: str = ""  # how batch_size="auto" chose the micro-batch ("" when it was given)
+    batching: str = ""  # the batch layout and its padding share, e.g. "batching auto: packed (padding 0.4%; ...)"
+    prepare_s: float = 0.0  # seconds from the train() call to the first step: reading, tokenising, planning
 
     @property
     def effective_batch(self) -> int:

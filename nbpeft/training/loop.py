@@ -28,6 +28,7 @@ from ..data.batches import Batches
 from ..errors import ConfigError
 from . import checkpoints as checkpoint
 from . import compiling, distributed, lm_loss, memory, precision, record
+from .attention import attends_per_example
 from .events import Begin, End, Listener, Note, Step, StopTraining, TrainResult, as_listener
 from .options import Settings, docstring, signature
 from .precision import Choice, choose
@@ -257,7 +258,11 @@ def train(model: nn.Module, data: Any, **options: Any) -> TrainResult:
 
     ``data`` takes any form :mod:`nbpeft.data` reads; ``columns={"question": "prompt"}`` (data
     column → nbpeft's name, as ``datasets.rename_columns``; ``{"prompt": "question"}`` reads the
-    same) maps other column names, ``packing=True`` fills rows of ``max_length`` with whole examples.
+    same) maps other column names. ``batching="auto"`` lays out each batch with the least padding this
+    data and model allow (packed rows where the model attends example by example, else batches grouped by
+    length, or plain padded batches where lengths are even; see ``nbpeft.data.layouts``), said in the
+    start banner with its padding share; ``packing=True`` instead fills rows of ``max_length`` with
+    whole examples, ``packing=False`` never packs.
     Without ``tokenizer``, the one that belongs to the model is used (``data.tokenizer_for``).
 
     ``batch_size="auto"`` trains ``effective_batch`` examples a step (default 8) in the largest
@@ -285,7 +290,9 @@ def train(model: nn.Module, data: Any, **options: Any) -> TrainResult:
         with extras.watching():
             return distributed.run(train, model, data, processes=s.processes, shard=s.shard, options=rest,
                                    listener=lambda: extras.around(_listener(s.live)))
+    called = time.perf_counter()
     run = _plan(model, s)
+    run.called = called
     run.listener = extras.around(run.listener)
     try:
         return _train(run)
@@ -355,6 +362,7 @@ class Run:
     micro: int | None = None  # rows of a micro-batch (None: whole batches)
     compiled: list[nn.Module] = field(default_factory=list)
     decide_compile: bool = False
+    called: float = 0.0  # when train() was called: its preparation is the time until the first step
     started: float = 0.0
     tokens: int = 0  # trained on by this run, for its speed
     step_seconds: float = 0.0
@@ -369,13 +377,16 @@ def _plan(model: nn.Module, s: Settings) -> Run:
     """What the run will do, every check passed before anything changes: its data, length, device and checkpoint."""
     batch_size, auto_batch = _batch_plan(s.batch_size, s.grad_accum, s.effective_batch)
     resume_from = checkpoint.find(s.resume, s.output_dir) if s.resume else None
-    batches = Batches(s.data, s.tokenizer, batch_size, s.max_length, s.seed, model=model, columns=s.columns,
-                      packing=s.packing)
+    dev = pick_device(s.device)
+    layout = {"packing": bool(s.packing), "batching": s.batching,  # auto packs only where the model attends per example
+              "can_pack": s.batching == "auto" and s.packing is None and not s.compile
+              and attends_per_example(model, dev, s.gradient_checkpointing)}
+    batches = Batches(s.data, s.tokenizer, batch_size, s.max_length, s.seed, model=model, columns=s.columns, **layout)
     if auto_batch and (batches.kind == "batches" or batches.stream is not None):
         raise ConfigError("train(): batch_size='auto' needs examples with a length (a list or a Dataset); "
                           "a DataLoader or a stream keeps the batch size it has, so give batch_size=")
     evals = (Batches(s.eval_data, s.tokenizer, batch_size, s.max_length, s.seed, model=model, columns=s.columns,
-                     packing=s.packing) if s.eval_data is not None else None)
+                     **layout) if s.eval_data is not None else None)
     steps, eval_every = s.steps, s.eval_every
     if steps is None:
         if batches.per_epoch is None:
@@ -391,7 +402,6 @@ def _plan(model: nn.Module, s: Settings) -> Run:
     if saved is not None and saved["step"] >= steps:
         raise ConfigError(f"train(): the checkpoint is at step {saved['step']}, the run has {steps} steps; "
                           "raise steps= to train further")
-    dev = pick_device(s.device)
     choice = choose(dev, s.precision)
     if s.compile and not compiling.can_compile(dev):
         raise ConfigError(f"train(): compile=True needs a C++ compiler (CPU) or Triton (CUDA) on {dev.type}; use compile=False")
@@ -444,7 +454,9 @@ def _begin(run: Run, restores: contextlib.ExitStack) -> None:
                                                          lambda batch: _loss(run, batch), run.autocast)
         if run.evals is not None:  # evaluation batches no larger than the training micro-batch
             run.evals.batch_size = min(run.evals.batch_size, run.micro)
-    run.decide_compile = s.compile is None and not s.gradient_checkpointing and compiling.can_compile(dev)
+    # packed rows attend example by example only uncompiled (compiled, a row's attention spans its whole width)
+    run.decide_compile = (s.compile is None and not s.gradient_checkpointing and compiling.can_compile(dev)
+                          and run.batches.layout != "packed")
     run.compiled = compiling.compile_blocks(model) if s.compile else []
     restores.callback(lambda: compiling.uncompile_blocks(run.compiled))  # read at the end: blocks compiled later too
     if dev.type == "cuda":
@@ -458,7 +470,7 @@ def _begin(run: Run, restores: contextlib.ExitStack) -> None:
         batch_size=run.micro or 0, grad_accum=run.accumulated, full=s.full, device_name=device_name,
         device_memory=device_memory, precision_reason=run.choice.reason, schedule=s.schedule,
         warmup_steps=run.warmup, lr=s.lr, has_eval=run.evals is not None, start_step=run.first,
-        batch_reason=batch_reason,
+        batch_reason=batch_reason, batching=batches.batching_line, prepare_s=time.perf_counter() - run.called,
     ))
     for note in batches.notes:
         run.listener.on_note(Note(note))
