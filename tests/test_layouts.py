@@ -157,6 +157,10 @@ def test_generate_leaves_other_methods_and_non_fp32_weights_unmerged():
     nbpeft.attach(model, "lora", r=4)
     with generation.merged_while_generating(model):
         assert not nbpeft.core.state(model).adapters["default"].merged
+    lora = tiny_llama()
+    nbpeft.attach(lora, "lora", r=4)
+    with nbpeft.disable_adapters(lora), generation.merged_while_generating(lora):
+        assert not nbpeft.core.state(lora).adapters["default"].merged
     ia3 = tiny_llama()
     nbpeft.attach(ia3, "ia3")
     with generation.merged_while_generating(ia3):

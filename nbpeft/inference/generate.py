@@ -206,13 +206,14 @@ def merged_while_generating(model: nn.Module, names: Sequence[str | None] | None
     layer; merged, a token costs what the base model's does. In fp32 the merged weight
     ``W + s·B·A`` differs from the unmerged sum by rounding only; the base weights come back
     exactly afterwards (the kept copies of :meth:`nbpeft.layers.AdapterLayer.keep_original`),
-    however the block ends. Left unmerged: routed rows (``names``), other methods, weights not
+    however the block ends. Left unmerged: routed rows (``names``), adapters turned off
+    (``disable_adapters``), other methods, weights not
     in fp32, adapters over more than ``MERGE_LIMIT_BYTES`` of base weight.
     """
     st = state(model) if names is None else None
     wanted = [n for n in (st.active if st is not None else []) if n in st.adapters and not st.adapters[n].merged]
     layers = [layer for _, layer in adapter_layers(model) if any(n in layer.adapter_names for n in wanted)]
-    plain = all(type(layer) in (LoRALinear, LoRAEmbedding) and not isinstance(layer.base_layer, AdapterLayer)
+    plain = all(type(layer) in (LoRALinear, LoRAEmbedding) and not layer.disabled and not isinstance(layer.base_layer, AdapterLayer)
                 and getattr(layer.base_layer, "weight", None) is not None
                 and layer.base_layer.weight.dtype == torch.float32 for layer in layers)
     size = sum(layer.base_layer.weight.numel() * 4 for layer in layers)
