@@ -17,7 +17,7 @@ time runs from its tokenising to its last step.
 
 Precision: ``fp32`` (precision="fp32" against the plain fp32 loop), ``avx2`` (the same in
 processes with ATEN_CPU_CAPABILITY=avx2, standing for a CPU without native bf16, where
-nbpeft's default precision is fp32 too), ``bf16`` (nbpeft's default on a CPU with native bf16
+nbpeft's default precision is fp32), ``bf16`` (nbpeft's default on a CPU with native bf16
 against the plain loop under torch.autocast bf16).
 
 Correctness first: after the epoch both sides' eval loss on held-out conversations (fp32,
@@ -53,7 +53,9 @@ sys.path.insert(0, str(REPO_ROOT))
 MODEL = "smollm2-135m"
 TARGETS = ["q_proj", "v_proj"]
 BATCH, LR, SEED, TOLERANCE = 8, 2e-4, 0, 0.03
-CONFIGS = {"fp32": ("fp32", {}), "avx2": ("auto", {"ATEN_CPU_CAPABILITY": "avx2"}), "bf16": ("auto", {})}
+# config: (nbpeft's precision=, environment). avx2 forces fp32 too: nbpeft reads native bf16 from the CPU's
+# flags, which the environment variable does not change.
+CONFIGS = {"fp32": ("fp32", {}), "avx2": ("fp32", {"ATEN_CPU_CAPABILITY": "avx2"}), "bf16": ("auto", {})}
 
 
 # ---------------------------------------------------------------- data
