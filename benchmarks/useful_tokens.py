@@ -68,8 +68,10 @@ def chat_data(count: int, seed: int) -> list[dict[str, Any]]:
     words = []
     for name in ("radio_chat", "pirate_chat"):
         for row in load_dataset(name):
-            for turn in row["messages"]:
-                words += turn["content"].split()
+            texts = [turn["content"] for turn in row["messages"]] if "messages" in row else [
+                v for v in row.values() if isinstance(v, str)]
+            for text in texts:
+                words += text.split()
     rng = random.Random(seed)
 
     def text(n: int) -> str:
