@@ -38,15 +38,17 @@ def test_auto_keeps_padded_batches_where_lengths_are_even_and_packs_or_groups_wh
     assert layout == "packed" and shares["packed"] < 0.05 < 0.3 < shares["padded"]
     layout, shares = layouts.choose(spread, 8, 16, 512, 0, can_pack=False)
     assert layout == "grouped" and "packed" not in shares and shares["grouped"] < shares["padded"] / 2
+    assert layouts.choose(examples([40] * 16 + [80] * 16), 8, 16, 512, 0, can_pack=False)[0] == "grouped"
 
 
-def test_a_packed_batch_holds_each_example_once_in_rows_no_wider_than_max_length():
+def test_a_packed_batch_holds_each_example_once_in_rows_with_little_padding():
     exs = examples(SPREAD[:8])
-    for limit in (124, 256, 512):
+    for limit in (124, 4096):
         rows = layouts.pack_batch(exs, 16, limit)
         assert sorted(id(e) for row in rows for e in row) == sorted(id(e) for e in exs)
-        assert all(sum(len(e["input_ids"]) for e in row) <= max(limit, 128) for row in rows)
+        assert all(sum(len(e["input_ids"]) for e in row) <= max(limit, layouts.ROW_LIMIT) for row in rows)
         assert len(rows) < len(exs)
+        assert 1 - sum(SPREAD[:8]) / (len(rows) * layouts.packed_width(rows, 16)) < 0.05
 
 
 def test_grouped_batches_cover_every_example_once_and_repeat_with_the_seed():

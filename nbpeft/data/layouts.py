@@ -30,6 +30,9 @@ EVEN = 0.05
 GROUP_WINDOW = 50
 # A packed row widens only while that saves more than this share of the batch's area.
 WIDER_GAIN = 0.02
+# Packed rows may be this wide under a shorter max_length (positions restart per example, so no
+# example sees a position past its own length); the per-row mask costs width² bits each step.
+ROW_LIMIT = 2048
 
 Example = dict[str, Any]
 
@@ -65,12 +68,14 @@ def grouped(examples: Sequence[Example], batch_size: int, generator: torch.Gener
 
 
 def pack_batch(examples: Sequence[Example], multiple: int, limit: int) -> list[list[Example]]:
-    """One batch's examples in rows of whole examples: as little padding as rows at most ``limit`` wide allow.
+    """One batch's examples in rows of whole examples: as little padding as rows at most
+    ``max(limit, ROW_LIMIT)`` wide allow.
 
     Tries row widths from the longest example up (each rounded to ``multiple``), placing examples
     longest first in the first row with room; a wider row is taken only when it saves more than
     ``WIDER_GAIN`` of the area (rows × width), so rows stay narrow where that costs nothing.
     """
+    limit = max(limit, ROW_LIMIT)
     ordered = sorted(examples, key=length, reverse=True)
     longest, total = length(ordered[0]), sum(length(e) for e in ordered)
     best: list[list[Example]] | None = None
@@ -121,17 +126,17 @@ def choose(examples: Sequence[Example], batch_size: int, multiple: int, max_leng
            can_pack: bool) -> tuple[str, dict[str, float]]:
     """The layout that wastes least on ``examples``, and each considered layout's padding share.
 
-    Random padded batches where lengths are even (less than ``EVEN`` of padding between them); else packed where the model
-    attends example by example (``can_pack``); else grouped by length.
+    Random padded batches where lengths are even (less than ``EVEN`` of padding between them); else
+    packed where the model attends example by example (``can_pack``): the same random batches, so
+    the same training as padded ones, without their padding; else grouped by length.
     """
     shares = {"padded": padding_share(examples, "padded", batch_size, multiple, max_length, seed)}
     # even lengths: the padding between examples (not the rounding of the width) is below EVEN
     if batch_size == 1 or padding_share(examples, "padded", batch_size, 1, max_length, seed) < EVEN:
         return "padded", shares
-    for layout in ("packed", "grouped") if can_pack else ("grouped",):
-        shares[layout] = padding_share(examples, layout, batch_size, multiple, max_length, seed)
-    best = min(shares, key=lambda name: (shares[name], name != "packed"))
-    return best, shares
+    best = "packed" if can_pack else "grouped"
+    shares[best] = padding_share(examples, best, batch_size, multiple, max_length, seed)
+    return (best if shares[best] < shares["padded"] else "padded"), shares
 
 
 def describe(layout: str, shares: dict[str, float], chosen_by: str) -> str:
