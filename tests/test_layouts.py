@@ -89,6 +89,9 @@ def test_per_example_attention_is_checked_on_the_model():
     cpu = torch.device("cpu")
     assert attention.attends_per_example(tiny_llama(), cpu)
     assert not attention.attends_per_example(tiny_llama(), cpu, checkpointing=True)
+    prompted = tiny_llama()
+    nbpeft.attach(prompted, "prompt", num_virtual_tokens=2)  # virtual tokens go before a row, not each example
+    assert not attention.attends_per_example(prompted, cpu)
     eager = tiny_llama()
     eager.config._attn_implementation = "eager"
     assert not attention.attends_per_example(eager, cpu)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import core
 from .compiling import repeated_blocks
 
 ATTENTION = "nbpeft_sdpa"
@@ -245,6 +246,11 @@ def attends_per_example(model: nn.Module, device: torch.device, checkpointing: b
     if (device.type != "cpu" or first is None or first.device.type != "cpu" or checkpointing
             or getattr(config, "_attn_implementation", None) != "sdpa" or getattr(config, "sub_configs", None)
             or getattr(config, "is_encoder_decoder", False) or not _register_attention()):
+        return False
+    # a hook or an instance-level forward on the whole model (prompt tuning's virtual tokens) would
+    # see a packed row as one example; the hooks that route adapter_names= act at inference only
+    hooks = [*model._forward_hooks.values(), *model._forward_pre_hooks.values()]
+    if any(hook not in core.ROW_HOOKS for hook in hooks) or "forward" in vars(model):
         return False
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
     if not isinstance(backbone, nn.Module) or backbone is model:
