@@ -40,10 +40,19 @@ browser: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check nbpeft tests benchmarks scripts
 
+# The speed figures of the README, in one run: the machine first (CPU model, native bf16 or not, load),
+# then each benchmark side by side with the reference. BENCH=--quick makes every one a smoke run
+# (the whole of `make bench` then fits in about 15 minutes on 2 idle cores). A benchmark that fails
+# (its correctness check included) says so and the next one still runs.
+BENCH ?=
 bench:
 	bash benchmarks/setup_ref_venv.sh
-	.venv-bench/bin/python benchmarks/lora_step.py
-	.venv-bench/bin/python benchmarks/scaling.py
+	.venv-bench/bin/python benchmarks/machine.py
+	-.venv-bench/bin/python benchmarks/useful_tokens.py $(BENCH)
+	-.venv-bench/bin/python benchmarks/first_step.py $(BENCH)
+	-.venv-bench/bin/python benchmarks/generation.py $(BENCH)
+	-.venv-bench/bin/python benchmarks/lora_step.py $(BENCH)
+	-.venv-bench/bin/python benchmarks/packing.py $(BENCH)
 
 # Adapter files both ways between nbpeft and the reference peft (pinned in setup_ref_venv.sh) for every
 # method with a reference peft_type, on tiny random models of every family in tests/families.py; prints
@@ -58,6 +67,9 @@ compat:
 
 bench-gpu:
 	bash benchmarks/setup_ref_venv.sh
+	.venv-bench/bin/python benchmarks/useful_tokens.py --device cuda $(BENCH)
+	.venv-bench/bin/python benchmarks/first_step.py --device cuda $(BENCH)
+	.venv-bench/bin/python benchmarks/generation.py --device cuda $(BENCH)
 	.venv-bench/bin/python benchmarks/gpu_llama1b.py
 	.venv-bench/bin/python benchmarks/nf4_dequant.py
 

@@ -409,6 +409,9 @@ def run_parent(rounds: int, steps: int, warmup: int, impls: list[str], check_ste
         check = {impl: run_child(impl, check_steps, 0, {"MKL_CBWR": "COMPATIBLE"}) for impl in impls}
         checked = check_losses(check)
         print()
+        if not checked:  # a speed of code that computes something else is no result
+            print("the correctness check failed: no timings reported")
+            return 1
     print(f"short runs: {rounds} round(s) x {steps} steps{' (empty compile cache per run)' if cold_compile else ''} "
           f"({warmup} warm-up, excluded from step time); each run in a fresh subprocess; order per round: {', '.join(impls)}")
     short: dict[str, list[dict[str, Any]]] = {impl: [] for impl in impls}

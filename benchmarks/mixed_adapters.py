@@ -73,7 +73,11 @@ def timed(fns: list, repeats: int, device: str) -> list[float]:
     return [statistics.median(kept) * 1000 for kept in times]
 
 
-def main() -> None:
+# Mixed-batch logits must match the adapter-by-adapter loop's to this share of the largest logit.
+LOGIT_TOLERANCE = 1e-3
+
+
+def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seq-len", type=int, default=64)
@@ -89,6 +93,7 @@ def main() -> None:
     print(f"model: {args.model}, device {device}, threads {torch.get_num_threads()}, "
           f"batch {BATCH} x {args.seq_len} tokens, LoRA r=16 on all linear layers")
     print(f"{'adapters':>8} {'mixed ms':>9} {'loop ms':>9} {'loop/mixed':>10} {'max |diff|':>11}")
+    failed = False
     for count in COUNTS:
         names = [f"a{i % count}" for i in range(BATCH)]
         groups = {n: [i for i, m in enumerate(names) if m == n] for n in dict.fromkeys(names)}
@@ -104,10 +109,16 @@ def main() -> None:
             return out
 
         with torch.no_grad():
-            diff = (mixed() - loop()).abs().max().item()
+            want = loop()
+            diff = (mixed() - want).abs().max().item()
+            if diff > LOGIT_TOLERANCE * max(1.0, want.abs().max().item()):  # no time for logits that differ
+                print(f"{count:>8} CHECK FAILED: mixed logits differ from the loop's by {diff:.1e}; no timing")
+                failed = True
+                continue
             mixed_ms, loop_ms = timed([mixed, loop], args.repeats, device)
         print(f"{count:>8} {mixed_ms:>9.1f} {loop_ms:>9.1f} {loop_ms / mixed_ms:>9.2f}x {diff:>11.1e}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

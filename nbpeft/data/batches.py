@@ -30,7 +30,7 @@ import torch
 
 from ..errors import ConfigError
 from ..layers import IGNORE
-from . import chat, sources
+from . import chat, layouts, sources
 
 KINDS = ("text", "prompt-response", "chat", "classification", "features", "tokens")
 _FIELDS = {"prompt-response": ("prompt", "response"), "chat": ("messages",), "classification": ("text", "label")}
@@ -328,13 +328,14 @@ def _best_fill(lengths: list[int], room: int) -> list[int]:
     return chosen[::-1]
 
 
-def collate_packed(rows: list[list[dict[str, Any]]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_packed(rows: list[list[dict[str, Any]]], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
     """Packed rows as ``input_ids``, ``labels`` and ``position_ids`` (restarting per example), no attention mask.
 
-    Trailing padding forms one more short sequence of its own (positions from 0, labels -100),
-    so it never attends to, or is attended by, a real token.
+    Rows are as wide as the fullest, rounded up to ``multiple``. Trailing padding forms one more
+    short sequence of its own (positions from 0, labels -100), so it never attends to, or is
+    attended by, a real token.
     """
-    width = max(sum(len(e["input_ids"]) for e in row) for row in rows)
+    width = layouts.packed_width(rows, multiple)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
@@ -422,14 +423,23 @@ class Batches:
     ``truncated`` counts the examples cut by ``max_length`` and ``dropped`` those that lost
     every labelled token to it (not trained on); ``notes`` holds one-line remarks to show
     at the start of training (truncation, a default chat template).
+
+    ``batching`` lays out each batch of ``batch_size`` examples (see :mod:`nbpeft.data.layouts`):
+    ``"padded"``, ``"grouped"``, ``"packed"``, or ``"auto"``, the one with least padding on this
+    data (packed only where ``can_pack``: the model attends example by example inside a row).
+    ``layout`` is the one used and ``batching_line`` says so for the start banner.
+    ``packing=True`` instead fills rows of ``max_length`` with whole examples, ``batch_size`` rows a batch.
     """
 
     def __init__(self, data: Any, tokenizer: Any, batch_size: int, max_length: int, seed: int, *,
                  model: Any = None, columns: dict[str, str] | None = None, packing: bool = False,
-                 caller: str = "train()") -> None:
+                 batching: str = "padded", can_pack: bool = False, caller: str = "train()") -> None:
         if not isinstance(packing, bool):
             raise ConfigError(f"{caller}: packing={packing!r} must be True or False")
+        if batching not in layouts.LAYOUTS:
+            raise ConfigError(f"{caller}: batching={batching!r} is not known; use one of {', '.join(layouts.LAYOUTS)}")
         self.batch_size, self.max_length, self.packing, self.caller = batch_size, max_length, packing, caller
+        self.layout, self.batching_line = "rows" if packing else "padded", ""
         self.generator = torch.Generator().manual_seed(seed)
         self.truncated = self.dropped = 0
         self._counting = True  # a stream is counted on its first pass only
@@ -486,6 +496,23 @@ class Batches:
             self.notes.append(report)
         rows = len(pack(self.examples, max_length)) if packing else len(self.examples)
         self.per_epoch = -(-rows // batch_size)
+        if not packing:
+            self._choose_layout(batching, can_pack, seed)
+
+    def _choose_layout(self, batching: str, can_pack: bool, seed: int) -> None:
+        """``layout`` and ``batching_line`` for ``batching`` ("auto": the least padding on these examples)."""
+        packable = self.kind in ("text", "prompt-response", "chat") or self.kind == "tokens" and all(
+            all(e.get("attention_mask", [1])) for e in self.examples)
+        if batching == "packed" and (not packable or self.seq2seq):
+            raise ConfigError(f"{self.caller}: batching='packed' applies to text, prompt-response and conversations "
+                              f"for decoder-only models, not {self.kind} examples; use batching='grouped' or 'auto'")
+        args = (self.batch_size, PAD_MULTIPLE, self.max_length, seed)
+        if batching == "auto":
+            self.layout, shares = layouts.choose(self.examples, *args, can_pack and packable and not self.seq2seq)
+        else:
+            self.layout = batching
+            shares = {name: layouts.padding_share(self.examples, name, *args) for name in {"padded", batching}}
+        self.batching_line = layouts.describe(self.layout, shares, batching)
 
     def _template_note(self, rows: list[Any] | None = None) -> None:
         notes = [chat.use_default_template(self.tokenizer)] if self.kind == "chat" else []
@@ -535,7 +562,17 @@ class Batches:
                      f"(e.g. {self.first_dropped})")
         return line + "; raise max_length= to keep more"
 
-    def _batches(self, examples: Iterable[dict[str, Any]]) -> Iterator[dict[str, torch.Tensor]]:
+    def _batches(self, examples: Iterable[dict[str, Any]], shuffled: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        if isinstance(examples, list) and self.layout in ("grouped", "packed"):
+            if self.layout == "packed":
+                groups = layouts.chunks(examples, self.batch_size)
+            elif shuffled:
+                groups = layouts.grouped(examples, self.batch_size, self.generator)
+            else:  # one pass (evaluation): the order does not matter, similar lengths together
+                groups = layouts.chunks(sorted(examples, key=layouts.length), self.batch_size)
+            for group in groups:
+                yield self._collate(group)
+            return
         if not self.packing:
             group: list[dict[str, Any]] = []
             for e in examples:
@@ -567,6 +604,8 @@ class Batches:
             yield collate_packed(rows, self.pad_id)
 
     def _collate(self, group: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.layout == "packed":
+            return collate_packed(layouts.pack_batch(group, PAD_MULTIPLE, self.max_length), self.pad_id, PAD_MULTIPLE)
         if self.kind == "features":
             return collate_features(group)
         if self.seq2seq:
@@ -600,7 +639,7 @@ class Batches:
                     raise ConfigError(f"{self.caller}: the data stream yielded no example with labelled tokens")
                 continue
             order = torch.randperm(len(self.examples), generator=self.generator).tolist()
-            yield from self._batches([self.examples[j] for j in order])
+            yield from self._batches([self.examples[j] for j in order], shuffled=True)
 
     def once(self) -> Iterator[dict[str, torch.Tensor]]:
         """One pass in order, for evaluation."""

@@ -17,9 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core import end_rows, row_plan, start_rows
+from ..core import end_rows, merge, row_plan, start_rows, state, unmerge
 from ..data.batches import chat_prompt, tokenizer_for
 from ..errors import ConfigError
+from ..layers import AdapterLayer, adapter_layers
+from ..methods.lora import LoRAEmbedding, LoRALinear
 from ..training import sampling
 from ..training.display import in_notebook
 
@@ -77,7 +79,7 @@ def generate(
     try:
         if adapter_names is not None:
             row_plan(model, adapter_names, "generate()")  # every name checked before the first answer
-        with _seeded(model, seed), torch.no_grad():
+        with _seeded(model, seed), torch.no_grad(), merged_while_generating(model, adapter_names):
             if stream:
                 labels = [prompt_label(t) for t in texts] if not single else None
                 display = _StreamDisplay(labels)
@@ -216,6 +218,40 @@ def _rows(model: nn.Module, names: list[str | None] | None) -> Iterator[None]:
         yield
     finally:
         end_rows(model)
+
+
+# Merged copies kept for the exact undo take memory: adapters over more base weight than this answer unmerged.
+MERGE_LIMIT_BYTES = 1 << 30
+
+
+@contextlib.contextmanager
+def merged_while_generating(model: nn.Module, names: Sequence[str | None] | None = None) -> Iterator[None]:
+    """The active plain-LoRA adapters folded into fp32 base weights while answering, put back bit for bit after.
+
+    An unmerged adapter costs each new token two more matmuls and a Python call per adapted
+    layer; merged, a token costs what the base model's does. In fp32 the merged weight
+    ``W + s·B·A`` differs from the unmerged sum by rounding only; the base weights come back
+    exactly afterwards (the kept copies of :meth:`nbpeft.layers.AdapterLayer.keep_original`),
+    however the block ends. Left unmerged: routed rows (``names``), adapters turned off
+    (``disable_adapters``), other methods, weights not
+    in fp32, adapters over more than ``MERGE_LIMIT_BYTES`` of base weight.
+    """
+    st = state(model) if names is None else None
+    wanted = [n for n in (st.active if st is not None else []) if n in st.adapters and not st.adapters[n].merged]
+    layers = [layer for _, layer in adapter_layers(model) if any(n in layer.adapter_names for n in wanted)]
+    plain = all(type(layer) in (LoRALinear, LoRAEmbedding) and not layer.disabled and not isinstance(layer.base_layer, AdapterLayer)
+                and getattr(layer.base_layer, "weight", None) is not None
+                and layer.base_layer.weight.dtype == torch.float32 for layer in layers)
+    size = sum(layer.base_layer.weight.numel() * 4 for layer in layers)
+    if not wanted or not layers or not plain or size > MERGE_LIMIT_BYTES or any(
+            st.adapters[n].method != "lora" for n in wanted):
+        yield
+        return
+    merge(model, wanted)
+    try:
+        yield
+    finally:
+        unmerge(model, wanted)
 
 
 def _run(model: nn.Module, tokenizer: Any, texts: list[str], max_new_tokens: int, sampling_args: dict[str, Any],

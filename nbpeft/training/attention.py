@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import core
 from .compiling import repeated_blocks
 
 ATTENTION = "nbpeft_sdpa"
-_segments_cache: list[Any] = [None, None]  # the last mask seen and its segments (one mask serves every layer)
+_segments_cache: list[Any] = [None, None, None]  # the last mask seen, its segments and groups (one mask serves every layer)
 # Keywords transformers passes to attention that the mask or the inputs already account for;
 # any other (a softcap, attention sinks, ...) leaves the layer to SDPA.
 PLAIN_KWARGS = {"dropout", "scaling", "sliding_window", "position_ids", "use_cache", "is_causal", "cache_position",
@@ -56,7 +57,7 @@ def fast_attention(model: nn.Module, batch: dict[str, Any]) -> Iterator[None]:
         yield
     finally:
         config._attn_implementation = "sdpa"
-        _segments_cache[:] = [None, None]
+        _segments_cache[:] = [None, None, None]
 
 
 def _checkpointing(model: nn.Module) -> bool:
@@ -77,6 +78,48 @@ def _register_attention() -> bool:
     return True
 
 
+# Packed examples attend in groups of similar length: each group's examples are padded at their end
+# to the group's width (a multiple of this) and attend in one batched call; causal attention keeps
+# the padding unseen by the real tokens, whose results alone are kept.
+BUCKET = 16
+
+
+def _buckets(mask: torch.Tensor, segments: list[list[tuple[int, int]]]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """For packed rows: per group of similar lengths, the token index of each example's positions
+    (padded by repeating its last token); where each real token sits among the groups' outputs;
+    and which of the groups' positions are real. Cached with the mask: every layer uses the same."""
+    if len(_segments_cache) > 2 and _segments_cache[2] is not None:
+        return _segments_cache[2]
+    width = mask.shape[-1]
+    groups: dict[int, list[list[int]]] = {}
+    for r, runs in enumerate(segments):
+        for a, b in runs:
+            tokens = list(range(r * width + a, r * width + b))
+            groups.setdefault(-(-(b - a) // BUCKET) * BUCKET, []).append(tokens)
+    indices, real, order = [], [], []
+    for size, members in sorted(groups.items()):
+        indices.append(torch.tensor([m + [m[-1]] * (size - len(m)) for m in members], device=mask.device))
+        real.append(torch.tensor([[i < len(m) for i in range(size)] for m in members], device=mask.device))
+        order += [t for m in members for t in m]
+    place = torch.empty(len(order), dtype=torch.long, device=mask.device)
+    place[torch.tensor(order, device=mask.device)] = torch.arange(len(order), device=mask.device)
+    found = (indices, place, torch.cat([r.reshape(-1) for r in real]))
+    _segments_cache[2:] = [found]
+    return found
+
+
+def by_length(buckets: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor], query: torch.Tensor, key: torch.Tensor,
+              value: torch.Tensor, attend: Any) -> torch.Tensor:
+    """Causal attention of each packed example over its own tokens, one ``attend`` call per group of
+    similar lengths; ``query`` (b, heads, n, d), result (b, n, heads, d)."""
+    indices, place, real = buckets
+    b, n = query.shape[0], query.shape[2]
+    flat = [t.transpose(1, 2).reshape(b * n, t.shape[1], t.shape[3]) for t in (query, key, value)]
+    outputs = [attend(*(f[index].transpose(1, 2) for f in flat)) for index in indices]  # (group, size, heads, d)
+    found = torch.cat([o.reshape(-1, *o.shape[2:]) for o in outputs])[real]
+    return found[place].reshape(b, n, *found.shape[1:])
+
+
 def _segments(mask: torch.Tensor) -> list[list[tuple[int, int]]] | None:
     """Each row's runs of tokens ``(start, end)`` if ``mask`` (b, 1, L, L) is exactly causal within them, else None."""
     if _segments_cache[0] is mask:
@@ -93,7 +136,7 @@ def _segments(mask: torch.Tensor) -> list[list[tuple[int, int]]] | None:
             for starts in first.tolist():
                 bounds = [i for i in range(length) if starts[i] == i] + [length]
                 found.append(list(zip(bounds[:-1], bounds[1:])))
-    _segments_cache[:] = [mask, found]
+    _segments_cache[:] = [mask, found, None]
     return found
 
 
@@ -111,14 +154,12 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
     segments = _segments(attention_mask) if attention_mask is not None else None
     if segments is not None:  # packed rows: each example on its own tokens, causal, no mask
-        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # -> (1, n, heads, d)
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # -> (examples, n, heads, d)
             if dtype is not None:
                 return causal_attention(q, k, v, scale, dtype).transpose(1, 2)
             return sdpa_attention_forward(module, q, k, v, None, **dict(kwargs, is_causal=True))[0]
 
-        rows = [torch.cat([attend(query[r:r + 1, :, a:b], key[r:r + 1, :, a:b], value[r:r + 1, :, a:b]) for a, b in runs],
-                          dim=1) for r, runs in enumerate(segments)]
-        return torch.cat(rows), None
+        return by_length(_buckets(attention_mask, segments), query, key, value, attend), None
     if dtype is not None:
         return causal_attention(query, key, value, scale, dtype, attention_mask).transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -191,3 +232,38 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         return _Attention.apply(query, key, value, hidden, scale, dtype or query.dtype)
 
 
+
+
+def attends_per_example(model: nn.Module, device: torch.device, checkpointing: bool = False) -> bool:
+    """Whether packed rows train on ``device`` with attention example by example (:func:`fast_attention`),
+    each example seeing only its own tokens: so a packed token costs no more than a padded one.
+
+    Checked on the model itself: two copies of a short sequence in one row (positions restarting)
+    must give the second copy the first one's hidden states, as when the model honours packed rows.
+    """
+    config = getattr(model, "config", None)
+    first = next(model.parameters(), None)
+    if (device.type != "cpu" or first is None or first.device.type != "cpu" or checkpointing
+            or getattr(config, "_attn_implementation", None) != "sdpa" or getattr(config, "sub_configs", None)
+            or getattr(config, "is_encoder_decoder", False) or not _register_attention()):
+        return False
+    # a hook or an instance-level forward on the whole model (prompt tuning's virtual tokens) would
+    # see a packed row as one example; the hooks that route adapter_names= act at inference only
+    hooks = [*model._forward_hooks.values(), *model._forward_pre_hooks.values()]
+    if any(hook not in core.ROW_HOOKS for hook in hooks) or "forward" in vars(model):
+        return False
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if not isinstance(backbone, nn.Module) or backbone is model:
+        return False
+    ids = torch.tensor([[1, 2, 3, 4] * 2]) % max(int(getattr(config, "vocab_size", 5) or 5), 5)
+    positions = torch.arange(4).repeat(2)[None]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), fast_attention(model, {"input_ids": ids}):
+            hidden = backbone(input_ids=ids, position_ids=positions, use_cache=False)[0]
+    except Exception:  # noqa: BLE001 (a model that cannot take this row does not pack)
+        return False
+    finally:
+        model.train(was_training)
+    return bool(torch.allclose(hidden[0, :4], hidden[0, 4:], atol=1e-4, rtol=1e-3))

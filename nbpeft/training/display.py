@@ -89,6 +89,10 @@ def banner_text(begin: Begin) -> str:
         device += f" ({begin.device_name}" + (f", {format_bytes(begin.device_memory)}" if begin.device_memory else "") + ")"
     parts.append(device)
     parts.append(begin.precision + (f" ({begin.precision_reason})" if begin.precision_reason else ""))
+    if begin.batching:
+        parts.append(begin.batching)
+    if begin.prepare_s:
+        parts.append(f"prepared in {begin.prepare_s:.1f} s")
     return " · ".join(parts)
 
 

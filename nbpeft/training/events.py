@@ -47,6 +47,8 @@ class Begin:
     batch_reason: str = ""  # how batch_size="auto" chose the micro-batch ("" when it was given)
     objective: str = "sft"
     figures: tuple[str, ...] = ()  # the objective's figures each step reports (TRL's names, e.g. "rewards/margins")
+    batching: str = ""  # the batch layout and its padding share, e.g. "batching auto: packed (padding 0.4%; ...)"
+    prepare_s: float = 0.0  # seconds from the train() call to the first step: reading, tokenising, planning
 
     @property
     def effective_batch(self) -> int:

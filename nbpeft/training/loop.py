@@ -29,6 +29,7 @@ from ..data.preferences import PreferenceBatches
 from ..errors import ConfigError
 from . import checkpoints as checkpoint
 from . import compiling, distributed, lm_loss, memory, method_steps, objectives, precision, record
+from .attention import attends_per_example
 from .events import Begin, End, Listener, Note, Step, StopTraining, TrainResult, as_listener
 from .options import Settings, docstring, signature
 from .precision import Choice, choose
@@ -163,6 +164,8 @@ def _check_objective(model: nn.Module, s: Settings) -> None:
         raise ConfigError(f"{why}; loss_fn= goes with objective='sft'; drop loss_fn=")
     if s.packing:
         raise ConfigError(f"{why}; packing=True goes with objective='sft'; drop packing=")
+    if s.batching not in ("auto", "padded"):
+        raise ConfigError(f"{why}; batching={s.batching!r} goes with objective='sft'; drop batching=")
     if s.batch_size == "auto":
         raise ConfigError(f"{why}; batch_size='auto' goes with objective='sft'; give batch_size=N (rows a micro-batch)")
     objectives.check_model(model, objectives.build(s.objective, s), s.full)
@@ -272,7 +275,11 @@ def train(model: nn.Module, data: Any, **options: Any) -> TrainResult:
 
     ``data`` takes any form :mod:`nbpeft.data` reads; ``columns={"question": "prompt"}`` (data
     column → nbpeft's name, as ``datasets.rename_columns``; ``{"prompt": "question"}`` reads the
-    same) maps other column names, ``packing=True`` fills rows of ``max_length`` with whole examples.
+    same) maps other column names. ``batching="auto"`` lays out each batch with the least padding this
+    data and model allow (packed rows where the model attends example by example, else batches grouped by
+    length, or plain padded batches where lengths are even; see ``nbpeft.data.layouts``), said in the
+    start banner with its padding share; ``packing=True`` instead fills rows of ``max_length`` with
+    whole examples, ``packing=False`` never packs.
     Without ``tokenizer``, the one that belongs to the model is used (``data.tokenizer_for``).
 
     ``batch_size="auto"`` trains ``effective_batch`` examples a step (default 8) in the largest
@@ -300,7 +307,9 @@ def train(model: nn.Module, data: Any, **options: Any) -> TrainResult:
         with extras.watching():
             return distributed.run(train, model, data, processes=s.processes, shard=s.shard, options=rest,
                                    listener=lambda: extras.around(_listener(s.live)))
+    called = time.perf_counter()
     run = _plan(model, s)
+    run.called = called
     run.listener = extras.around(run.listener)
     try:
         return _train(run)
@@ -370,6 +379,7 @@ class Run:
     micro: int | None = None  # rows of a micro-batch (None: whole batches)
     compiled: list[nn.Module] = field(default_factory=list)
     decide_compile: bool = False
+    called: float = 0.0  # when train() was called: its preparation is the time until the first step
     started: float = 0.0
     tokens: int = 0  # trained on by this run, for its speed
     step_seconds: float = 0.0
@@ -388,11 +398,15 @@ def _plan(model: nn.Module, s: Settings) -> Run:
     batch_size, auto_batch = _batch_plan(s.batch_size, s.grad_accum, s.effective_batch)
     resume_from = checkpoint.find(s.resume, s.output_dir) if s.resume else None
     objective = objectives.build(s.objective, s) if s.objective != "sft" else None
-    batches = _batches(s.data, s, batch_size, model, objective)
+    dev = pick_device(s.device)
+    layout = {"packing": bool(s.packing), "batching": s.batching,  # auto packs only where the model attends per example
+              "can_pack": s.batching == "auto" and s.packing is None and not s.compile and objective is None
+              and attends_per_example(model, dev, s.gradient_checkpointing)}
+    batches = _batches(s.data, s, batch_size, model, objective, layout)
     if auto_batch and (batches.kind == "batches" or batches.stream is not None):
         raise ConfigError("train(): batch_size='auto' needs examples with a length (a list or a Dataset); "
                           "a DataLoader or a stream keeps the batch size it has, so give batch_size=")
-    evals = _batches(s.eval_data, s, batch_size, model, objective) if s.eval_data is not None else None
+    evals = _batches(s.eval_data, s, batch_size, model, objective, layout) if s.eval_data is not None else None
     steps, eval_every = s.steps, s.eval_every
     if steps is None:
         if batches.per_epoch is None:
@@ -408,7 +422,6 @@ def _plan(model: nn.Module, s: Settings) -> Run:
     if saved is not None and saved["step"] >= steps:
         raise ConfigError(f"train(): the checkpoint is at step {saved['step']}, the run has {steps} steps; "
                           "raise steps= to train further")
-    dev = pick_device(s.device)
     choice = choose(dev, s.precision)
     if s.compile and not compiling.can_compile(dev):
         raise ConfigError(f"train(): compile=True needs a C++ compiler (CPU) or Triton (CUDA) on {dev.type}; use compile=False")
@@ -421,11 +434,11 @@ def _plan(model: nn.Module, s: Settings) -> Run:
                auto_batch=auto_batch, saved=saved, identity=identity, objective=objective)
 
 
-def _batches(data: Any, s: Settings, batch_size: int, model: nn.Module, objective: objectives.Objective | None) -> Any:
-    """The stream of batches: examples for SFT, the objective's rows (pairs, rated answers, prompts) otherwise."""
+def _batches(data: Any, s: Settings, batch_size: int, model: nn.Module, objective: objectives.Objective | None,
+             layout: dict[str, Any]) -> Any:
+    """The stream of batches: examples for SFT (laid out as ``layout`` says), the objective's rows otherwise."""
     if objective is None:
-        return Batches(data, s.tokenizer, batch_size, s.max_length, s.seed, model=model, columns=s.columns,
-                       packing=s.packing)
+        return Batches(data, s.tokenizer, batch_size, s.max_length, s.seed, model=model, columns=s.columns, **layout)
     return PreferenceBatches(data, s.tokenizer, batch_size, s.max_length, s.seed, form=objective.data,
                              objective=objective.name, model=model, columns=s.columns)
 
@@ -475,7 +488,9 @@ def _begin(run: Run, restores: contextlib.ExitStack) -> None:
                                                          lambda batch: _loss(run, batch), run.autocast)
         if run.evals is not None:  # evaluation batches no larger than the training micro-batch
             run.evals.batch_size = min(run.evals.batch_size, run.micro)
-    run.decide_compile = s.compile is None and not s.gradient_checkpointing and compiling.can_compile(dev)
+    # packed rows attend example by example only uncompiled (compiled, a row's attention spans its whole width)
+    run.decide_compile = (s.compile is None and not s.gradient_checkpointing and compiling.can_compile(dev)
+                          and run.batches.layout != "packed")
     run.compiled = compiling.compile_blocks(model) if s.compile else []
     restores.callback(lambda: compiling.uncompile_blocks(run.compiled))  # read at the end: blocks compiled later too
     if dev.type == "cuda":
@@ -491,6 +506,7 @@ def _begin(run: Run, restores: contextlib.ExitStack) -> None:
         warmup_steps=run.warmup, lr=s.lr, has_eval=run.evals is not None, start_step=run.first,
         batch_reason=batch_reason, objective=s.objective,
         figures=run.objective.figures if run.objective is not None else (),
+        batching=getattr(batches, "batching_line", ""), prepare_s=time.perf_counter() - run.called,
     ))
     for note in batches.notes:
         run.listener.on_note(Note(note))

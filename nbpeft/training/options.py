@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from ..data.layouts import LAYOUTS
 from ..errors import ConfigError
 from . import trackers
 from .objectives import NAMES as OBJECTIVES
@@ -155,8 +156,12 @@ OPTIONS: list[TrainOption] = [
                 "a dict of column names, e.g. {'prompt': 'question', 'response': 'answer'}"),
     TrainOption("max_length", 512, "longest example in tokens; longer ones are cut (said at the start)",
                 "data", "int", _positive_int, "a positive integer"),
-    TrainOption("packing", False, "fill rows of max_length with whole examples instead of padding each",
-                "data", "bool", _flag, "True or False"),
+    TrainOption("batching", "auto", "how a batch's examples are laid out: auto (least padding on this data: packed "
+                "where the model allows, else grouped by length, or padded where lengths are even), padded, grouped, packed",
+                "data", "choice", choices=LAYOUTS),
+    TrainOption("packing", None, "True: fill rows of max_length with whole examples (batch_size rows a batch); "
+                "False: never pack (batching=auto chooses padded or grouped)",
+                "data", "bool", lambda v: v is None or _flag(v), "True, False or None"),
     # objective
     TrainOption("objective", "sft", "what the run optimises: sft (next-token loss), a preference objective "
                 "(dpo, ipo, orpo, simpo, kto) on preference rows, or grpo on prompts with reward=",
