@@ -23,7 +23,11 @@ COMPILE_SECONDS = {"cpu": 20.0, "cuda": 60.0}
 # Compiling is single-threaded Python (dynamo) and a C++ compiler: on a slower or busier machine it
 # takes longer in the same proportion as the eager steps do. COMPILE_SECONDS holds where
 # speed_probe() takes PROBE_SECONDS; the estimate scales by the probe's time measured beside the steps.
-PROBE_SECONDS = 0.030
+# Measured side by side on 2 EPYC cores at load average 20-23: a cold compile of smollm2-135m's
+# block took about 80 s (a 112 s first step, eager steps 14-58 s) while the probe took 0.029-0.064 s
+# (median 0.041), so 20 s goes with about 0.010 s (benchmarks/compile_probe.py;
+# one run under load, so a rough figure).
+PROBE_SECONDS = 0.010
 
 
 def speed_probe() -> float:
