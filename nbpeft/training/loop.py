@@ -248,8 +248,11 @@ def train(model: nn.Module, data: Any, **options: Any) -> TrainResult:
 
     ``compile=True`` compiles the repeated decoder block with ``torch.compile`` (faster
     steps after a one-off compile); ``None`` (default) times two eager steps and compiles
-    when the remaining steps would pay the compile back (``compiling.compile_pays_off``), where
-    a compiler is available.
+    when the remaining steps would pay the compile back (``compiling.compile_pays_off``; the
+    compile's cost scaled by a speed probe, since a busy machine slows it as much as the steps),
+    where a compiler is available. A run that compiled leaves nothing compiled behind (the next
+    run, with another adapter, compiles afresh), and a block that keeps recompiling goes back
+    to eager steps with a note.
 
     ``live``: True draws a live loss curve in notebooks (plain lines elsewhere); False is
     silent; a :class:`nbpeft.training.events.Listener` or a function ``fn(event, payload)`` gets
