@@ -154,8 +154,33 @@ class MemoryCgroup:
             pass
 
 
+def evict_page_cache(folders: list[Path]) -> int:
+    """Drop the files under ``folders`` from the page cache; returns the bytes asked to go.
+
+    A cgroup is charged for a page of a file by the first process that reads it. The build
+    (postBuild's model conversion, pip's installs) reads and writes the environment's files
+    outside the notebook's cgroup, so without this a kernel's torch libraries and model file
+    would not count against its cap, while in a Binder container, started on a machine that
+    never read them, they do. Clean pages nobody maps go; the kernel reads them back, charged.
+    """
+    asked = 0
+    for folder in folders:
+        for path in folder.rglob("*"):
+            try:
+                if not path.is_file() or path.is_symlink():
+                    continue
+                with path.open("rb") as handle:
+                    os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                asked += path.stat().st_size
+            except OSError:
+                continue
+    return asked
+
+
 def run_notebook(notebook: Path, env: dict[str, str], out_dir: Path, limit: int, timeout: int) -> dict:
     log = out_dir / f"{notebook.stem}.log"
+    os.sync()  # written pages (postBuild's model file) must be clean to leave the cache
+    evict_page_cache([Path(env["VIRTUAL_ENV"]), Path(env["HOME"])])
     cgroup = MemoryCgroup.make(f"nbpeft-binder-check-{os.getpid()}", limit) if limit else None
     cmd = [str(Path(env["VIRTUAL_ENV"]) / "bin" / "jupyter"), "nbconvert", "--to", "notebook", "--execute",
            f"--ExecutePreprocessor.timeout={timeout}", "--output-dir", str(out_dir), str(notebook)]

@@ -162,7 +162,7 @@ def test_compile_auto_decides_after_two_timed_steps(monkeypatch):
     """compile=None times two eager steps, then asks compile_pays_off with the faster one."""
     asked, compiled = [], []
     monkeypatch.setattr(compiling, "can_compile", lambda device: True)
-    monkeypatch.setattr(compiling, "compile_pays_off", lambda device, seconds, left: asked.append((seconds, left)) or True)
+    monkeypatch.setattr(compiling, "compile_pays_off", lambda device, seconds, left, slowness=1.0: asked.append((seconds, left)) or True)
     monkeypatch.setattr(compiling, "compile_blocks", lambda model: compiled.append(len(asked)) or [])
     model = lora_model()
     events = []
@@ -177,6 +177,64 @@ def test_compile_auto_decides_after_two_timed_steps(monkeypatch):
     asked.clear(), compiled.clear()
     nbpeft.train(model, [masked_batch()], steps=5, lr=1e-3, live=False, compile=False)
     assert asked == [] and compiled == []
+
+
+def test_compile_auto_weighs_the_compile_by_how_slow_the_machine_is_now():
+    """A busy or slow machine makes the steps and the compile slower alike: the decision stays the same."""
+    cpu = torch.device("cpu")
+    for steps_left, pays in ((14, False), (10_000, True)):
+        assert {compiling.compile_pays_off(cpu, 2.0 * slow, steps_left, slowness=slow) for slow in (1, 4, 25)} == {pays}
+    # without the probe's scaling, the 25x slower steps would have looked worth compiling a 14-step run for
+    assert compiling.compile_pays_off(cpu, 2.0 * 25, 14)
+    assert 0 < compiling.speed_probe() < 60
+
+
+def test_compile_auto_passes_the_probed_slowness(monkeypatch):
+    asked = []
+    monkeypatch.setattr(compiling, "can_compile", lambda device: True)
+    monkeypatch.setattr(compiling, "speed_probe", lambda: compiling.PROBE_SECONDS * 6)
+    monkeypatch.setattr(compiling, "compile_pays_off", lambda device, seconds, left, slowness: asked.append(slowness))
+    nbpeft.train(lora_model(), [masked_batch()], steps=4, lr=1e-3, live=False)
+    assert asked == [pytest.approx(6.0)]
+
+
+def _eager_backend_compile(monkeypatch) -> None:
+    """Blocks compiled by dynamo alone (its guards and recompiles as with inductor, no C++ build): fast."""
+    original = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *args, **kwargs: original(self, backend="eager"))
+
+
+def test_many_compiled_runs_in_one_process_each_compile_and_leave_no_cache_behind(monkeypatch):
+    """One kernel training adapter after adapter: each run compiles afresh, none runs into dynamo's recompile limit."""
+    from torch._dynamo.utils import counters
+
+    _eager_backend_compile(monkeypatch)
+    model, batch = tiny_llama(), masked_batch()
+    before = compiling.cache_snapshot()
+    plan = [("lora", {"r": 4}), ("ia3", {}), ("adapter", {"bottleneck": 8}), ("dora", {"r": 4})] * 3
+    for method, options in plan:
+        nbpeft.attach(model, method, **options)
+        graphs = counters["stats"]["unique_graphs"]
+        events = []
+        nbpeft.train(model, [batch], steps=2, lr=1e-3, compile=True, live=lambda event, payload, events=events: events.append(payload))
+        nbpeft.detach(model)
+        assert counters["stats"]["unique_graphs"] > graphs, (method, "ran eagerly: not compiled")
+        assert compiling.new_cache_entries(before) == {}, method  # the run's graphs, guards and adapters let go
+        assert not [e for e in events if "recompiled" in str(getattr(e, "message", ""))]
+        assert all(block._compiled_call_impl is None for block in compiling.repeated_blocks(model))
+
+
+def test_a_block_that_keeps_recompiling_goes_back_to_eager_steps_with_a_note(monkeypatch):
+    _eager_backend_compile(monkeypatch)
+    monkeypatch.setattr(compiling, "recompile_limit", lambda: 2)  # one entry left at the first compiled step
+    model = lora_model()
+    events = []
+    result = nbpeft.train(model, [masked_batch()], steps=3, lr=1e-3, compile=True,
+                          live=lambda event, payload: events.append((event, payload)))
+    notes = [payload.message for event, payload in events if event == "note"]
+    assert len(notes) == 1 and "eager steps from here" in notes[0], notes
+    assert [event for event, _ in events].index("note") == 2  # after the first step
+    assert result.steps == 3 and all(block._compiled_call_impl is None for block in compiling.repeated_blocks(model))
 
 
 _ALLOCATOR_PROBE = """

@@ -266,8 +266,11 @@ def train(model: nn.Module, data: Any, **options: Any) -> TrainResult:
 
     ``compile=True`` compiles the repeated decoder block with ``torch.compile`` (faster
     steps after a one-off compile); ``None`` (default) times two eager steps and compiles
-    when the remaining steps would pay the compile back (``compiling.compile_pays_off``), where
-    a compiler is available.
+    when the remaining steps would pay the compile back (``compiling.compile_pays_off``; the
+    compile's cost scaled by a speed probe, since a busy machine slows it as much as the steps),
+    where a compiler is available. A run that compiled leaves nothing compiled behind (the next
+    run, with another adapter, compiles afresh), and a block that keeps recompiling goes back
+    to eager steps with a note.
 
     ``live``: True draws a live loss curve in notebooks (plain lines elsewhere); False is
     silent; a :class:`nbpeft.training.events.Listener` or a function ``fn(event, payload)`` gets
@@ -378,6 +381,7 @@ class Run:
     rows: int | None = None  # rows of a batch (None: a DataLoader's batches keep their own size)
     micro: int | None = None  # rows of a micro-batch (None: whole batches)
     compiled: list[nn.Module] = field(default_factory=list)
+    compiled_since: set[int] | None = None  # dynamo's compiled code before this run compiled (None: it did not)
     decide_compile: bool = False
     called: float = 0.0  # when train() was called: its preparation is the time until the first step
     started: float = 0.0
@@ -490,9 +494,10 @@ def _begin(run: Run, restores: contextlib.ExitStack) -> None:
             run.evals.batch_size = min(run.evals.batch_size, run.micro)
     # packed rows attend example by example only uncompiled (compiled, a row's attention spans its whole width)
     run.decide_compile = (s.compile is None and not s.gradient_checkpointing and compiling.can_compile(dev)
-                          and run.batches.layout != "packed")
-    run.compiled = compiling.compile_blocks(model) if s.compile else []
-    restores.callback(lambda: compiling.uncompile_blocks(run.compiled))  # read at the end: blocks compiled later too
+                          and getattr(run.batches, "layout", "") != "packed")
+    if s.compile:
+        _compile(run)
+    restores.callback(_uncompile, run)  # read at the end: blocks compiled later too
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     device_name, device_memory = _device_info(dev)
@@ -721,13 +726,37 @@ def _checkpoint(run: Run, step: int) -> None:
 
 
 def _compile_if_it_pays(run: Run, step: int) -> None:
-    """compile=None: after two eager steps, compile the repeated block if the steps left would pay it back."""
+    """compile=None: after two eager steps, compile the repeated block if the steps left would pay it back.
+
+    A compiled run whose block keeps recompiling (shapes or guards that change from step to step)
+    goes back to eager steps, saying so, before dynamo's recompile limit would.
+    """
+    if run.compiled and compiling.near_recompile_limit(run.compiled_since):
+        run.listener.on_note(Note(f"the decoder block recompiled {compiling.recompile_limit() - 1} times; "
+                                  "eager steps from here (compile=False skips compiling)"))
+        _uncompile(run)
     if not run.decide_compile or step != run.first + 2:
         return
-    if compiling.compile_pays_off(run.dev, min(r["step_time_s"] for r in run.result.history[-2:]), run.steps - step):
+    slowness = compiling.speed_probe() / compiling.PROBE_SECONDS  # now, beside the two steps just timed
+    step_seconds = min(r["step_time_s"] for r in run.result.history[-2:])
+    if compiling.compile_pays_off(run.dev, step_seconds, run.steps - step, slowness):
         run.listener.on_note(Note("compiling the decoder block for faster steps "
                                   "(a one-off pause; compile=False turns this off)"))
-        run.compiled = compiling.compile_blocks(run.model)
+        _compile(run)
+
+
+def _compile(run: Run) -> None:
+    run.compiled_since = compiling.cache_snapshot()
+    run.compiled = compiling.compile_blocks(run.model)
+
+
+def _uncompile(run: Run) -> None:
+    """The blocks eager again, and dynamo's entries for what this run compiled dropped (they hold its adapters)."""
+    compiling.uncompile_blocks(run.compiled)
+    run.compiled = []
+    if run.compiled_since is not None:
+        compiling.drop_new_caches(run.compiled_since)
+        run.compiled_since = None
 
 
 def _end(run: Run) -> TrainResult:
