@@ -563,7 +563,7 @@ def test_unload_removes_the_magics_and_load_brings_them_back(shell):
     assert {"peft_attach", "peft_train"} <= set(manager.magics["cell"])
     result, out = run(shell, "%peft_summary")
     assert result.success and "no adapters attached" in out.outputs[0].data["text/plain"]
-    assert complete(shell, "%peft_attach lo") == ["lora"]
+    assert complete(shell, "%peft_attach lor") == ["lora"]
     run(shell, "%reload_ext nbpeft")
     assert len([m for m in shell.Completer.custom_matchers if getattr(m, "matcher_identifier", "") == "nbpeft"]) == 1
 

@@ -231,7 +231,7 @@ def test_every_declared_option_but_live_is_a_field_with_its_help_in_group_order(
     kinds = {name: type(field.widget).__name__ for name, field in tab.fields.items()}
     assert (kinds["max_length"], kinds["lr"], kinds["packing"], kinds["schedule"], kinds["batch_size"],
             kinds["warmup"], kinds["data"], kinds["metrics"], kinds["columns"], kinds["compile"]) == (
-        "BoundedIntText", "FloatText", "Checkbox", "Dropdown", "Combobox", "Text", "Combobox", "Combobox", "Text",
+        "BoundedIntText", "FloatText", "Dropdown", "Dropdown", "Combobox", "Text", "Combobox", "Combobox", "Text",
         "Dropdown")
 
 
@@ -244,7 +244,7 @@ def test_options_are_the_required_and_the_changed_ones():
     assert set(tab.options()) == {"model", "data", "tokenizer", "steps", "batch_size", "grad_accum"}
     assert tab.compile.value == "auto" and tab.fields["compile"].read() is None
     tab.metrics.value, tab.columns.value, tab.warmup.value = "my_metrics", "prompt: question, response: answer", "0.1"
-    tab.packing.value, tab.schedule.value, tab.output_dir.value, tab.resume.value = True, "cosine", "out", "true"
+    tab.packing.value, tab.schedule.value, tab.output_dir.value, tab.resume.value = "true", "cosine", "out", "true"
     tab.compile.value, tab.eval_every.value = "false", "5"
     options = tab.options()
     assert options["metrics"] is my_metrics and options["columns"] == {"prompt": "question", "response": "answer"}

@@ -501,6 +501,12 @@ class Batches:
 
     def _choose_layout(self, batching: str, can_pack: bool, seed: int) -> None:
         """``layout`` and ``batching_line`` for ``batching`` ("auto": the least padding on these examples)."""
+        if self.kind == "features":  # images, audio: no token lengths to lay out
+            if batching not in ("auto", "padded"):
+                raise ConfigError(f"{self.caller}: batching={batching!r} lays out token sequences, not {self.kind} "
+                                  "examples (images, audio); use batching='auto'")
+            self.layout, self.batching_line = "padded", ""
+            return
         packable = self.kind in ("text", "prompt-response", "chat") or self.kind == "tokens" and all(
             all(e.get("attention_mask", [1])) for e in self.examples)
         if batching == "packed" and (not packable or self.seq2seq):

@@ -50,6 +50,9 @@ class Begin:
     batching: str = ""  # the batch layout and its padding share, e.g. "batching auto: packed (padding 0.4%; ...)"
     prepare_s: float = 0.0  # seconds from the train() call to the first step: reading, tokenising, planning
 
+    def __post_init__(self) -> None:
+        self.figures = tuple(self.figures)  # a job's events arrive through JSON as lists
+
     @property
     def effective_batch(self) -> int:
         return self.batch_size * self.grad_accum
