@@ -24,7 +24,7 @@ def pad_id(tokenizer: Any) -> int:
 
 
 def sample(model: nn.Module, tokenizer: Any, texts: list[str], max_new_tokens: int, sampling: dict[str, Any],
-           stops: list[str] = (), streamer: Any = None, num_samples: int = 1,
+           stops: list[str] = (), streamer: Any = None, *, num_samples: int = 1,
            route: Callable[[int], AbstractContextManager[Any]] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One batch of answers: ``(ids, prompt_mask, skip)``, one row per answer (prompt then answer), the
     left-padded prompts' attention mask, and the column the new tokens start at (0 for an encoder-decoder,
