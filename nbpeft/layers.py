@@ -139,6 +139,24 @@ class AdapterLayer(nn.Module, ABC):
         if not self.merged:
             self.restore_original("weight", self.base_layer.weight)
 
+    @torch.no_grad()
+    def merge_delta(self, name: str, method: str) -> None:
+        """Fold ``self.delta_weight(name)`` into the base weight, keeping the original for an exact unmerge."""
+        if isinstance(self.base_layer, AdapterLayer):
+            raise NotImplementedError(f"{method} over another adapter's layer cannot be folded into the base weight")
+        if name not in self.merged:
+            self.keep_original_weight()
+            self.base_layer.weight += self.delta_weight(name)
+            self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge_delta(self, name: str) -> None:
+        """Undo :meth:`merge_delta`; once nothing is merged, the exact original weight is back."""
+        if name in self.merged:
+            self.base_layer.weight -= self.delta_weight(name)
+            self.merged.remove(name)
+            self.restore_original_weight()
+
     def innermost(self) -> nn.Module:
         """The module at the bottom of the chain: the model's own module, however deep."""
         return innermost(self)

@@ -159,21 +159,11 @@ class AdaLoRALinear(AdapterLayer):
         delta = B.float() @ (A.float() * E.float()) * self.scaling[name] / self.rank_divisor(name, A)
         return (delta.T if self.fan_in_fan_out else delta).to(self.base_layer.weight.dtype)
 
-    @torch.no_grad()
     def merge(self, name: str) -> None:
-        if isinstance(self.base_layer, AdapterLayer):
-            raise NotImplementedError("AdaLoRA over another adapter's layer cannot be folded into the base weight")
-        if name not in self.merged:
-            self.keep_original_weight()
-            self.base_layer.weight += self.delta_weight(name)
-            self.merged.append(name)
+        self.merge_delta(name, "AdaLoRA")
 
-    @torch.no_grad()
     def unmerge(self, name: str) -> None:
-        if name in self.merged:
-            self.base_layer.weight -= self.delta_weight(name)
-            self.merged.remove(name)
-            self.restore_original_weight()
+        self.unmerge_delta(name)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)

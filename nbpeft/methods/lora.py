@@ -433,21 +433,11 @@ class LoRAEmbedding(AdapterLayer):
         A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
         return ((B.float() @ A.float()).T * self.scaling[name]).to(self.base_layer.weight.dtype)
 
-    @torch.no_grad()
     def merge(self, name: str) -> None:
-        if isinstance(self.base_layer, AdapterLayer):
-            raise NotImplementedError("LoRA over another adapter's layer cannot be folded into the base weight")
-        if name not in self.merged:
-            self.keep_original_weight()
-            self.base_layer.weight += self.delta_weight(name)
-            self.merged.append(name)
+        self.merge_delta(name, "LoRA")
 
-    @torch.no_grad()
     def unmerge(self, name: str) -> None:
-        if name in self.merged:
-            self.base_layer.weight -= self.delta_weight(name)
-            self.merged.remove(name)
-            self.restore_original_weight()
+        self.unmerge_delta(name)
 
     def forward(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(input_ids, *args, **kwargs)

@@ -174,21 +174,11 @@ class LycorisLayer(AdapterLayer):
             delta = delta.T
         return delta.to(self.base_layer.weight.dtype)
 
-    @torch.no_grad()
     def merge(self, name: str) -> None:
-        if isinstance(self.base_layer, AdapterLayer):
-            raise NotImplementedError(f"{type(self).__name__} over another adapter's layer cannot be folded into the base weight")
-        if name not in self.merged:
-            self.keep_original_weight()
-            self.base_layer.weight += self.delta_weight(name)
-            self.merged.append(name)
+        self.merge_delta(name, type(self).__name__)
 
-    @torch.no_grad()
     def unmerge(self, name: str) -> None:
-        if name in self.merged:
-            self.base_layer.weight -= self.delta_weight(name)
-            self.merged.remove(name)
-            self.restore_original_weight()
+        self.unmerge_delta(name)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)

@@ -127,21 +127,11 @@ class VeRALinear(AdapterLayer):
         delta = (self.vera_lambda_b[name].float()[:, None] * B.float()) @ (self.vera_lambda_d[name].float()[:, None] * A.float())
         return (delta.T if self.fan_in_fan_out else delta).to(self.base_layer.weight.dtype)
 
-    @torch.no_grad()
     def merge(self, name: str) -> None:
-        if isinstance(self.base_layer, AdapterLayer):
-            raise NotImplementedError("VeRA over another adapter's layer cannot be folded into the base weight")
-        if name not in self.merged:
-            self.keep_original_weight()
-            self.base_layer.weight += self.delta_weight(name)
-            self.merged.append(name)
+        self.merge_delta(name, "VeRA")
 
-    @torch.no_grad()
     def unmerge(self, name: str) -> None:
-        if name in self.merged:
-            self.base_layer.weight -= self.delta_weight(name)
-            self.merged.remove(name)
-            self.restore_original_weight()
+        self.unmerge_delta(name)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
