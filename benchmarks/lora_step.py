@@ -71,6 +71,11 @@ LONG_STEPS = 200
 IMPLS = ("peft", "peft-bf16", "nbpeft", "nbpeft-train", "nbpeft-train-compile")
 REFERENCES = {"fp32": "peft", "bf16": "peft-bf16"}
 LONG_IMPLS = ("peft", "peft-bf16", "nbpeft-train")
+# --avx2: every measurement runs as on an AVX2-only CPU without native bf16 (torch, oneDNN and MKL held to
+# AVX2; nbpeft shown no bf16 flags, so precision="auto" takes fp32, as binder/check.py --avx2 does).
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "binder" / "cpu_without_bf16"), str(REPO_ROOT)])}
+CHILD_ENV: dict[str, str] = {}
 MEMORY_METHOD = (
     "peak RSS during training (resource.getrusage ru_maxrss, high-water mark reset via "
     "/proc/self/clear_refs after load) minus VmRSS from /proc/self/status after model load"
@@ -287,7 +292,7 @@ def run_child(impl: str, steps: int, warmup: int, env: dict[str, str] | None = N
     """One measurement in a fresh interpreter; returns its JSON line."""
     command = [sys.executable, str(Path(__file__).resolve()), "--impl", impl,
                "--steps", str(steps), "--warmup", str(warmup), "--json"]
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, env={**os.environ, **CHILD_ENV, **(env or {})})
     json_lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not json_lines:
         sys.stderr.write(done.stdout + done.stderr)
@@ -402,6 +407,10 @@ def run_parent(rounds: int, steps: int, warmup: int, impls: list[str], check_ste
           f"({torch.get_num_threads()} threads), python {platform.python_version()}, "
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"memory: {MEMORY_METHOD}")
+    if CHILD_ENV:
+        print("as an AVX2-only CPU without native bf16: " + " ".join(f"{k}={v}" for k, v in CHILD_ENV.items()
+                                                                     if k != "PYTHONPATH")
+              + ", nbpeft shown no bf16 flags (binder/cpu_without_bf16)")
     print()
     checked = True
     if check_steps:
@@ -449,6 +458,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="parent: give every run an empty torch compile cache (first-use compile times)")
     parser.add_argument("--long-steps", type=int, default=LONG_STEPS,
                         help=f"parent: steps of the long runs of {', '.join(LONG_IMPLS)} (0: skip them)")
+    parser.add_argument("--avx2", action="store_true",
+                        help="run every measurement as on an AVX2-only CPU without native bf16 (fp32 everywhere)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 round, 3 steps, 1 warm-up, 2-step check, no long runs")
     args = parser.parse_args(argv)
@@ -456,6 +467,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rounds, args.steps, args.warmup, args.check_steps, args.long_steps = 1, 3, 1, 2, 0
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or args.check_steps < 0 or args.long_steps < 0:
         parser.error("--steps and --rounds must be >= 1, --warmup, --check-steps and --long-steps >= 0")
+    if args.avx2 and args.impls == ",".join(IMPLS):  # bf16 is emulated there: only the fp32 runs mean anything
+        args.impls = "peft,nbpeft,nbpeft-train"
     impls = [impl.strip() for impl in args.impls.split(",") if impl.strip()]
     if "peft" not in impls or any(impl not in IMPLS for impl in impls):
         parser.error(f"--impls must include peft and name only {', '.join(IMPLS)}")
@@ -465,6 +478,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.avx2:
+        CHILD_ENV.update(AVX2_ENV)
     if args.impl is None:
         return run_parent(args.rounds, args.steps, args.warmup, args.impls, args.check_steps, args.cold_compile,
                           args.long_steps)
