@@ -259,6 +259,21 @@ def test_a_preference_objective_in_two_processes_equals_one_process_on_the_doubl
     assert not workers_alive()
 
 
+def test_kto_in_two_processes_takes_the_whole_batch_kl_estimate():
+    """Each rank's KL mean is averaged over the ranks, as one process computes it on the double batch."""
+    rows = [{"prompt": f"q{i}", "completion": "yes" * (1 + i % 3), "label": i % 3 != 0} for i in range(8)]
+    one, two = lora_llama(r=4, init="random"), lora_llama(r=4, init="random")
+    expected = fit(one, rows, batch_size=4, objective="kto", tokenizer=char_tokenizer())
+    got = fit(two, rows, batch_size=2, objective="kto", processes=2, tokenizer=char_tokenizer())
+    assert any(row["kl"] > 0 for row in expected.history)  # the KL term is in play, so a per-rank one would differ
+    torch.testing.assert_close([row["kl"] for row in got.history], [row["kl"] for row in expected.history],
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.losses, expected.losses, rtol=1e-5, atol=1e-6)
+    for name, weight in trained(one).items():  # AdamW turns gradients near zero into steps of noise (<= 2e-5 here)
+        torch.testing.assert_close(trained(two)[name], weight, rtol=0, atol=1e-4, msg=name)
+    assert not workers_alive()
+
+
 def test_grpo_in_two_processes_samples_on_each_rank():
     model = lora_llama(r=4)
     result = fit(model, [{"prompt": f"say {i}"} for i in range(4)], batch_size=1, objective="grpo", processes=2,

@@ -242,6 +242,21 @@ def test_precomputed_reference_log_probabilities_give_the_same_run():
     assert runs[0] == pytest.approx(runs[1], abs=1e-5)
 
 
+@pytest.mark.parametrize("precompute", [False, True])
+def test_a_resumed_dpo_run_keeps_the_reference_its_run_started_with(tmp_path, precompute):
+    """Resumed in the same kernel, the adapter has trained since the run began: still the run's first reference."""
+    model = tiny_llama()
+    nbpeft.attach(model, "lora", r=4)  # starts at identity: the reference is the adapter disabled
+    options = dict(tokenizer=char_tokenizer(), objective="dpo", beta=0.5, steps=4, batch_size=4, lr=2e-2,
+                   precision="fp32", live=False, runs=False, save_every=2, output_dir=tmp_path,
+                   precompute_ref=precompute)
+    whole = nbpeft.train(model, PAIRS, **options)
+    resumed = nbpeft.train(model, PAIRS, **options, resume=str(tmp_path / "checkpoint-000002"))
+    for name in ("rewards/chosen", "rewards/rejected", "loss"):
+        assert [row[name] for row in resumed.history[2:]] == pytest.approx(
+            [row[name] for row in whole.history[2:]], rel=1e-4, abs=1e-6), name
+
+
 def test_options_of_another_objective_and_what_objectives_cannot_go_with_are_refused_in_one_line():
     model = tiny_llama()
     nbpeft.attach(model, "lora", r=4)

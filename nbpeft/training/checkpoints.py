@@ -71,8 +71,10 @@ def find(resume: bool | str | Path, output_dir: str | Path | None) -> Path:
 
 
 def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, step: int,
-         history: list[dict[str, Any]], run: dict[str, Any] | None = None) -> Path:
+         history: list[dict[str, Any]], run: dict[str, Any] | None = None,
+         reference: dict[str, Any] | None = None) -> Path:
     state = {
+        "reference": reference,  # a preference objective's reference (disabled, or its starting weights)
         "step": step,
         "params": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
         "optimizer": optimizer.state_dict(),

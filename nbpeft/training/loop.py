@@ -472,6 +472,9 @@ def _setup(run: Run, restores: contextlib.ExitStack) -> None:
                              trainable=sum(p.numel() for p in run.params), full=s.full)
     if run.saved is not None:
         checkpoint.restore(run.saved, model, run.optimizer, run.scaler)
+        reference = run.objective_loss.reference if run.objective_loss is not None else None
+        if reference is not None and run.saved.get("reference") is not None:  # the model as the first run started
+            reference.restore(run.saved["reference"])
         run.first = run.saved["step"]
         run.result.history = list(run.saved["history"])
         for _ in range(run.first * s.grad_accum):  # the data stream where the checkpoint left it
@@ -721,8 +724,13 @@ def _checkpoint(run: Run, step: int) -> None:
     s = run.settings
     if s.save_every is not None and (step % s.save_every == 0 or step == run.steps):
         path = checkpoint.save(checkpoint.folder(s.output_dir, step), run.model, run.optimizer, run.scaler, step,
-                               run.result.history, run.identity)
+                               run.result.history, run.identity, _reference_state(run))
         run.result.checkpoint = str(path)
+
+
+def _reference_state(run: Run) -> dict[str, Any] | None:
+    reference = run.objective_loss.reference if run.objective_loss is not None else None
+    return reference.state() if reference is not None else None
 
 
 def _compile_if_it_pays(run: Run, step: int) -> None:

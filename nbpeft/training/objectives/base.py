@@ -134,6 +134,20 @@ class Reference:
         self.params = [] if self.disabled else params
         self.table: dict[tuple[str, int], torch.Tensor] = {}
 
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps so that a resumed run compares with the same reference."""
+        return {"disabled": self.disabled, "start": [t.detach().cpu() for t in self.start]}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """The reference of the run a checkpoint continues (its adapters may have trained since it started)."""
+        self.disabled = state["disabled"]
+        self.start = [t.to(p.device, p.dtype) for t, p in zip(state["start"], self.params)]
+        if len(self.start) != (0 if self.disabled else len(self.params)):
+            raise ConfigError("train(): the checkpoint's reference weights do not fit this model's trainable "
+                              "parameters; attach the same adapter as when it was saved")
+        if self.disabled:
+            self.params = []
+
     @property
     def how(self) -> str:
         return ("the adapter disabled" if self.disabled

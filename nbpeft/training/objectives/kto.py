@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from .base import Logps, Objective
 
@@ -39,7 +40,7 @@ class KTO(Objective):
     def loss(self, policy: Logps, reference: Logps | None, batch: dict[str, Any]
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ratio = policy.sums - reference.sums.to(policy.sums.dtype)
-        kl = ratio[:, 1].detach().mean().clamp(min=0)
+        kl = _mean_over_ranks(ratio[:, 1].detach().mean()).clamp(min=0)
         desirable = batch["desirable"].bool()
         losses = kto_losses(ratio[:, 0], desirable, kl, self.beta, self.option("desirable_weight"),
                             self.option("undesirable_weight"))
@@ -52,3 +53,16 @@ class KTO(Objective):
         if desirable.any() and (~desirable).any():
             figures["rewards/margins"] = figures["rewards/chosen"] - figures["rewards/rejected"]
         return losses.mean(), figures
+
+
+def _mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The KL estimate of the whole batch when ``processes=N`` split it: the ranks' means averaged (equal shares).
+
+    Only while training, where every rank computes its loss in step with the others; evaluation scores the
+    whole batch on each rank already.
+    """
+    if not (torch.is_grad_enabled() and dist.is_available() and dist.is_initialized()):
+        return value
+    total = value.detach().clone().float()
+    dist.all_reduce(total)
+    return (total / dist.get_world_size()).to(value.dtype)
