@@ -187,11 +187,17 @@ def _matmul_dtype(query: torch.Tensor, kwargs: dict[str, Any]) -> torch.dtype | 
     return dtype if usable else None
 
 
-class _Attention(torch.autograd.Function):
-    """Attention by two matmuls and an fp32 softmax that keeps only its inputs for backward.
+# Probabilities at most this many times the query's size (n <= this x head_dim) are kept for backward:
+# then they cost little memory beside the layer's own activations, and backward skips a matmul and a softmax.
+KEEP_PROBS = 4
 
-    The probabilities, (b, heads, n, n), are computed again in backward rather than held
-    from forward to backward across every layer, as a flash kernel does.
+
+class _Attention(torch.autograd.Function):
+    """Attention by two matmuls and an fp32 softmax.
+
+    Short sequences keep the probabilities, (b, heads, n, n), for backward; longer ones keep
+    only the inputs and compute the probabilities again in backward, as a flash kernel does,
+    rather than hold n² values a head from forward to backward across every layer.
     """
 
     @staticmethod
@@ -207,17 +213,18 @@ class _Attention(torch.autograd.Function):
         grouped = query.to(dtype).reshape(b, key.shape[1], heads // key.shape[1], n, d)
         key, value = key.to(dtype), value.to(dtype)
         probs = _Attention._probs(grouped, key, hidden, scale)
-        ctx.save_for_backward(grouped, key, value, hidden)
+        ctx.save_for_backward(grouped, key, value, hidden, probs if n <= KEEP_PROBS * d else None)
         return torch.matmul(probs.to(dtype), value.unsqueeze(2)).reshape(b, heads, n, value.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
-        grouped, key, value, hidden = ctx.saved_tensors
-        probs = _Attention._probs(grouped, key, hidden, ctx.scale)
+        grouped, key, value, hidden, kept = ctx.saved_tensors
+        probs = _Attention._probs(grouped, key, hidden, ctx.scale) if kept is None else kept
         grad_out = grad_out.to(value.dtype).reshape(*grouped.shape[:-1], value.shape[-1])
         grad_value = torch.matmul(probs.to(value.dtype).transpose(-1, -2), grad_out).float().sum(2)
         grad_probs = torch.matmul(grad_out, value.unsqueeze(2).transpose(-1, -2)).float()
-        grad_scores = probs.mul_(grad_probs - (grad_probs * probs).sum(-1, keepdim=True)).mul_(ctx.scale)
+        grad_probs -= (grad_probs * probs).sum(-1, keepdim=True)
+        grad_scores = (probs.mul_(grad_probs) if kept is None else grad_probs.mul_(probs)).mul_(ctx.scale)
         grad_query = torch.matmul(grad_scores, key.unsqueeze(2).float()).flatten(1, 2)
         grad_key = torch.matmul(grad_scores.transpose(-1, -2), grouped.float()).sum(2)
         return (grad_query.to(ctx.dtypes[0]), grad_key.to(ctx.dtypes[1]), grad_value.to(ctx.dtypes[2]),
