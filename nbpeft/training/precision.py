@@ -234,7 +234,7 @@ def _split_in_place(fp32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewrite ``fp32``'s bytes as its bf16 value then the remainder; returns views of both halves.
 
     Adding 2^15 to the bits leaves the rounded bf16 value in the high 16 bits of each weight
-    and the remainder plus 2^15 in the low ones; the halves are then gathered apart. Five
+    and the remainder plus 2^15 in the low ones; the halves are then gathered apart: a few
     passes over the weight's bytes, instead of a dozen of int32 arithmetic.
     """
     n = fp32.numel()
