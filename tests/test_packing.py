@@ -135,6 +135,20 @@ def test_causal_attention_by_matmul_equals_sdpa_with_its_gradients(dtype, padded
     torch.testing.assert_close(got[real], want[real], rtol=0, atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_keeping_or_recomputing_the_probabilities_gives_the_same_bits(dtype, monkeypatch):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, heads, 40, 8, dtype=dtype, requires_grad=True) for heads in (4, 2, 2))
+    grad = torch.randn(2, 4, 40, 8, dtype=dtype)
+    results = {}
+    for keep in (8, 0):  # 40 tokens <= 8 x head_dim 8: kept for backward; under 0: computed again in backward
+        monkeypatch.setattr(attention, "KEEP_PROBS", keep)
+        out = attention.causal_attention(q, k, v, 8 ** -0.5, dtype)
+        results[keep] = (out, *torch.autograd.grad(out, (q, k, v), grad))
+    for kept, recomputed in zip(results[8], results[0]):
+        assert torch.equal(kept, recomputed)
+
+
 def test_under_bf16_autocast_packed_rows_attend_by_matmul_with_the_masked_loss_and_gradients(attention_calls):
     model = tiny_llama()
     nbpeft.attach(model, "lora", r=4, targets="all-linear", init="random")

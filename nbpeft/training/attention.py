@@ -84,10 +84,10 @@ def _register_attention() -> bool:
 BUCKET = 16
 
 
-def _buckets(mask: torch.Tensor, segments: list[list[tuple[int, int]]]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """For packed rows: per group of similar lengths, the token index of each example's positions
-    (padded by repeating its last token); where each real token sits among the groups' outputs;
-    and which of the groups' positions are real. Cached with the mask: every layer uses the same."""
+def _buckets(mask: torch.Tensor, segments: list[list[tuple[int, int]]]) -> tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor]:
+    """For packed rows: the token index of every group's positions, group after group (each example
+    padded by repeating its last token); each group's (examples, width); and where each token's result
+    sits among the groups' outputs. Cached with the mask: every layer uses the same."""
     if len(_segments_cache) > 2 and _segments_cache[2] is not None:
         return _segments_cache[2]
     width = mask.shape[-1]
@@ -96,28 +96,38 @@ def _buckets(mask: torch.Tensor, segments: list[list[tuple[int, int]]]) -> tuple
         for a, b in runs:
             tokens = list(range(r * width + a, r * width + b))
             groups.setdefault(-(-(b - a) // BUCKET) * BUCKET, []).append(tokens)
-    indices, real, order = [], [], []
+    index, shapes, place = [], [], [0] * sum(len(m) for members in groups.values() for m in members)
     for size, members in sorted(groups.items()):
-        indices.append(torch.tensor([m + [m[-1]] * (size - len(m)) for m in members], device=mask.device))
-        real.append(torch.tensor([[i < len(m) for i in range(size)] for m in members], device=mask.device))
-        order += [t for m in members for t in m]
-    place = torch.empty(len(order), dtype=torch.long, device=mask.device)
-    place[torch.tensor(order, device=mask.device)] = torch.arange(len(order), device=mask.device)
-    found = (indices, place, torch.cat([r.reshape(-1) for r in real]))
+        for m in members:
+            for i, token in enumerate(m):
+                place[token] = len(index) + i
+            index += m + [m[-1]] * (size - len(m))
+        shapes.append((len(members), size))
+    found = (torch.tensor(index, device=mask.device), shapes, torch.tensor(place, device=mask.device))
     _segments_cache[2:] = [found]
     return found
 
 
-def by_length(buckets: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor], query: torch.Tensor, key: torch.Tensor,
-              value: torch.Tensor, attend: Any) -> torch.Tensor:
+def by_length(buckets: tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor], query: torch.Tensor,
+              key: torch.Tensor, value: torch.Tensor, attend: Any) -> torch.Tensor:
     """Causal attention of each packed example over its own tokens, one ``attend`` call per group of
-    similar lengths; ``query`` (b, heads, n, d), result (b, n, heads, d)."""
-    indices, place, real = buckets
+    similar lengths; ``query`` (b, heads, n, d), result (b, n, heads, d).
+
+    One gather of each input and one of the result, whatever the number of groups: their backward
+    is one scatter each, where a gather per group would zero and scatter into a full-size gradient
+    per group.
+    """
+    index, shapes, place = buckets
     b, n = query.shape[0], query.shape[2]
-    flat = [t.transpose(1, 2).reshape(b * n, t.shape[1], t.shape[3]) for t in (query, key, value)]
-    outputs = [attend(*(f[index].transpose(1, 2) for f in flat)) for index in indices]  # (group, size, heads, d)
-    found = torch.cat([o.reshape(-1, *o.shape[2:]) for o in outputs])[real]
-    return found[place].reshape(b, n, *found.shape[1:])
+    gathered = [t.transpose(1, 2).reshape(b * n, t.shape[1], t.shape[3]).index_select(0, index)
+                for t in (query, key, value)]
+    outputs, at = [], 0
+    for count, size in shapes:
+        parts = (g[at:at + count * size].view(count, size, *g.shape[1:]).transpose(1, 2) for g in gathered)
+        outputs.append(attend(*parts).reshape(count * size, query.shape[1], value.shape[3]))  # from (examples, size, heads, d)
+        at += count * size
+    found = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    return found.index_select(0, place).reshape(b, n, *found.shape[1:])
 
 
 def _segments(mask: torch.Tensor) -> list[list[tuple[int, int]]] | None:
@@ -177,11 +187,17 @@ def _matmul_dtype(query: torch.Tensor, kwargs: dict[str, Any]) -> torch.dtype | 
     return dtype if usable else None
 
 
-class _Attention(torch.autograd.Function):
-    """Attention by two matmuls and an fp32 softmax that keeps only its inputs for backward.
+# Probabilities at most this many times the query's size (n <= this x head_dim) are kept for backward:
+# then they cost little memory beside the layer's own activations, and backward skips a matmul and a softmax.
+KEEP_PROBS = 4
 
-    The probabilities, (b, heads, n, n), are computed again in backward rather than held
-    from forward to backward across every layer, as a flash kernel does.
+
+class _Attention(torch.autograd.Function):
+    """Attention by two matmuls and an fp32 softmax.
+
+    Short sequences keep the probabilities, (b, heads, n, n), for backward; longer ones keep
+    only the inputs and compute the probabilities again in backward, as a flash kernel does,
+    rather than hold n² values a head from forward to backward across every layer.
     """
 
     @staticmethod
@@ -197,17 +213,18 @@ class _Attention(torch.autograd.Function):
         grouped = query.to(dtype).reshape(b, key.shape[1], heads // key.shape[1], n, d)
         key, value = key.to(dtype), value.to(dtype)
         probs = _Attention._probs(grouped, key, hidden, scale)
-        ctx.save_for_backward(grouped, key, value, hidden)
+        ctx.save_for_backward(grouped, key, value, hidden, probs if n <= KEEP_PROBS * d else None)
         return torch.matmul(probs.to(dtype), value.unsqueeze(2)).reshape(b, heads, n, value.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
-        grouped, key, value, hidden = ctx.saved_tensors
-        probs = _Attention._probs(grouped, key, hidden, ctx.scale)
+        grouped, key, value, hidden, kept = ctx.saved_tensors
+        probs = _Attention._probs(grouped, key, hidden, ctx.scale) if kept is None else kept
         grad_out = grad_out.to(value.dtype).reshape(*grouped.shape[:-1], value.shape[-1])
         grad_value = torch.matmul(probs.to(value.dtype).transpose(-1, -2), grad_out).float().sum(2)
         grad_probs = torch.matmul(grad_out, value.unsqueeze(2).transpose(-1, -2)).float()
-        grad_scores = probs.mul_(grad_probs - (grad_probs * probs).sum(-1, keepdim=True)).mul_(ctx.scale)
+        grad_probs -= (grad_probs * probs).sum(-1, keepdim=True)
+        grad_scores = (probs.mul_(grad_probs) if kept is None else grad_probs.mul_(probs)).mul_(ctx.scale)
         grad_query = torch.matmul(grad_scores, key.unsqueeze(2).float()).flatten(1, 2)
         grad_key = torch.matmul(grad_scores.transpose(-1, -2), grouped.float()).sum(2)
         return (grad_query.to(ctx.dtypes[0]), grad_key.to(ctx.dtypes[1]), grad_value.to(ctx.dtypes[2]),
