@@ -58,6 +58,21 @@ def recipe_hash() -> str:
     return digest.hexdigest()
 
 
+def kernel_profile(folder: Path) -> Path:
+    """An IPython folder whose kernels leave the process's stderr (the notebook's log) alone; returns it.
+
+    ipykernel by default points file descriptor 2 at a pipe it forwards to the notebook, so the
+    report faulthandler writes when the kernel crashes goes into that pipe, whose reader died with
+    the kernel, and is lost. With ``capture_fd_output`` off the report lands in the log.
+    """
+    profile = folder / "profile_default"
+    profile.mkdir(parents=True, exist_ok=True)
+    (profile / "ipython_kernel_config.py").write_text(
+        "# binder/check.py: crash reports (faulthandler) go to the log, not into the kernel's own pipe\n"
+        "c.IPKernelApp.capture_fd_output = False\n")
+    return folder
+
+
 def avx2_only_env() -> dict[str, str]:
     """The variables that hold every library a kernel runs to AVX2, as on a CPU without AVX-512 or native bf16.
 
@@ -248,7 +263,7 @@ def main() -> int:
 
     build(env_dir, home, base_env, args.reuse, out_dir / "build.log")
 
-    env = dict(base_env, PYTHONFAULTHANDLER="1")
+    env = dict(base_env, PYTHONFAULTHANDLER="1", IPYTHONDIR=str(kernel_profile(out_dir / "ipython")))
     if args.avx2:
         env.update(avx2_only_env())
     chosen = [nb for nb in NOTEBOOKS if not args.notebooks or nb.name in args.notebooks or nb.stem in args.notebooks]

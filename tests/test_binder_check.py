@@ -53,3 +53,21 @@ def test_cpu_flags_reads_this_machine():
     if sys.platform.startswith("linux") and Path("/proc/cpuinfo").exists():
         with open("/proc/cpuinfo") as info:
             assert ("avx2" in flags) == (" avx2" in info.read())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (Path(sys.prefix) / "bin" / "jupyter").exists(), reason="needs jupyter nbconvert in this environment")
+def test_a_crashing_kernel_leaves_its_faulthandler_report_in_the_log(tmp_path):
+    import nbformat
+
+    notebook = tmp_path / "crash.ipynb"
+    cells = [nbformat.v4.new_code_cell("print('before')"), nbformat.v4.new_code_cell("import ctypes\nctypes.string_at(0)")]
+    nbformat.write(nbformat.v4.new_notebook(cells=cells), notebook)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "JUPYTER_PATH", "JUPYTER_DATA_DIR")}
+    env.update(VIRTUAL_ENV=sys.prefix, HOME=str(tmp_path), PYTHONFAULTHANDLER="1",
+               IPYTHONDIR=str(check.kernel_profile(tmp_path / "ipython")))
+    result = check.run_notebook(notebook, env, tmp_path, limit=0, timeout=120)
+    assert not result["ok"]
+    report = check.crash_report(result["log"])
+    assert report.startswith("Fatal Python error: Segmentation fault")
+    assert "ctypes" in report  # the crashing cell's frame, not only the kernel's threads
