@@ -115,9 +115,14 @@ def absmax_of(state: dict[str, torch.Tensor]) -> torch.Tensor:
     if "absmax" in state:
         return state["absmax"].float()
     codes = state["absmax_q"]
-    run = torch.arange(codes.numel(), device=codes.device) // SCALE_BLOCK
+    scale = state["absmax_scale"].float()
     code = _table("dynamic", codes.device)[codes.long()]
-    return code * state["absmax_scale"].float()[run] + state["absmax_offset"].float()
+    # Each run of SCALE_BLOCK codes shares one scale: padded to whole runs, the scales broadcast
+    # over them. Not code * scale[arange(n) // SCALE_BLOCK]: compiled with a dynamic n (the
+    # decoder block's layers differ in size), torch 2.13's inductor fills that index with garbage
+    # on CPU, and its bounds check then throws inside an OpenMP region, which aborts the process.
+    runs = F.pad(code, (0, scale.numel() * SCALE_BLOCK - codes.numel())).view(scale.numel(), SCALE_BLOCK)
+    return (runs * scale[:, None]).view(-1)[: codes.numel()] + state["absmax_offset"].float()
 
 
 def dequantize_reference(
