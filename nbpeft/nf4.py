@@ -206,6 +206,10 @@ class NF4Linear(nn.Module):
         shape = (self.out_features, self.in_features)
         return dequantize(self.state(), shape, self.block_size, dtype or self.compute_dtype)
 
+    # Eager inside a compiled decoder block (a graph break around this layer): traced by torch
+    # 2.13's dynamo and inductor on CPU, SmolLM2-135M's NF4 layers gave another loss than eager
+    # (6.37 against 4.37 at the first step of a QLoRA run) although each dequantisation alone matches.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Under autocast the output takes the autocast dtype, as nn.Linear's does: models such as
         # DeBERTa-v2 mix this output with autocast matmuls and fail on a dtype mismatch otherwise.
