@@ -10,8 +10,9 @@ and the largest process's peak resident set. A kernel that dies leaves its fault
 traceback (``PYTHONFAULTHANDLER=1``) in the notebook's log, and that part is printed.
 
 ``--avx2`` runs the kernels as on an AVX2-only CPU without native bf16 (many of mybinder.org's
-machines): torch's kernels, inductor's code and the matmul libraries limited to AVX2, and
-nbpeft's precision choice shown the CPU flags without AVX-512 (``binder/cpu_without_bf16/``).
+machines): torch's kernels, the code inductor compiles, the matmul libraries, numpy and Arrow
+limited to AVX2, and nbpeft's precision choice shown the CPU flags without AVX-512
+(``binder/cpu_without_bf16/``); :func:`avx2_only_env` lists the variables.
 
 Standard library only: it runs under any Python 3, and builds with the one runtime.txt names.
 """
@@ -55,6 +56,38 @@ def recipe_hash() -> str:
         digest.update(path.read_bytes() if path.exists() else b"")
     digest.update((ROOT / "pyproject.toml").read_bytes())
     return digest.hexdigest()
+
+
+def kernel_profile(folder: Path) -> Path:
+    """An IPython folder whose kernels leave the process's stderr (the notebook's log) alone; returns it.
+
+    ipykernel by default points file descriptor 2 at a pipe it forwards to the notebook, so the
+    report faulthandler writes when the kernel crashes goes into that pipe, whose reader died with
+    the kernel, and is lost. With ``capture_fd_output`` off the report lands in the log.
+    """
+    profile = folder / "profile_default"
+    profile.mkdir(parents=True, exist_ok=True)
+    (profile / "ipython_kernel_config.py").write_text(
+        "# binder/check.py: crash reports (faulthandler) go to the log, not into the kernel's own pipe\n"
+        "c.IPKernelApp.capture_fd_output = False\n")
+    return folder
+
+
+def avx2_only_env() -> dict[str, str]:
+    """The variables that hold every library a kernel runs to AVX2, as on a CPU without AVX-512 or native bf16.
+
+    torch's own kernels (``ATEN_CPU_CAPABILITY``); the C++ inductor compiles for torch.compile
+    (``TORCHINDUCTOR_CPP_MARCH``: without it g++ gets ``-march=native`` and emits AVX-512 code
+    on this machine even where inductor picked AVX2 vectors); oneDNN and MKL (the matmuls);
+    numpy's dispatched loops and its OpenBLAS; Arrow (datasets' tables); and nbpeft's view of
+    the CPU flags (``binder/cpu_without_bf16/``), so ``precision="auto"`` takes fp32.
+    """
+    env = {"ATEN_CPU_CAPABILITY": "avx2", "TORCHINDUCTOR_CPP_MARCH": "x86-64-v3", "ONEDNN_MAX_CPU_ISA": "AVX2",
+           "MKL_ENABLE_INSTRUCTIONS": "AVX2", "OPENBLAS_CORETYPE": "Haswell", "ARROW_USER_SIMD_LEVEL": "AVX2",
+           "PYTHONPATH": str(BINDER / "cpu_without_bf16")}
+    if "avx512f" in _cpu_flags():  # numpy refuses to disable features the CPU lacks
+        env["NPY_DISABLE_CPU_FEATURES"] = "X86_V4 AVX512_ICL AVX512_SPR"
+    return env
 
 
 def run(cmd: list[str], env: dict[str, str], log: Path, what: str) -> None:
@@ -230,10 +263,9 @@ def main() -> int:
 
     build(env_dir, home, base_env, args.reuse, out_dir / "build.log")
 
-    env = dict(base_env, PYTHONFAULTHANDLER="1")
+    env = dict(base_env, PYTHONFAULTHANDLER="1", IPYTHONDIR=str(kernel_profile(out_dir / "ipython")))
     if args.avx2:
-        env.update(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2",
-                   PYTHONPATH=str(BINDER / "cpu_without_bf16"))
+        env.update(avx2_only_env())
     chosen = [nb for nb in NOTEBOOKS if not args.notebooks or nb.name in args.notebooks or nb.stem in args.notebooks]
     print(f"CPU: {_cpu_name()}{'; kernels limited to AVX2, no native bf16 (--avx2)' if args.avx2 else ''}")
     print(f"memory cap: {_mib(limit) + ' (cgroup)' if limit else 'none'}; logs and executed notebooks in {out_dir}")
@@ -261,6 +293,14 @@ def _bytes(text: str) -> int:
 
 def _mib(num_bytes: int) -> str:
     return f"{num_bytes / MIB:,.0f} MiB"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return set(next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), []))
+    except OSError:
+        return set()
 
 
 def _cpu_name() -> str:

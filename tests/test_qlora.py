@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +19,8 @@ from nbpeft.layers import IGNORE
 from nbpeft.methods.qlora import QLoRALinear
 
 from conftest import assert_same, logits, snapshot, tiny_llama, tokens
+
+ROOT = Path(__file__).resolve().parent.parent
 
 LEVELS = torch.tensor(nf4.NF4_LEVELS)
 NF4_HALF_GAP = (LEVELS[1:] - LEVELS[:-1]).max().item() / 2  # 0.1519, between -1 and -0.696
@@ -95,6 +101,33 @@ def test_triton_kernel_matches_the_torch_reference(double_quant, dtype):
     reference = nf4.dequantize_reference(state, weight.shape, 64, dtype)
     assert fast.dtype == dtype and fast.device.type == "cuda"
     assert torch.allclose(fast.float(), reference.float(), rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=1e-7)
+
+
+# Layers of several sizes through one compiled function, as a compiled decoder block sees them: the
+# second size makes the length dynamic. Run in a child process, since a bad index used to abort it.
+COMPILED_DEQUANTIZE = """
+import sys, torch
+from nbpeft import nf4
+torch.manual_seed(0)
+compiled = torch.compile(nf4.dequantize_reference)
+for out, inp in [(64, 64), (32, 64), (128, 64), (576, 576), (1536, 576)]:
+    state = nf4.quantize(torch.randn(out, inp), 64, True)
+    got, want = compiled(state, (out, inp)), nf4.dequantize_reference(state, (out, inp))
+    if not torch.equal(got, want):
+        sys.exit(f"{out}x{inp}: compiled dequantisation differs by {(got - want).abs().max().item()}")
+print("same")
+"""
+
+
+@pytest.mark.slow
+def test_compiled_dequantisation_matches_eager_across_layer_sizes():
+    from nbpeft.training import compiling
+
+    if not compiling.can_compile(torch.device("cpu")):
+        pytest.skip("torch.compile needs a C++ compiler on CPU")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", COMPILED_DEQUANTIZE], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0 and done.stdout.strip().endswith("same"), (done.returncode, done.stderr[-2000:])
 
 
 # ----------------------------------------------------------------------------- qlora on tiny models
