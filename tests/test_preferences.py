@@ -427,3 +427,28 @@ def test_a_combined_adapter_is_not_taken_for_a_fresh_one():
     nbpeft.combine(model, {"a": 0.5, "b": 0.5}, name="mix")
     nbpeft.set_adapter(model, "mix")
     assert not Reference(model, nbpeft.core.trainable_parameters(model), full=False).disabled
+
+
+def test_per_token_log_probabilities_through_the_head_in_blocks_equal_the_full_logits_path(monkeypatch):
+    """GRPO's log-probabilities: only labelled positions pass the head, with the same values and gradients."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    nbpeft.attach(model, "lora", r=4, init="random")
+    input_ids = torch.randint(3, 50, (3, 9))
+    labels = input_ids.clone()
+    labels[:, :4] = IGNORE
+    labels[1, 7:] = IGNORE
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    results = []
+    for blocked in (True, False):
+        if not blocked:
+            monkeypatch.setattr(lm_loss, "_backbone_and_head", lambda model: None)
+        model.zero_grad()
+        logps = lm_loss.token_logps(model, batch, {"use_cache": False})
+        (logps * torch.linspace(-1, 1, logps.numel()).view_as(logps)).sum().backward()
+        results.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (blocked_logps, blocked_grads), (full_logps, full_grads) = results
+    assert (blocked_logps[labels[:, 1:] == IGNORE] == 0).all() and (blocked_logps[labels[:, 1:] != IGNORE] < 0).all()
+    torch.testing.assert_close(blocked_logps, full_logps, rtol=1e-5, atol=1e-6)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(blocked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

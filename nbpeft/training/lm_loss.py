@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .. import architectures, core
 from ..layers import IGNORE
@@ -260,8 +261,16 @@ def labelled_logps(model: nn.Module, batch: dict[str, torch.Tensor], use_cache: 
 
 
 def token_logps(model: nn.Module, batch: dict[str, torch.Tensor], use_cache: dict[str, bool]) -> torch.Tensor:
-    """``log p(token t+1 | tokens up to t)`` at every position, (rows, width - 1) in fp32, from the full logits
-    (their last ``width`` positions: prompt tuning puts its virtual tokens in front); zero where unlabelled."""
+    """``log p(token t+1 | tokens up to t)`` at every position, (rows, width - 1) in fp32; zero where unlabelled.
+
+    On the plain-head path only the labelled positions go through the head, a block of rows at a
+    time, each block's logits recomputed in the backward instead of kept (GRPO's per-token
+    log-probabilities never hold the batch's full logits). Any other model gives its logits (the
+    last ``width`` positions: prompt tuning puts its virtual tokens in front) and their log-softmax.
+    """
+    parts = _backbone_and_head(model)
+    if parts is not None:
+        return _labelled_token_logps(model, parts, batch)
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with fast_attention(model, batch):
@@ -269,3 +278,28 @@ def token_logps(model: nn.Module, batch: dict[str, torch.Tensor], use_cache: dic
     next_tokens = labels[:, 1:]
     picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, next_tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return picked * (next_tokens != IGNORE)
+
+
+def _labelled_token_logps(model: nn.Module, parts: tuple[nn.Module, nn.Linear], batch: dict[str, torch.Tensor]
+                          ) -> torch.Tensor:
+    backbone, head = parts
+    next_tokens = batch["labels"][:, 1:]
+    keep = next_tokens != IGNORE
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if "use_cache" in _forward_params(backbone):
+        inputs["use_cache"] = False
+    with fast_attention(model, batch):
+        output = backbone(**inputs)
+    hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+    hidden, targets = hidden[:, :-1][keep], next_tokens[keep]
+    rows = block_rows(hidden.shape[0], head.weight.shape[0], hidden.device)
+    picked = [checkpoint(_block_logps, hidden[at:at + rows], head.weight, head.bias, targets[at:at + rows],
+                         use_reentrant=False) for at in range(0, hidden.shape[0], rows)]
+    logps = torch.zeros(next_tokens.shape, dtype=torch.float32, device=hidden.device)
+    return logps.masked_scatter(keep, torch.cat(picked)) if picked else logps
+
+
+def _block_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 targets: torch.Tensor) -> torch.Tensor:
+    logits = nn.functional.linear(hidden, weight, bias).float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
