@@ -187,12 +187,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], rows: int |
     if parts is None or not supports_fast_loss(model, batch):
         return None
     backbone, head = parts
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if "use_cache" in _forward_params(backbone):
-        inputs["use_cache"] = False
-    with fast_attention(model, batch):
-        output = backbone(**inputs)
-    hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+    hidden = _hidden_states(model, backbone, batch)
     # Position t predicts token t+1; positions whose next token is ignored need no logits.
     next_tokens = batch["labels"][:, 1:].to(hidden.device)
     keep = next_tokens != IGNORE
@@ -202,6 +197,16 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], rows: int |
     else:
         hidden, targets = hidden[keep], next_tokens[keep]
     return linear_cross_entropy(hidden, head.weight, head.bias, targets, rows)
+
+
+def _hidden_states(model: nn.Module, backbone: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The backbone's last hidden states for the batch's inputs (its labels left out, no cache)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if "use_cache" in _forward_params(backbone):
+        inputs["use_cache"] = False
+    with fast_attention(model, batch):
+        output = backbone(**inputs)
+    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
 
 def _forward_params(module: nn.Module) -> set[str]:
@@ -239,12 +244,7 @@ def labelled_logps(model: nn.Module, batch: dict[str, torch.Tensor], use_cache: 
     if parts is None:
         return (token_logps(model, batch, use_cache) * keep).sum(dim=1), counts
     backbone, head = parts
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if "use_cache" in _forward_params(backbone):
-        inputs["use_cache"] = False
-    with fast_attention(model, batch):
-        output = backbone(**inputs)
-    hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+    hidden = _hidden_states(model, backbone, batch)
     hidden, targets = hidden[:, :-1][keep], next_tokens[keep]
     compute_dtype = hidden.dtype
     if torch.is_autocast_enabled(hidden.device.type):
@@ -285,12 +285,7 @@ def _labelled_token_logps(model: nn.Module, parts: tuple[nn.Module, nn.Linear], 
     backbone, head = parts
     next_tokens = batch["labels"][:, 1:]
     keep = next_tokens != IGNORE
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if "use_cache" in _forward_params(backbone):
-        inputs["use_cache"] = False
-    with fast_attention(model, batch):
-        output = backbone(**inputs)
-    hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+    hidden = _hidden_states(model, backbone, batch)
     hidden, targets = hidden[:, :-1][keep], next_tokens[keep]
     rows = block_rows(hidden.shape[0], head.weight.shape[0], hidden.device)
     picked = [checkpoint(_block_logps, hidden[at:at + rows], head.weight, head.bias, targets[at:at + rows],
