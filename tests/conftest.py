@@ -14,6 +14,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import nbpeft
+from nbpeft import core
+from nbpeft.layers import IGNORE
 
 # Every run the tests train is recorded in a throwaway store, never in the user's cache.
 _RUNS_DIR = tempfile.mkdtemp(prefix="nbpeft-test-runs-")
@@ -151,3 +153,24 @@ def smol_tokenizer():
     from nbpeft.models import resolve_name
 
     return AutoTokenizer.from_pretrained(resolve_name("smollm2-135m"))
+
+
+def two_adapters(model):
+    """Two LoRA adapters with random B matrices, so each changes the answers."""
+    torch.manual_seed(1)
+    for name in ("pirate", "poet"):
+        nbpeft.attach(model, "lora", name=name, r=4, targets=["q_proj", "v_proj"])
+        for param_name, param in core.adapter_parameters(model, name).items():
+            if "lora_B" in param_name:
+                param.data.normal_(0, 0.5)
+    return model
+
+
+def examples(lengths=(5, 9, 3, 12, 7, 4), seed=0):
+    """Pre-tokenized rows of the given lengths, their first third unlabelled."""
+    torch.manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(1, 128, (n,)).tolist()
+        out.append({"input_ids": ids, "labels": [IGNORE] * (n // 3) + ids[n // 3:]})
+    return out

@@ -12,7 +12,7 @@ import nbpeft
 from nbpeft import core
 from nbpeft.methods.base import ConfigError
 
-from conftest import char_tokenizer, tiny_bert, tiny_llama
+from conftest import char_tokenizer, tiny_bert, tiny_llama, two_adapters
 
 gen_module = importlib.import_module("nbpeft.inference.generate")
 answers_module = importlib.import_module("nbpeft.inference.answers")
@@ -301,17 +301,6 @@ def test_bad_num_samples_get_one_line(llama, tok, kwargs, message):
 
 
 # compare_answers -------------------------------------------------------------------------------
-
-def two_adapters(model):
-    """Two LoRA adapters with random B matrices, so each changes the answers."""
-    torch.manual_seed(1)
-    for name in ("pirate", "poet"):
-        nbpeft.attach(model, "lora", name=name, r=4, targets=["q_proj", "v_proj"])
-        for param_name, param in core.adapter_parameters(model, name).items():
-            if "lora_B" in param_name:
-                param.data.normal_(0, 0.5)
-    return model
-
 
 def adapter_state(model):
     st = core.state(model)

@@ -10,22 +10,12 @@ import transformers
 
 import nbpeft
 from nbpeft.data import layouts
-from nbpeft.data.batches import IGNORE, Batches, collate, collate_packed
+from nbpeft.data.batches import Batches, collate, collate_packed
 from nbpeft.inference import generate as generation
 from nbpeft.training import attention, lm_loss
 from nbpeft.training.display import TextDisplay
 
-from conftest import char_tokenizer, tiny_llama
-
-
-def examples(lengths, seed=0):
-    torch.manual_seed(seed)
-    out = []
-    for n in lengths:
-        ids = torch.randint(1, 128, (n,)).tolist()
-        out.append({"input_ids": ids, "labels": [IGNORE] * (n // 3) + ids[n // 3:]})
-    return out
-
+from conftest import char_tokenizer, examples, tiny_llama
 
 SPREAD = [5 + (37 * i) % 120 for i in range(64)]  # 5 to 124 tokens
 

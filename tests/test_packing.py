@@ -11,17 +11,8 @@ from nbpeft.data.batches import IGNORE, Batches, collate, collate_packed, pack
 from nbpeft.datasets import load_dataset
 from nbpeft.training import attention, lm_loss
 
-from conftest import tiny_gpt2, tiny_llama
+from conftest import examples, tiny_gpt2, tiny_llama
 from families import FAMILIES, KIND, tiny_batch, tiny_model
-
-
-def examples(lengths=(5, 9, 3, 12, 7, 4), seed=0):
-    torch.manual_seed(seed)
-    out = []
-    for n in lengths:
-        ids = torch.randint(1, 128, (n,)).tolist()
-        out.append({"input_ids": ids, "labels": [IGNORE] * (n // 3) + ids[n // 3:]})
-    return out
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import json
 import re
 
 import pytest
-import torch
 
 import nbpeft
 from nbpeft import core
@@ -16,7 +15,7 @@ from nbpeft.errors import ConfigError
 from nbpeft.inference.preferences import Choice, PreferenceLab
 from nbpeft.widgets.lab import LabView
 
-from conftest import char_tokenizer
+from conftest import char_tokenizer, two_adapters
 
 PROMPTS = ["Capital of France?", "7 times 8?", "Opposite of cheap?"]
 ANSWERS = [["Paris.", "Well, I think it is Paris!", "Lyon, maybe?"],
@@ -130,16 +129,6 @@ def test_the_page_only_calls_the_lab(lab):
 
 
 # compare_answers(pick=True) --------------------------------------------------------------------
-
-def two_adapters(model):
-    torch.manual_seed(1)
-    for name in ("pirate", "poet"):
-        nbpeft.attach(model, "lora", name=name, r=4, targets=["q_proj", "v_proj"])
-        for param_name, param in core.adapter_parameters(model, name).items():
-            if "lora_B" in param_name:
-                param.data.normal_(0, 0.5)
-    return model
-
 
 def test_pick_gives_a_lab_over_the_table_of_answers(llama):
     model, tok = two_adapters(llama), char_tokenizer()
